@@ -1,0 +1,1 @@
+"""The ``cf`` command line (installed as ``clusterformer.cli``)."""

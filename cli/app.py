@@ -1,0 +1,61 @@
+"""The ``cf`` Typer application: global options, error handling and command registration.
+
+Commands live one per module and register themselves through ``register(app)``. They import
+torch and the library inside their bodies so that ``cf --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from clusterformer.cli import errors
+
+app = typer.Typer(
+    name="cf",
+    help="ClusterFormer: one model family and one CLI for classification, detection, "
+    "instance, semantic and panoptic segmentation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+for _module in ():
+    _module.register(app)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from clusterformer import __version__
+
+        typer.echo(f"clusterformer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show full tracebacks instead of one-line errors."
+    ),
+) -> None:
+    errors.DEBUG = debug
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: runs the app, turning failures into one line on stderr."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        app(args=args, prog_name="cf")
+    except KeyboardInterrupt:
+        print("cf: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        if errors.DEBUG or "--debug" in args:
+            raise
+        print(f"cf: error: {errors.describe(exc)}", file=sys.stderr)
+        sys.exit(errors.exit_code(exc))

@@ -1,0 +1,1 @@
+"""Metrics: top-k, COCO AP (pycocotools), PQ, mIoU."""

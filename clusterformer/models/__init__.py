@@ -1,0 +1,1 @@
+"""Models: nn.Modules that hold parameters and call ``clusterformer.ops``."""

@@ -1,0 +1,26 @@
+"""Pure tensor functions in the style of ``torch.nn.functional``.
+
+No module state, no in-place writes to inputs, no data-dependent Python control flow.
+"""
+
+from clusterformer.ops.clustering import (
+    ASSIGNMENTS,
+    M_STEPS,
+    cross_attention_clustering_step,
+    dispatch_similarity,
+    feature_dispatching,
+    init_centers,
+    keep_best_center,
+    recurrent_cross_attention_clustering,
+)
+
+__all__ = [
+    "ASSIGNMENTS",
+    "M_STEPS",
+    "cross_attention_clustering_step",
+    "dispatch_similarity",
+    "feature_dispatching",
+    "init_centers",
+    "keep_best_center",
+    "recurrent_cross_attention_clustering",
+]

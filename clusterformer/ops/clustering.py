@@ -1,0 +1,236 @@
+"""Clustering as pure functions: the supplement's Algorithm 1 (recurrent cross-attention
+clustering) and Algorithm 2 (feature dispatching).
+
+Every function is stateless, never writes into its inputs and has no data-dependent Python
+control flow, so each one runs under ``torch.compile(fullgraph=True)``, ``torch.func.vmap``,
+``torch.func.grad`` and ``torch.func.functional_call``. Shapes broadcast over any leading
+batch dimensions ``...``: batch, windows and heads can be folded together.
+
+Notation: ``K`` centers, ``N`` pixels (tokens), ``D`` channels, ``d`` channels per head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Assignment = Literal["softmax_centers", "softmax_pixels", "argmax", "cosine"]
+MStep = Literal["sum", "mean"]
+
+ASSIGNMENTS: tuple[str, ...] = ("softmax_centers", "softmax_pixels", "argmax", "cosine")
+M_STEPS: tuple[str, ...] = ("sum", "mean")
+
+_EPS = 1e-6
+
+
+def init_centers(
+    features: Tensor, grid: tuple[int, int], *, mask: Tensor | None = None
+) -> Tensor:
+    r"""Initial cluster centers by adaptive average pooling of a feature map.
+
+    Args:
+        features: ``(..., D, H, W)`` feature map.
+        grid: ``(gh, gw)``, the centers laid on a ``gh x gw`` grid over the map.
+        mask: optional ``(..., H, W)`` bool, ``True`` = real pixel. Padding then does not
+            dilute the average; a grid cell with no real pixel gets a zero center.
+
+    Returns:
+        ``(..., gh * gw, D)`` centers in row-major grid order.
+    """
+    gh, gw = grid
+    *lead, dim, height, width = features.shape
+    flat = features.reshape(-1, dim, height, width)
+    if mask is None:
+        pooled = F.adaptive_avg_pool2d(flat, (gh, gw))
+    else:
+        weight = mask.reshape(-1, 1, height, width).to(features.dtype)
+        total = F.adaptive_avg_pool2d(flat * weight, (gh, gw))
+        count = F.adaptive_avg_pool2d(weight, (gh, gw))
+        pooled = total / count.clamp_min(_EPS)
+    return pooled.flatten(-2).transpose(-1, -2).reshape(*lead, gh * gw, dim)
+
+
+def _assign(logits: Tensor, q: Tensor, k: Tensor, assignment: str) -> Tensor:
+    """Assignment matrix ``(..., K, N)`` from the E-step logits (see the step docstring)."""
+    if assignment == "softmax_centers":
+        return torch.softmax(logits, dim=-2)
+    if assignment == "softmax_pixels":
+        return torch.softmax(logits, dim=-1)
+    if assignment == "argmax":
+        # k-means hard assignment: one-hot over centers, no gradient through the choice.
+        best = logits.argmax(dim=-2, keepdim=True)
+        centers = torch.arange(logits.shape[-2], device=logits.device).unsqueeze(-1)
+        return (centers == best).to(logits.dtype)
+    if assignment == "cosine":
+        return F.relu(F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2))
+    raise ValueError(f"unknown assignment {assignment!r}; expected one of {ASSIGNMENTS}")
+
+
+def cross_attention_clustering_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float | None = None,
+    mask: Tensor | None = None,
+    assignment: Assignment = "softmax_centers",
+    m_step: MStep = "sum",
+) -> Tensor:
+    r"""One E-step / M-step of cross-attention clustering (the supplement's Eq. 3).
+
+    .. math::
+        M = \mathrm{softmax}_K(\text{scale} \cdot q k^\top), \qquad C' = M v
+
+    The softmax runs over the *centers* (``dim=-2``): every pixel spreads one unit of
+    assignment mass over the ``K`` centers, as in soft k-means.
+
+    Args:
+        q: ``(..., K, d)`` center queries.
+        k: ``(..., N, d)`` pixel keys.
+        v: ``(..., N, d)`` pixel values.
+        scale: logit scale; ``None`` means ``1 / sqrt(d)``.
+        mask: optional ``(..., N)`` bool, ``True`` = real pixel. Masked pixels get zero
+            assignment to every center, so they never move a center.
+        assignment: the E-step. ``"softmax_centers"`` (the paper's), or the Table S1(c)
+            ablations: ``"softmax_pixels"`` (vanilla cross-attention, softmax over pixels),
+            ``"argmax"`` (k-means hard assignment), ``"cosine"`` (ReLU of the cosine
+            similarity between queries and keys).
+        m_step: ``"sum"`` (the paper's literal ``M @ v``) or ``"mean"`` (soft k-means:
+            divide each center by its total assignment mass).
+
+    Returns:
+        ``(..., K, d)`` center updates.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    logits = scale * (q @ k.transpose(-1, -2))
+    if mask is not None and assignment == "softmax_pixels":
+        # Softmax over pixels must not give mass to padding; masking the logits keeps
+        # the real pixels' weights summing to one.
+        logits = logits.masked_fill(~mask.unsqueeze(-2), torch.finfo(logits.dtype).min)
+    weights = _assign(logits, q, k, assignment)
+    if mask is not None:
+        weights = weights * mask.unsqueeze(-2).to(weights.dtype)
+    if m_step == "mean":
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(_EPS)
+    elif m_step != "sum":
+        raise ValueError(f"unknown m_step {m_step!r}; expected one of {M_STEPS}")
+    return weights @ v
+
+
+def _split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """``(..., L, D)`` -> ``(..., h, L, D / h)``."""
+    *lead, length, dim = x.shape
+    return x.reshape(*lead, length, num_heads, dim // num_heads).transpose(-3, -2)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    """``(..., h, L, d)`` -> ``(..., L, h * d)``."""
+    *lead, heads, length, dim = x.shape
+    return x.transpose(-3, -2).reshape(*lead, length, heads * dim)
+
+
+def recurrent_cross_attention_clustering(
+    features: Tensor,
+    centers: Tensor,
+    params: Mapping[str, Tensor | None],
+    *,
+    num_iters: int,
+    num_heads: int = 1,
+    scale: float | None = None,
+    mask: Tensor | None = None,
+    assignment: Assignment = "softmax_centers",
+    m_step: MStep = "sum",
+) -> Tensor:
+    r"""Recurrent cross-attention clustering (the supplement's Algorithm 1 / Eq. 4).
+
+    Keys and values are projected from the pixels once; then ``num_iters`` times the
+    centers are projected to queries with the *same* weights and updated residually::
+
+        K, V = lin(features, k), lin(features, v)
+        for t in range(num_iters):
+            C = C + heads_concat(step(lin(C, q)_h, K_h, V_h))
+
+    Args:
+        features: ``(..., N, D)`` pixel features.
+        centers: ``(..., K, D)`` initial centers ``C0``.
+        params: ``q_weight``, ``k_weight``, ``v_weight`` of shape ``(D, D)`` in
+            ``nn.Linear`` layout (``out x in``) and ``q_bias``, ``k_bias``, ``v_bias`` of
+            shape ``(D,)`` or ``None`` (a missing bias key also means ``None``).
+        num_iters: ``T``, the number of recurrent updates; ``0`` returns ``C0``.
+        num_heads: ``h``; ``D`` must be divisible by it. Each head clusters on its own
+            ``D / h`` channels and the updates are concatenated.
+        scale: logit scale; ``None`` means ``1 / sqrt(D / h)``.
+        mask: optional ``(..., N)`` bool, ``True`` = real pixel; padding never moves a center.
+        assignment, m_step: see :func:`cross_attention_clustering_step`.
+
+    Returns:
+        ``(..., K, D)`` centers ``C_T``.
+    """
+    if features.shape[-1] % num_heads:
+        raise ValueError(f"channels {features.shape[-1]} not divisible by {num_heads} heads")
+    keys = _split_heads(F.linear(features, params["k_weight"], params.get("k_bias")), num_heads)
+    values = _split_heads(F.linear(features, params["v_weight"], params.get("v_bias")), num_heads)
+    head_mask = None if mask is None else mask.unsqueeze(-2)
+    out = centers
+    for _ in range(num_iters):
+        queries = _split_heads(F.linear(out, params["q_weight"], params.get("q_bias")), num_heads)
+        update = cross_attention_clustering_step(
+            queries, keys, values, scale=scale, mask=head_mask,
+            assignment=assignment, m_step=m_step,
+        )
+        out = out + _merge_heads(update)
+    return out
+
+
+def dispatch_similarity(features: Tensor, centers: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
+    """``sigmoid(beta + alpha * cos_sim(centers, features))``: ``(..., K, N)``.
+
+    Args:
+        features: ``(..., N, D)``; centers: ``(..., K, D)``; alpha, beta: scalar tensors.
+    """
+    cosine = F.normalize(centers, dim=-1) @ F.normalize(features, dim=-1).transpose(-1, -2)
+    return torch.sigmoid(beta + alpha * cosine)
+
+
+def keep_best_center(similarity: Tensor) -> Tensor:
+    """Zero every entry of ``(..., K, N)`` but each pixel's (column's) largest one."""
+    best = similarity.argmax(dim=-2, keepdim=True)
+    index = torch.arange(similarity.shape[-2], device=similarity.device).unsqueeze(-1)
+    return similarity * (index == best).to(similarity.dtype)
+
+
+def feature_dispatching(
+    features: Tensor,
+    centers: Tensor,
+    *,
+    alpha: Tensor,
+    beta: Tensor,
+    mlp: Callable[[Tensor], Tensor],
+) -> Tensor:
+    r"""Feature dispatching (the supplement's Algorithm 2 / Eq. 6).
+
+    Each pixel receives its most similar center, weighted by a learned sigmoid of the
+    cosine similarity::
+
+        S = sigmoid(beta + alpha * cos_sim(centers, features))      # (..., K, N)
+        S_kn = S_kn if k == argmax_k S_kn else 0
+        out = features + mlp((1 / K) * sum_k S_kn * C_k)
+
+    Args:
+        features: ``(..., N, D)`` pixel features.
+        centers: ``(..., K, D)`` cluster centers.
+        alpha: scalar tensor, similarity scale.
+        beta: scalar tensor, similarity shift.
+        mlp: callable mapping ``(..., N, D)`` to ``(..., N, D)``, applied per pixel.
+
+    Returns:
+        ``(..., N, D)`` updated features.
+    """
+    weights = keep_best_center(dispatch_similarity(features, centers, alpha, beta))
+    gathered = weights.transpose(-1, -2) @ centers / centers.shape[-2]
+    return features + mlp(gathered)

@@ -1,0 +1,1 @@
+"""Tasks: targets, losses and post-processing, one module per task (imports ops and models)."""
