@@ -1,0 +1,316 @@
+"""Invariants of the clustering ops (DESIGN §2), checked as hypothesis properties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clusterformer.ops import (
+    ASSIGNMENTS,
+    cross_attention_clustering_step,
+    feature_dispatching,
+    init_centers,
+    recurrent_cross_attention_clustering,
+)
+
+PROPS = settings(max_examples=40, deadline=None)
+
+lead_shapes = st.lists(st.integers(1, 3), min_size=0, max_size=2).map(tuple)
+
+
+def rand(seed: int, *shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def rand_mask(seed: int, *shape: int) -> torch.Tensor:
+    """Random pixel mask with at least one real pixel per row, like real padding."""
+    mask = torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) > 0.4
+    return mask.index_fill(-1, torch.tensor([0]), True)
+
+
+def linear_params(seed: int, dim: int, bias: bool = True) -> dict[str, torch.Tensor | None]:
+    params: dict[str, torch.Tensor | None] = {}
+    for i, name in enumerate("qkv"):
+        params[f"{name}_weight"] = rand(seed + i, dim, dim) / dim**0.5
+        params[f"{name}_bias"] = rand(seed + 10 + i, dim) if bias else None
+    return params
+
+
+def identity_values(lead: tuple[int, ...], n: int) -> torch.Tensor:
+    """Values ``v = I`` make the step return its assignment matrix ``M`` itself."""
+    return torch.eye(n, dtype=torch.float64).expand(*lead, n, n)
+
+
+def mlp_for(dim: int, seed: int):
+    w1, w2 = rand(seed, 2 * dim, dim), rand(seed + 1, dim, 2 * dim)
+    return lambda x: F.linear(F.gelu(F.linear(x, w1)), w2)
+
+
+# --- cross_attention_clustering_step -------------------------------------------------------
+
+
+@PROPS
+@given(lead=lead_shapes, k=st.integers(1, 6), n=st.integers(1, 10), d=st.integers(1, 6),
+       seed=st.integers(0, 2**16), masked=st.booleans())
+def test_each_real_pixel_spreads_unit_mass_over_centers(lead, k, n, d, seed, masked):
+    q, keys = rand(seed, *lead, k, d), rand(seed + 1, *lead, n, d)
+    mask = rand_mask(seed + 2, *lead, n) if masked else None
+    assignment = cross_attention_clustering_step(q, keys, identity_values(lead, n), mask=mask)
+    mass = assignment.sum(dim=-2)  # (..., N)
+    expected = torch.ones_like(mass) if mask is None else mask.to(mass.dtype)
+    torch.testing.assert_close(mass, expected)
+    assert (assignment >= 0).all()
+
+
+@PROPS
+@given(k=st.integers(1, 5), n=st.integers(2, 10), d=st.integers(1, 6),
+       seed=st.integers(0, 2**16), assignment=st.sampled_from(ASSIGNMENTS),
+       m_step=st.sampled_from(["sum", "mean"]))
+def test_masked_pixels_never_move_a_center(k, n, d, seed, assignment, m_step):
+    q, keys, v = rand(seed, k, d), rand(seed + 1, n, d), rand(seed + 2, n, d)
+    mask = rand_mask(seed + 3, n)
+    noisy_keys = torch.where(mask[:, None], keys, 100 * rand(seed + 4, n, d))
+    noisy_v = torch.where(mask[:, None], v, 100 * rand(seed + 5, n, d))
+    kwargs = dict(mask=mask, assignment=assignment, m_step=m_step)
+    torch.testing.assert_close(
+        cross_attention_clustering_step(q, keys, v, **kwargs),
+        cross_attention_clustering_step(q, noisy_keys, noisy_v, **kwargs),
+    )
+
+
+def test_scale_none_means_inverse_sqrt_dim():
+    q, k, v = rand(0, 3, 8), rand(1, 5, 8), rand(2, 5, 8)
+    torch.testing.assert_close(
+        cross_attention_clustering_step(q, k, v),
+        cross_attention_clustering_step(q, k, v, scale=8**-0.5),
+    )
+    reference = torch.softmax(q @ k.T / 8**0.5, dim=0) @ v  # the paper's literal sum M-step
+    torch.testing.assert_close(cross_attention_clustering_step(q, k, v), reference)
+
+
+def test_mean_m_step_is_weighted_average_of_values():
+    q, k, v = rand(0, 3, 4), rand(1, 6, 4), rand(2, 6, 4)
+    weights = torch.softmax(q @ k.T / 2, dim=0)
+    expected = (weights @ v) / weights.sum(-1, keepdim=True)
+    torch.testing.assert_close(cross_attention_clustering_step(q, k, v, m_step="mean"), expected)
+
+
+def test_ablation_assignments():
+    q, k = rand(0, 3, 4), rand(1, 6, 4)
+    eye = identity_values((), 6)
+    argmax = cross_attention_clustering_step(q, k, eye, assignment="argmax")
+    assert torch.equal(argmax.sum(0), torch.ones(6, dtype=torch.float64))
+    assert torch.equal(argmax.argmax(0), (q @ k.T).argmax(0))
+    pixels = cross_attention_clustering_step(q, k, eye, assignment="softmax_pixels")
+    torch.testing.assert_close(pixels.sum(-1), torch.ones(3, dtype=torch.float64))
+    cosine = cross_attention_clustering_step(q, k, eye, assignment="cosine")
+    assert (cosine >= 0).all() and (cosine <= 1 + 1e-12).all()
+    with pytest.raises(ValueError, match="unknown assignment"):
+        cross_attention_clustering_step(q, k, eye, assignment="nope")
+    with pytest.raises(ValueError, match="unknown m_step"):
+        cross_attention_clustering_step(q, k, eye, m_step="nope")
+
+
+def test_softmax_over_pixels_ignores_padding():
+    q, k = rand(0, 2, 4), rand(1, 5, 4)
+    mask = torch.tensor([True, False, True, True, False])
+    weights = cross_attention_clustering_step(
+        q, k, identity_values((), 5), mask=mask, assignment="softmax_pixels"
+    )
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, dtype=torch.float64))
+    assert (weights[:, ~mask] == 0).all()
+
+
+# --- recurrent_cross_attention_clustering -------------------------------------------------
+
+
+@st.composite
+def clustering_case(draw):
+    heads = draw(st.integers(1, 3))
+    return dict(
+        lead=draw(lead_shapes), k=draw(st.integers(1, 5)), n=draw(st.integers(1, 10)),
+        heads=heads, dim=heads * draw(st.integers(1, 4)), iters=draw(st.integers(0, 3)),
+        seed=draw(st.integers(0, 2**16)), bias=draw(st.booleans()),
+    )
+
+
+def run_recurrent(case, features, centers, mask=None, **kwargs):
+    return recurrent_cross_attention_clustering(
+        features, centers, linear_params(case["seed"], case["dim"], case["bias"]),
+        num_iters=case["iters"], num_heads=case["heads"], mask=mask, **kwargs,
+    )
+
+
+def case_tensors(case):
+    lead, dim, seed = case["lead"], case["dim"], case["seed"]
+    return rand(seed + 20, *lead, case["n"], dim), rand(seed + 21, *lead, case["k"], dim)
+
+
+@PROPS
+@given(case=clustering_case())
+def test_centers_invariant_to_pixel_permutation(case):
+    features, centers = case_tensors(case)
+    mask = rand_mask(case["seed"] + 22, *case["lead"], case["n"])
+    perm = torch.randperm(case["n"], generator=torch.Generator().manual_seed(case["seed"]))
+    torch.testing.assert_close(
+        run_recurrent(case, features, centers, mask),
+        run_recurrent(case, features[..., perm, :], centers, mask[..., perm]),
+    )
+
+
+@PROPS
+@given(case=clustering_case())
+def test_centers_equivariant_to_center_permutation(case):
+    features, centers = case_tensors(case)
+    perm = torch.randperm(case["k"], generator=torch.Generator().manual_seed(case["seed"]))
+    torch.testing.assert_close(
+        run_recurrent(case, features, centers)[..., perm, :],
+        run_recurrent(case, features, centers[..., perm, :]),
+    )
+
+
+@PROPS
+@given(case=clustering_case())
+def test_zero_iterations_returns_initial_centers(case):
+    features, centers = case_tensors(case)
+    assert torch.equal(run_recurrent({**case, "iters": 0}, features, centers), centers)
+
+
+@PROPS
+@given(case=clustering_case())
+def test_recurrent_equals_unrolled_steps_with_shared_weights(case):
+    features, centers = case_tensors(case)
+    p = linear_params(case["seed"], case["dim"], case["bias"])
+    heads, dim = case["heads"], case["dim"]
+
+    def split(x):  # (..., L, D) -> (..., h, L, d)
+        return x.unflatten(-1, (heads, dim // heads)).transpose(-3, -2)
+
+    keys, values = split(F.linear(features, p["k_weight"], p["k_bias"])), split(
+        F.linear(features, p["v_weight"], p["v_bias"]))
+    expected = centers
+    for _ in range(case["iters"]):
+        queries = split(F.linear(expected, p["q_weight"], p["q_bias"]))
+        update = cross_attention_clustering_step(queries, keys, values)
+        expected = expected + update.transpose(-3, -2).flatten(-2)
+    torch.testing.assert_close(run_recurrent(case, features, centers), expected)
+
+
+def test_missing_bias_keys_mean_no_bias_and_bad_heads_raise():
+    features, centers = rand(0, 6, 4), rand(1, 2, 4)
+    full = linear_params(3, 4, bias=False)
+    weights_only = {k: v for k, v in full.items() if v is not None}
+    torch.testing.assert_close(
+        recurrent_cross_attention_clustering(features, centers, full, num_iters=2),
+        recurrent_cross_attention_clustering(features, centers, weights_only, num_iters=2),
+    )
+    with pytest.raises(ValueError, match="divisible"):
+        recurrent_cross_attention_clustering(features, centers, full, num_iters=1, num_heads=3)
+
+
+def test_ops_do_not_write_into_inputs():
+    features, centers = rand(0, 2, 7, 4), rand(1, 2, 3, 4)
+    mask = rand_mask(2, 2, 7)
+    params = linear_params(3, 4)
+    before = [t.clone() for t in (features, centers, mask)]
+    versions = [t._version for t in (features, centers, mask)]
+    recurrent_cross_attention_clustering(features, centers, params, num_iters=3, num_heads=2,
+                                         mask=mask)
+    alpha, beta = torch.tensor(2.0, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
+    feature_dispatching(features, centers, alpha=alpha, beta=beta, mlp=mlp_for(4, 5))
+    init_centers(features.transpose(-1, -2).unflatten(-1, (7, 1)), (2, 1))
+    for t, old, version in zip((features, centers, mask), before, versions, strict=True):
+        assert torch.equal(t, old) and t._version == version
+
+
+# --- feature_dispatching ------------------------------------------------------------------
+
+
+def dispatch_reference(features, centers, alpha, beta, mlp):
+    """Per-pixel loop straight from the formula in DESIGN §2."""
+    k = centers.shape[0]
+    rows = []
+    for f in features:
+        sim = torch.sigmoid(beta + alpha * F.cosine_similarity(centers, f[None], dim=-1))
+        best = sim.argmax()
+        rows.append(f + mlp(sim[best] * centers[best] / k))
+    return torch.stack(rows)
+
+
+@st.composite
+def dispatch_case(draw):
+    # D >= 2: in one dimension every cosine is +-1, so argmax ties are certain.
+    dim = draw(st.integers(2, 6))
+    seed = draw(st.integers(0, 2**16))
+    return dict(
+        features=rand(seed, draw(st.integers(1, 9)), dim),
+        centers=rand(seed + 1, draw(st.integers(1, 5)), dim),
+        alpha=torch.tensor(draw(st.floats(0.1, 5.0)), dtype=torch.float64),
+        beta=torch.tensor(draw(st.floats(-2.0, 2.0)), dtype=torch.float64),
+        mlp=mlp_for(dim, seed + 2), seed=seed,
+    )
+
+
+def dispatch(case, features=None, centers=None):
+    return feature_dispatching(
+        case["features"] if features is None else features,
+        case["centers"] if centers is None else centers,
+        alpha=case["alpha"], beta=case["beta"], mlp=case["mlp"],
+    )
+
+
+@PROPS
+@given(case=dispatch_case())
+def test_dispatching_matches_per_pixel_formula(case):
+    expected = dispatch_reference(case["features"], case["centers"], case["alpha"], case["beta"],
+                                  case["mlp"])
+    torch.testing.assert_close(dispatch(case), expected)
+
+
+@PROPS
+@given(case=dispatch_case())
+def test_dispatching_pixel_depends_only_on_itself_and_its_best_center(case):
+    features, centers = case["features"], case["centers"]
+    out = dispatch(case)
+    for n in range(features.shape[0]):
+        torch.testing.assert_close(dispatch(case, features=features[n : n + 1])[0], out[n])
+        best = F.cosine_similarity(centers, features[n][None], dim=-1).argmax()
+        # Any other center pointed away from the pixel stays non-best and must not matter.
+        others = torch.arange(centers.shape[0]) != best
+        moved = torch.where(others[:, None], -features[n] * 3.0, centers)
+        if others.any():
+            torch.testing.assert_close(dispatch(case, features=features[n : n + 1],
+                                                centers=moved)[0], out[n])
+
+
+@PROPS
+@given(case=dispatch_case())
+def test_dispatching_equivariant_to_pixels_invariant_to_centers(case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    pix = torch.randperm(case["features"].shape[0], generator=gen)
+    cen = torch.randperm(case["centers"].shape[0], generator=gen)
+    out = dispatch(case)
+    torch.testing.assert_close(dispatch(case, features=case["features"][pix]), out[pix])
+    torch.testing.assert_close(dispatch(case, centers=case["centers"][cen]), out)
+
+
+# --- init_centers -------------------------------------------------------------------------
+
+
+@PROPS
+@given(lead=lead_shapes, d=st.integers(1, 4), gh=st.integers(1, 3), gw=st.integers(1, 3),
+       ch=st.integers(1, 3), cw=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_init_centers_are_cell_means(lead, d, gh, gw, ch, cw, seed):
+    features = rand(seed, *lead, d, gh * ch, gw * cw)
+    mask = rand_mask(seed + 1, *lead, gh * ch, gw * cw)
+    cells = features.unflatten(-2, (gh, ch)).unflatten(-1, (gw, cw))  # (..., D, gh, ch, gw, cw)
+    cell_mask = mask.unflatten(-2, (gh, ch)).unflatten(-1, (gw, cw)).unsqueeze(-5)
+    mean = cells.mean(dim=(-3, -1)).flatten(-2).transpose(-1, -2)
+    torch.testing.assert_close(init_centers(features, (gh, gw)), mean)
+    total = (cells * cell_mask).sum(dim=(-3, -1))
+    count = cell_mask.sum(dim=(-3, -1)).clamp_min(1)
+    masked_mean = (total / count).flatten(-2).transpose(-1, -2)
+    torch.testing.assert_close(init_centers(features, (gh, gw), mask=mask), masked_mean)
