@@ -1,0 +1,74 @@
+"""``cf shard-dataset``: raw COCO / COCO panoptic / ADE20K / ImageFolder data -> WebDataset shards."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+
+class Format(str, Enum):
+    coco = "coco"
+    coco_panoptic = "coco-panoptic"
+    ade20k = "ade20k"
+    imagefolder = "imagefolder"
+
+
+class OnError(str, Enum):
+    stop = "stop"
+    skip = "skip"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("shard-dataset")
+    def shard_dataset_cmd(
+        format: Format = typer.Option(..., "--format", help="Layout of the raw data."),
+        images: Path = typer.Option(..., "--images", help="Image folder (ImageFolder: the folder of class folders)."),
+        out: Path = typer.Option(..., "--out", help="Output folder for shard-*.tar and dataset.json (stale output there is replaced)."),
+        annotations: Path | None = typer.Option(None, "--annotations", help="COCO instances / panoptic JSON; for ade20k an optional classes.json."),
+        masks: Path | None = typer.Option(None, "--masks", help="Panoptic PNG folder (coco-panoptic) or label PNG folder (ade20k)."),
+        samples_per_shard: int = typer.Option(1000, "--samples-per-shard", min=1, help="Samples per tar shard at most."),
+        max_shard_mb: float = typer.Option(1024.0, "--max-shard-mb", min=0.001, help="Start a new shard before one grows past this size (MiB)."),
+        shuffle: bool = typer.Option(True, "--shuffle/--no-shuffle", help="Shuffle sample order across shards (deterministic per --seed)."),
+        seed: int = typer.Option(0, "--seed", help="Seed for --shuffle."),
+        on_error: OnError = typer.Option(OnError.stop, "--on-error", help="On a bad sample: stop with an error, or skip it (counted in dataset.json, listed in skipped.jsonl)."),
+    ) -> None:
+        """Write WebDataset shards (original image bytes + per-sample annotations) and dataset.json.
+
+        Examples:
+          cf shard-dataset --format coco --images DIR --annotations instances.json --out SHARDS
+          cf shard-dataset --format coco-panoptic --images DIR --annotations panoptic.json --masks PNGS --out SHARDS
+          cf shard-dataset --format ade20k --images DIR --masks LABELS --out SHARDS
+          cf shard-dataset --format imagefolder --images DIR --out SHARDS
+        """
+        from clusterformer.data.formats import open_source
+        from clusterformer.data.shards import write_shards
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        console = Console(stderr=True, soft_wrap=True)
+        source = open_source(format.value, images, annotations=annotations, masks=masks)
+        columns = (TextColumn("sharding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("shard", total=len(source))
+            info = write_shards(
+                source,
+                out,
+                samples_per_shard=samples_per_shard,
+                max_shard_mb=max_shard_mb,
+                shuffle=shuffle,
+                seed=seed,
+                on_error=on_error.value,
+                progress=lambda n: bar.update(task, completed=n),
+            )
+        skipped = f", {info['skipped']} skipped (see {out / 'skipped.jsonl'})" if info["skipped"] else ""
+        console.print(
+            f"wrote {info['num_samples']} samples in {len(info['shards'])} shards to {out}{skipped}"
+        )

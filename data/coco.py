@@ -1,0 +1,124 @@
+"""COCO instances reader (``--format coco``): boxes, polygons, RLE and crowd regions.
+
+Annotations keep COCO's original category ids; ``info["categories"]`` maps them to train ids.
+Width and height in the JSON must match the image after EXIF orientation, as in COCO.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from clusterformer.data.categories import contiguous_categories
+from clusterformer.data.errors import DatasetError, SampleError
+from clusterformer.data.images import exif_orientation
+from clusterformer.data.records import Record
+from clusterformer.data.source import Entry, Source, read_image, read_json, require_dir, unique_keys
+
+# Polygons traced along pixel edges may touch the far border: allow that much overhang.
+BOX_TOLERANCE = 1.0
+
+
+def check_box(bbox: object, height: int, width: int) -> str | None:
+    """Why a COCO [x, y, w, h] box is unusable for an image of (height, width), or None."""
+    if not isinstance(bbox, list | tuple) or len(bbox) != 4:
+        return f"bbox {bbox!r} is not [x, y, w, h]"
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return f"bbox {bbox!r} is not numeric"
+    if not w > 0 or not h > 0:
+        return f"bbox {list(bbox)} has zero area"
+    t = BOX_TOLERANCE
+    if x < -t or y < -t or x + w > width + t or y + h > height + t:
+        return f"bbox {list(bbox)} lies outside the {width}x{height} image"
+    return None
+
+
+def _check_segmentation(segmentation: object, height: int, width: int) -> str | None:
+    if segmentation is None or segmentation == []:
+        return None
+    if isinstance(segmentation, dict):
+        size = segmentation.get("size")
+        if "counts" not in segmentation or list(size or []) != [height, width]:
+            return f"RLE size {size} does not match the {width}x{height} image"
+        return None
+    if isinstance(segmentation, list):
+        for polygon in segmentation:
+            if not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2:
+                return "segmentation polygon needs an even number (>= 6) of coordinates"
+        return None
+    return f"segmentation of type {type(segmentation).__name__} is neither polygons nor RLE"
+
+
+def _load(images_dir: Path, image: dict, anns: list[dict], known: set[int], key: str) -> Record:
+    path = images_dir / str(image.get("file_name", ""))
+    data, ext, height, width = read_image(path, key)
+    want = (int(image.get("height", height)), int(image.get("width", width)))
+    if want != (height, width):
+        hint = ""
+        if want == (width, height) and exif_orientation(data) in (5, 6, 7, 8):
+            hint = " (the annotations seem to ignore the EXIF rotation)"
+        raise SampleError(
+            path, key, f"image is {width}x{height} after EXIF orientation, the annotations "
+            f"say {want[1]}x{want[0]}{hint}"
+        )  # fmt: skip
+    for ann in anns:
+        if int(ann.get("category_id", -1)) not in known:
+            raise SampleError(path, key, f"annotation {ann.get('id')}: unknown category id "
+                              f"{ann.get('category_id')}")  # fmt: skip
+        area = ann.get("area")
+        if isinstance(area, int | float) and area <= 0:
+            raise SampleError(path, key, f"annotation {ann.get('id')}: area {area} is zero")
+        problem = check_box(ann.get("bbox"), height, width) or _check_segmentation(
+            ann.get("segmentation"), height, width
+        )
+        if problem:
+            raise SampleError(path, key, f"annotation {ann.get('id')}: {problem}")
+    annotation = {
+        "format": "coco",
+        "file_name": str(image["file_name"]),
+        "image_id": int(image["id"]),
+        "height": height,
+        "width": width,
+        "annotations": anns,
+    }
+    return Record(key, ext, data, annotation, path=str(path))
+
+
+def read_coco(images: str | Path, annotations: str | Path) -> Source:
+    """COCO instances JSON + image folder -> Source (one entry per image, negatives kept)."""
+    images_dir = require_dir(Path(images), "images")
+    ann_path = Path(annotations)
+    coco = read_json(ann_path, "annotations file")
+    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
+        raise DatasetError(ann_path, 'not a COCO instances file (no "images" list)')
+    if not isinstance(coco.get("categories"), list) or not coco["categories"]:
+        raise DatasetError(ann_path, 'not a COCO instances file (no "categories" list)')
+    try:
+        categories = contiguous_categories(coco["categories"], default_isthing=True)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise DatasetError(ann_path, f"bad categories ({exc})") from None
+    by_image: dict[int, list[dict]] = defaultdict(list)
+    for ann in coco.get("annotations", []):
+        by_image[int(ann.get("image_id", -1))].append(ann)
+    image_list = sorted(coco["images"], key=lambda im: int(im["id"]))
+    orphans = set(by_image) - {int(im["id"]) for im in image_list}
+    if orphans:
+        raise DatasetError(ann_path, f"annotations refer to unknown image ids {sorted(orphans)[:5]}")
+    keys = unique_keys([Path(str(im.get("file_name", im["id"]))).stem for im in image_list])
+    known = {c["id"] for c in categories}
+    entries = [
+        Entry(
+            key,
+            str(images_dir / str(im.get("file_name", ""))),
+            lambda im=im, key=key: _load(images_dir, im, by_image.get(int(im["id"]), []), known, key),
+        )
+        for key, im in zip(keys, image_list, strict=True)
+    ]
+    info = {
+        "format": "coco",
+        "categories": categories,
+        "source": {"images": str(images_dir), "annotations": str(ann_path)},
+    }
+    return Source(info, entries)

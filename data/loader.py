@@ -1,0 +1,392 @@
+"""Streaming loader: shards (or a raw dataset folder) -> decode -> transform -> padded batches.
+
+Splitting. The dataset is a list of *units* (tar shards, or fixed-size chunks of a raw folder)
+with known sample counts (dataset.json). With R ranks x W workers = S slots:
+
+* ``units >= S`` (shard mode): rank r reads units ``order[r::R]``, its worker w ``[w::W]`` of those;
+* ``units < S`` (sample mode): every slot reads every unit but keeps only the samples whose
+  global position p has ``p % S == w * R + r`` (tar members of other samples are skipped unread).
+
+Equal batches per rank, so no collective ever waits on a rank that has stopped:
+
+* training: ``len = floor(N / (R * B))`` (``ceil`` with ``drop_last=False``). The unit order is
+  shuffled per (seed, epoch); each rank's batches are shared among its workers in proportion to
+  their samples, and a worker that runs out wraps around its units (reshuffled), so every batch
+  is full and a rank with fewer samples repeats some;
+* evaluation: every sample is read exactly once across ranks, in dataset order. Ranks that have
+  fewer batches than ``len = max over ranks`` add *padding batches*: one copy of a real sample
+  with ``batch["valid"] == [False]``. Metrics must skip entries whose valid flag is False.
+
+Randomness (shard order, shuffle buffer, transforms) is seeded from (seed, epoch, rank, worker)
+only, never from global state, so the same arguments give the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .collate import collate, task_fields
+from .errors import SampleError
+from .streams import (
+    TASK_FORMATS,
+    RawSource,
+    open_raw,
+    read_index,
+    read_info_next_to,
+    shard_source,
+    url_list,
+)
+from .transforms import make_transform
+
+__all__ = ["Loader", "WorkerPlan", "batches_per_rank", "build_loader", "load_dataset_info"]
+
+
+# --------------------------------------------------------------------------- planning (pure)
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What one DataLoader worker of one rank reads and yields in one epoch.
+
+    ``units``/``starts``: unit indices in read order and their first global position;
+    keep a sample at global position p iff ``p % stride == offset``; ``num_samples`` of them exist.
+    ``num_batches`` come from real samples, ``pad_batches`` (evaluation only) are padding.
+    """
+
+    units: tuple[int, ...]
+    starts: tuple[int, ...]
+    stride: int
+    offset: int
+    num_samples: int
+    num_batches: int
+    pad_batches: int = 0
+
+
+def _unit_order(num_units: int, train: bool, seed: int, epoch: int) -> list[int]:
+    order = list(range(num_units))
+    if train:
+        random.Random(f"units-{seed}-{epoch}").shuffle(order)
+    return order
+
+
+def _slot_reads(
+    counts: Sequence[int], order: list[int], rank: int, world: int, workers: int
+) -> list[tuple[tuple[int, ...], tuple[int, ...], int, int, int]]:
+    """Per worker of ``rank``: (units, starts, stride, offset, num_samples)."""
+    total = sum(counts)
+    starts, pos = {}, 0
+    for u in order:
+        starts[u] = pos
+        pos += counts[u]
+    slots = world * workers
+    out = []
+    for w in range(workers):
+        if len(order) >= slots:
+            units = tuple(order[rank::world][w::workers])
+            out.append(
+                (units, tuple(starts[u] for u in units), 1, 0, sum(counts[u] for u in units))
+            )
+        else:
+            slot = w * world + rank
+            n = total // slots + (slot < total % slots)
+            out.append((tuple(order), tuple(starts[u] for u in order), slots, slot, n))
+    return out
+
+
+def _share(total: int, weights: Sequence[int]) -> list[int]:
+    """Split ``total`` into integers proportional to ``weights`` (largest remainder)."""
+    wsum = sum(weights)
+    exact = [total * w / wsum for w in weights]
+    out = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (out[i] - exact[i], i))
+    for i in by_remainder[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def batches_per_rank(
+    num_samples: int, world_size: int, batch_size: int, train: bool, drop_last: bool
+) -> int:
+    """Training batches per rank per epoch (evaluation: see ``plan_epoch``)."""
+    per_step = world_size * batch_size
+    return num_samples // per_step if drop_last else -(-num_samples // per_step)
+
+
+def plan_epoch(
+    counts: Sequence[int],
+    *,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    batch_size: int,
+    train: bool,
+    drop_last: bool,
+    seed: int = 0,
+    epoch: int = 0,
+) -> list[WorkerPlan]:
+    """One ``WorkerPlan`` per worker of ``rank``; the batch totals match on every rank."""
+    workers = max(1, num_workers)
+    order = _unit_order(len(counts), train, seed, epoch)
+    reads = _slot_reads(counts, order, rank, world_size, workers)
+    if train:
+        steps = batches_per_rank(sum(counts), world_size, batch_size, True, drop_last)
+        if sum(r[4] for r in reads) == 0:  # fewer samples than ranks: this rank reads everything
+            reads = _slot_reads(counts, order, 0, 1, workers)
+        shares = _share(steps, [r[4] for r in reads])
+        return [WorkerPlan(*r, num_batches=b) for r, b in zip(reads, shares, strict=True)]
+
+    def real(n: int) -> int:
+        return n // batch_size if drop_last else -(-n // batch_size)
+
+    steps = max(
+        sum(real(r[4]) for r in _slot_reads(counts, order, k, world_size, workers))
+        for k in range(world_size)
+    )
+    missing = steps - sum(real(r[4]) for r in reads)
+    return [
+        WorkerPlan(
+            *r, num_batches=real(r[4]), pad_batches=missing // workers + (w < missing % workers)
+        )
+        for w, r in enumerate(reads)
+    ]
+
+
+# --------------------------------------------------------------------------- dataset
+def _seed(*parts: object) -> int:
+    return random.Random("-".join(str(p) for p in parts)).getrandbits(63)
+
+
+def _shuffled(stream: Iterator, size: int, rng: random.Random) -> Iterator:
+    """Shuffle buffer: hold ``size`` items, emit a random one as each new item arrives."""
+    buffer: list = []
+    for item in stream:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(size)
+        buffer[i], item = item, buffer[i]
+        yield item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class StreamDataset(IterableDataset):
+    """Yields this rank's collated batches for the current epoch (see the module docstring)."""
+
+    def __init__(self, source: Any, task: str, *, batch_size: int, image_size: int, train: bool,
+                 num_workers: int, seed: int, rank: int, world_size: int, shuffle_buffer: int,
+                 drop_last: bool, on_error: str) -> None:  # fmt: skip
+        self.source, self.task, self.batch_size, self.train = source, task, batch_size, train
+        self.image_size, self.num_workers, self.seed = image_size, max(1, num_workers), seed
+        self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
+        self.drop_last, self.on_error, self.epoch = drop_last, on_error, 0
+        self.transform = make_transform(task, image_size, train)
+        self.fields = set(task_fields(task)) | {"key", "image", "image_id", "orig_size"}
+
+    def plans(self) -> list[WorkerPlan]:
+        return plan_epoch(self.source.counts, rank=self.rank, world_size=self.world_size,
+                          num_workers=self.num_workers, batch_size=self.batch_size,
+                          train=self.train, drop_last=self.drop_last, seed=self.seed,
+                          epoch=self.epoch)  # fmt: skip
+
+    def __len__(self) -> int:
+        plan = self.plans()
+        return sum(p.num_batches + p.pad_batches for p in plan)
+
+    def _members(self, plan: WorkerPlan, rng: random.Random) -> Iterator[dict]:
+        units = list(zip(plan.units, plan.starts, strict=True))
+        while True:
+            for unit, start in units:
+                keep = lambda pos, start=start: (start + pos) % plan.stride == plan.offset  # noqa: E731
+                for _, members in self.source.read(unit, keep):
+                    yield members
+            if not self.train or plan.num_samples == 0:
+                return
+            rng.shuffle(units)  # wrap around, in a new order
+
+    def _samples(self, members: Iterator[dict], gen: torch.Generator) -> Iterator[dict]:
+        bad_in_a_row = 0
+        for m in members:
+            try:
+                sample = self.source.decode(m)
+            except (SampleError, ValueError, OSError) as exc:
+                err = (
+                    exc
+                    if isinstance(exc, SampleError)
+                    else SampleError(
+                        m.get("__url__", "?"), m.get("__key__", "?"), " ".join(str(exc).split())
+                    )
+                )
+                if self.on_error == "stop":
+                    raise err from None
+                warnings.warn(f"skipped bad sample: {err}", stacklevel=2)
+                bad_in_a_row += 1
+                if bad_in_a_row > 1000:
+                    raise RuntimeError(
+                        f"{self.source.where(0)}: over 1000 bad samples in a row"
+                    ) from None
+                continue
+            bad_in_a_row = 0
+            sample = {k: v for k, v in sample.items() if k in self.fields}
+            yield self.transform(sample, gen)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.num_workers:
+            raise RuntimeError(
+                f"loader planned for {self.num_workers} workers, got {info.num_workers}"
+            )
+        plan = self.plans()[worker]
+        rng = random.Random(_seed("shuffle", self.seed, self.epoch, self.rank, worker))
+        gen = torch.Generator().manual_seed(_seed("aug", self.seed, self.epoch, self.rank, worker))
+        members = self._members(plan, rng)
+        # Capped at the worker's share: a larger buffer would only fill with wrapped-around repeats.
+        buffer = min(self.shuffle_buffer, plan.num_samples)
+        if self.train and buffer > 1:
+            members = _shuffled(members, buffer, rng)
+        samples = self._samples(members, gen)
+        done, first = 0, None
+        for _ in range(plan.num_batches):
+            chunk = [s for _, s in zip(range(self.batch_size), samples, strict=False)]
+            if not chunk or (self.drop_last and len(chunk) < self.batch_size):
+                if self.train:
+                    raise RuntimeError(
+                        f"{self.source.where(0)}: no decodable sample to fill a batch"
+                    )
+                break  # evaluation after skipped bad samples: padding below keeps the count
+            first = first if first is not None else chunk[0]
+            done += 1
+            yield collate(chunk, self.task)
+        if not self.train and not self.drop_last and next(samples, None) is not None:
+            raise ValueError(
+                f"{self.source.where(plan.units[0])}: holds more samples than "
+                "dataset.json lists; the index is stale, rewrite the shards"
+            )
+        for _ in range(plan.num_batches + plan.pad_batches - done):
+            if first is None:
+                first = next(self._samples(self._any_members(), gen))
+            yield collate([first], self.task, valid=[False])
+
+    def _any_members(self) -> Iterator[dict]:
+        for unit in range(len(self.source.counts)):
+            for _, members in self.source.read(unit, lambda pos: True):
+                yield members
+
+
+# --------------------------------------------------------------------------- public API
+class Loader:
+    """Iterable of batch dicts with a rank-independent ``len`` and ``set_epoch``."""
+
+    def __init__(self, dataset: StreamDataset, num_workers: int, info: dict) -> None:
+        self.dataset, self.info, self.num_workers = dataset, info, num_workers
+        self.batch_size = dataset.batch_size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose shuffle/augmentation the next ``iter`` uses."""
+        self.dataset.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[dict]:
+        # Built per epoch: workers are not persistent and must see the current epoch.
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                            persistent_workers=False, worker_init_fn=_worker_init,
+                            collate_fn=_as_is,
+                            # Own generator: iterating must not advance the global torch RNG.
+                            generator=torch.Generator().manual_seed(self.dataset.seed),
+                            prefetch_factor=4 if self.num_workers else None)  # fmt: skip
+        return iter(loader)
+
+
+def _as_is(batch: dict) -> dict:
+    return batch  # already collated; the default would turn tuples (orig_size, size) into lists
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers run in parallel already; avoid oversubscribing cores
+
+
+def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    dist = torch.distributed
+    live = dist.is_available() and dist.is_initialized()
+    if rank is None:
+        rank = dist.get_rank() if live else 0
+    if world_size is None:
+        world_size = dist.get_world_size() if live else 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    return rank, world_size
+
+
+def load_dataset_info(path: str | os.PathLike | Sequence[str], task: str | None = None) -> dict:
+    """dataset.json of a shard folder (or next to explicit shard URLs), or the info of a raw folder.
+
+    Raw folders have no dataset.json: their format is detected (a ``cf make-shapes`` folder holds
+    several; ``task`` picks one) and "num_samples" is the number of entries found.
+    """
+    urls = url_list(path)
+    if urls is not None:
+        return read_info_next_to(urls[0])
+    index = Path(path) / "dataset.json"
+    if index.is_file():
+        return read_index(index)
+    source = open_raw(path, task)
+    return dict(source.info, num_samples=len(source))
+
+
+def build_loader(
+    path: str | os.PathLike | Sequence[str],
+    task: str,
+    *,
+    batch_size: int,
+    image_size: int,
+    train: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    shuffle_buffer: int = 1000,
+    drop_last: bool | None = None,
+    on_error: str = "stop",
+    info: dict | None = None,
+) -> Loader:
+    """Loader of batch dicts (layout: ``clusterformer.data.collate``) for one rank.
+
+    ``path``: a shard folder with dataset.json, explicit shard URLs (list / brace pattern /
+    ``pipe:`` / http, dataset.json read next to them unless ``info`` is given), or a raw dataset
+    folder. ``drop_last`` defaults to ``train``. ``on_error``: "stop" raises on the first bad
+    sample naming its key and file, "skip" warns and goes on (training refills from other
+    samples; evaluation keeps its batch count with padding). Images (B, 3, H, W) float32.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if on_error not in ("stop", "skip"):
+        raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
+    task_fields(task)
+    rank, world_size = _distributed_defaults(rank, world_size)
+    drop_last = train if drop_last is None else bool(drop_last)
+    has_index = url_list(path) is not None or (Path(path) / "dataset.json").is_file()
+    source = shard_source(path, info) if has_index else RawSource(str(path), task)
+    fmt = source.info.get("format")
+    if fmt not in TASK_FORMATS[task]:
+        raise ValueError(f"{path}: a {fmt} dataset cannot be used for {task} "
+                         f"(needs {' or '.join(TASK_FORMATS[task])})")  # fmt: skip
+    total = sum(source.counts)
+    if train and batches_per_rank(total, world_size, batch_size, True, drop_last) == 0:
+        raise ValueError(f"{path}: {total} samples are fewer than world_size x batch_size = "
+                         f"{world_size * batch_size}; lower the batch size or set drop_last=False")  # fmt: skip
+    dataset = StreamDataset(source, task, batch_size=batch_size, image_size=image_size,
+                            train=train, num_workers=num_workers, seed=seed, rank=rank,
+                            world_size=world_size, shuffle_buffer=shuffle_buffer,
+                            drop_last=drop_last, on_error=on_error)  # fmt: skip
+    return Loader(dataset, num_workers, source.info)

@@ -1,0 +1,215 @@
+"""Where samples come from: tar shards (local or webdataset URLs) and raw dataset folders.
+
+A *source* exposes ``counts`` (samples per unit), ``read(unit, keep)`` yielding
+``(position, members)`` for the kept positions of one unit, ``decode(members)`` -> the decoded
+sample dict, and ``info`` (dataset.json or the reader's info). Both sources pickle cheaply so
+DataLoader workers can receive them under any start method.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .records import decode_record, encode_record
+
+TASK_FORMATS = {"classification": ("imagefolder",), "detection": ("coco",), "instance": ("coco",),
+                "panoptic": ("coco-panoptic",), "semantic": ("ade20k",)}  # fmt: skip
+
+
+def _is_url(spec: str) -> bool:
+    return spec.startswith("pipe:") or ("://" in spec and not spec.startswith("file://"))
+
+
+def _open_stream(url: str):
+    """Binary stream for a local path, ``file://``, ``pipe:cmd`` or http(s) URL (via webdataset)."""
+    if _is_url(url):
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb")
+    return open(url.removeprefix("file://"), "rb")  # noqa: SIM115 - closed by the caller
+
+
+def iter_tar(url: str, keep: Callable[[int], bool]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(position, members) of the samples in one tar whose position passes ``keep``.
+
+    Members follow webdataset: ``<key>.<suffix>``, key = name up to the first dot of the file
+    name, consecutive members with the same key form one sample. Unkept samples are not read.
+    """
+    with _open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        key, pos, members, wanted = None, -1, {}, False
+        for member in tar:
+            if not member.isreg():
+                continue
+            folder, _, name = member.name.rpartition("/")
+            stem, _, suffix = name.partition(".")
+            if name.startswith("__") or not suffix:
+                continue
+            prefix = f"{folder}/{stem}" if folder else stem
+            if prefix != key:
+                if wanted:
+                    yield pos, members
+                key, pos = prefix, pos + 1
+                wanted = keep(pos)
+                members = {"__key__": prefix, "__url__": url}
+            if wanted:
+                members[suffix.lower()] = tar.extractfile(member).read()
+        if wanted:
+            yield pos, members
+
+
+class ShardSource:
+    """Tar shards listed in dataset.json; picklable so DataLoader workers can hold it."""
+
+    def __init__(self, urls: Sequence[str], counts: Sequence[int], info: dict) -> None:
+        self.urls, self.counts, self.info = list(urls), [int(c) for c in counts], info
+
+    def where(self, unit: int) -> str:
+        return self.urls[unit]
+
+    def read(self, unit: int, keep: Callable[[int], bool]) -> Iterator[tuple[int, dict]]:
+        return iter_tar(self.urls[unit], keep)
+
+    def decode(self, members: dict) -> dict:
+        return decode_record(members, self.info)
+
+
+def _raw_layouts(root: Path) -> dict[str, dict[str, Path]]:
+    """Raw formats found in ``root``: a ``cf make-shapes`` folder holds all four."""
+
+    def first(*paths: Path) -> Path | None:
+        return next((p for p in paths if p.exists()), None)
+
+    def single(folder: Path, pattern: str) -> Path | None:
+        found = sorted(folder.glob(pattern)) if folder.is_dir() else []
+        return found[0] if len(found) == 1 else None
+
+    images, ann_dir, out = root / "images", root / "annotations", {}
+    if images.is_dir():
+        instances = first(root / "instances.json") or single(ann_dir, "instances*.json")
+        if instances:
+            out["coco"] = {"images": images, "annotations": instances}
+        panoptic = first(root / "panoptic.json") or single(ann_dir, "panoptic*.json")
+        if panoptic and (root / "panoptic").is_dir():
+            out["coco-panoptic"] = {"images": images, "annotations": panoptic,
+                                    "masks": root / "panoptic"}  # fmt: skip
+        labels = first(root / "semantic") or (ann_dir if any(ann_dir.glob("*.png")) else None)
+        if labels:
+            out["ade20k"] = {"images": images, "masks": labels,
+                             "annotations": first(root / "classes.json")}  # fmt: skip
+    if (root / "classes").is_dir():
+        out["imagefolder"] = {"images": root / "classes"}
+    elif not out and any(p.is_dir() for p in root.iterdir()):
+        out["imagefolder"] = {"images": root}
+    return out
+
+
+def open_raw(path: str | os.PathLike, task: str | None = None) -> Any:
+    """Open a raw dataset folder with the format readers; ``task`` picks among several formats."""
+    from .formats import open_source
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such dataset folder (nor a dataset.json)")
+    layouts = _raw_layouts(root)
+    if task is None and len(layouts) > 1:
+        raise ValueError(f"{root}: holds several raw formats ({', '.join(layouts)}); "
+                         "pass the task to choose one")  # fmt: skip
+    wanted = TASK_FORMATS[task] if task is not None else tuple(layouts)
+    fmt = next((f for f in wanted if f in layouts), None)
+    if fmt is None:
+        need = " or ".join(wanted) if wanted else "any known format"
+        raise ValueError(f"{root}: no dataset.json and no raw {need} layout found")
+    return open_source(fmt, **layouts[fmt])
+
+
+class RawSource:
+    """A raw dataset folder served in fixed-size chunks ("units").
+
+    Pickles as (root, task) and reopens in the receiving process: reader entries hold closures.
+    """
+
+    CHUNK = 64
+
+    def __init__(self, root: str, task: str | None) -> None:
+        self.root, self.task = root, task
+        source = open_raw(root, task)
+        self.entries, self.info = source.entries, source.info
+        n = len(self.entries)
+        self.counts = [min(self.CHUNK, n - s) for s in range(0, n, self.CHUNK)]
+
+    def __getstate__(self) -> dict:
+        return {"root": self.root, "task": self.task}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["root"], state["task"])
+
+    def where(self, unit: int) -> str:
+        return self.root
+
+    def read(self, unit: int, keep: Callable[[int], bool]) -> Iterator[tuple[int, dict]]:
+        first = unit * self.CHUNK
+        for pos in range(self.counts[unit]):
+            if keep(pos):
+                entry = self.entries[first + pos]
+                # Loading may raise SampleError; the dataset applies on_error to it.
+                yield pos, {"__key__": entry.key, "__url__": entry.path, "__entry__": entry}
+
+    def decode(self, members: dict) -> dict:
+        return decode_record(encode_record(members["__entry__"].load()), self.info)
+
+
+def url_list(path: str | Sequence[str]) -> list[str] | None:
+    """Explicit shard URLs (list, ``pipe:``/http spec, or a brace pattern), else None."""
+    if not isinstance(path, str | os.PathLike):
+        return [str(p) for p in path]
+    spec = str(path)
+    if _is_url(spec) or (spec.endswith(".tar") and "{" in spec):
+        from webdataset.shardlists import expand_urls
+
+        return list(expand_urls(spec))
+    return None
+
+
+def read_info_next_to(url: str) -> dict:
+    base = url.rsplit("/", 1)[0] if "/" in url else "."
+    if url.startswith("pipe:"):
+        raise ValueError(f"{url}: pass info=<dataset.json dict> with pipe: shard URLs")
+    with _open_stream(f"{base}/dataset.json") as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def shard_source(path: str | os.PathLike | Sequence[str], info: dict | None) -> ShardSource:
+    urls = url_list(path)
+    if urls is None:
+        info = info or read_index(Path(path) / "dataset.json")
+        shards = info.get("shards") or []
+        urls = [str(Path(path) / s["name"]) for s in shards]
+        for u in urls:
+            if not os.path.isfile(u):
+                raise FileNotFoundError(f"{u}: shard listed in dataset.json is missing")
+    else:
+        info = info or read_info_next_to(urls[0])
+        shards = info.get("shards") or []
+        by_name = {s["name"]: s for s in shards}
+        missing = [u for u in urls if u.rsplit("/", 1)[-1] not in by_name]
+        if missing:
+            raise ValueError(f"{missing[0]}: shard not listed in dataset.json")
+        shards = [by_name[u.rsplit("/", 1)[-1]] for u in urls]
+    if not urls:
+        raise ValueError(f"{path}: dataset.json lists no shards")
+    return ShardSource(urls, [int(s["num_samples"]) for s in shards], info)
+
+
+def read_index(index: Path) -> dict:
+    """dataset.json as a dict; errors name the file."""
+    try:
+        return json.loads(index.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{index}: dataset.json not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{index}: not valid JSON ({exc})") from None
