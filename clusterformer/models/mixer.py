@@ -1,0 +1,220 @@
+"""The token mixer of a ClusterFormer block: windowed recurrent cross-attention clustering
+followed by feature dispatching and an output projection.
+
+The map is cut into ``window_size x window_size``-token windows (padded to whole windows; the
+padding is masked, so any ``H x W`` works). In every window ``gh x gw`` centers are initialised
+by masked adaptive pooling (``ops.init_centers``), refined ``T`` times by
+``ops.recurrent_cross_attention_clustering`` and dispatched back to the window's tokens.
+Padding amounts depend on shapes only, never on data, so the mixer compiles with
+``fullgraph=True``.
+
+Center-update variants (Table S1c), ``center_update=``:
+
+* ``"recurrent"``: the paper's; ops assignment ``"softmax_centers"`` (softmax over centers).
+* ``"vanilla_attention"``: plain cross-attention, softmax over the window's pixels.
+* ``"kmeans"``: hard argmax assignment. The argmax has no gradient, so learned q/k
+  projections would be dead weights: this variant assigns in the (normalised) pixel-feature
+  space itself (identity q/k) and learns only the value projection.
+* ``"cosine"``: ReLU of the cosine similarity between center queries and pixel keys.
+
+Dispatching variants (Table S1e), ``dispatching=``:
+
+* ``"ours"``: ``ops.feature_dispatching`` (Eq. 6): best center only, gated by
+  ``sigmoid(beta + alpha * cos)``, divided by K, through an MLP, added to the pixel.
+* ``"none"``: the pixel adds back its soft-assigned centers, ``softmax_k(x . C_k / sqrt(D))``,
+  with no gate, no MLP and no learned parameter.
+* ``"fc"``: the pixel's most cosine-similar center through a plain Linear, no gate.
+* ``"confidence"``: the best center weighted by its assignment confidence
+  ``softmax_k(alpha * cos)`` at the argmax, through the MLP.
+* ``"fc_similarity"``: as Context Clusters: the ``sigmoid(beta + alpha * cos)``-weighted sum
+  over *all* centers (divided by K), through a plain Linear.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clusterformer.models.layers import TokenMlp
+from clusterformer.ops import (
+    dispatch_similarity,
+    feature_dispatching,
+    init_centers,
+    keep_best_center,
+    recurrent_cross_attention_clustering,
+)
+
+CENTER_UPDATES: dict[str, str] = {
+    "recurrent": "softmax_centers",
+    "vanilla_attention": "softmax_pixels",
+    "kmeans": "argmax",
+    "cosine": "cosine",
+}
+DISPATCHINGS: tuple[str, ...] = ("ours", "none", "fc", "confidence", "fc_similarity")
+
+
+def window_partition(
+    x: Tensor, mask: Tensor | None, window: int
+) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
+    """Cut a channels-last map into windows of tokens, padding to whole windows.
+
+    Args:
+        x: ``(B, H, W, C)``; mask: ``(B, H, W)`` bool (``True`` = real) or ``None``.
+        window: window side in tokens.
+
+    Returns:
+        tokens ``(B, nW, window * window, C)``, window mask ``(B, nW, window, window)`` or
+        ``None`` when nothing is padded, and the window grid ``(nh, nw)``.
+    """
+    batch, height, width, dim = x.shape
+    pad_h, pad_w = (-height) % window, (-width) % window
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        if mask is None:
+            mask = torch.ones(batch, height, width, dtype=torch.bool, device=x.device)
+        mask = F.pad(mask, (0, pad_w, 0, pad_h), value=False)
+    nh, nw = (height + pad_h) // window, (width + pad_w) // window
+    tokens = x.reshape(batch, nh, window, nw, window, dim).permute(0, 1, 3, 2, 4, 5)
+    tokens = tokens.reshape(batch, nh * nw, window * window, dim)
+    if mask is not None:
+        mask = mask.reshape(batch, nh, window, nw, window).permute(0, 1, 3, 2, 4)
+        mask = mask.reshape(batch, nh * nw, window, window)
+    return tokens, mask, (nh, nw)
+
+
+def window_merge(tokens: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """Inverse of :func:`window_partition`: ``(B, nW, w*w, C)`` -> ``(B, H, W, C)`` cropped."""
+    batch, _, length, dim = tokens.shape
+    window = round(length**0.5)
+    nh, nw = grid
+    x = tokens.reshape(batch, nh, nw, window, window, dim).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(batch, nh * window, nw * window, dim)
+    return x[:, : size[0], : size[1]]
+
+
+class Dispatch(nn.Module):
+    """Send cluster centers back to pixels: ``(..., N, D), (..., K, D) -> (..., N, D)``.
+
+    ``mode`` is one of :data:`DISPATCHINGS` (see the module docstring).
+    """
+
+    def __init__(self, dim: int, mode: str = "ours", mlp_hidden: int | None = None) -> None:
+        super().__init__()
+        if mode not in DISPATCHINGS:
+            raise ValueError(f"unknown dispatching {mode!r}; expected one of {DISPATCHINGS}")
+        self.mode = mode
+        hidden = mlp_hidden or max(dim // 4, 8)
+        if mode in ("ours", "confidence", "fc_similarity"):
+            self.alpha = nn.Parameter(torch.ones(()))
+        if mode in ("ours", "fc_similarity"):
+            self.beta = nn.Parameter(torch.zeros(()))
+        if mode in ("ours", "confidence"):
+            self.mlp = TokenMlp(dim, hidden)
+        if mode in ("fc", "fc_similarity"):
+            self.fc = nn.Linear(dim, dim)
+
+    def forward(self, features: Tensor, centers: Tensor) -> Tensor:
+        if self.mode == "ours":
+            return feature_dispatching(
+                features, centers, alpha=self.alpha, beta=self.beta, mlp=self.mlp
+            )
+        if self.mode == "none":
+            logits = features @ centers.transpose(-1, -2) * features.shape[-1] ** -0.5
+            return features + torch.softmax(logits, dim=-1) @ centers
+        if self.mode == "fc_similarity":
+            sim = dispatch_similarity(features, centers, self.alpha, self.beta)
+            return features + self.fc(sim.transpose(-1, -2) @ centers / centers.shape[-2])
+        cosine = F.normalize(centers, dim=-1) @ F.normalize(features, dim=-1).transpose(-1, -2)
+        if self.mode == "fc":
+            best = cosine.argmax(dim=-2, keepdim=True)
+            index = torch.arange(cosine.shape[-2], device=cosine.device).unsqueeze(-1)
+            one_hot = (index == best).to(cosine.dtype)
+            return features + self.fc(one_hot.transpose(-1, -2) @ centers)
+        confidence = keep_best_center(torch.softmax(self.alpha * cosine, dim=-2))
+        return features + self.mlp(confidence.transpose(-1, -2) @ centers)
+
+
+class ClusteringMixer(nn.Module):
+    """Windowed recurrent cross-attention clustering + dispatching + output projection.
+
+    ``forward(x (B, H, W, C), mask (B, H, W) | None) -> (B, H, W, C)`` (channels-last).
+    Outputs at padded positions are defined but meaningless; real positions never depend
+    on them.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        head_dim: int = 32,
+        window_size: int = 7,
+        center_grid: tuple[int, int] = (3, 3),
+        num_iters: int = 3,
+        center_update: str = "recurrent",
+        dispatching: str = "ours",
+        m_step: str = "sum",
+        dispatch_hidden: int | None = None,
+    ) -> None:
+        super().__init__()
+        if center_update not in CENTER_UPDATES:
+            raise ValueError(
+                f"unknown center_update {center_update!r}; expected one of {tuple(CENTER_UPDATES)}"
+            )
+        if m_step not in ("sum", "mean"):
+            raise ValueError(f"unknown m_step {m_step!r}; expected 'sum' or 'mean'")
+        if head_dim <= 0 or dim % head_dim:
+            raise ValueError(f"head_dim {head_dim} must divide the stage width {dim}")
+        if window_size < 1 or min(center_grid) < 1:
+            raise ValueError("window_size and center_grid entries must be >= 1")
+        self.dim = dim
+        self.num_heads = dim // head_dim
+        self.window_size = int(window_size)
+        self.center_grid = (int(center_grid[0]), int(center_grid[1]))
+        self.num_iters = int(num_iters)
+        self.center_update = center_update
+        self.assignment = CENTER_UPDATES[center_update]
+        self.m_step = m_step
+        if center_update != "kmeans":
+            self.q = nn.Linear(dim, dim)
+            self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.dispatch = Dispatch(dim, dispatching, dispatch_hidden)
+        self.proj = nn.Linear(dim, dim)
+
+    def _params(self, like: Tensor) -> dict[str, Tensor | None]:
+        if self.center_update == "kmeans":
+            eye = torch.eye(self.dim, dtype=like.dtype, device=like.device)
+            q_w, q_b, k_w, k_b = eye, None, eye, None
+        else:
+            q_w, q_b, k_w, k_b = self.q.weight, self.q.bias, self.k.weight, self.k.bias
+        return {
+            "q_weight": q_w, "q_bias": q_b, "k_weight": k_w, "k_bias": k_b,
+            "v_weight": self.v.weight, "v_bias": self.v.bias,
+        }
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        batch, height, width, dim = x.shape
+        window = self.window_size
+        tokens, win_mask, grid = window_partition(x, mask, window)
+        flat_mask = None
+        if win_mask is not None:
+            flat_mask = win_mask.flatten(-2)
+            # Zero padding so nothing non-finite can leak through `0 * value` products.
+            tokens = tokens * flat_mask.unsqueeze(-1).to(tokens.dtype)
+        maps = tokens.transpose(-1, -2).reshape(batch, -1, dim, window, window)
+        centers = init_centers(maps, self.center_grid, mask=win_mask)
+        centers = recurrent_cross_attention_clustering(
+            tokens, centers, self._params(tokens),
+            num_iters=self.num_iters, num_heads=self.num_heads, mask=flat_mask,
+            assignment=self.assignment, m_step=self.m_step,
+        )
+        out = self.proj(self.dispatch(tokens, centers))
+        return window_merge(out, grid, (height, width))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, heads={self.num_heads}, window={self.window_size}, "
+            f"centers={self.center_grid}, T={self.num_iters}, update={self.center_update}, "
+            f"m_step={self.m_step}"
+        )

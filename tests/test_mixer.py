@@ -1,0 +1,88 @@
+"""The windowed clustering mixer: windowing, masking and the dispatching variants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clusterformer.models.mixer import (
+    CENTER_UPDATES,
+    DISPATCHINGS,
+    ClusteringMixer,
+    Dispatch,
+    window_merge,
+    window_partition,
+)
+
+
+@settings(max_examples=20, deadline=None)
+@given(height=st.integers(1, 20), width=st.integers(1, 20), window=st.integers(1, 8))
+def test_window_partition_round_trip(height: int, width: int, window: int) -> None:
+    x = torch.randn(2, height, width, 3)
+    tokens, mask, grid = window_partition(x, None, window)
+    nh, nw = -(-height // window), -(-width // window)
+    assert grid == (nh, nw) and tokens.shape == (2, nh * nw, window * window, 3)
+    assert torch.equal(window_merge(tokens, grid, (height, width)), x)
+    if height % window or width % window:
+        assert mask is not None and int(mask.sum()) == 2 * height * width
+        # The window mask marks exactly the real tokens.
+        marked = window_merge(mask.flatten(-2).unsqueeze(-1).float(), grid, (height, width))
+        assert marked.all()
+    else:
+        assert mask is None
+
+
+@pytest.mark.parametrize("center_update", list(CENTER_UPDATES))
+def test_padded_tokens_never_change_real_outputs(center_update: str) -> None:
+    torch.manual_seed(0)
+    mixer = ClusteringMixer(32, head_dim=16, window_size=5, center_grid=(2, 2),
+                            center_update=center_update)
+    x = torch.randn(1, 9, 12, 32)
+    mask = torch.ones(1, 9, 12, dtype=torch.bool)
+    mask[:, 6:, :] = False
+    mask[:, :, 8:] = False
+    garbage = x.clone()
+    garbage[~mask.unsqueeze(-1).expand_as(x)] = 1e3
+    with torch.no_grad():
+        ref = mixer(x, mask)
+        out = mixer(garbage, mask)
+        alone = mixer(x[:, :6, :8])
+    real = mask.unsqueeze(-1).expand_as(x)
+    assert torch.allclose(ref[real], out[real], atol=1e-5)
+    # Same windows over the real part as the cropped map (window 5 tiles 6x8 from the origin).
+    assert torch.allclose(ref[:, :6, :8], alone, atol=1e-5)
+
+
+def test_all_true_mask_equals_no_mask() -> None:
+    torch.manual_seed(0)
+    mixer = ClusteringMixer(16, head_dim=8, window_size=4, center_grid=(2, 2))
+    x = torch.randn(2, 8, 12, 16)
+    with torch.no_grad():
+        assert torch.allclose(mixer(x), mixer(x, torch.ones(2, 8, 12, dtype=torch.bool)),
+                              atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", DISPATCHINGS)
+def test_dispatch_shapes_and_parameters(mode: str) -> None:
+    dispatch = Dispatch(16, mode)
+    features = torch.randn(3, 10, 16)
+    centers = torch.randn(3, 4, 16, requires_grad=True)
+    out = dispatch(features, centers)
+    assert out.shape == features.shape and torch.isfinite(out).all()
+    out.sum().backward()
+    assert centers.grad is not None and centers.grad.abs().max() > 0
+    names = {name.split(".")[0] for name, _ in dispatch.named_parameters()}
+    expected = {"ours": {"alpha", "beta", "mlp"}, "none": set(), "fc": {"fc"},
+                "confidence": {"alpha", "mlp"}, "fc_similarity": {"alpha", "beta", "fc"}}
+    assert names == expected[mode]
+
+
+def test_bad_options_are_rejected() -> None:
+    with pytest.raises(ValueError, match="center_update"):
+        ClusteringMixer(16, center_update="nope")
+    with pytest.raises(ValueError, match="m_step"):
+        ClusteringMixer(16, head_dim=8, m_step="median")
+    with pytest.raises(ValueError, match="dispatching"):
+        Dispatch(16, "nope")

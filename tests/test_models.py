@@ -1,0 +1,272 @@
+"""ClusterFormer backbone, registry and ``cf models`` (timm-style model tests)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clusterformer.models import (
+    CENTER_UPDATES,
+    DISPATCHINGS,
+    ClusterFormer,
+    create_model,
+    list_models,
+    register_task,
+    registry,
+)
+
+PRESETS = ["clusterformer-nano", "clusterformer-tiny",
+           pytest.param("clusterformer-small", marks=pytest.mark.slow)]
+
+
+def _nano(**overrides: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model("clusterformer-nano", num_classes=7, **overrides)
+
+
+def _assert_all_grads(model: torch.nn.Module) -> None:
+    for name, param in model.named_parameters():
+        assert param.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(param.grad).all(), f"{name} has a non-finite gradient"
+        assert param.grad.abs().max() > 0, f"{name} has an all-zero gradient"
+
+
+def test_list_models() -> None:
+    assert list_models() == ["clusterformer-nano", "clusterformer-tiny", "clusterformer-small"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_forward_logits_at_two_sizes(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=11).eval()
+    with torch.no_grad():
+        for size in [(224, 224), (203, 317)]:
+            logits = model(torch.randn(1, 3, *size))
+            assert logits.shape == (1, 11)
+            assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_backward_reaches_every_parameter(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=5).train()
+    logits = model(torch.randn(2, 3, 224, 224))
+    torch.nn.functional.cross_entropy(logits, torch.tensor([1, 3])).backward()
+    _assert_all_grads(model)
+
+
+def test_tiny_parameter_count() -> None:
+    with torch.device("meta"):
+        model = create_model("clusterformer-tiny")
+    params = sum(p.numel() for p in model.parameters())
+    assert 28e6 <= params <= 32e6, params
+
+
+def test_nano_is_cpu_sized() -> None:
+    params = sum(p.numel() for p in create_model("clusterformer-nano").parameters())
+    assert 2e5 <= params <= 2.5e6, params
+
+
+@pytest.mark.parametrize("size", [(224, 224), (203, 317), (33, 47), (17, 23)])
+def test_forward_features_shapes_and_strides(size: tuple[int, int]) -> None:
+    model = _nano().eval()
+    assert model.feature_strides == (4, 8, 16, 32)
+    assert model.feature_channels == (32, 64, 128, 256)
+    with torch.no_grad():
+        feats, masks = model.forward_features(torch.randn(2, 3, *size), return_masks=True)
+    assert len(feats) == 4 and masks == [None] * 4
+    for feat, dim, stride in zip(feats, model.feature_channels, model.feature_strides, strict=True):
+        assert feat.shape == (2, dim, math.ceil(size[0] / stride), math.ceil(size[1] / stride))
+
+
+@settings(max_examples=8, deadline=None)
+@given(height=st.integers(1, 90), width=st.integers(1, 90))
+def test_any_size_works(height: int, width: int) -> None:
+    model = _NANO_EVAL
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, height, width))
+    assert logits.shape == (1, 7) and torch.isfinite(logits).all()
+
+
+_NANO_EVAL = _nano().eval()
+
+
+def _pad(image: torch.Tensor, height: int, width: int, fill: str = "zeros"):
+    """Images (B, 3, h, w) placed top-left on a (B, 3, height, width) canvas + its mask."""
+    batch, _, h, w = image.shape
+    shape = (batch, 3, height, width)
+    canvas = torch.zeros(shape) if fill == "zeros" else torch.randn(shape) * 5
+    canvas[..., :h, :w] = image
+    mask = torch.zeros(batch, height, width, dtype=torch.bool)
+    mask[:, :h, :w] = True
+    return canvas, mask
+
+
+@pytest.mark.parametrize("fill", ["zeros", "noise"])
+@pytest.mark.parametrize("size", [(50, 70), (203, 117), (9, 13)])
+def test_padding_invariance(size: tuple[int, int], fill: str) -> None:
+    """Bottom/right padding with a pixel mask changes nothing on the real part.
+
+    Exact (up to float rounding) by construction: padded pixels are zeroed before the stem
+    and before every stride-2 conv (what the conv's own zero padding gives the unpadded
+    image), masks are `any`-pooled, coordinates use each image's real extent, and
+    GroupNorm, window centers, clustering and the pooled head ignore masked tokens.
+    Whatever the padded pixels hold ("noise") must not matter either.
+    """
+    model = _NANO_EVAL
+    torch.manual_seed(1)
+    image = torch.randn(1, 3, *size)
+    padded, mask = _pad(image, size[0] + 37, size[1] + 61, fill)
+    with torch.no_grad():
+        ref_feats = model.forward_features(image)
+        feats, masks = model.forward_features(padded, mask, return_masks=True)
+        assert torch.allclose(model(image), model(padded, mask), atol=1e-5)
+    for ref, feat, m in zip(ref_feats, feats, masks, strict=True):
+        h, w = ref.shape[-2:]
+        assert torch.allclose(ref, feat[..., :h, :w], atol=1e-5)
+        assert m[:, :h, :w].all() and m.sum() == h * w
+        assert (feat * ~m.unsqueeze(1)).abs().max() == 0  # padded positions are zeroed
+
+
+def test_batch_of_differently_sized_images_matches_singles() -> None:
+    model = _NANO_EVAL
+    torch.manual_seed(2)
+    a, b = torch.randn(1, 3, 40, 64), torch.randn(1, 3, 72, 30)
+    pa, ma = _pad(a, 72, 64)
+    pb, mb = _pad(b, 72, 64)
+    with torch.no_grad():
+        batched = model(torch.cat([pa, pb]), torch.cat([ma, mb]))
+        singles = torch.cat([model(a), model(b)])
+    assert torch.allclose(batched, singles, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"center_update": c} for c in CENTER_UPDATES]
+    + [{"dispatching": d} for d in DISPATCHINGS]
+    + [{"m_step": "mean"}, {"num_iters": 1, "head_dim": 16}, {"head_pool": "concat"},
+       {"window_size": 4, "center_grid": [2, 2]}],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_ablation_options_train(options: dict) -> None:
+    model = _nano(**options).train()
+    images = torch.randn(2, 3, 48, 56)
+    mask = torch.ones(2, 48, 56, dtype=torch.bool)
+    mask[1, 30:, :] = False
+    logits = model(images, mask)
+    assert logits.shape == (2, 7) and torch.isfinite(logits).all()
+    logits.square().mean().backward()
+    _assert_all_grads(model)
+
+
+def test_drop_path_is_stochastic_in_training_only() -> None:
+    model = _nano(drop_path_rate=0.5, layer_scale_init=1.0)
+    rates = [blk.drop_path.rate for stage in model.stages for blk in stage]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.5) and rates == sorted(rates)
+    images = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(3)
+    outs = [model.train()(images) for _ in range(4)]
+    assert any(not torch.allclose(outs[0], o) for o in outs[1:])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(images), model(images))
+
+
+def test_head_variants() -> None:
+    concat = _nano(head_pool="concat")
+    assert concat.num_features == sum(concat.feature_channels)
+    features = create_model("clusterformer-nano", num_classes=0)
+    with torch.no_grad():
+        assert features(torch.randn(2, 3, 32, 32)).shape == (2, 256)
+        feats = concat.forward_features(torch.randn(2, 3, 32, 32))
+        assert concat.forward_head(feats).shape == (2, 7)
+        assert concat.forward_head(feats, pre_logits=True).shape == (2, 480)
+
+
+def test_compiles_without_graph_breaks() -> None:
+    """Dynamo traces the whole model as one graph (backend "eager": no codegen, fast)."""
+    torch._dynamo.reset()
+    model = _NANO_EVAL
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    images, mask = _pad(torch.randn(1, 3, 40, 50), 48, 64)
+    with torch.no_grad():
+        assert torch.allclose(compiled(images, mask), model(images, mask), atol=1e-5)
+        assert torch.allclose(compiled(images), model(images), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_inductor_compile_matches_eager() -> None:
+    torch._dynamo.reset()
+    model = _NANO_EVAL
+    compiled = torch.compile(model, fullgraph=True)
+    images, mask = _pad(torch.randn(2, 3, 40, 50), 48, 64)
+    with torch.no_grad():
+        assert torch.allclose(compiled(images, mask), model(images, mask), atol=1e-4)
+
+
+def test_model_config_rebuilds_the_model() -> None:
+    model = create_model("clusterformer-nano", num_classes=3, center_grid=[2, 2], m_step="mean")
+    config = json.loads(json.dumps(model.model_config))
+    assert config == {"name": "clusterformer-nano", "task": "classification", "num_classes": 3,
+                      "center_grid": [2, 2], "m_step": "mean"}
+    rebuilt = create_model(**config)
+    rebuilt.load_state_dict(model.state_dict())
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(images), model.eval()(images))
+    assert model.default_cfg["mean"] == (0.485, 0.456, 0.406)
+    assert model.default_cfg["input_size"] == (3, 224, 224)
+    assert isinstance(model, ClusterFormer)
+
+
+def test_task_builders_are_pluggable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task without a builder says so; registering one makes create_model use it."""
+    builders = {task: fn for task, fn in registry.TASK_BUILDERS.items() if task != "panoptic"}
+    monkeypatch.setattr(registry, "TASK_BUILDERS", builders)  # restored after the test
+    with pytest.raises(ValueError, match="panoptic head is not available yet"):
+        create_model("clusterformer-nano", task="panoptic")
+    register_task("panoptic", lambda num_classes, **options: ClusterFormer(
+        num_classes=num_classes + 1, **options))
+    model = create_model("clusterformer-nano", task="panoptic", num_classes=4)
+    assert model.num_classes == 5 and model.model_config["task"] == "panoptic"
+    with pytest.raises(ValueError, match="unknown task"):
+        register_task("captioning", ClusterFormer)
+
+
+def test_create_model_errors() -> None:
+    with pytest.raises(ValueError, match="clusterformer-nano.*clusterformer-tiny"):
+        create_model("clusterformer-huge")
+    with pytest.raises(ValueError, match="unknown task"):
+        create_model("clusterformer-nano", task="captioning")
+    with pytest.raises(TypeError, match="windw_size"):
+        create_model("clusterformer-nano", windw_size=7)
+    with pytest.raises(ValueError, match="center_update"):
+        create_model("clusterformer-nano", center_update="spectral")
+    with pytest.raises(ValueError, match="dispatching"):
+        create_model("clusterformer-nano", dispatching="magic")
+    with pytest.raises(ValueError, match="head_dim"):
+        create_model("clusterformer-nano", head_dim=24)
+    with pytest.raises(ValueError, match="num_classes"):
+        create_model("clusterformer-nano", num_classes=-1)
+
+
+def test_cf_models_cli() -> None:
+    run = [sys.executable, "-m", "clusterformer.cli", "models"]
+    table = subprocess.run(run + ["--image-size", "64"], capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    for name in list_models():
+        assert name in table.stdout
+    assert "GFLOPs @64" in table.stdout and "matmul+conv" in table.stdout
+    out = subprocess.run(run + ["--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = {row["name"]: row for row in json.loads(out.stdout)}
+    assert list(rows) == list_models()
+    tiny = rows["clusterformer-tiny"]
+    assert 28 <= tiny["params_m"] <= 32 and tiny["depths"] == [2, 2, 6, 2]
+    assert 0 < rows["clusterformer-nano"]["gflops"] < tiny["gflops"] < rows["clusterformer-small"]["gflops"]
