@@ -25,13 +25,10 @@ def test_window_partition_round_trip(height: int, width: int, window: int) -> No
     nh, nw = -(-height // window), -(-width // window)
     assert grid == (nh, nw) and tokens.shape == (2, nh * nw, window * window, 3)
     assert torch.equal(window_merge(tokens, grid, (height, width)), x)
-    if height % window or width % window:
-        assert mask is not None and int(mask.sum()) == 2 * height * width
-        # The window mask marks exactly the real tokens.
-        marked = window_merge(mask.flatten(-2).unsqueeze(-1).float(), grid, (height, width))
-        assert marked.all()
-    else:
-        assert mask is None
+    # The window mask marks exactly the real tokens (all of them when nothing is padded).
+    assert int(mask.sum()) == 2 * height * width
+    marked = window_merge(mask.flatten(-2).unsqueeze(-1).float(), grid, (height, width))
+    assert marked.all()
 
 
 @pytest.mark.parametrize("center_update", list(CENTER_UPDATES))

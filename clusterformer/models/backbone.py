@@ -187,9 +187,9 @@ class ClusterFormer(nn.Module):
         mask = pixel_mask
         if mask is not None:
             x = zero_padding(x, mask)
-        pad_h, pad_w = (-height) % 4, (-width) % 4
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        # Unconditional (a zero-width pad is a no-op): branching on the size would make
+        # torch.export specialise the graph to one residue of H and W modulo 4.
+        x = F.pad(x, (0, (-width) % 4, 0, (-height) % 4))
         x = self.stem(x)
         mask = downsample_mask(mask, 4)
         features: list[Tensor] = []

@@ -64,16 +64,17 @@ def window_partition(
         window: window side in tokens.
 
     Returns:
-        tokens ``(B, nW, window * window, C)``, window mask ``(B, nW, window, window)`` or
-        ``None`` when nothing is padded, and the window grid ``(nh, nw)``.
+        tokens ``(B, nW, window * window, C)``, window mask ``(B, nW, window, window)`` (all
+        ``True`` when nothing is padded), and the window grid ``(nh, nw)``.
     """
     batch, height, width, dim = x.shape
     pad_h, pad_w = (-height) % window, (-width) % window
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        if mask is None:
-            mask = torch.ones(batch, height, width, dtype=torch.bool, device=x.device)
-        mask = F.pad(mask, (0, pad_w, 0, pad_h), value=False)
+    # Pad and mask unconditionally: a Python branch on the padding would make torch.export
+    # specialise the graph to one residue of the map size modulo the window.
+    x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    if mask is None:
+        mask = torch.ones(batch, height, width, dtype=torch.bool, device=x.device)
+    mask = F.pad(mask, (0, pad_w, 0, pad_h), value=False)
     nh, nw = (height + pad_h) // window, (width + pad_w) // window
     tokens = x.reshape(batch, nh, window, nw, window, dim).permute(0, 1, 3, 2, 4, 5)
     tokens = tokens.reshape(batch, nh * nw, window * window, dim)

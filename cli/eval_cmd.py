@@ -1,0 +1,241 @@
+"""``cf eval``: score a checkpoint on a dataset, or score saved predictions without a model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from clusterformer.cli.errors import UserError
+
+TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_command(
+        data: Path = typer.Option(
+            ...,
+            "--data",
+            help="Evaluation data: a shard folder (dataset.json) or a raw dataset folder.",
+        ),
+        ckpt: Path | None = typer.Option(
+            None, "--ckpt", help="A run folder or a .safetensors checkpoint to evaluate."
+        ),
+        task: str | None = typer.Option(
+            None, "--task", help="With --predictions: the task of the predictions."
+        ),
+        predictions: Path | None = typer.Option(
+            None,
+            "--predictions",
+            help="Score this prediction file instead of a model (classification: JSON of image key -> class id, or key -> list of class ids best first).",
+        ),
+        out: Path | None = typer.Option(None, "--out", help="Write the metrics as JSON here."),
+        batch_size: int = typer.Option(32, "--batch-size", help="Images per batch."),
+        image_size: int | None = typer.Option(
+            None,
+            "--image-size",
+            help="Evaluation crop size (default: the checkpoint's training size).",
+        ),
+        device: str | None = typer.Option(
+            None, "--device", help="cpu, cuda or cuda:N (default: CUDA when available)."
+        ),
+        amp: str = typer.Option(
+            "none", "--amp", help="Mixed precision for inference: bf16, fp16 (CUDA) or none."
+        ),
+        num_workers: int = typer.Option(0, "--num-workers", help="Data loading worker processes."),
+    ) -> None:
+        """Evaluate a checkpoint (--ckpt) or a prediction file (--task T --predictions PATH) on --data.
+
+        Prints a table and, with --out, writes JSON (classification: top1, top5 in percent;
+        top5 is top-min(5, C) when the dataset has fewer than 5 classes).
+        """
+        if (ckpt is None) == (predictions is None):
+            raise UserError(
+                "give exactly one of --ckpt (evaluate a model) or --predictions (score a file)"
+            )
+        if not data.exists():
+            raise FileNotFoundError(f"{data}: evaluation data not found")
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+        if predictions is not None:
+            if task is None:
+                raise UserError("--predictions needs --task")
+            metrics = _score_predictions(task, predictions, data, num_workers)
+            title = f"{task} predictions {predictions}"
+        else:
+            metrics = _evaluate_checkpoint(
+                ckpt, data, batch_size, image_size, device, amp, num_workers, task
+            )
+            title = f"{metrics.pop('_task')} checkpoint {ckpt}"
+        _print_table(title, metrics)
+        if out is not None:
+            from clusterformer.engine.checkpoint import atomic_write_text
+
+            atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")
+            typer.echo(f"wrote {out}")
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise UserError(f"--task must be one of {', '.join(TASKS)}, got '{task}'")
+    if task != "classification":
+        raise UserError(
+            f"evaluation for task '{task}' arrives in a later release; only classification is available now"
+        )
+
+
+def _evaluate_checkpoint(
+    ckpt: Path,
+    data: Path,
+    batch_size: int,
+    image_size: int | None,
+    device: str | None,
+    amp: str,
+    num_workers: int,
+    task_flag: str | None,
+) -> dict[str, Any]:
+    from clusterformer.data import build_loader, load_dataset_info
+    from rich.progress import Progress
+
+    from clusterformer.engine.distributed import pick_device
+    from clusterformer.engine.evaluate import evaluate, load_model_from_checkpoint
+
+    dev = pick_device(device)
+    model, task, meta = load_model_from_checkpoint(ckpt, dev)
+    if task_flag is not None and task_flag != task.name:
+        raise UserError(f"--task {task_flag} does not match the checkpoint's task '{task.name}'")
+    info = load_dataset_info(str(data))
+    _check_categories(meta.get("categories") or [], info.get("categories") or [], ckpt, data)
+    size = image_size or int(meta.get("image_size") or 224)
+    loader = build_loader(
+        str(data),
+        task.name,
+        batch_size=batch_size,
+        image_size=size,
+        train=False,
+        num_workers=num_workers,
+        rank=0,
+        world_size=1,
+    )
+    with Progress(transient=True) as progress:
+        bar = progress.add_task("eval", total=len(loader))
+
+        def ticks():
+            while True:
+                progress.advance(bar)
+                yield None
+
+        metrics = evaluate(
+            model,
+            task,
+            loader,
+            num_classes=len(info["categories"]),
+            device=dev,
+            amp=amp,
+            categories=info["categories"],
+            progress=ticks(),
+        )
+    return {**metrics, "step": meta.get("step"), "image_size": size, "_task": task.name}
+
+
+def _check_categories(trained: list[dict], data_cats: list[dict], ckpt: Path, data: Path) -> None:
+    names_trained = [c.get("name") for c in trained]
+    names_data = [c.get("name") for c in data_cats]
+    if names_trained and names_trained != names_data:
+        raise UserError(
+            f"{data}: categories {names_data[:5]}... differ from the checkpoint's "
+            f"{names_trained[:5]}... ({ckpt}); evaluate on data with the same classes"
+        )
+
+
+def _score_predictions(
+    task: str, predictions: Path, data: Path, num_workers: int
+) -> dict[str, Any]:
+    _check_task(task)
+    import torch
+    from clusterformer.data import build_loader, load_dataset_info
+
+    from clusterformer.metrics.topk import TopKAccumulator
+
+    if not predictions.is_file():
+        raise FileNotFoundError(f"{predictions}: predictions file not found")
+    try:
+        preds = json.loads(predictions.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{predictions}: not valid JSON ({exc})") from None
+    if not isinstance(preds, dict):
+        raise UserError(f"{predictions}: expected a JSON object of image key -> class id")
+    categories = load_dataset_info(str(data))["categories"]
+    to_train = {int(c["id"]): int(c["train_id"]) for c in categories}
+    by_name = {str(c["name"]): int(c["train_id"]) for c in categories}
+    acc = TopKAccumulator((1, 5), num_classes=len(categories))
+    # The labels come with the images; a tiny eval size keeps decoding cheap.
+    loader = build_loader(
+        str(data),
+        "classification",
+        batch_size=64,
+        image_size=8,
+        train=False,
+        num_workers=num_workers,
+        rank=0,
+        world_size=1,
+    )
+    seen = 0
+    for batch in loader:
+        valid = batch.get("valid", [True] * len(batch["keys"]))
+        rows, labels = [], []
+        for key, label, ok in zip(batch["keys"], batch["labels"].tolist(), valid, strict=True):
+            if not ok:
+                continue
+            if key not in preds:
+                raise UserError(f"{predictions}: no prediction for image '{key}' of {data}")
+            rows.append(_ranked_ids(preds[key], key, to_train, by_name, predictions))
+            labels.append(label)
+        if rows:
+            width = max(len(r) for r in rows)
+            ranked = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int64)
+            acc.update_ranked(ranked, torch.tensor(labels, dtype=torch.int64))
+            seen += len(rows)
+    metrics = acc.compute()
+    extra = len(preds) - seen
+    if extra > 0:
+        metrics["unmatched_predictions"] = extra
+    return metrics
+
+
+def _ranked_ids(
+    value: Any, key: str, to_train: dict[int, int], by_name: dict[str, int], path: Path
+) -> list[int]:
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int | str):
+            raise UserError(
+                f"{path}: prediction for '{key}' must be a class id, a class name or a list of them"
+            )
+        if isinstance(item, str):
+            if item not in by_name:
+                raise UserError(f"{path}: prediction for '{key}' names unknown class '{item}'")
+            out.append(by_name[item])
+        elif item in to_train:
+            out.append(to_train[item])
+        else:
+            raise UserError(f"{path}: prediction for '{key}' has unknown class id {item}")
+    if not out:
+        raise UserError(f"{path}: prediction for '{key}' is empty")
+    return out
+
+
+def _print_table(title: str, metrics: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    Console().print(title)
+    table = Table()
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
+    Console().print(table)

@@ -1,0 +1,122 @@
+"""Evaluation: run a model over a loader through its Task, and rebuild models from checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from clusterformer.engine.checkpoint import load_weights, read_metadata, resolve_checkpoint
+from clusterformer.tasks import Task, get_task
+
+IMAGENET_NORMALISATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor inside nested dicts / lists / tuples to ``device`` (new containers)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context for ``amp`` in {"bf16", "fp16", "none"} on ``device``."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError(
+            "--amp fp16 needs a CUDA device (it trains with a gradient scaler); "
+            "use --amp bf16 or --amp none on CPU"
+        )
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    task: Task,
+    batches: Iterable[dict[str, Any]],
+    *,
+    num_classes: int,
+    device: torch.device,
+    amp: str = "none",
+    categories: list[dict] | None = None,
+    progress: Iterator | None = None,
+) -> dict[str, float]:
+    """Task metrics of ``model`` over ``batches`` (this rank's share; reduced across ranks).
+
+    Args:
+        batches: loader batches (``images`` (B, 3, H, W), ``pixel_mask`` (B, H, W), targets).
+    """
+    was_training = model.training
+    model.eval()
+    evaluator = task.evaluator(num_classes, categories)
+    try:
+        for batch in batches:
+            batch = to_device(batch, device)
+            with autocast(amp, device):
+                outputs = task.forward(model, batch)
+            evaluator.update(task.postprocess(outputs, batch), batch)
+            if progress is not None:
+                next(progress, None)
+    finally:
+        model.train(was_training)
+    return evaluator.compute()
+
+
+def checkpoint_metadata(
+    module: nn.Module,
+    task: Task,
+    *,
+    categories: list[dict],
+    image_size: int,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What ``cf eval`` / ``cf predict`` need to rebuild and run the model from weights alone."""
+    default_cfg = getattr(module, "default_cfg", {}) or {}
+    normalisation = {
+        "mean": list(default_cfg.get("mean", IMAGENET_NORMALISATION["mean"])),
+        "std": list(default_cfg.get("std", IMAGENET_NORMALISATION["std"])),
+    }
+    model_config = getattr(module, "model_config", None)
+    if model_config is None:
+        raise ValueError(f"{type(module).__name__} has no model_config; cannot checkpoint it")
+    return {
+        "model_config": model_config,
+        "task": task.name,
+        "task_config": task.config(),
+        "categories": categories,
+        "image_size": image_size,
+        "normalisation": normalisation,
+        **(extra or {}),
+    }
+
+
+def load_model_from_checkpoint(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, Task, dict[str, Any]]:
+    """Rebuild the model and task stored in a checkpoint (run folder or ``.safetensors``).
+
+    Returns:
+        (model in eval mode on ``device``, task, decoded metadata).
+    """
+    from clusterformer.models import create_model
+
+    weights = resolve_checkpoint(path)
+    meta = read_metadata(weights)
+    for key in ("model_config", "task"):
+        if key not in meta:
+            raise ValueError(f"{weights}: checkpoint metadata lacks '{key}'")
+    task = get_task(meta["task"], **(meta.get("task_config") or {}))
+    model = create_model(**meta["model_config"])
+    load_weights(model, weights)
+    return model.to(device).eval(), task, meta

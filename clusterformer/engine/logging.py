@@ -1,0 +1,170 @@
+"""Run logging: RUN/metrics.jsonl, optional TensorBoard, and progress on the terminal.
+
+Only rank 0 logs. On a TTY a rich progress bar shows step, loss, lr, img/s and ETA;
+otherwise (CI, files, pipes) plain lines are printed every ``log_every`` steps.
+TensorBoard scalars are written only when ``torch.utils.tensorboard`` imports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep the line parseable
+    return value
+
+
+class RunLogger:
+    """Writes metrics for one run. Use as a context manager (closes files and the bar).
+
+    Args:
+        run_dir: the run folder (``metrics.jsonl`` goes here).
+        total_steps: for the progress bar and ETA.
+        enabled: False on ranks other than 0 (then every method is a no-op).
+        start_step: the step a resumed run starts at.
+        stream: where plain lines go (stderr by default); a TTY gets a rich bar.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        *,
+        enabled: bool = True,
+        start_step: int = 0,
+        stream: TextIO | None = None,
+        tensorboard: bool = True,
+    ) -> None:
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.stream = stream or sys.stderr
+        self._file = None
+        self._tb = None
+        self._progress = None
+        self._task_id = None
+        self._t0 = time.perf_counter()
+        self._start_step = start_step
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                SummaryWriter = None  # noqa: N806
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if self.stream.isatty():
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                transient=False,
+            )
+            self._progress.start()
+            self._task_id = self._progress.add_task(
+                "train", total=total_steps, completed=start_step, info=""
+            )
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one JSON line (must contain ``step``) and mirror numbers to TensorBoard."""
+        if not self.enabled or self._file is None:
+            return
+        clean = {k: _jsonable(v) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            prefix = "val" if record.get("split") == "val" else "train"
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def log_train(self, step: int, scalars: dict[str, float], *, show: bool = True) -> None:
+        """Record training scalars at ``step`` and update the bar or print a line."""
+        if not self.enabled:
+            return
+        self.write({"step": step, "split": "train", **scalars})
+        if show:
+            self.show(step, scalars)
+
+    def show(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        info = "  ".join(_fmt(k, scalars[k]) for k in ("loss", "lr", "img_per_s") if k in scalars)
+        if self._progress is not None:
+            self._progress.update(self._task_id, completed=step, info=info)
+            return
+        done = step - self._start_step
+        elapsed = time.perf_counter() - self._t0
+        eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
+        print(
+            f"step {step}/{self.total_steps}  {info}  eta {_fmt_time(eta)}",
+            file=self.stream,
+            flush=True,
+        )
+
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.write({"step": step, "split": "val", **metrics})
+        text = "  ".join(_fmt(k, v) for k, v in metrics.items())
+        self.message(f"eval @ step {step}: {text}")
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.console.print(text)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _fmt(key: str, value: Any) -> str:
+    if isinstance(value, float):
+        if key == "lr":
+            return f"{key} {value:.2e}"
+        return f"{key} {value:.4g}" if key != "img_per_s" else f"img/s {value:.1f}"
+    return f"{key} {value}"
+
+
+def _fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h:d}:{m:02d}:{s:02d}"

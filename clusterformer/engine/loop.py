@@ -1,0 +1,375 @@
+"""The training loop, the same for every task and every launch (1 CPU .. many nodes).
+
+``train(cfg)`` builds data, model and optimizer from a :class:`TrainConfig`, optionally
+resumes, then repeats :func:`~clusterformer.engine.step.train_step`, logging, evaluating
+and checkpointing on schedule. It knows nothing task-specific: the Task object does.
+SIGTERM / SIGINT make it save a checkpoint and raise :class:`TrainingInterrupted`.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from clusterformer.engine import checkpoint as ckpt
+from clusterformer.engine.config import TrainConfig
+from clusterformer.engine.distributed import (
+    DistEnv,
+    any_rank,
+    barrier,
+    cleanup_distributed,
+    gather_objects,
+    mean_across_ranks,
+    setup_distributed,
+)
+from clusterformer.engine.evaluate import checkpoint_metadata, evaluate
+from clusterformer.engine.logging import RunLogger
+from clusterformer.engine.optim import Schedule, build_optimizer
+from clusterformer.engine.signals import StopFlag, TrainingInterrupted
+from clusterformer.engine.step import ModelEma, TrainState, make_scaler, train_step
+from clusterformer.tasks import Task, get_task
+
+# Batch-level transforms a recipe may ask for that the data pipeline does not offer yet.
+UNSUPPORTED_TRANSFORMS = ("rand_augment", "random_erasing")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = False
+
+
+def _resolve_amp(cfg: TrainConfig, env: DistEnv) -> str:
+    amp = cfg.amp or ("bf16" if env.device.type == "cuda" else "none")
+    make_scaler(amp, env.device)  # fail early with a clear message (fp16 on CPU)
+    return amp
+
+
+def _build_loaders(cfg: TrainConfig, env: DistEnv) -> tuple[Any, Any | None]:
+    from clusterformer.data import build_loader
+
+    common = {"rank": env.rank, "world_size": env.world_size, "num_workers": cfg.num_workers}
+    train_loader = build_loader(
+        cfg.data,
+        cfg.task,
+        batch_size=cfg.batch_size,
+        image_size=cfg.image_size,
+        train=True,
+        seed=cfg.seed,
+        **common,
+    )
+    val_loader = None
+    if cfg.val_data:
+        val_loader = build_loader(
+            cfg.val_data,
+            cfg.task,
+            batch_size=cfg.batch_size,
+            image_size=cfg.image_size,
+            train=False,
+            seed=cfg.seed,
+            **common,
+        )
+    return train_loader, val_loader
+
+
+def _plan(cfg: TrainConfig, batches_per_epoch: int, world_size: int) -> dict[str, Any]:
+    steps_per_epoch = max(batches_per_epoch // cfg.accum_steps, 1)
+    if cfg.steps is not None:
+        total = cfg.steps
+    elif cfg.epochs is not None:
+        total = max(round(cfg.epochs * steps_per_epoch), 1)
+    else:
+        raise ValueError("give --steps or --epochs (or a --recipe that sets one)")
+    if cfg.warmup_steps is not None:
+        warmup = cfg.warmup_steps
+    elif cfg.warmup_epochs is not None:
+        warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    else:
+        warmup = 0
+    global_batch = cfg.batch_size * world_size * cfg.accum_steps
+    lr = cfg.lr * global_batch / cfg.lr_base_batch if cfg.lr_base_batch else cfg.lr
+    return {
+        "total_steps": total,
+        "warmup_steps": min(warmup, max(total - 1, 0)),
+        "steps_per_epoch": steps_per_epoch,
+        "global_batch": global_batch,
+        "lr_effective": lr,
+    }
+
+
+def _training_state(state: TrainState, env: DistEnv) -> dict[str, Any]:
+    rngs = gather_objects(ckpt.rng_state(), env)  # collective: every rank calls this
+    out: dict[str, Any] = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "batches_in_epoch": state.batches_in_epoch,
+        "world_size": env.world_size,
+        "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+        "rng": rngs,
+    }
+    if state.ema is not None:  # the safetensors file then holds the EMA weights
+        out["model"] = state.module.state_dict()
+    return out
+
+
+def _save(
+    state: TrainState, env: DistEnv, run_dir: Path, meta: dict, cfg: TrainConfig, periodic: bool
+) -> Path:
+    payload = _training_state(state, env)
+    path = run_dir / "checkpoints" / "last.safetensors"
+    if env.is_main:
+        weights = state.ema.module if state.ema is not None else state.module
+        path = ckpt.save_checkpoint(
+            run_dir / "checkpoints",
+            weights=weights,
+            metadata=meta,
+            state=payload,
+            step=state.step,
+            periodic=periodic,
+            keep_last=cfg.keep_last,
+        )
+    barrier(env)
+    return path
+
+
+def _resume(state: TrainState, env: DistEnv, run_dir: Path) -> bool:
+    found = ckpt.find_resumable(run_dir / "checkpoints")
+    if found is None:
+        return False
+    weights, saved = found
+    ckpt.load_weights(state.ema.module if state.ema is not None else state.module, weights)
+    if state.ema is not None:
+        if "model" not in saved:
+            raise ValueError(f"{weights}: saved without EMA; resume it without EMA")
+        state.module.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    if state.scaler is not None and saved.get("scaler"):
+        state.scaler.load_state_dict(saved["scaler"])
+    state.step, state.epoch = int(saved["step"]), int(saved["epoch"])
+    state.batches_in_epoch = int(saved["batches_in_epoch"])
+    rngs = saved.get("rng") or []
+    if env.rank < len(rngs):
+        ckpt.set_rng_state(rngs[env.rank])
+    return True
+
+
+def _wrap(module: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Module:
+    model: nn.Module = module
+    if env.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        model = DistributedDataParallel(module, device_ids=ids)
+    if cfg.compile:
+        model = torch.compile(model)
+    return model
+
+
+def _write_config(
+    run_dir: Path, cfg: TrainConfig, plan: dict, env: DistEnv, amp: str, extra: dict
+) -> None:
+    missing = [name for name in UNSUPPORTED_TRANSFORMS if getattr(cfg, name)]
+    resolved = {
+        **cfg.to_dict(),
+        **plan,
+        "amp": amp,
+        "world_size": env.world_size,
+        "device": str(env.device),
+        "transforms_missing": missing,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        **extra,
+    }
+    ckpt.atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=2) + "\n")
+
+
+def train(
+    cfg: TrainConfig, *, task: Task | None = None, handle_signals: bool = True
+) -> TrainResult:
+    """Run the training ``cfg`` describes; returns the final step, checkpoint and metrics.
+
+    Raises:
+        TrainingInterrupted: SIGTERM/SIGINT arrived; a checkpoint was saved first.
+        ValueError / FileNotFoundError: bad configuration or data.
+    """
+    from clusterformer.data import load_dataset_info
+
+    run_dir = Path(cfg.out)
+    env = setup_distributed(cfg.device)
+    stop = StopFlag()
+    try:
+        seed_everything(cfg.seed)  # same init on every rank
+        amp = _resolve_amp(cfg, env)
+        if task is None:
+            task = get_task(
+                cfg.task,
+                label_smoothing=cfg.label_smoothing,
+                mixup_alpha=cfg.mixup_alpha,
+                cutmix_alpha=cfg.cutmix_alpha,
+            )
+        info = load_dataset_info(cfg.data)
+        categories = info["categories"]
+        num_classes = len(categories)
+        if (run_dir / "checkpoints" / "last.safetensors").exists() and not cfg.resume:
+            raise ValueError(
+                f"{run_dir} already holds a checkpoint; pass --resume to continue "
+                "it or choose another --out"
+            )
+        module = task.build_model(cfg.model, num_classes, **cfg.model_overrides).to(env.device)
+        train_loader, val_loader = _build_loaders(cfg, env)
+        if len(train_loader) == 0:
+            raise ValueError(
+                f"{cfg.data}: fewer samples than one batch of {cfg.batch_size} per process"
+            )
+        plan = _plan(cfg, len(train_loader), env.world_size)
+        optimizer = build_optimizer(
+            module,
+            lr=plan["lr_effective"],
+            weight_decay=cfg.weight_decay,
+            backbone_lr_mult=cfg.backbone_lr_mult,
+        )
+        schedule = Schedule(
+            plan["total_steps"],
+            plan["warmup_steps"],
+            cfg.schedule,
+            cfg.min_lr_ratio,
+            cfg.poly_power,
+        )
+        state = TrainState(
+            model=module,
+            module=module,
+            optimizer=optimizer,
+            schedule=schedule,
+            device=env.device,
+            amp=amp,
+            grad_clip=cfg.grad_clip,
+            scaler=make_scaler(amp, env.device),
+            ema=ModelEma(module, cfg.ema_decay) if cfg.ema_decay else None,
+        )
+        resumed = cfg.resume and _resume(state, env, run_dir)
+        if not resumed:  # a resumed run restored its RNG; else give each rank its own stream
+            seed_everything(cfg.seed + env.rank + 1)
+        state.model = _wrap(module, cfg, env)
+        meta = checkpoint_metadata(
+            module,
+            task,
+            categories=categories,
+            image_size=cfg.image_size,
+            extra={"model_name": cfg.model, "num_classes": num_classes},
+        )
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_config(
+                run_dir,
+                cfg,
+                plan,
+                env,
+                amp,
+                {"num_classes": num_classes, "resumed_from_step": state.step if resumed else None},
+            )
+        if handle_signals:
+            stop.install()
+        metrics: dict[str, float] = {}
+        total = plan["total_steps"]
+        last_path: Path | None = None
+        with RunLogger(run_dir, total, enabled=env.is_main, start_step=state.step) as log:
+            missing = [n for n in UNSUPPORTED_TRANSFORMS if getattr(cfg, n)]
+            if missing:
+                log.message(
+                    f"note: the data transforms do not provide {', '.join(missing)} "
+                    "yet; training without them"
+                )
+            if resumed:
+                log.message(
+                    f"resumed {run_dir} at step {state.step} (epoch {state.epoch}, "
+                    f"batch {state.batches_in_epoch})"
+                )
+            images_seen, t_last = 0, time.perf_counter()
+            while state.step < total:
+                train_loader.set_epoch(state.epoch)
+                group: list[dict] = []
+                for index, batch in enumerate(train_loader):
+                    if index < state.batches_in_epoch:
+                        continue  # resume mid-epoch: skip what the saved run consumed
+                    group.append(batch)
+                    if len(group) < cfg.accum_steps:
+                        continue
+                    scalars = train_step(state, task, group)
+                    state.batches_in_epoch = index + 1
+                    images_seen += sum(b["images"].shape[0] for b in group) * env.world_size
+                    group = []
+                    if state.step % cfg.log_every == 0 or state.step == total:
+                        now = time.perf_counter()
+                        scalars = mean_across_ranks(scalars, env)
+                        scalars["img_per_s"] = images_seen / max(now - t_last, 1e-9)
+                        scalars["epoch"] = state.epoch
+                        images_seen, t_last = 0, now
+                        log.log_train(state.step, scalars)
+                    if (
+                        val_loader is not None
+                        and cfg.eval_every
+                        and state.step % cfg.eval_every == 0
+                        and state.step < total
+                    ):
+                        metrics = _run_eval(state, task, val_loader, num_classes, categories, log)
+                        t_last = time.perf_counter()
+                    if cfg.save_every and state.step % cfg.save_every == 0:
+                        last_path = _save(state, env, run_dir, meta, cfg, periodic=True)
+                    if any_rank(stop.signum is not None, env):
+                        path = _save(state, env, run_dir, meta, cfg, periodic=False)
+                        log.message(f"stopping on signal at step {state.step}; checkpoint {path}")
+                        raise TrainingInterrupted(stop.signum or signal.SIGTERM, state.step, path)
+                    if state.step >= total:
+                        break
+                else:
+                    state.epoch += 1
+                    state.batches_in_epoch = 0
+            last_path = _save(state, env, run_dir, meta, cfg, periodic=False)
+            if val_loader is not None:
+                metrics = _run_eval(state, task, val_loader, num_classes, categories, log)
+        return TrainResult(run_dir, state.step, last_path, metrics)
+    finally:
+        stop.restore()
+        cleanup_distributed(env)
+
+
+def _run_eval(
+    state: TrainState,
+    task: Task,
+    loader: Any,
+    num_classes: int,
+    categories: list[dict],
+    log: RunLogger,
+) -> dict[str, float]:
+    model = state.ema.module if state.ema is not None else state.module
+    metrics = evaluate(
+        model,
+        task,
+        loader,
+        num_classes=num_classes,
+        device=state.device,
+        amp=state.amp,
+        categories=categories,
+    )
+    log.log_eval(state.step, metrics)
+    return metrics

@@ -1,0 +1,134 @@
+"""One optimizer step, independent of data loading: the unit the distributed test drives.
+
+``train_step`` runs forward/backward over a group of micro-batches (gradient accumulation),
+clips, steps the optimizer (through a GradScaler for fp16), updates the EMA and advances
+the step counter. Under DDP the gradients are all-reduced on the last micro-batch only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from clusterformer.engine.evaluate import autocast, to_device
+from clusterformer.engine.optim import Schedule, set_lr
+from clusterformer.tasks.base import Task
+
+
+class ModelEma:
+    """Exponential moving average of a module's floating-point weights and buffers."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(module).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        current = module.state_dict()
+        for name, ema_value in self.module.state_dict().items():
+            value = current[name].detach()
+            if ema_value.dtype.is_floating_point:
+                ema_value.lerp_(value.to(ema_value.dtype), 1.0 - self.decay)
+            else:
+                ema_value.copy_(value)
+
+
+@dataclass
+class TrainState:
+    """What changes while training. ``model`` is what forward runs on (possibly DDP- or
+    compile-wrapped); ``module`` is the plain model whose weights are saved."""
+
+    model: nn.Module
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    device: torch.device
+    amp: str = "none"
+    grad_clip: float | None = None
+    scaler: torch.amp.GradScaler | None = None
+    ema: ModelEma | None = None
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+
+
+def make_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 on CUDA; None otherwise (bf16 and fp32 need none)."""
+    if amp != "fp16":
+        return None
+    if device.type != "cuda":
+        raise ValueError(
+            "--amp fp16 needs a CUDA device (it trains with a gradient scaler); "
+            "use --amp bf16 or --amp none on CPU"
+        )
+    return torch.amp.GradScaler("cuda")
+
+
+def _find_ddp(model: nn.Module) -> DistributedDataParallel | None:
+    inner = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    return inner if isinstance(inner, DistributedDataParallel) else None
+
+
+def train_step(
+    state: TrainState,
+    task: Task,
+    micro_batches: Sequence[dict[str, Any]],
+    *,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """One optimizer step over ``micro_batches`` (each a loader batch; losses are averaged).
+
+    Returns:
+        logged scalars: the task's (averaged over micro-batches), ``lr``, ``grad_norm``.
+    Raises:
+        FloatingPointError: the loss is not finite (without fp16's scaler to skip the step).
+    """
+    if not micro_batches:
+        raise ValueError("train_step needs at least one micro-batch")
+    lr = set_lr(state.optimizer, state.schedule, state.step)
+    state.model.train()
+    state.optimizer.zero_grad(set_to_none=True)
+    ddp = _find_ddp(state.model)
+    n = len(micro_batches)
+    totals: dict[str, float] = {}
+    for i, batch in enumerate(micro_batches):
+        batch = task.augment(to_device(batch, state.device), generator)
+        last = i == n - 1
+        sync = contextlib.nullcontext() if ddp is None or last else ddp.no_sync()
+        with sync:
+            with autocast(state.amp, state.device):
+                outputs = task.forward(state.model, batch)
+            loss, scalars = task.loss(outputs, batch)
+            if not math.isfinite(float(loss.detach())) and state.scaler is None:
+                raise FloatingPointError(
+                    f"loss is {float(loss.detach())} at step {state.step}; lower --lr, "
+                    "enable gradient clipping or use --amp none"
+                )
+            scaled = loss / n
+            (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
+        for key, value in scalars.items():
+            totals[key] = totals.get(key, 0.0) + value / n
+    if state.scaler is not None:
+        state.scaler.unscale_(state.optimizer)
+    params = [p for g in state.optimizer.param_groups for p in g["params"] if p.grad is not None]
+    max_norm = state.grad_clip if state.grad_clip else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+    if state.scaler is not None:
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        state.optimizer.step()
+    if state.ema is not None:
+        state.ema.update(state.module)
+    state.step += 1
+    return {**totals, "lr": lr, "grad_norm": float(grad_norm)}

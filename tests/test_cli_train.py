@@ -1,0 +1,279 @@
+"""``cf train`` / ``cf eval`` end to end through the CLI on a tiny make-shapes shard folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from clusterformer.cli.app import main
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from clusterformer.data.formats import open_source
+    from clusterformer.data.shapes import make_shapes
+    from clusterformer.data.shards import write_shards
+
+    root = tmp_path_factory.mktemp("clidata")
+    out = {}
+    for split, n, seed in (("train", 24, 0), ("val", 12, 1)):
+        made = make_shapes(root / f"raw-{split}", num_images=n, image_size=32, seed=seed)
+        write_shards(
+            open_source("imagefolder", Path(made["classification"])),
+            root / split,
+            samples_per_shard=8,
+            seed=seed,
+        )
+        out[split] = root / split
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(shards: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("run") / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "clusterformer.cli",
+        "train",
+        "--task",
+        "classification",
+        "--data",
+        str(shards["train"]),
+        "--val-data",
+        str(shards["val"]),
+        "--out",
+        str(run),
+        "--recipe",
+        "shapes",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "32",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "2",
+        "--log-every",
+        "1",
+        "--seed",
+        "3",
+    ]
+    done = subprocess.run(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "checkpoint" in done.stdout and "top1" in done.stdout
+    return run
+
+
+def _cf(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_run_folder_contents(trained: Path) -> None:
+    config = json.loads((trained / "config.json").read_text())
+    assert config["task"] == "classification" and config["model"] == "clusterformer-nano"
+    assert config["recipe"] == "shapes" and config["steps"] == 4 and config["seed"] == 3
+    assert config["image_size"] == 32 and config["batch_size"] == 4  # flags beat the recipe
+    assert config["total_steps"] == 4 and config["world_size"] == 1 and config["amp"] == "none"
+    assert config["num_classes"] == 4 and config["lr_effective"] == pytest.approx(config["lr"])
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all({"loss", "lr", "grad_norm", "img_per_s"} <= set(r) for r in train)
+    assert [r["step"] for r in val] == [2, 4]
+    assert all(0 <= r["top1"] <= r["top5"] <= 100 and r["num_samples"] == 12 for r in val)
+    names = sorted(p.name for p in (trained / "checkpoints").iterdir())
+    assert names == [
+        "last.safetensors",
+        "last.state.pt",
+        "step-000002.safetensors",
+        "step-000002.state.pt",
+        "step-000004.safetensors",
+        "step-000004.state.pt",
+    ]
+
+
+def test_eval_checkpoint_matches_training_eval(
+    trained: Path, shards: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "m.json"
+    code, stdout, err = _cf(
+        [
+            "eval",
+            "--ckpt",
+            str(trained),
+            "--data",
+            str(shards["val"]),
+            "--out",
+            str(out),
+            "--batch-size",
+            "5",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "top1" in stdout
+    metrics = json.loads(out.read_text())
+    last_val = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()][-1]
+    assert metrics["top1"] == pytest.approx(last_val["top1"])
+    assert metrics["top5"] == pytest.approx(last_val["top5"]) and metrics["step"] == 4
+    code, _, err = _cf(
+        [
+            "eval",
+            "--ckpt",
+            str(trained / "checkpoints" / "step-000002.safetensors"),
+            "--data",
+            str(shards["val"]),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+
+
+def test_eval_predictions_without_model(
+    shards: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from clusterformer.data import build_loader
+
+    truth = {}
+    for batch in build_loader(
+        str(shards["val"]), "classification", batch_size=4, image_size=32, train=False
+    ):
+        truth.update(zip(batch["keys"], batch["labels"].tolist(), strict=True))
+    perfect = tmp_path / "perfect.json"
+    perfect.write_text(json.dumps(truth))
+    out = tmp_path / "m.json"
+    code, _, err = _cf(
+        [
+            "eval",
+            "--task",
+            "classification",
+            "--predictions",
+            str(perfect),
+            "--data",
+            str(shards["val"]),
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert json.loads(out.read_text())["top1"] == 100.0
+    wrong = {k: [(v + 1) % 4, v] for k, v in truth.items()}  # ranked: right answer second
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    code, _, err = _cf(
+        [
+            "eval",
+            "--task",
+            "classification",
+            "--predictions",
+            str(tmp_path / "wrong.json"),
+            "--data",
+            str(shards["val"]),
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
+    result = json.loads(out.read_text())
+    assert code == 0 and result["top1"] == 0.0 and result["top5"] == 100.0
+    missing = dict(list(truth.items())[1:])
+    (tmp_path / "missing.json").write_text(json.dumps(missing))
+    code, _, err = _cf(
+        [
+            "eval",
+            "--task",
+            "classification",
+            "--predictions",
+            str(tmp_path / "missing.json"),
+            "--data",
+            str(shards["val"]),
+        ],
+        capsys,
+    )
+    assert code == 2 and "no prediction for image" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--task", "panoptic"], "arrives in a later release"),
+        (["--task", "classification", "--amp", "fp16", "--device", "cpu"], "fp16 needs a CUDA"),
+        (["--task", "classification", "--recipe", "cifar"], "unknown recipe"),
+        (["--task", "classification", "--steps", "2", "--epochs", "1"], "not both"),
+    ],
+)
+def test_train_errors_are_one_line(
+    args: list[str],
+    message: str,
+    shards: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    code, _, err = _cf(
+        ["train", "--data", str(shards["train"]), "--out", str(tmp_path / "r"), *args], capsys
+    )
+    assert code != 0 and message in err and err.startswith("cf: error:") and err.count("\n") == 1
+
+
+def test_existing_run_needs_resume(
+    trained: Path, shards: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    code, _, err = _cf(
+        [
+            "train",
+            "--task",
+            "classification",
+            "--data",
+            str(shards["train"]),
+            "--out",
+            str(trained),
+            "--steps",
+            "2",
+        ],
+        capsys,
+    )
+    assert code != 0 and "--resume" in err
+
+
+def test_eval_errors(
+    shards: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code, _, err = _cf(["eval", "--data", str(shards["val"])], capsys)
+    assert code == 2 and "exactly one of --ckpt" in err
+    code, _, err = _cf(["eval", "--ckpt", str(tmp_path), "--data", str(shards["val"])], capsys)
+    assert code != 0 and "no checkpoints/last.safetensors" in err
+    code, _, err = _cf(
+        [
+            "eval",
+            "--task",
+            "semantic",
+            "--predictions",
+            str(tmp_path),
+            "--data",
+            str(shards["val"]),
+        ],
+        capsys,
+    )
+    assert code == 2 and "later release" in err
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "quickstart"])
+def test_help(command: str, capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = _cf([command, "--help"], capsys)
+    assert code == 0 and "--" in out
