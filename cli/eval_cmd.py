@@ -49,7 +49,9 @@ def register(app: typer.Typer) -> None:
         """Evaluate a checkpoint (--ckpt) or a prediction file (--task T --predictions PATH) on --data.
 
         Prints a table and, with --out, writes JSON (classification: top1, top5 in percent;
-        top5 is top-min(5, C) when the dataset has fewer than 5 classes).
+        top5 is top-min(5, C) when the dataset has fewer than 5 classes; detection: bbox_AP,
+        bbox_AP50, bbox_AP75 by COCOeval, with the detections written beside the metrics as
+        NAME.detections.json).
         """
         if (ckpt is None) == (predictions is None):
             raise UserError(
@@ -66,7 +68,7 @@ def register(app: typer.Typer) -> None:
             title = f"{task} predictions {predictions}"
         else:
             metrics = _evaluate_checkpoint(
-                ckpt, data, batch_size, image_size, device, amp, num_workers, task
+                ckpt, data, batch_size, image_size, device, amp, num_workers, task, out
             )
             title = f"{metrics.pop('_task')} checkpoint {ckpt}"
         _print_table(title, metrics)
@@ -80,9 +82,12 @@ def register(app: typer.Typer) -> None:
 def _check_task(task: str) -> None:
     if task not in TASKS:
         raise UserError(f"--task must be one of {', '.join(TASKS)}, got '{task}'")
-    if task != "classification":
+    from clusterformer.tasks import AVAILABLE_TASKS
+
+    if task not in AVAILABLE_TASKS:
         raise UserError(
-            f"evaluation for task '{task}' arrives in a later release; only classification is available now"
+            f"evaluation for task '{task}' arrives in a later release; "
+            f"available now: {', '.join(AVAILABLE_TASKS)}"
         )
 
 
@@ -95,6 +100,7 @@ def _evaluate_checkpoint(
     amp: str,
     num_workers: int,
     task_flag: str | None,
+    out: Path | None = None,
 ) -> dict[str, Any]:
     from clusterformer.data import build_loader, load_dataset_info
     from rich.progress import Progress
@@ -106,6 +112,11 @@ def _evaluate_checkpoint(
     model, task, meta = load_model_from_checkpoint(ckpt, dev)
     if task_flag is not None and task_flag != task.name:
         raise UserError(f"--task {task_flag} does not match the checkpoint's task '{task.name}'")
+    if task.name == "detection" and out is not None:
+        from clusterformer.metrics.coco import detections_path_for
+
+        # The detections JSON goes next to the metrics, so it can be re-scored or inspected.
+        task.detections_out = str(detections_path_for(out))
     info = load_dataset_info(str(data))
     _check_categories(meta.get("categories") or [], info.get("categories") or [], ckpt, data)
     size = image_size or int(meta.get("image_size") or 224)
@@ -154,6 +165,10 @@ def _score_predictions(
     task: str, predictions: Path, data: Path, num_workers: int
 ) -> dict[str, Any]:
     _check_task(task)
+    if task == "detection":
+        from clusterformer.metrics.coco import score_detection_file
+
+        return score_detection_file(predictions, data, num_workers=num_workers)
     import torch
     from clusterformer.data import build_loader, load_dataset_info
 

@@ -135,9 +135,12 @@ def register(app: typer.Typer) -> None:
         """
         if task not in TASKS:
             raise UserError(f"--task must be one of {', '.join(TASKS)}, got '{task}'")
-        if task != "classification":
+        from clusterformer.tasks import AVAILABLE_TASKS
+
+        if task not in AVAILABLE_TASKS:
             raise UserError(
-                f"training for task '{task}' arrives in a later release; only classification is available now"
+                f"training for task '{task}' arrives in a later release; "
+                f"available now: {', '.join(AVAILABLE_TASKS)}"
             )
         if amp is not None and amp not in AMP:
             raise UserError(f"--amp must be one of {', '.join(AMP)}, got '{amp}'")

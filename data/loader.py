@@ -183,12 +183,12 @@ class StreamDataset(IterableDataset):
 
     def __init__(self, source: Any, task: str, *, batch_size: int, image_size: int, train: bool,
                  num_workers: int, seed: int, rank: int, world_size: int, shuffle_buffer: int,
-                 drop_last: bool, on_error: str) -> None:  # fmt: skip
+                 drop_last: bool, on_error: str, augment: dict[str, Any]) -> None:  # fmt: skip
         self.source, self.task, self.batch_size, self.train = source, task, batch_size, train
         self.image_size, self.num_workers, self.seed = image_size, max(1, num_workers), seed
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
         self.drop_last, self.on_error, self.epoch = drop_last, on_error, 0
-        self.transform = make_transform(task, image_size, train)
+        self.transform = make_transform(task, image_size, train, **augment)
         self.fields = set(task_fields(task)) | {"key", "image", "image_id", "orig_size"}
 
     def plans(self) -> list[WorkerPlan]:
@@ -359,6 +359,7 @@ def build_loader(
     drop_last: bool | None = None,
     on_error: str = "stop",
     info: dict | None = None,
+    augment: dict[str, Any] | None = None,
 ) -> Loader:
     """Loader of batch dicts (layout: ``clusterformer.data.collate``) for one rank.
 
@@ -366,7 +367,8 @@ def build_loader(
     ``pipe:`` / http, dataset.json read next to them unless ``info`` is given), or a raw dataset
     folder. ``drop_last`` defaults to ``train``. ``on_error``: "stop" raises on the first bad
     sample naming its key and file, "skip" warns and goes on (training refills from other
-    samples; evaluation keeps its batch count with padding). Images (B, 3, H, W) float32.
+    samples; evaluation keeps its batch count with padding). ``augment``: training
+    augmentation options (see ``transforms.make_transform``). Images (B, 3, H, W) float32.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -388,5 +390,6 @@ def build_loader(
     dataset = StreamDataset(source, task, batch_size=batch_size, image_size=image_size,
                             train=train, num_workers=num_workers, seed=seed, rank=rank,
                             world_size=world_size, shuffle_buffer=shuffle_buffer,
-                            drop_last=drop_last, on_error=on_error)  # fmt: skip
+                            drop_last=drop_last, on_error=on_error,
+                            augment=dict(augment or {}))  # fmt: skip
     return Loader(dataset, num_workers, source.info)

@@ -213,11 +213,17 @@ def _finish(sample: Sample) -> Sample:
 
 
 def classification_train(
-    sample: Sample, image_size: int, generator: torch.Generator | None = None
+    sample: Sample,
+    image_size: int,
+    generator: torch.Generator | None = None,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> Sample:
-    """Random-resized crop (scale 0.08-1, ratio 3/4-4/3) to image_size^2, h-flip, normalise."""
+    """Random-resized crop (area ``scale``, aspect ``ratio``; ImageNet's 0.08-1 and 3/4-4/3 by
+    default) to image_size^2, h-flip, normalise."""
     h, w = image_size_of(sample)
-    top, left, ch, cw = random_resized_crop_params(h, w, generator=generator)
+    top, left, ch, cw = random_resized_crop_params(
+        h, w, scale=tuple(scale), ratio=tuple(ratio), generator=generator)
     out = resize(crop(sample, top, left, ch, cw), (image_size, image_size))
     return _finish(_maybe_flip(out, generator))
 
@@ -262,18 +268,35 @@ def dense_eval(sample: Sample, image_size: int, generator: torch.Generator | Non
     return _finish(resize(sample, _long_side_size(sample, image_size)))
 
 
-def make_transform(task: str, image_size: int, train: bool) -> Transform:
-    """The transform ``f(sample, generator) -> sample`` for a task and mode."""
+TRAIN_OPTIONS: dict[str, tuple[str, ...]] = {
+    "classification": ("scale", "ratio"),
+    "dense": ("scale_range",),
+}
+
+
+def make_transform(task: str, image_size: int, train: bool, **options: Any) -> Transform:
+    """The transform ``f(sample, generator) -> sample`` for a task and mode.
+
+    ``options`` tune the training augmentation (ignored for evaluation): classification
+    ``scale`` and ``ratio`` of the random-resized crop, dense tasks ``scale_range`` of the
+    scale jitter. Unknown options raise ``ValueError``.
+    """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
-    if task == "classification":
+    kind = "classification" if task == "classification" else "dense"
+    unknown = sorted(set(options) - set(TRAIN_OPTIONS[kind]))
+    if unknown:
+        raise ValueError(f"unknown {kind} augmentation option(s) {', '.join(unknown)}; "
+                         f"accepted: {', '.join(TRAIN_OPTIONS[kind])}")
+    if kind == "classification":
         fn = classification_train if train else classification_eval
     else:
         fn = dense_train if train else dense_eval
+    kwargs = options if train else {}
 
     def transform(sample: Sample, generator: torch.Generator | None = None) -> Sample:
-        return fn(sample, image_size, generator)
+        return fn(sample, image_size, generator, **kwargs)
 
     return transform

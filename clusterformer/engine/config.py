@@ -56,6 +56,8 @@ class TrainConfig:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     # Transforms the recipe asks for; recorded with whether the loader provides them.
+    # Training augmentation options for the loader (see data.transforms.make_transform).
+    augment: dict[str, Any] = field(default_factory=dict)
     rand_augment: str | None = None
     random_erasing: float = 0.0
     recipe: str | None = None

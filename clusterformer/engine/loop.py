@@ -75,6 +75,7 @@ def _build_loaders(cfg: TrainConfig, env: DistEnv) -> tuple[Any, Any | None]:
         image_size=cfg.image_size,
         train=True,
         seed=cfg.seed,
+        augment=cfg.augment,
         **common,
     )
     val_loader = None

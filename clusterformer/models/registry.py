@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from clusterformer.models.backbone import ClusterFormer
+from clusterformer.models.detector import DETECTOR_OPTIONS, build_detector
 
 TASKS: tuple[str, ...] = ("classification", "detection", "instance", "semantic", "panoptic")
 
@@ -42,14 +43,18 @@ def _build_classifier(num_classes: int, **options: Any) -> nn.Module:
     return ClusterFormer(num_classes=num_classes, **options)
 
 
-TASK_BUILDERS: dict[str, Builder] = {"classification": _build_classifier}
+TASK_BUILDERS: dict[str, Builder] = {"classification": _build_classifier, "detection": build_detector}
+# Options a task's builder takes on top of the backbone's (e.g. the detector's decoder size).
+TASK_OPTIONS: dict[str, tuple[str, ...]] = {"detection": DETECTOR_OPTIONS}
 
 
-def register_task(task: str, builder: Builder) -> None:
-    """Make ``create_model(..., task=task)`` call ``builder(num_classes, **options)``."""
+def register_task(task: str, builder: Builder, options: tuple[str, ...] = ()) -> None:
+    """Make ``create_model(..., task=task)`` call ``builder(num_classes, **options)``;
+    ``options`` names the overrides the builder accepts besides the backbone's."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     TASK_BUILDERS[task] = builder
+    TASK_OPTIONS[task] = tuple(options)
 
 
 def list_models() -> list[str]:
@@ -64,8 +69,9 @@ def preset_config(name: str) -> dict[str, Any]:
     return copy.deepcopy(PRESETS[name])
 
 
-def _check_overrides(overrides: dict[str, Any]) -> None:
+def _check_overrides(overrides: dict[str, Any], task: str) -> None:
     accepted = set(inspect.signature(ClusterFormer.__init__).parameters) - {"self", "num_classes"}
+    accepted |= set(TASK_OPTIONS.get(task, ()))
     unknown = sorted(set(overrides) - accepted)
     if unknown:
         raise TypeError(
@@ -100,7 +106,7 @@ def create_model(
         )
     if not isinstance(num_classes, int) or num_classes < 0:
         raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
-    _check_overrides(overrides)
+    _check_overrides(overrides, task)
     options.update(overrides)
     model = TASK_BUILDERS[task](num_classes, **options)
     model.model_config = {"name": name, "task": task, "num_classes": num_classes, **overrides}

@@ -1,0 +1,149 @@
+"""``cf predict``: run a checkpoint on image files; overlay PNGs and JSON out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from clusterformer.cli.errors import UserError
+
+PREDICT_TASKS = ("classification", "detection")
+# Distinct, readable box colours (tab10), cycled by class.
+PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("predict")
+    def predict_command(
+        images: list[Path] = typer.Argument(..., help="Image files to run the model on (jpg, png, ...)."),
+        ckpt: Path = typer.Option(..., "--ckpt", help="A run folder or a .safetensors checkpoint."),
+        out: Path = typer.Option(..., "--out", help="Folder for <image>.png overlays, <image>.json and predictions.json."),
+        score_threshold: float = typer.Option(0.3, "--score-threshold", help="Detection: keep boxes scoring at least this (0-1)."),
+        max_detections: int = typer.Option(100, "--max-detections", help="Detection: at most this many boxes per image."),
+        image_size: int | None = typer.Option(None, "--image-size", help="Inference size (default: the checkpoint's training size)."),
+        device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA when available)."),
+    ) -> None:
+        """Predict on IMAGE files with a trained model: draws boxes (detection) or the top class
+        (classification) with names and scores on each image (OUT/<stem>.png) and writes
+        OUT/<stem>.json plus OUT/predictions.json with every image's results."""
+        if not 0.0 <= score_threshold <= 1.0:
+            raise UserError(f"--score-threshold must be in [0, 1], got {score_threshold}")
+        if max_detections < 1:
+            raise UserError(f"--max-detections must be >= 1, got {max_detections}")
+        for path in images:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: image not found")
+
+        import torch
+        from clusterformer.data import decode_image
+        from clusterformer.data.transforms import make_transform
+        from rich.progress import Progress
+
+        from clusterformer.engine.distributed import pick_device
+        from clusterformer.engine.evaluate import load_model_from_checkpoint
+
+        dev = pick_device(device)
+        model, task, meta = load_model_from_checkpoint(ckpt, dev)
+        if task.name not in PREDICT_TASKS:
+            raise UserError(f"cf predict supports {', '.join(PREDICT_TASKS)}; {ckpt} is a {task.name} model")
+        categories = meta.get("categories") or []
+        size = image_size or int(meta.get("image_size") or 224)
+        transform = make_transform(task.name, size, train=False)
+        out.mkdir(parents=True, exist_ok=True)
+        names = _unique_stems(images)
+        everything = []
+        with Progress(transient=True) as progress, torch.no_grad():
+            bar = progress.add_task("predict", total=len(images))
+            for path, stem in zip(images, names, strict=True):
+                image = decode_image(path.read_bytes(), str(path))
+                height, width = int(image.shape[1]), int(image.shape[2])
+                sample = transform({"key": stem, "image": image, "image_id": 0, "orig_size": (height, width)})
+                batch = {
+                    "images": sample["image"].unsqueeze(0).to(dev),
+                    "pixel_mask": torch.ones(1, *sample["image"].shape[1:], dtype=torch.bool, device=dev),
+                    "targets": [{"orig_size": (height, width), "size": tuple(sample["size"])}],
+                }
+                outputs = task.forward(model, batch)
+                if task.name == "detection":
+                    pred = task.postprocess(outputs, batch)[0]
+                    result = _detections(pred, categories, score_threshold, max_detections)
+                else:
+                    result = _classes(task.postprocess(outputs, batch)[0], categories)
+                record = {"image": str(path), "height": height, "width": width, "task": task.name, **result}
+                _save_overlay(image, record, out / f"{stem}.png")
+                _write_json(out / f"{stem}.json", record)
+                everything.append(record)
+                progress.advance(bar)
+        _write_json(out / "predictions.json", everything)
+        typer.echo(f"wrote {len(everything)} overlay(s) and predictions.json to {out}")
+
+
+def _unique_stems(paths: list[Path]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for path in paths:
+        count = seen.get(path.stem, 0)
+        seen[path.stem] = count + 1
+        out.append(path.stem if count == 0 else f"{path.stem}-{count}")
+    return out
+
+
+def _name(categories: list[dict], train_id: int) -> tuple[str, int]:
+    if 0 <= train_id < len(categories):
+        return str(categories[train_id].get("name", train_id)), int(categories[train_id].get("id", train_id))
+    return str(train_id), train_id
+
+
+def _detections(pred: dict, categories: list[dict], threshold: float, limit: int) -> dict[str, Any]:
+    keep = pred["scores"] >= threshold
+    dets = []
+    for box, label, score in zip(pred["boxes"][keep].tolist(), pred["labels"][keep].tolist(),
+                                 pred["scores"][keep].tolist(), strict=True):
+        name, cat_id = _name(categories, int(label))
+        dets.append({"label": name, "category_id": cat_id, "train_id": int(label),
+                     "score": round(float(score), 4), "box_xyxy": [round(v, 2) for v in box]})
+    return {"detections": dets[:limit]}
+
+
+def _classes(scores, categories: list[dict]) -> dict[str, Any]:  # noqa: ANN001 - a (C,) tensor
+    prob = scores.float().softmax(-1)
+    top = prob.topk(min(5, prob.numel()))
+    ranked = []
+    for value, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+        name, cat_id = _name(categories, int(index))
+        ranked.append({"label": name, "category_id": cat_id, "train_id": int(index), "score": round(value, 4)})
+    return {"classes": ranked}
+
+
+def _save_overlay(image, record: dict, path: Path) -> None:  # noqa: ANN001 - uint8 (3, H, W)
+    from PIL import Image, ImageDraw
+
+    canvas = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    draw = ImageDraw.Draw(canvas)
+    for det in record.get("detections", []):
+        color = PALETTE[det["train_id"] % len(PALETTE)]
+        x0, y0, x1, y1 = det["box_xyxy"]
+        draw.rectangle([x0, y0, max(x1, x0), max(y1, y0)], outline=color, width=2)
+        text = f"{det['label']} {det['score']:.2f}"
+        left, top, right, bottom = draw.textbbox((x0, y0), text)
+        ty = y0 - (bottom - top) - 2 if y0 - (bottom - top) - 2 >= 0 else y0
+        draw.rectangle([x0, ty, x0 + (right - left) + 4, ty + (bottom - top) + 2], fill=color)
+        draw.text((x0 + 2, ty), text, fill=(255, 255, 255))
+    if record.get("classes"):
+        best = record["classes"][0]
+        text = f"{best['label']} {best['score']:.2f}"
+        left, top, right, bottom = draw.textbbox((2, 2), text)
+        draw.rectangle([0, 0, right + 4, bottom + 4], fill=(0, 0, 0))
+        draw.text((2, 2), text, fill=(255, 255, 255))
+    tmp = path.with_name(f".{path.name}.tmp")
+    canvas.save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
