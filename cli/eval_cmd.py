@@ -10,6 +10,12 @@ import typer
 from clusterformer.cli.errors import UserError
 
 TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
+# --predictions scorers of the segmentation tasks: (module, function(predictions, data, ...)).
+SEGMENTATION_SCORERS = {
+    "instance": ("clusterformer.metrics.instance", "score_instance_file"),
+    "semantic": ("clusterformer.metrics.semantic", "score_semantic_folder"),
+    "panoptic": ("clusterformer.metrics.panoptic", "score_panoptic"),
+}
 
 
 def register(app: typer.Typer) -> None:
@@ -29,7 +35,7 @@ def register(app: typer.Typer) -> None:
         predictions: Path | None = typer.Option(
             None,
             "--predictions",
-            help="Score this prediction file instead of a model (classification: JSON of image key -> class id, or key -> list of class ids best first).",
+            help="Score this prediction file instead of a model (classification: JSON of image key -> class id, or key -> list of class ids best first; detection/instance: COCO results JSON, instance with RLE masks; panoptic: COCO panoptic JSON with its PNG folder beside it named as the JSON without .json; semantic: a folder of label PNGs named by image stem in the dataset's own label values).",
         ),
         out: Path | None = typer.Option(None, "--out", help="Write the metrics as JSON here."),
         batch_size: int = typer.Option(32, "--batch-size", help="Images per batch."),
@@ -164,6 +170,12 @@ def _check_categories(trained: list[dict], data_cats: list[dict], ckpt: Path, da
 def _score_predictions(
     task: str, predictions: Path, data: Path, num_workers: int
 ) -> dict[str, Any]:
+    if task in SEGMENTATION_SCORERS:  # needs no model, so not gated on AVAILABLE_TASKS
+        import importlib
+
+        module, function = SEGMENTATION_SCORERS[task]
+        scorer = getattr(importlib.import_module(module), function)
+        return scorer(predictions, data, num_workers=num_workers)
     _check_task(task)
     if task == "detection":
         from clusterformer.metrics.coco import score_detection_file
