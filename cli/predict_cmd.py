@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from clusterformer.cli.errors import UserError
 
-PREDICT_TASKS = ("classification", "detection")
+PREDICT_TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
 # Distinct, readable box colours (tab10), cycled by class.
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
@@ -21,14 +21,15 @@ def register(app: typer.Typer) -> None:
         images: list[Path] = typer.Argument(..., help="Image files to run the model on (jpg, png, ...)."),
         ckpt: Path = typer.Option(..., "--ckpt", help="A run folder or a .safetensors checkpoint."),
         out: Path = typer.Option(..., "--out", help="Folder for <image>.png overlays, <image>.json and predictions.json."),
-        score_threshold: float = typer.Option(0.3, "--score-threshold", help="Detection: keep boxes scoring at least this (0-1)."),
-        max_detections: int = typer.Option(100, "--max-detections", help="Detection: at most this many boxes per image."),
+        score_threshold: float = typer.Option(0.3, "--score-threshold", help="Detection / instance: keep objects scoring at least this (0-1)."),
+        max_detections: int = typer.Option(100, "--max-detections", help="Detection / instance: at most this many objects per image."),
         image_size: int | None = typer.Option(None, "--image-size", help="Inference size (default: the checkpoint's training size)."),
         device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA when available)."),
     ) -> None:
-        """Predict on IMAGE files with a trained model: draws boxes (detection) or the top class
-        (classification) with names and scores on each image (OUT/<stem>.png) and writes
-        OUT/<stem>.json plus OUT/predictions.json with every image's results."""
+        """Predict on IMAGE files with a trained model: draws boxes (detection), coloured masks
+        (instance, semantic, panoptic) or the top class (classification) with names and scores on
+        each image (OUT/<stem>.png) and writes OUT/<stem>.json (masks as COCO RLE) plus
+        OUT/predictions.json with every image's results."""
         if not 0.0 <= score_threshold <= 1.0:
             raise UserError(f"--score-threshold must be in [0, 1], got {score_threshold}")
         if max_detections < 1:
@@ -50,6 +51,8 @@ def register(app: typer.Typer) -> None:
         if task.name not in PREDICT_TASKS:
             raise UserError(f"cf predict supports {', '.join(PREDICT_TASKS)}; {ckpt} is a {task.name} model")
         categories = meta.get("categories") or []
+        if hasattr(task, "set_categories") and categories:
+            task.set_categories(categories)
         size = image_size or int(meta.get("image_size") or 224)
         transform = make_transform(task.name, size, train=False)
         out.mkdir(parents=True, exist_ok=True)
@@ -70,6 +73,11 @@ def register(app: typer.Typer) -> None:
                 if task.name == "detection":
                     pred = task.postprocess(outputs, batch)[0]
                     result = _detections(pred, categories, score_threshold, max_detections)
+                elif task.name in ("instance", "semantic", "panoptic"):
+                    from clusterformer.cli.predict_masks import segments_of
+
+                    pred = task.postprocess(outputs, batch)[0]
+                    result = segments_of(task.name, pred, categories, score_threshold, max_detections)
                 else:
                     result = _classes(task.postprocess(outputs, batch)[0], categories)
                 record = {"image": str(path), "height": height, "width": width, "task": task.name, **result}
@@ -122,6 +130,10 @@ def _save_overlay(image, record: dict, path: Path) -> None:  # noqa: ANN001 - ui
     from PIL import Image, ImageDraw
 
     canvas = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    if record.get("segments") is not None:
+        from clusterformer.cli.predict_masks import draw_segments
+
+        canvas = draw_segments(canvas, record["segments"])
     draw = ImageDraw.Draw(canvas)
     for det in record.get("detections", []):
         color = PALETTE[det["train_id"] % len(PALETTE)]

@@ -39,7 +39,7 @@ selected tokens), which the criterion supervises like a decoder layer (two-stage
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -104,17 +104,20 @@ class ClusterDecoderLayer(nn.Module):
 
     def forward(
         self, centers: Tensor, query_pos: Tensor, pixels: Tensor, pixel_pos: Tensor,
-        mask: Tensor | None,
+        mask: Tensor | None, attn_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         params = {
             "q_weight": self.q.weight, "q_bias": self.q.bias, "k_weight": self.k.weight,
             "k_bias": self.k.bias, "v_weight": self.v.weight, "v_bias": self.v.bias,
         }
         start = centers + query_pos
-        clustered = recurrent_cross_attention_clustering(
-            pixels + pixel_pos, start, params, num_iters=self.num_iters,
-            num_heads=self.num_heads, mask=mask, assignment=self.assignment, m_step=self.m_step,
-        )
+        if attn_mask is None:
+            clustered = recurrent_cross_attention_clustering(
+                pixels + pixel_pos, start, params, num_iters=self.num_iters,
+                num_heads=self.num_heads, mask=mask, assignment=self.assignment, m_step=self.m_step,
+            )
+        else:
+            clustered = self._masked_clustering(pixels + pixel_pos, start, mask, attn_mask)
         centers = self.norm_cluster(centers + self.dropout(clustered - start))
         qk = centers + query_pos
         attended = self.self_attn(qk, qk, centers, need_weights=False)[0]
@@ -125,6 +128,34 @@ class ClusterDecoderLayer(nn.Module):
             if mask is not None:
                 pixels = pixels * mask.unsqueeze(-1).to(pixels.dtype)
         return centers, pixels
+
+    def _masked_clustering(
+        self, pixels: Tensor, centers: Tensor, mask: Tensor | None, attn_mask: Tensor
+    ) -> Tensor:
+        """Recurrent clustering where center ``q`` only sees pixels with ``attn_mask[:, q]``
+        (``(B, Q, N)`` bool; Mask2Former's masked attention). A pixel no center may see is left
+        out of every center's update."""
+        if self.assignment not in ("softmax_centers", "softmax_pixels"):
+            raise ValueError("masked attention needs center_update 'recurrent' or 'vanilla_attention'")
+        heads = self.num_heads
+
+        def split(x: Tensor) -> Tensor:
+            return x.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, h, L, d)
+
+        keys, values = split(self.k(pixels)), split(self.v(pixels))
+        allowed = attn_mask.unsqueeze(1)
+        if mask is not None:
+            allowed = allowed & mask[:, None, None, :]
+        dim = -2 if self.assignment == "softmax_centers" else -1
+        out = centers
+        for _ in range(self.num_iters):
+            logits = split(self.q(out)) @ keys.transpose(-1, -2) * keys.shape[-1] ** -0.5
+            logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+            weights = torch.softmax(logits, dim=dim) * allowed.to(logits.dtype)
+            if self.m_step == "mean":
+                weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-6)
+            out = out + (weights @ values).transpose(1, 2).flatten(2)
+        return out
 
 
 class ClusterDecoder(nn.Module):
@@ -143,6 +174,10 @@ class ClusterDecoder(nn.Module):
             :mod:`clusterformer.models.mixer`).
         query_init: one of :data:`QUERY_INITS`.
         iterative_refinement: each layer refines the previous layer's boxes.
+        box_head: predict boxes (detection). Without it (mask classification) ``pred_boxes`` is
+            left out and every layer keeps the initial reference boxes.
+        no_object: the last of the ``num_classes`` logits is a softmax "no object" class;
+            encoder query selection then ranks tokens by the other classes only.
         dispatch_all: dispatch in every layer. By default a layer dispatches only when a later
             layer reads its scale again, since other refined pixels would go unused (and their
             parameters would get no gradient) in detection.
@@ -153,7 +188,7 @@ class ClusterDecoder(nn.Module):
         num_heads: int = 8, ffn_dim: int = 1024, num_iters: int = 3, num_levels: int = 3,
         m_step: str = "mean", center_update: str = "recurrent", dispatching: str = "ours",
         query_init: str = "encoder", iterative_refinement: bool = True, dispatch_all: bool = False,
-        dropout: float = 0.0,
+        dropout: float = 0.0, box_head: bool = True, no_object: bool = False,
     ) -> None:
         super().__init__()
         if query_init not in QUERY_INITS:
@@ -163,6 +198,7 @@ class ClusterDecoder(nn.Module):
         dim = hidden_dim
         self.num_queries, self.num_levels, self.query_init = num_queries, num_levels, query_init
         self.num_classes, self.iterative_refinement = num_classes, iterative_refinement
+        self.score_classes = num_classes - 1 if no_object else num_classes
         self.level_embed = nn.Parameter(torch.randn(num_levels, dim) * 0.02)
         self.layers = nn.ModuleList(
             ClusterDecoderLayer(
@@ -175,11 +211,11 @@ class ClusterDecoder(nn.Module):
         self.query_pos = MLP(2 * dim, dim, dim, 2)
         self.norm = nn.LayerNorm(dim)
         self.class_head = nn.Linear(dim, num_classes)
-        self.box_head = MLP(dim, dim, 4, 3)
+        self.box_head = MLP(dim, dim, 4, 3) if box_head else None
         if query_init in ("encoder", "mixed"):
             self.enc_proj = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim))
             self.enc_class = nn.Linear(dim, num_classes)
-            self.enc_box = MLP(dim, dim, 4, 3)
+            self.enc_box = MLP(dim, dim, 4, 3) if box_head else None
         if query_init in ("free", "mixed"):
             self.content = nn.Embedding(num_queries, dim)
         if query_init == "free":
@@ -196,8 +232,9 @@ class ClusterDecoder(nn.Module):
             heads.append((self.enc_class, self.enc_box))
         for cls, box in heads:
             nn.init.constant_(cls.bias, prior)
-            nn.init.zeros_(box.layers[-1].weight)
-            nn.init.zeros_(box.layers[-1].bias)
+            if box is not None:
+                nn.init.zeros_(box.layers[-1].weight)
+                nn.init.zeros_(box.layers[-1].bias)
         if self.query_init == "free":
             with torch.no_grad():
                 ref = torch.rand(self.num_queries, 4)
@@ -225,8 +262,9 @@ class ClusterDecoder(nn.Module):
         valid = valid & (proposal[..., :2] < 1).all(-1)
         memory = self.enc_proj(tokens) * valid.unsqueeze(-1).to(tokens.dtype)
         logits = self.enc_class(memory)
-        boxes = (self.enc_box(memory) + inverse_sigmoid(proposal)).sigmoid()
-        scores = logits.max(-1).values.masked_fill(~valid, float("-inf"))
+        boxes = proposal if self.enc_box is None else (
+            self.enc_box(memory) + inverse_sigmoid(proposal)).sigmoid()
+        scores = logits[..., : self.score_classes].max(-1).values.masked_fill(~valid, float("-inf"))
         short = self.num_queries - total
         if short > 0:  # fewer tokens than queries: pad with blank, never-preferred entries
             memory = F.pad(memory, (0, 0, 0, short))
@@ -243,7 +281,9 @@ class ClusterDecoder(nn.Module):
         sel_boxes = torch.where(keep, pick(boxes), blank_box)
         sel_logits = torch.where(keep, pick(logits), torch.full_like(logits[:, :1], -20.0))
         content = pick(memory) * keep.to(memory.dtype)
-        return content, sel_boxes, {"pred_logits": sel_logits, "pred_boxes": sel_boxes}
+        enc = {"pred_logits": sel_logits} if self.enc_box is None else {
+            "pred_logits": sel_logits, "pred_boxes": sel_boxes}
+        return content, sel_boxes, enc
 
     def _initial_queries(
         self, pixels: Sequence[Tensor], masks: Sequence[Tensor | None], shapes: Sequence[tuple[int, int]],
@@ -268,13 +308,23 @@ class ClusterDecoder(nn.Module):
         ref = torch.stack([cx, cy, torch.full_like(cx, 1 / gw), torch.full_like(cy, 1 / gh)], -1)
         return content, ref.reshape(1, -1, 4).expand(batch, -1, -1), None
 
-    def _heads(self, centers: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
+    def _heads(self, centers: Tensor, ref: Tensor) -> dict[str, Tensor]:
         hidden = self.norm(centers)
+        if self.box_head is None:
+            return {"pred_logits": self.class_head(hidden)}
         boxes = (self.box_head(hidden) + inverse_sigmoid(ref)).sigmoid()
-        return self.class_head(hidden), boxes
+        return {"pred_logits": self.class_head(hidden), "pred_boxes": boxes}
 
-    def forward(self, features: Sequence[Tensor], masks: Sequence[Tensor | None]) -> dict:
-        """features: ``[(B, D, h_l, w_l)]`` at strides 8, 16, 32; masks: matching ``(B, h_l, w_l)``."""
+    def forward(
+        self, features: Sequence[Tensor], masks: Sequence[Tensor | None],
+        layer_hook: Callable[[Tensor, tuple[int, int] | None], Tensor | None] | None = None,
+    ) -> dict:
+        """features: ``[(B, D, h_l, w_l)]`` at strides 8, 16, 32; masks: matching ``(B, h_l, w_l)``.
+
+        ``layer_hook(hidden (B, Q, D), next_shape)`` (segmentation heads) is called with the
+        normalised initial centers and after every layer; ``next_shape`` is the ``(h, w)`` of the
+        scale the next layer reads (``None`` after the last). It may return a ``(B, Q, h * w)``
+        bool attention mask (True = the center may see the pixel) for that next layer."""
         if len(features) != self.num_levels:
             raise ValueError(f"expected {self.num_levels} feature maps, got {len(features)}")
         dim = features[0].shape[1]
@@ -289,15 +339,22 @@ class ClusterDecoder(nn.Module):
         centers, ref, enc = self._initial_queries(pixels, masks, shapes)
         outputs: list[dict[str, Tensor]] = []
         query_pos = self.query_pos(box_sine_embedding(ref, dim // 2))
+
+        def level_of(i: int) -> int:
+            return self.num_levels - 1 - i % self.num_levels  # coarsest scale first
+
+        attn_mask = None if layer_hook is None else layer_hook(self.norm(centers), shapes[level_of(0)])
         for i, layer in enumerate(self.layers):
-            level = self.num_levels - 1 - i % self.num_levels  # coarsest scale first
+            level = level_of(i)
             centers, pixels[level] = layer(
-                centers, query_pos, pixels[level], pixel_pos[level], flat_masks[level]
+                centers, query_pos, pixels[level], pixel_pos[level], flat_masks[level], attn_mask
             )
-            logits, boxes = self._heads(centers, ref)
-            outputs.append({"pred_logits": logits, "pred_boxes": boxes})
-            if self.iterative_refinement and i + 1 < len(self.layers):
-                ref = boxes.detach()
+            outputs.append(self._heads(centers, ref))
+            if layer_hook is not None:
+                last = i + 1 == len(self.layers)
+                attn_mask = layer_hook(self.norm(centers), None if last else shapes[level_of(i + 1)])
+            if self.box_head is not None and self.iterative_refinement and i + 1 < len(self.layers):
+                ref = outputs[-1]["pred_boxes"].detach()
                 query_pos = self.query_pos(box_sine_embedding(ref, dim // 2))
         result: dict = {**outputs[-1], "aux_outputs": outputs[:-1]}
         if enc is not None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from clusterformer.models.backbone import ClusterFormer
 from clusterformer.models.detector import DETECTOR_OPTIONS, build_detector
+from clusterformer.models.segmenter import SEGMENTER_OPTIONS, build_segmenter
 
 TASKS: tuple[str, ...] = ("classification", "detection", "instance", "semantic", "panoptic")
 
@@ -43,9 +44,15 @@ def _build_classifier(num_classes: int, **options: Any) -> nn.Module:
     return ClusterFormer(num_classes=num_classes, **options)
 
 
-TASK_BUILDERS: dict[str, Builder] = {"classification": _build_classifier, "detection": build_detector}
+TASK_BUILDERS: dict[str, Builder] = {
+    "classification": _build_classifier, "detection": build_detector,
+    **{task: build_segmenter for task in ("instance", "semantic", "panoptic")},
+}
 # Options a task's builder takes on top of the backbone's (e.g. the detector's decoder size).
-TASK_OPTIONS: dict[str, tuple[str, ...]] = {"detection": DETECTOR_OPTIONS}
+TASK_OPTIONS: dict[str, tuple[str, ...]] = {
+    "detection": DETECTOR_OPTIONS,
+    **{task: SEGMENTER_OPTIONS for task in ("instance", "semantic", "panoptic")},
+}
 
 
 def register_task(task: str, builder: Builder, options: tuple[str, ...] = ()) -> None:

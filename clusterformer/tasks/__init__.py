@@ -7,7 +7,7 @@ from typing import Any
 from clusterformer.tasks.base import Evaluator, Task
 
 TASK_NAMES: tuple[str, ...] = ("classification", "detection", "instance", "semantic", "panoptic")
-AVAILABLE_TASKS: tuple[str, ...] = ("classification", "detection")
+AVAILABLE_TASKS: tuple[str, ...] = ("classification", "detection", "instance", "semantic", "panoptic")
 
 
 def get_task(name: str, **options: Any) -> Task:
@@ -26,6 +26,11 @@ def get_task(name: str, **options: Any) -> Task:
         # The generic loop passes classification's options to every task; detection has none.
         unused = ("label_smoothing", "mixup_alpha", "cutmix_alpha")
         return DetectionTask(**{k: v for k, v in options.items() if k not in unused})
+    if name in ("instance", "semantic", "panoptic"):
+        from clusterformer.tasks.segmentation import SegmentationTask
+
+        unused = ("label_smoothing", "mixup_alpha", "cutmix_alpha")
+        return SegmentationTask(name, **{k: v for k, v in options.items() if k not in unused})
     if name in TASK_NAMES:
         raise ValueError(
             f"task '{name}' is not available yet (it arrives in a later release); "
