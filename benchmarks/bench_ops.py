@@ -80,7 +80,7 @@ def main() -> None:
         features = torch.randn(batch, n, DIM, requires_grad=args.backward)
         centers = torch.randn(batch, k, DIM, requires_grad=args.backward)
 
-        def run(fn):
+        def run(fn, features=features, centers=centers):
             def call():
                 out = fn(features, centers)
                 if args.backward:

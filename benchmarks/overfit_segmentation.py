@@ -1,13 +1,16 @@
 """Segmentation acceptance run: overfit nano on 16 synthetic-shapes images per task, then score.
 
     python benchmarks/overfit_segmentation.py --out /tmp/cf-overfit-seg [--tasks panoptic semantic instance]
-        [--steps 300] [--threads 2] [--num-points 1024] [--image-size 128] [--eval-image-size 128]
+        [--steps 200] [--threads 2] [--num-points 1024] [--image-size 64] [--num-queries 20]
 
 Makes the images (``cf make-shapes``), shards them in each task's format (COCO instances, COCO
 panoptic, ADE20K semantic), then trains with the engine's own optimizer, schedule and
 ``train_step`` and scores with the engine's ``evaluate`` (the task's evaluator: segm AP, mIoU,
-PQ) on the same 16 images at ``--eval-image-size`` (default 128, the source size, so the eval
-transform leaves images and ground truth untouched and the scores are exact). Overfitting means fitting these exact images, so batches come from
+PQ) on the same 16 images at ``--eval-image-size`` (default: the training size). The evaluator
+writes its predictions at the ORIGINAL 128 px (OUT/<task>.segm.json, OUT/<task>.semantic/,
+OUT/<task>.panoptic.json + PNGs) and they are re-scored against the dataset's full-resolution
+ground truth with ``cf eval --predictions``'s scorers ("full_res": the acceptance numbers; the
+evaluator's own numbers use ground truth resized to the eval size and back). Overfitting means fitting these exact images, so batches come from
 the loader's eval transform (no jitter or crop), reshuffled every epoch. Prints steps, wall time
 and metrics as JSON (also OUT/overfit-<task>.json); the weights go to OUT/<task>.pt.
 """
@@ -28,16 +31,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tasks", nargs="+", default=["panoptic", "semantic", "instance"],
                         choices=sorted(SOURCES))
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--image-size", type=int, default=128, help="training size")
-    parser.add_argument("--eval-image-size", type=int, default=128,
-                        help="evaluation size; 128 = the source size, so GT is exact")
-    parser.add_argument("--num-queries", type=int, default=None, help="model override")
+    parser.add_argument("--image-size", type=int, default=64, help="training size")
+    parser.add_argument("--eval-image-size", type=int, default=None,
+                        help="evaluation size (default: --image-size; 128 = the source size)")
+    parser.add_argument("--num-queries", type=int, default=20,
+                        help="centers (nano's preset has 100; 0 keeps the preset)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--num-points", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-only", action="store_true", help="save weights, score later")
     parser.add_argument("--eval-only", action="store_true", help="score OUT/<task>.pt")
@@ -75,7 +79,7 @@ def overfit(name: str, shards: Path, categories: list[dict], args: argparse.Name
 
     torch.manual_seed(args.seed)
     task = get_task(name, num_points=args.num_points)
-    overrides = {} if args.num_queries is None else {"num_queries": args.num_queries}
+    overrides = {"num_queries": args.num_queries} if args.num_queries else {}
     model = task.build_model("clusterformer-nano", len(categories), **overrides)
     state = TrainState(
         model=model, module=model,
@@ -85,14 +89,16 @@ def overfit(name: str, shards: Path, categories: list[dict], args: argparse.Name
     )
     single = build_loader(str(shards), name, batch_size=1, image_size=args.image_size, train=False)
     samples = [_sample(b) for b in single]
-    single = build_loader(str(shards), name, batch_size=1, image_size=args.eval_image_size,
-                          train=False)
+    single = build_loader(str(shards), name, batch_size=1,
+                          image_size=args.eval_image_size or args.image_size, train=False)
     rng = random.Random(args.seed)
-    history, start = [], time.perf_counter()
+    history, start, eval_s = [], time.perf_counter(), 0.0
+    def score() -> dict:
+        return _score(evaluate, model, task, single, categories, shards, args.out / name)
+
     if args.eval_only:
         model.load_state_dict(torch.load(args.out / f"{name}.pt"))
-        metrics = evaluate(model, task, single, num_classes=len(categories),
-                           device=torch.device("cpu"), categories=categories)
+        metrics = score()
         return {"task": name, "eval_only": True, "torch": torch.__version__, "final": metrics}
     while state.step < args.steps:
         rng.shuffle(samples)
@@ -105,9 +111,11 @@ def overfit(name: str, shards: Path, categories: list[dict], args: argparse.Name
                 torch.save(model.state_dict(), args.out / f"{name}.pt")
                 if args.train_only:
                     continue
-                metrics = evaluate(model, task, single, num_classes=len(categories),
-                                   device=torch.device("cpu"), categories=categories)
+                eval_start = time.perf_counter()
+                metrics = score()
+                eval_s += time.perf_counter() - eval_start
                 history.append({"step": state.step, "wall_s": round(time.perf_counter() - start, 1),
+                                "train_s": round(time.perf_counter() - start - eval_s, 1),
                                 **metrics})
                 print(json.dumps(history[-1]), flush=True)
             if state.step >= args.steps:
@@ -118,6 +126,25 @@ def overfit(name: str, shards: Path, categories: list[dict], args: argparse.Name
         "eval_image_size": args.eval_image_size, "num_queries": args.num_queries, "lr": args.lr, "num_points": args.num_points, "torch": torch.__version__,
         "final": history[-1] if history else None, "history": history,
     }
+
+
+def _score(evaluate, model, task, loader, categories: list[dict], shards: Path, stem: Path) -> dict:
+    """The evaluator's metrics at the eval size, plus the written prediction files re-scored
+    against the dataset's full-resolution ground truth (``cf eval --predictions``'s scorers),
+    which is exact whatever the eval size."""
+    import importlib
+
+    import torch
+    from clusterformer.cli.eval_cmd import SEGMENTATION_SCORERS
+
+    from clusterformer.metrics.seg_common import predictions_path_for
+
+    task.predictions_out = str(predictions_path_for(f"{stem}.json", task.name))
+    metrics = evaluate(model, task, loader, num_classes=len(categories),
+                       device=torch.device("cpu"), categories=categories)
+    module, function = SEGMENTATION_SCORERS[task.name]
+    full = getattr(importlib.import_module(module), function)(task.predictions_out, shards)
+    return {**metrics, "full_res": full}
 
 
 def _sample(batch: dict) -> dict:

@@ -57,7 +57,10 @@ def register(app: typer.Typer) -> None:
         Prints a table and, with --out, writes JSON (classification: top1, top5 in percent;
         top5 is top-min(5, C) when the dataset has fewer than 5 classes; detection: bbox_AP,
         bbox_AP50, bbox_AP75 by COCOeval, with the detections written beside the metrics as
-        NAME.detections.json).
+        NAME.detections.json; instance segm_AP* + bbox_AP*, semantic mIoU, aAcc, panoptic
+        PQ, SQ, RQ, PQ_th, PQ_st, with the predictions beside the metrics as NAME.segm.json,
+        PNG folder NAME.semantic/, or NAME.panoptic.json + NAME.panoptic/, re-scorable
+        with --predictions).
         """
         if (ckpt is None) == (predictions is None):
             raise UserError(
@@ -123,6 +126,10 @@ def _evaluate_checkpoint(
 
         # The detections JSON goes next to the metrics, so it can be re-scored or inspected.
         task.detections_out = str(detections_path_for(out))
+    elif task.name in SEGMENTATION_SCORERS and out is not None:
+        from clusterformer.metrics.seg_common import predictions_path_for
+
+        task.predictions_out = str(predictions_path_for(out, task.name))
     info = load_dataset_info(str(data))
     _check_categories(meta.get("categories") or [], info.get("categories") or [], ckpt, data)
     size = image_size or int(meta.get("image_size") or 224)

@@ -239,6 +239,7 @@ def test_evaluator_resized_ground_truth_gt_as_prediction(shapes):
     assert ev.compute()["PQ"] == 100.0
 
 
+@pytest.mark.slow  # ~15-25 s; opt in with `-m shared_data` (a later -m replaces addopts')
 @pytest.mark.shared_data
 def test_coco_val2017_100_against_panopticapi(tmp_path):
     root = Path(__file__).resolve().parents[2] / "shared/datasets/coco_panoptic/coco_val2017_100"

@@ -19,6 +19,21 @@ import torch
 import torch.nn.functional as F
 
 TASK_FORMATS = {"instance": "coco", "panoptic": "coco-panoptic", "semantic": "ade20k"}
+# What ``cf eval --ckpt ... --out NAME.json`` writes beside the metrics, per task: re-scorable
+# with ``cf eval --task T --predictions`` (panoptic: the JSON; its PNGs go to NAME.panoptic/).
+PREDICTION_SUFFIXES = {
+    "instance": ".segm.json",
+    "panoptic": ".panoptic.json",
+    "semantic": ".semantic",
+}
+
+
+def predictions_path_for(metrics_path: str | os.PathLike, task: str) -> Path:
+    """Where ``task``'s predictions for ``NAME.json`` go: ``NAME.segm.json`` (instance),
+    ``NAME.panoptic.json`` + PNG folder ``NAME.panoptic/`` (panoptic), PNG folder
+    ``NAME.semantic/`` (semantic)."""
+    path = Path(metrics_path)
+    return path.with_name(path.name.removesuffix(".json") + PREDICTION_SUFFIXES[task])
 
 
 def _open_source(data: str | os.PathLike, task: str) -> Any:
