@@ -18,7 +18,9 @@ def register(app: typer.Typer) -> None:
             "--out",
             help="Folder for the data, shards and the run (created).",
         ),
-        num_train: int = typer.Option(768, "--num-train", min=8, help="Synthetic training images."),
+        num_train: int = typer.Option(
+            3072, "--num-train", min=8, help="Synthetic training images (64 px)."
+        ),
         num_val: int = typer.Option(
             256, "--num-val", min=4, help="Held-out synthetic images (a different seed)."
         ),
@@ -57,7 +59,7 @@ def register(app: typer.Typer) -> None:
         for split, count, split_seed in (("train", num_train, seed), ("val", num_val, seed + 1000)):
             raw, shard_dir = out / f"shapes-{split}", out / f"shards-{split}"
             with console.status(f"[1/3] making {count} {split} images in {raw}"):
-                made = make_shapes(raw, num_images=count, image_size=96, seed=split_seed)
+                made = make_shapes(raw, num_images=count, image_size=64, seed=split_seed)
                 source = open_source("imagefolder", Path(made["classification"]))
                 write_shards(
                     source, shard_dir, samples_per_shard=256, shuffle=True, seed=split_seed
