@@ -54,6 +54,7 @@ def main() -> None:
 
     import torch
     import webdataset
+
     from clusterformer.data.shapes import make_shapes
     from clusterformer.data.shards import write_shards
     from clusterformer.data.streams import open_raw

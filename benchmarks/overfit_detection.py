@@ -31,9 +31,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+
     from clusterformer.data import build_loader, make_shapes, open_source, write_shards
     from clusterformer.data.collate import collate
-
     from clusterformer.engine.evaluate import evaluate
     from clusterformer.engine.optim import Schedule, build_optimizer
     from clusterformer.engine.step import TrainState, train_step

@@ -48,6 +48,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+
     from clusterformer.data import make_shapes, open_source, write_shards
 
     torch.set_num_threads(args.threads)
@@ -69,9 +70,9 @@ def main() -> None:
 
 def overfit(name: str, shards: Path, categories: list[dict], args: argparse.Namespace) -> dict:
     import torch
+
     from clusterformer.data import build_loader
     from clusterformer.data.collate import collate
-
     from clusterformer.engine.evaluate import evaluate
     from clusterformer.engine.optim import Schedule, build_optimizer
     from clusterformer.engine.step import TrainState, train_step
@@ -135,8 +136,8 @@ def _score(evaluate, model, task, loader, categories: list[dict], shards: Path, 
     import importlib
 
     import torch
-    from clusterformer.cli.eval_cmd import SEGMENTATION_SCORERS
 
+    from clusterformer.cli.eval_cmd import SEGMENTATION_SCORERS
     from clusterformer.metrics.seg_common import predictions_path_for
 
     task.predictions_out = str(predictions_path_for(f"{stem}.json", task.name))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+
 from clusterformer.cli.errors import UserError
 
 TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
@@ -111,9 +112,9 @@ def _evaluate_checkpoint(
     task_flag: str | None,
     out: Path | None = None,
 ) -> dict[str, Any]:
-    from clusterformer.data import build_loader, load_dataset_info
     from rich.progress import Progress
 
+    from clusterformer.data import build_loader, load_dataset_info
     from clusterformer.engine.distributed import pick_device
     from clusterformer.engine.evaluate import evaluate, load_model_from_checkpoint
 
@@ -189,8 +190,8 @@ def _score_predictions(
 
         return score_detection_file(predictions, data, num_workers=num_workers)
     import torch
-    from clusterformer.data import build_loader, load_dataset_info
 
+    from clusterformer.data import build_loader, load_dataset_info
     from clusterformer.metrics.topk import TopKAccumulator
 
     if not predictions.is_file():

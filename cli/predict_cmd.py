@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+
 from clusterformer.cli.errors import UserError
 
 PREDICT_TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
@@ -39,10 +40,10 @@ def register(app: typer.Typer) -> None:
                 raise FileNotFoundError(f"{path}: image not found")
 
         import torch
-        from clusterformer.data import decode_image
-        from clusterformer.data.transforms import make_transform
         from rich.progress import Progress
 
+        from clusterformer.data import decode_image
+        from clusterformer.data.transforms import make_transform
         from clusterformer.engine.distributed import pick_device
         from clusterformer.engine.evaluate import load_model_from_checkpoint
 

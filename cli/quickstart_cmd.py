@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import typer
+
 from clusterformer.cli.errors import UserError
 
 
@@ -40,11 +41,11 @@ def register(app: typer.Typer) -> None:
         Writes OUT/shapes-{train,val} (raw), OUT/shards-{train,val} (WebDataset) and OUT/run
         (config.json, metrics.jsonl, checkpoints/last.safetensors).
         """
+        from rich.console import Console
+
         from clusterformer.data.formats import open_source
         from clusterformer.data.shapes import make_shapes
         from clusterformer.data.shards import write_shards
-        from rich.console import Console
-
         from clusterformer.engine.config import resolve_config
         from clusterformer.engine.loop import TrainingInterrupted, train
 

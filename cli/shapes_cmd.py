@@ -21,8 +21,9 @@ def register(app: typer.Typer) -> None:
         OUT/panoptic/*.png (COCO panoptic), OUT/semantic/*.png + OUT/classes.json (ADE20K
         style) and OUT/classes/<class>/*.jpg (ImageFolder).
         """
-        from clusterformer.data.shapes import make_shapes
         from rich.console import Console
+
+        from clusterformer.data.shapes import make_shapes
 
         console = Console(stderr=True, soft_wrap=True)
         with console.status(f"writing {num_images} synthetic images to {out}"):

@@ -42,8 +42,6 @@ def register(app: typer.Typer) -> None:
           cf shard-dataset --format ade20k --images DIR --masks LABELS --out SHARDS
           cf shard-dataset --format imagefolder --images DIR --out SHARDS
         """
-        from clusterformer.data.formats import open_source
-        from clusterformer.data.shards import write_shards
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -52,6 +50,9 @@ def register(app: typer.Typer) -> None:
             TextColumn,
             TimeRemainingColumn,
         )
+
+        from clusterformer.data.formats import open_source
+        from clusterformer.data.shards import write_shards
 
         console = Console(stderr=True, soft_wrap=True)
         source = open_source(format.value, images, annotations=annotations, masks=masks)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import typer
+
 from clusterformer.cli.errors import UserError
 
 TASKS = ("classification", "detection", "instance", "semantic", "panoptic")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from clusterformer.data.categories import IGNORE_INDEX, contiguous_categories
 from clusterformer.data.errors import DatasetError, ImageDecodeError, SampleError
 from clusterformer.data.images import decode_label_map

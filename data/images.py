@@ -10,8 +10,9 @@ import io
 import warnings
 
 import numpy as np
-from clusterformer.data.errors import ImageDecodeError
 from PIL import Image, ImageOps
+
+from clusterformer.data.errors import ImageDecodeError
 
 # Suffixes treated as image members in shards and as image files in folders.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "gif", "ppm", "pgm")

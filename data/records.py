@@ -28,6 +28,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+
 from clusterformer.data.categories import id_to_train_id, semantic_lut
 from clusterformer.data.images import (
     IMAGE_EXTENSIONS,

@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
 from clusterformer.data.images import encode_panoptic_ids
 from clusterformer.data.polygons import mask_to_bbox, mask_to_rle
 from clusterformer.data.shapes_scene import (
@@ -28,7 +30,6 @@ from clusterformer.data.shapes_scene import (
     classification_image,
     random_scene,
 )
-from PIL import Image
 
 # Non-contiguous ids on purpose, like COCO's: readers must map them to train ids.
 CATEGORY_IDS = {"circle": 1, "rectangle": 3, "triangle": 7, "ellipse": 12,

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from clusterformer.data.polygons import mask_to_polygons, polygons_reproduce
 from scipy import ndimage
+
+from clusterformer.data.polygons import mask_to_polygons, polygons_reproduce
 
 THING_CLASSES = ("circle", "rectangle", "triangle", "ellipse")
 STUFF_CLASSES = ("sky", "ground", "water")

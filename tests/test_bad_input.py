@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from clusterformer.cli.app import main
 from clusterformer.data.formats import open_source
 from clusterformer.data.records import decode_record, encode_record
 from clusterformer.data.shapes import make_shapes
-from PIL import Image
 
 ARGS = {
     "coco": ["--images", "{r}/images", "--annotations", "{r}/instances.json"],

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from clusterformer.cli.app import main
-from clusterformer.data import make_shapes, open_source, write_shards
 from PIL import Image
 
+from clusterformer.cli.app import main
+from clusterformer.data import make_shapes, open_source, write_shards
 from clusterformer.engine.config import resolve_config
 from clusterformer.engine.loop import train
 

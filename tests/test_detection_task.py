@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+
 from clusterformer.data import (
     build_loader,
     load_dataset_info,
@@ -16,8 +18,6 @@ from clusterformer.data import (
     open_source,
     write_shards,
 )
-from PIL import Image
-
 from clusterformer.engine.evaluate import evaluate
 from clusterformer.metrics.coco import (
     CocoDetectionEvaluator,

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from clusterformer.cli.app import main
 from clusterformer.data import make_shapes, open_source, write_shards
 from clusterformer.data.images import decode_panoptic_png, encode_panoptic_ids
 from clusterformer.data.records import segmentation_to_mask
-from PIL import Image
-
 from clusterformer.metrics.instance import encode_masks
 
 

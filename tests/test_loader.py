@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from clusterformer.data import build_loader, load_dataset_info
 from clusterformer.data.errors import SampleError
 from clusterformer.data.shapes import make_shapes

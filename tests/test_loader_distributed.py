@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from clusterformer.data import build_loader
 from clusterformer.data.loader import batches_per_rank, plan_epoch
 from clusterformer.data.shapes import make_shapes
 from clusterformer.data.shards import write_shards
 from clusterformer.data.streams import open_raw
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 def _positions(plan, counts: list[int]) -> list[int]:

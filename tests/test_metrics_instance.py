@@ -10,9 +10,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+
 from clusterformer.data import build_loader, load_dataset_info, make_shapes
 from clusterformer.data.records import segmentation_to_mask
-
 from clusterformer.metrics.instance import (
     InstanceEvaluator,
     encode_masks,

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clusterformer.data import build_loader, load_dataset_info, make_shapes
-from clusterformer.data.images import decode_panoptic_png, encode_panoptic_ids
 from PIL import Image
 
+from clusterformer.data import build_loader, load_dataset_info, make_shapes
+from clusterformer.data.images import decode_panoptic_png, encode_panoptic_ids
 from clusterformer.metrics.panoptic import (
     PanopticEvaluator,
     pq_image_stats,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from clusterformer.data import build_loader, load_dataset_info, make_shapes
-from clusterformer.data.images import decode_label_map
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from clusterformer.data import build_loader, load_dataset_info, make_shapes
+from clusterformer.data.images import decode_label_map
 from clusterformer.metrics.seg_common import to_original_size
 from clusterformer.metrics.semantic import (
     SemanticEvaluator,

@@ -10,15 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
 from clusterformer.data.categories import semantic_lut, to_dataset_ids, train_id_to_id
 from clusterformer.data.formats import open_source
 from clusterformer.data.images import decode_image
 from clusterformer.data.polygons import mask_to_rle, polygons_to_mask
 from clusterformer.data.shapes import make_shapes
 from clusterformer.data.source import unique_keys
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from PIL import Image
 
 # pycocotools calls numpy.asarray(copy=False) and warns under numpy 2
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clusterformer.cli.app import main
-from clusterformer.data import make_shapes, open_source, write_shards
 from PIL import Image
 
+from clusterformer.cli.app import main
+from clusterformer.data import make_shapes, open_source, write_shards
 from clusterformer.engine.config import resolve_config
 from clusterformer.engine.loop import train
 from clusterformer.tasks import get_task

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from clusterformer.data import build_loader, make_shapes, open_source, write_shards
 from PIL import Image
 
+from clusterformer.data import build_loader, make_shapes, open_source, write_shards
 from clusterformer.models import create_model
 from clusterformer.tasks import get_task
 from clusterformer.tasks.segmentation import (

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from clusterformer.data.images import decode_panoptic_png
 from clusterformer.data.shapes import CATEGORY_IDS, SEMANTIC_CLASSES, make_shapes
-from PIL import Image
 
 # pycocotools calls numpy.asarray(copy=False) and warns under numpy 2
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from clusterformer.cli.app import main
 from clusterformer.data import shards as shards_module
 from clusterformer.data.formats import open_source

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from clusterformer.data.collate import collate, pad_images, pad_semantic
 from clusterformer.data.transforms import (
     IMAGENET_MEAN,
@@ -14,8 +17,6 @@ from clusterformer.data.transforms import (
     random_resized_crop_params,
     resize,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 def _box_of(mask: torch.Tensor) -> torch.Tensor:
