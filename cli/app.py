@@ -10,7 +10,17 @@ import sys
 
 import typer
 
-from clusterformer.cli import errors, eval_cmd, models_cmd, predict_cmd, quickstart_cmd, shapes_cmd, shard_cmd, train_cmd
+from clusterformer.cli import (
+    errors,
+    eval_cmd,
+    export_cmd,
+    models_cmd,
+    predict_cmd,
+    quickstart_cmd,
+    shapes_cmd,
+    shard_cmd,
+    train_cmd,
+)
 
 app = typer.Typer(
     name="cf",
@@ -22,7 +32,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-for _module in (models_cmd, shapes_cmd, shard_cmd, train_cmd, eval_cmd, predict_cmd, quickstart_cmd):
+for _module in (models_cmd, shapes_cmd, shard_cmd, train_cmd, eval_cmd, predict_cmd, export_cmd, quickstart_cmd):
     _module.register(app)
 
 

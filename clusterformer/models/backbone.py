@@ -188,8 +188,9 @@ class ClusterFormer(nn.Module):
         if mask is not None:
             x = zero_padding(x, mask)
         # Unconditional (a zero-width pad is a no-op): branching on the size would make
-        # torch.export specialise the graph to one residue of H and W modulo 4.
-        x = F.pad(x, (0, (-width) % 4, 0, (-height) % 4))
+        # torch.export specialise the graph to one residue of H and W modulo 4. Ceil division
+        # of non-negative operands only: ONNX integer division truncates towards zero.
+        x = F.pad(x, (0, (width + 3) // 4 * 4 - width, 0, (height + 3) // 4 * 4 - height))
         x = self.stem(x)
         mask = downsample_mask(mask, 4)
         features: list[Tensor] = []

@@ -265,12 +265,14 @@ class ClusterDecoder(nn.Module):
         boxes = proposal if self.enc_box is None else (
             self.enc_box(memory) + inverse_sigmoid(proposal)).sigmoid()
         scores = logits[..., : self.score_classes].max(-1).values.masked_fill(~valid, float("-inf"))
-        short = self.num_queries - total
-        if short > 0:  # fewer tokens than queries: pad with blank, never-preferred entries
-            memory = F.pad(memory, (0, 0, 0, short))
-            logits, boxes = F.pad(logits, (0, 0, 0, short)), F.pad(boxes, (0, 0, 0, short))
-            scores = F.pad(scores, (0, short), value=float("-inf"))
-            valid = F.pad(valid, (0, short), value=False)
+        # Pad with Q blank, never-preferred entries so top-Q exists even with fewer tokens than
+        # queries. Unconditionally: a branch on the token count would make torch.export
+        # specialise the graph to one side of it (the picks are the same either way).
+        short = self.num_queries
+        memory = F.pad(memory, (0, 0, 0, short))
+        logits, boxes = F.pad(logits, (0, 0, 0, short)), F.pad(boxes, (0, 0, 0, short))
+        scores = F.pad(scores, (0, short), value=float("-inf"))
+        valid = F.pad(valid, (0, short), value=False)
         index = scores.topk(self.num_queries, dim=1).indices  # (B, Q)
         keep = valid.gather(1, index).unsqueeze(-1)
 

@@ -68,20 +68,28 @@ def window_partition(
         ``True`` when nothing is padded), and the window grid ``(nh, nw)``.
     """
     batch, height, width, dim = x.shape
-    pad_h, pad_w = (-height) % window, (-width) % window
+    # The grid by ceil division and the padding derived from it (equal to ``(-height) %
+    # window``): the padded side is then ``nh * window`` by construction, so torch.export
+    # proves the reshapes below for every size instead of guarding on the map size.
+    nh, nw = (height + window - 1) // window, (width + window - 1) // window
+    pad_h, pad_w = nh * window - height, nw * window - width
     # Pad and mask unconditionally: a Python branch on the padding would make torch.export
     # specialise the graph to one residue of the map size modulo the window.
     x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     if mask is None:
         mask = torch.ones(batch, height, width, dtype=torch.bool, device=x.device)
     mask = F.pad(mask, (0, pad_w, 0, pad_h), value=False)
-    nh, nw = (height + pad_h) // window, (width + pad_w) // window
+    # An explicit contiguous clone, not ``reshape``: reshape checks whether the permuted
+    # strides allow a view, which holds only when ``nw == 1`` and makes torch.export guard on it.
     tokens = x.reshape(batch, nh, window, nw, window, dim).permute(0, 1, 3, 2, 4, 5)
-    tokens = tokens.reshape(batch, nh * nw, window * window, dim)
-    if mask is not None:
-        mask = mask.reshape(batch, nh, window, nw, window).permute(0, 1, 3, 2, 4)
-        mask = mask.reshape(batch, nh * nw, window, window)
+    tokens = _contiguous(tokens).view(batch, nh * nw, window * window, dim)
+    mask = mask.reshape(batch, nh, window, nw, window).permute(0, 1, 3, 2, 4)
+    mask = _contiguous(mask).view(batch, nh * nw, window, window)
     return tokens, mask, (nh, nw)
+
+
+def _contiguous(x: Tensor) -> Tensor:
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 def window_merge(tokens: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
@@ -90,8 +98,10 @@ def window_merge(tokens: Tensor, grid: tuple[int, int], size: tuple[int, int]) -
     window = round(length**0.5)
     nh, nw = grid
     x = tokens.reshape(batch, nh, nw, window, window, dim).permute(0, 1, 3, 2, 4, 5)
-    x = x.reshape(batch, nh * window, nw * window, dim)
-    return x[:, : size[0], : size[1]]
+    x = _contiguous(x).view(batch, nh * window, nw * window, dim)
+    # Crop by negative padding rather than slicing: the result is then exactly ``size`` for
+    # torch.export, whereas a slice's end is clamped to the padded size behind a guard.
+    return F.pad(x, (0, 0, 0, size[1] - nw * window, 0, size[0] - nh * window))
 
 
 class Dispatch(nn.Module):

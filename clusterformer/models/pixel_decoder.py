@@ -86,7 +86,10 @@ def _sine(coord: Tensor, dim: int, temperature: float) -> Tensor:
 
 def _upsample2(x: Tensor, size: tuple[int, int]) -> Tensor:
     """Nearest x2 upsampling cropped to ``size``: token ``i`` reads token ``i // 2``."""
-    return F.interpolate(x, scale_factor=2.0, mode="nearest")[..., : size[0], : size[1]]
+    height, width = x.shape[-2:]
+    up = F.interpolate(x, size=(2 * height, 2 * width), mode="nearest")
+    # Crop by negative padding: a slice's end is clamped behind a guard under torch.export.
+    return F.pad(up, (0, size[1] - 2 * width, 0, size[0] - 2 * height))
 
 
 def masked_group_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, mask: Tensor | None,

@@ -1,0 +1,204 @@
+"""Trace the export graph and write it: ``torch.export`` programs (``.pt2``) and ONNX files.
+
+Dynamic shapes: batch is always dynamic; height and width are dynamic in ``[MIN_SIDE,
+MAX_SIDE]`` unless a static ``image_size`` is asked for. Tracing runs with
+``backed_size_oblivious`` on, so the exporter does not specialise on map sizes that happen
+to be 1 in the example (e.g. one window per side in the last stage).
+
+Metadata (see :func:`export_metadata`) travels inside the file: ONNX ``metadata_props``
+(the whole record as JSON under ``"clusterformer"`` plus flat ``task``, ``classes``,
+``mean``, ``std``, ``image_size``, ``preset`` keys) and, for ``.pt2``, the ``extra_files``
+entry ``"clusterformer.json"`` of ``torch.export.save``. :func:`read_export_metadata` reads
+either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+EXPORT_FORMAT = "clusterformer-export-v1"
+METADATA_FILE = "clusterformer.json"
+FORMATS = ("onnx", "pt2")
+MIN_SIDE, MAX_SIDE, MAX_BATCH = 32, 4096, 1024
+DEFAULT_OPSET = 18
+
+
+def dynamic_shapes(static_size: int | None) -> dict[str, dict[int, Any]]:
+    """``dynamic_shapes`` for the ``images`` input: batch always, H and W unless static."""
+    from torch.export import Dim
+
+    dims: dict[int, Any] = {0: Dim("batch", min=1, max=MAX_BATCH)}
+    if static_size is None:
+        dims[2] = Dim("height", min=MIN_SIDE, max=MAX_SIDE)
+        dims[3] = Dim("width", min=MIN_SIDE, max=MAX_SIDE)
+    return {"images": dims}
+
+
+def export_program(
+    wrapper: nn.Module, example: Tensor, static_size: int | None
+) -> torch.export.ExportedProgram:
+    """``torch.export`` (non-strict) of ``wrapper`` on ``example`` ``(B>=2, 3, H, W)``."""
+    import torch.fx.experimental._config as fx_config
+
+    with fx_config.patch(backed_size_oblivious=True), _quiet():
+        return torch.export.export(
+            wrapper, (example,), dynamic_shapes=dynamic_shapes(static_size), strict=False
+        )
+
+
+def save_pt2(program: torch.export.ExportedProgram, path: Path, metadata: dict[str, Any]) -> None:
+    """``torch.export.save`` with the metadata as the ``clusterformer.json`` extra file."""
+    torch.export.save(program, str(path), extra_files={METADATA_FILE: json.dumps(metadata)})
+
+
+def save_onnx(
+    program: torch.export.ExportedProgram | None,
+    wrapper: nn.Module,
+    example: Tensor,
+    path: Path,
+    *,
+    output_names: tuple[str, ...],
+    static_size: int | None,
+    opset: int,
+) -> tuple[str, str | None]:
+    """Write ONNX with the dynamo exporter from ``program``; fall back to the TorchScript
+    exporter on ``wrapper`` when there is no program or the dynamo exporter fails.
+
+    Returns:
+        (exporter used: ``"dynamo"`` or ``"torchscript"``, why the fallback was needed or None).
+    """
+    reason = "torch.export failed" if program is None else None
+    if program is not None:
+        try:
+            with _quiet():
+                torch.onnx.export(
+                    program, (example,), str(path), dynamo=True, opset_version=opset,
+                    input_names=["images"], output_names=list(output_names),
+                    external_data=False, verbose=False,
+                )
+            return "dynamo", None
+        except Exception as exc:  # noqa: BLE001 - any exporter failure means: try the other one
+            reason = f"dynamo exporter failed: {' '.join(str(exc).split())[:300]}"
+    axes = {0: "batch"} if static_size is not None else {0: "batch", 2: "height", 3: "width"}
+    with _quiet():
+        torch.onnx.export(
+            wrapper, (example,), str(path), dynamo=False, opset_version=opset,
+            input_names=["images"], output_names=list(output_names),
+            dynamic_axes={"images": axes, **{n: {0: "batch"} for n in output_names}},
+        )
+    return "torchscript", reason
+
+
+def write_onnx_metadata(path: Path, metadata: dict[str, Any]) -> None:
+    """Store ``metadata`` in the ONNX file's ``metadata_props`` (rewrites the file)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    props = {
+        "clusterformer": json.dumps(metadata),
+        "task": metadata["task"],
+        "classes": json.dumps([c.get("name", str(c.get("id"))) for c in metadata["categories"]]),
+        "mean": json.dumps(metadata["normalisation"]["mean"]),
+        "std": json.dumps(metadata["normalisation"]["std"]),
+        "image_size": json.dumps(metadata["image_size"]),
+        "preset": str(metadata["preset"]),
+    }
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in props.items():
+        entry = existing.get(key) or model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+
+
+def read_export_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``clusterformer`` metadata record of an exported ``.onnx`` or ``.pt2`` file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: exported model not found")
+    if p.suffix == ".onnx":
+        import onnx
+
+        props = {e.key: e.value for e in onnx.load(str(p), load_external_data=False).metadata_props}
+        raw = props.get("clusterformer")
+    else:
+        extra = {METADATA_FILE: ""}
+        with _quiet():
+            torch.export.load(str(p), extra_files=extra)
+        raw = extra[METADATA_FILE] or None
+    if raw is None:
+        raise ValueError(f"{p}: no clusterformer metadata in this file")
+    return json.loads(raw)
+
+
+def export_metadata(
+    meta: dict[str, Any],
+    *,
+    checkpoint: Path,
+    output_names: tuple[str, ...],
+    with_postprocess: bool,
+    static_size: int | None,
+    exporter: str,
+    opset: int | None,
+) -> dict[str, Any]:
+    """Everything a consumer needs besides the graph: task, classes, preset, normalisation,
+    input convention, output names and how they were produced."""
+    from clusterformer import __version__
+
+    model_config = dict(meta["model_config"])
+    normalisation = meta.get("normalisation") or {}
+    side = static_size if static_size is not None else "dynamic"
+    return {
+        "format": EXPORT_FORMAT,
+        "task": meta["task"],
+        "categories": list(meta.get("categories") or []),
+        "num_classes": model_config.get("num_classes"),
+        "preset": model_config.get("name"),
+        "model_config": model_config,
+        "task_config": meta.get("task_config") or {},
+        "normalisation": {"mean": list(normalisation.get("mean", (0.485, 0.456, 0.406))),
+                          "std": list(normalisation.get("std", (0.229, 0.224, 0.225)))},
+        "image_size": meta.get("image_size"),
+        "input": {
+            "name": "images", "dtype": "float32", "layout": "NCHW RGB",
+            "preprocess": "pixels / 255, then (x - mean) / std per channel",
+            "batch": "dynamic", "height": side, "width": side,
+            "min_side": MIN_SIDE if static_size is None else static_size,
+            "max_side": MAX_SIDE if static_size is None else static_size,
+        },
+        "outputs": list(output_names),
+        "with_postprocess": with_postprocess,
+        "exporter": exporter,
+        "opset": opset,
+        "source_checkpoint": str(checkpoint),
+        "step": meta.get("step"),
+        "torch_version": torch.__version__,
+        "clusterformer_version": __version__,
+    }
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporters' progress prints, warnings and logs (failures still raise)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export",
+                                                "torch.fx.experimental.symbolic_shapes",
+                                                "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
