@@ -216,7 +216,10 @@ def test_recipe_resolution_flags_win() -> None:
 
 
 def test_get_task_errors() -> None:
-    with pytest.raises(ValueError, match="later release"):
-        get_task("panoptic")
     with pytest.raises(ValueError, match="unknown task"):
         get_task("depth")
+
+
+def test_every_task_of_the_paper_is_available() -> None:
+    for name in ("classification", "detection", "instance", "semantic", "panoptic"):
+        assert get_task(name).name == name

@@ -28,6 +28,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     sources = {
         "classification": open_source("imagefolder", Path(made["classification"])),
         "detection": open_source("coco", made["images"], made["instances"]),
+        "panoptic": open_source("coco-panoptic", made["images"], made["panoptic_json"],
+                                made["panoptic_masks"]),
     }
     out = {}
     for task, source in sources.items():
@@ -63,7 +65,8 @@ def _export_and_check(run: Path, fmt: str, out: Path, task: str, extra: list[str
     ckpt_meta = json.loads((run / "config.json").read_text())
     assert meta["task"] == task == ckpt_meta["task"]
     assert meta["preset"] == "clusterformer-nano"
-    assert sorted(c["name"] for c in meta["categories"]) == ["circle", "ellipse", "rectangle", "triangle"]
+    things = sorted(c["name"] for c in meta["categories"] if c.get("isthing", True))
+    assert things == ["circle", "ellipse", "rectangle", "triangle"]
     assert len(meta["normalisation"]["mean"]) == len(meta["normalisation"]["std"]) == 3
     assert meta["image_size"] == 48
     # the parity table names every output at both sizes, one of them not a multiple of 32
@@ -123,6 +126,18 @@ def test_detection_export(runs: dict, tmp_path: Path, capsys: pytest.CaptureFixt
     assert labels.dtype == torch.int64 and ((labels >= 0) & (labels < 4)).all()
     assert (boxes[..., 0] <= boxes[..., 2]).all() and (boxes[..., 1] <= boxes[..., 3]).all()
     assert (boxes[..., 0::2] <= 75).all() and (boxes[..., 1::2] <= 50).all() and (boxes >= 0).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_panoptic_export(runs: dict, tmp_path: Path, capsys: pytest.CaptureFixture, fmt: str) -> None:
+    meta = _export_and_check(runs["panoptic"], fmt, tmp_path / f"pan.{fmt}", "panoptic", [], capsys)
+    assert meta["outputs"] == ["pred_logits", "pred_masks"]
+    logits, masks = _run_exported(tmp_path / f"pan.{fmt}", torch.randn(1, 3, 50, 75), meta["outputs"])
+    assert logits.shape[0] == masks.shape[0] == 1 and masks.shape[-2:] == (13, 19)
+    code = _cf(["export", "--ckpt", str(runs["panoptic"]), "--format", fmt,
+                "--out", str(tmp_path / f"post.{fmt}"), "--with-postprocess"])
+    assert code != 0 and "post" in capsys.readouterr().err
 
 
 @pytest.mark.slow

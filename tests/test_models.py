@@ -229,6 +229,7 @@ def test_task_builders_are_pluggable(monkeypatch: pytest.MonkeyPatch) -> None:
     """A task without a builder says so; registering one makes create_model use it."""
     builders = {task: fn for task, fn in registry.TASK_BUILDERS.items() if task != "panoptic"}
     monkeypatch.setattr(registry, "TASK_BUILDERS", builders)  # restored after the test
+    monkeypatch.setattr(registry, "TASK_OPTIONS", dict(registry.TASK_OPTIONS))
     with pytest.raises(ValueError, match="panoptic head is not available yet"):
         create_model("clusterformer-nano", task="panoptic")
     register_task("panoptic", lambda num_classes, **options: ClusterFormer(
