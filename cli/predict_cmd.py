@@ -39,55 +39,73 @@ def register(app: typer.Typer) -> None:
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: image not found")
 
-        import torch
-        from rich.progress import Progress
-
-        from clusterformer.data import decode_image
-        from clusterformer.data.transforms import make_transform
-        from clusterformer.engine.distributed import pick_device
-        from clusterformer.engine.evaluate import load_model_from_checkpoint
-
-        dev = pick_device(device)
-        model, task, meta = load_model_from_checkpoint(ckpt, dev)
-        if task.name not in PREDICT_TASKS:
-            raise UserError(f"cf predict supports {', '.join(PREDICT_TASKS)}; {ckpt} is a {task.name} model")
-        categories = meta.get("categories") or []
-        if hasattr(task, "set_categories") and categories:
-            task.set_categories(categories)
-        size = image_size or int(meta.get("image_size") or 224)
-        transform = make_transform(task.name, size, train=False)
-        out.mkdir(parents=True, exist_ok=True)
-        names = _unique_stems(images)
-        everything = []
-        with Progress(transient=True) as progress, torch.no_grad():
-            bar = progress.add_task("predict", total=len(images))
-            for path, stem in zip(images, names, strict=True):
-                image = decode_image(path.read_bytes(), str(path))
-                height, width = int(image.shape[1]), int(image.shape[2])
-                sample = transform({"key": stem, "image": image, "image_id": 0, "orig_size": (height, width)})
-                batch = {
-                    "images": sample["image"].unsqueeze(0).to(dev),
-                    "pixel_mask": torch.ones(1, *sample["image"].shape[1:], dtype=torch.bool, device=dev),
-                    "targets": [{"orig_size": (height, width), "size": tuple(sample["size"])}],
-                }
-                outputs = task.forward(model, batch)
-                if task.name == "detection":
-                    pred = task.postprocess(outputs, batch)[0]
-                    result = _detections(pred, categories, score_threshold, max_detections)
-                elif task.name in ("instance", "semantic", "panoptic"):
-                    from clusterformer.cli.predict_masks import segments_of
-
-                    pred = task.postprocess(outputs, batch)[0]
-                    result = segments_of(task.name, pred, categories, score_threshold, max_detections)
-                else:
-                    result = _classes(task.postprocess(outputs, batch)[0], categories)
-                record = {"image": str(path), "height": height, "width": width, "task": task.name, **result}
-                _save_overlay(image, record, out / f"{stem}.png")
-                _write_json(out / f"{stem}.json", record)
-                everything.append(record)
-                progress.advance(bar)
-        _write_json(out / "predictions.json", everything)
+        everything = predict_images(ckpt, images, out, score_threshold=score_threshold,
+                                    max_detections=max_detections, image_size=image_size,
+                                    device=device)
         typer.echo(f"wrote {len(everything)} overlay(s) and predictions.json to {out}")
+
+
+def predict_images(
+    ckpt: Path,
+    images: list[Path],
+    out: Path,
+    *,
+    score_threshold: float = 0.3,
+    max_detections: int = 100,
+    image_size: int | None = None,
+    device: str | None = None,
+) -> list[dict[str, Any]]:
+    """Run checkpoint ``ckpt`` on ``images``; write OUT/<stem>.png overlays, OUT/<stem>.json and
+    OUT/predictions.json, and return the per-image records."""
+    import torch
+    from rich.progress import Progress
+
+    from clusterformer.data import decode_image
+    from clusterformer.data.transforms import make_transform
+    from clusterformer.engine.distributed import pick_device
+    from clusterformer.engine.evaluate import load_model_from_checkpoint
+
+    dev = pick_device(device)
+    model, task, meta = load_model_from_checkpoint(ckpt, dev)
+    if task.name not in PREDICT_TASKS:
+        raise UserError(f"cf predict supports {', '.join(PREDICT_TASKS)}; {ckpt} is a {task.name} model")
+    categories = meta.get("categories") or []
+    if hasattr(task, "set_categories") and categories:
+        task.set_categories(categories)
+    size = image_size or int(meta.get("image_size") or 224)
+    transform = make_transform(task.name, size, train=False)
+    out.mkdir(parents=True, exist_ok=True)
+    names = _unique_stems(images)
+    everything = []
+    with Progress(transient=True) as progress, torch.no_grad():
+        bar = progress.add_task("predict", total=len(images))
+        for path, stem in zip(images, names, strict=True):
+            image = decode_image(path.read_bytes(), str(path))
+            height, width = int(image.shape[1]), int(image.shape[2])
+            sample = transform({"key": stem, "image": image, "image_id": 0, "orig_size": (height, width)})
+            batch = {
+                "images": sample["image"].unsqueeze(0).to(dev),
+                "pixel_mask": torch.ones(1, *sample["image"].shape[1:], dtype=torch.bool, device=dev),
+                "targets": [{"orig_size": (height, width), "size": tuple(sample["size"])}],
+            }
+            outputs = task.forward(model, batch)
+            if task.name == "detection":
+                pred = task.postprocess(outputs, batch)[0]
+                result = _detections(pred, categories, score_threshold, max_detections)
+            elif task.name in ("instance", "semantic", "panoptic"):
+                from clusterformer.cli.predict_masks import segments_of
+
+                pred = task.postprocess(outputs, batch)[0]
+                result = segments_of(task.name, pred, categories, score_threshold, max_detections)
+            else:
+                result = _classes(task.postprocess(outputs, batch)[0], categories)
+            record = {"image": str(path), "height": height, "width": width, "task": task.name, **result}
+            _save_overlay(image, record, out / f"{stem}.png")
+            _write_json(out / f"{stem}.json", record)
+            everything.append(record)
+            progress.advance(bar)
+    _write_json(out / "predictions.json", everything)
+    return everything
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:

@@ -38,8 +38,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Synthetic shapes -> shards -> train nano classification on CPU -> held-out top-1 (minutes).
 
-        Writes OUT/shapes-{train,val} (raw), OUT/shards-{train,val} (WebDataset) and OUT/run
-        (config.json, metrics.jsonl, checkpoints/last.safetensors).
+        Writes OUT/shapes-{train,val} (raw), OUT/shards-{train,val} (WebDataset), OUT/run
+        (config.json, metrics.jsonl, checkpoints/last.safetensors) and OUT/predictions (a few
+        held-out images with the predicted classes drawn on, plus JSON).
         """
         from rich.console import Console
 
@@ -94,6 +95,13 @@ def register(app: typer.Typer) -> None:
             f"[3/3] held-out ({metrics.get('num_samples')} images): top-1 {metrics.get('top1', 0):.2f} %, "
             f"top-5 {metrics.get('top5', 0):.2f} % (4 classes: top-5 = top-4)"
         )
+        from clusterformer.cli.predict_cmd import predict_images
+
+        # Pictures of what the model sees: a few held-out images with its top classes drawn on.
+        classes = sorted(p for p in Path(made["classification"]).iterdir() if p.is_dir())
+        examples = [image for folder in classes for image in sorted(folder.glob("*.jpg"))[:2]]
+        predict_images(result.checkpoint, examples, out / "predictions", device=device)
+        console.print(f"[3/3] predictions drawn on {len(examples)} held-out images: {out / 'predictions'}")
         console.print(f"done in {time.perf_counter() - t0:.0f} s (training {train_s:.0f} s)")
         console.print(f"  checkpoint: {result.checkpoint}")
         console.print(f"  evaluate again: cf eval --ckpt {run_dir} --data {shards['val']}")

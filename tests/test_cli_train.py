@@ -278,3 +278,20 @@ def test_eval_errors(
 def test_help(command: str, capsys: pytest.CaptureFixture) -> None:
     code, out, _ = _cf([command, "--help"], capsys)
     assert code == 0 and "--" in out
+
+
+def test_quickstart_end_to_end_small(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "qs"
+    code, printed, err = _cf(["quickstart", "--out", str(out), "--num-train", "64", "--num-val", "8",
+                              "--steps", "2", "--image-size", "32"], capsys)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["top1"] <= 100.0 and metrics["num_samples"] == 8
+    assert (out / "run" / "checkpoints" / "last.safetensors").is_file()
+    assert (out / "shards-train" / "dataset.json").is_file()
+    overlays = sorted((out / "predictions").glob("*.png"))
+    assert len(overlays) == 8 and (out / "predictions" / "predictions.json").is_file()
+    assert "held-out" in printed
+    code, _, err = _cf(["quickstart", "--out", str(out), "--num-train", "64", "--num-val", "8",
+                        "--steps", "2", "--image-size", "32"], capsys)
+    assert code != 0 and "already holds a trained model" in err
