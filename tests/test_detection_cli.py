@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from cli_runner import run_cf as _cf
 from PIL import Image
 
-from clusterformer.cli.app import main
 from clusterformer.data import make_shapes, open_source, write_shards
 from clusterformer.engine.config import resolve_config
 from clusterformer.engine.loop import train
@@ -30,12 +30,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "instances": made["instances"]}
 
 
-def _cf(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def test_training_logs_detection_losses(run: dict) -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runner import run_cf as _cf
 from PIL import Image
 
-from clusterformer.cli.app import main
 from clusterformer.data import make_shapes, open_source, write_shards
 from clusterformer.data.images import decode_panoptic_png, encode_panoptic_ids
 from clusterformer.data.records import segmentation_to_mask
@@ -47,12 +47,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return out
 
 
-def _cf(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def _eval(task: str, predictions: Path, data: Path, capsys) -> tuple[int, str]:

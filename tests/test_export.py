@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_cf as _cf
 
-from clusterformer.cli.app import main
 from clusterformer.data import make_shapes, open_source, write_shards
 from clusterformer.engine.config import resolve_config
 from clusterformer.engine.loop import train
@@ -41,12 +41,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def _cf(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def _run_exported(path: Path, images: torch.Tensor, names: list[str]) -> list[torch.Tensor]:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runner import run_cf as _cf
 from PIL import Image
 
-from clusterformer.cli.app import main
 from clusterformer.data import make_shapes, open_source, write_shards
 from clusterformer.engine.config import resolve_config
 from clusterformer.engine.loop import train
@@ -55,12 +55,6 @@ KEYS = {
 WRITTEN = {"instance": "m.segm.json", "semantic": "m.semantic", "panoptic": "m.panoptic.json"}
 
 
-def _cf(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 @pytest.mark.parametrize("task", TASKS)
