@@ -17,12 +17,13 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from clusterformer.metrics.seg_common import atomic_write_bytes, predictions_path_for
 
 METRIC_KEYS: tuple[str, ...] = ("bbox_AP", "bbox_AP50", "bbox_AP75")
 
@@ -133,22 +134,9 @@ def coco_bbox_metrics(
     }
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def detections_path_for(metrics_path: str | os.PathLike) -> Path:
     """Where the detections of ``metrics.json`` go: ``metrics.detections.json`` beside it."""
-    path = Path(metrics_path)
-    return path.with_name(f"{path.name.removesuffix('.json')}.detections.json")
+    return predictions_path_for(metrics_path, "detection")
 
 
 class CocoDetectionEvaluator:
@@ -199,7 +187,7 @@ class CocoDetectionEvaluator:
             metrics = coco_bbox_metrics(images, annotations, detections, self.categories)
             metrics["num_images"] = float(len(images))
             if self.detections_out is not None:
-                _atomic_write_text(Path(self.detections_out), json.dumps(detections) + "\n")
+                atomic_write_bytes(Path(self.detections_out), (json.dumps(detections) + "\n").encode())
             box = [metrics]
         if distributed:
             dist.broadcast_object_list(box, src=0)

@@ -22,6 +22,7 @@ TASK_FORMATS = {"instance": "coco", "panoptic": "coco-panoptic", "semantic": "ad
 # What ``cf eval --ckpt ... --out NAME.json`` writes beside the metrics, per task: re-scorable
 # with ``cf eval --task T --predictions`` (panoptic: the JSON; its PNGs go to NAME.panoptic/).
 PREDICTION_SUFFIXES = {
+    "detection": ".detections.json",
     "instance": ".segm.json",
     "panoptic": ".panoptic.json",
     "semantic": ".semantic",
@@ -29,7 +30,8 @@ PREDICTION_SUFFIXES = {
 
 
 def predictions_path_for(metrics_path: str | os.PathLike, task: str) -> Path:
-    """Where ``task``'s predictions for ``NAME.json`` go: ``NAME.segm.json`` (instance),
+    """Where ``task``'s predictions for ``NAME.json`` go: ``NAME.detections.json``
+    (detection), ``NAME.segm.json`` (instance),
     ``NAME.panoptic.json`` + PNG folder ``NAME.panoptic/`` (panoptic), PNG folder
     ``NAME.semantic/`` (semantic)."""
     path = Path(metrics_path)
