@@ -111,6 +111,16 @@ def register(app: typer.Typer) -> None:
         cutmix: float | None = typer.Option(
             None, "--cutmix", help="Classification: cutmix alpha (0 = off)."
         ),
+        rand_augment: str | None = typer.Option(
+            None,
+            "--rand-augment",
+            help="Classification: RandAugment policy in timm's notation, e.g. rand-m9-mstd0.5-inc1 (m magnitude 0-10, n ops per image (default 2), mstd magnitude noise, inc1 ops that grow with magnitude); 'none' turns a recipe's off.",
+        ),
+        random_erasing: float | None = typer.Option(
+            None,
+            "--random-erasing",
+            help="Classification: probability (0-1) of erasing one random rectangle with noise, as timm's RandomErasing (0 = off; imagenet-1k uses 0.25).",
+        ),
         head_pool: str | None = typer.Option(
             None,
             "--head-pool",
@@ -149,6 +159,15 @@ def register(app: typer.Typer) -> None:
             raise FileNotFoundError(f"{data}: training data not found")
         if val_data is not None and not val_data.exists():
             raise FileNotFoundError(f"{val_data}: validation data not found")
+        if rand_augment is not None and rand_augment.strip().lower() != "none":
+            from clusterformer.data.rand_augment import parse_rand_augment
+
+            try:
+                parse_rand_augment(rand_augment)
+            except ValueError as exc:
+                raise UserError(f"--rand-augment: {exc}") from None
+        if random_erasing is not None and not 0.0 <= random_erasing <= 1.0:
+            raise UserError(f"--random-erasing must be in [0, 1], got {random_erasing}")
         if model is not None:
             from clusterformer.models import list_models
 
@@ -186,6 +205,8 @@ def register(app: typer.Typer) -> None:
             label_smoothing=label_smoothing,
             mixup_alpha=mixup,
             cutmix_alpha=cutmix,
+            rand_augment=rand_augment,
+            random_erasing=random_erasing,
             model_overrides=overrides,
             num_workers=num_workers,
             device=device,

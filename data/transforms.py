@@ -17,6 +17,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .rand_augment import RandAugmentPolicy, parse_rand_augment
+from .rand_augment import rand_augment as apply_rand_augment
+from .rand_augment import random_erasing as erase
+
 Sample = dict[str, Any]
 Transform = Callable[[Sample, "torch.Generator | None"], Sample]
 
@@ -218,14 +222,24 @@ def classification_train(
     generator: torch.Generator | None = None,
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    rand_augment: str | RandAugmentPolicy | None = None,
+    random_erasing: float = 0.0,
 ) -> Sample:
     """Random-resized crop (area ``scale``, aspect ``ratio``; ImageNet's 0.08-1 and 3/4-4/3 by
-    default) to image_size^2, h-flip, normalise."""
+    default) to image_size^2, h-flip, RandAugment (timm policy string such as
+    ``rand-m9-mstd0.5-inc1``, or a parsed policy; None = off) on the uint8 image, normalise,
+    then random erasing with probability ``random_erasing`` (timm's, per-pixel noise)."""
     h, w = image_size_of(sample)
     top, left, ch, cw = random_resized_crop_params(
         h, w, scale=tuple(scale), ratio=tuple(ratio), generator=generator)
-    out = resize(crop(sample, top, left, ch, cw), (image_size, image_size))
-    return _finish(_maybe_flip(out, generator))
+    out = _maybe_flip(resize(crop(sample, top, left, ch, cw), (image_size, image_size)), generator)
+    if rand_augment is not None:
+        policy = parse_rand_augment(rand_augment) if isinstance(rand_augment, str) else rand_augment
+        out = dict(out, image=apply_rand_augment(out["image"], policy, generator))
+    out = _finish(out)
+    if random_erasing > 0:
+        out["image"] = erase(out["image"], random_erasing, generator)
+    return out
 
 
 def classification_eval(
@@ -269,7 +283,7 @@ def dense_eval(sample: Sample, image_size: int, generator: torch.Generator | Non
 
 
 TRAIN_OPTIONS: dict[str, tuple[str, ...]] = {
-    "classification": ("scale", "ratio"),
+    "classification": ("scale", "ratio", "rand_augment", "random_erasing"),
     "dense": ("scale_range",),
 }
 
@@ -278,8 +292,9 @@ def make_transform(task: str, image_size: int, train: bool, **options: Any) -> T
     """The transform ``f(sample, generator) -> sample`` for a task and mode.
 
     ``options`` tune the training augmentation (ignored for evaluation): classification
-    ``scale`` and ``ratio`` of the random-resized crop, dense tasks ``scale_range`` of the
-    scale jitter. Unknown options raise ``ValueError``.
+    ``scale`` and ``ratio`` of the random-resized crop, ``rand_augment`` (timm policy string,
+    None = off) and ``random_erasing`` (probability, 0 = off); dense tasks ``scale_range`` of
+    the scale jitter. Unknown or malformed options raise ``ValueError``.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
@@ -294,7 +309,14 @@ def make_transform(task: str, image_size: int, train: bool, **options: Any) -> T
         fn = classification_train if train else classification_eval
     else:
         fn = dense_train if train else dense_eval
-    kwargs = options if train else {}
+    kwargs = dict(options) if train else {}
+    if isinstance(kwargs.get("rand_augment"), str):  # parse once, and fail before any sample
+        spec = kwargs["rand_augment"].strip()
+        kwargs["rand_augment"] = None if spec.lower() == "none" else parse_rand_augment(spec)
+    if not 0.0 <= float(kwargs.get("random_erasing", 0.0)) <= 1.0:
+        raise ValueError(
+            f"random_erasing must be a probability in [0, 1], got {kwargs['random_erasing']}"
+        )
 
     def transform(sample: Sample, generator: torch.Generator | None = None) -> Sample:
         return fn(sample, image_size, generator, **kwargs)

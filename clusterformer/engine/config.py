@@ -69,10 +69,9 @@ class TrainConfig:
 RECIPES: dict[str, dict[str, Any]] = {
     # The paper's ImageNet-1K setting (DeiT-style): AdamW lr 1e-3 per 1024 images (scaled
     # linearly to the real global batch), wd 0.05, 300 epochs with 20 warm-up epochs, clip 5,
-    # smoothing 0.1, mixup 0.8 / cutmix 1.0, 224 px. Asked for but not provided by the data
-    # transforms yet (recorded as "transforms_missing" in config.json): RandAugment
-    # rand-m9-mstd0.5-inc1 and random erasing 0.25; the eval resize is the loader's
-    # 256/224 ratio (256 px for 224) rather than the paper's 248.
+    # smoothing 0.1, mixup 0.8 / cutmix 1.0, 224 px, RandAugment rand-m9-mstd0.5-inc1 and
+    # random erasing 0.25 (timm's semantics, data/rand_augment.py; classification only). The
+    # eval resize is the loader's 256/224 ratio (256 px for 224) rather than the paper's 248.
     "imagenet-1k": {
         "model": "clusterformer-tiny",
         "epochs": 300,

@@ -39,9 +39,6 @@ from clusterformer.engine.signals import StopFlag, TrainingInterrupted
 from clusterformer.engine.step import ModelEma, TrainState, make_scaler, train_step
 from clusterformer.tasks import Task, get_task
 
-# Batch-level transforms a recipe may ask for that the data pipeline does not offer yet.
-UNSUPPORTED_TRANSFORMS = ("rand_augment", "random_erasing")
-
 
 @dataclass
 class TrainResult:
@@ -64,6 +61,32 @@ def _resolve_amp(cfg: TrainConfig, env: DistEnv) -> str:
     return amp
 
 
+def _requested_transforms(cfg: TrainConfig) -> dict[str, Any]:
+    """Classification-only transforms the config turns on ("none" turns RandAugment off)."""
+    spec = (cfg.rand_augment or "").strip()
+    wanted: dict[str, Any] = {"rand_augment": spec} if spec.lower() not in ("", "none") else {}
+    if cfg.random_erasing:
+        wanted["random_erasing"] = float(cfg.random_erasing)
+    return wanted
+
+
+def train_augment_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The train loader's ``augment``: ``cfg.augment`` plus, for classification, rand_augment and
+    random_erasing; a key also set in ``cfg.augment`` must agree (ValueError otherwise)."""
+    options = dict(cfg.augment)
+    wanted = _requested_transforms(cfg) if cfg.task == "classification" else {}
+    for name, value in wanted.items():
+        if options.setdefault(name, value) != value:
+            raise ValueError(f"{name} is given twice: {value!r} and augment[{name!r}] = "
+                             f"{options[name]!r}; give it once")  # fmt: skip
+    return options
+
+
+def _transforms_missing(cfg: TrainConfig) -> list[str]:
+    """Requested transforms this task does not apply (dense tasks skip them)."""
+    return [] if cfg.task == "classification" else list(_requested_transforms(cfg))
+
+
 def _build_loaders(cfg: TrainConfig, env: DistEnv) -> tuple[Any, Any | None]:
     from clusterformer.data import build_loader
 
@@ -75,7 +98,7 @@ def _build_loaders(cfg: TrainConfig, env: DistEnv) -> tuple[Any, Any | None]:
         image_size=cfg.image_size,
         train=True,
         seed=cfg.seed,
-        augment=cfg.augment,
+        augment=train_augment_options(cfg),
         **common,
     )
     val_loader = None
@@ -189,7 +212,7 @@ def _wrap(module: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Module:
 def _write_config(
     run_dir: Path, cfg: TrainConfig, plan: dict, env: DistEnv, amp: str, extra: dict
 ) -> None:
-    missing = [name for name in UNSUPPORTED_TRANSFORMS if getattr(cfg, name)]
+    missing = _transforms_missing(cfg)
     resolved = {
         **cfg.to_dict(),
         **plan,
@@ -294,11 +317,11 @@ def train(
         total = plan["total_steps"]
         last_path: Path | None = None
         with RunLogger(run_dir, total, enabled=env.is_main, start_step=state.step) as log:
-            missing = [n for n in UNSUPPORTED_TRANSFORMS if getattr(cfg, n)]
+            missing = _transforms_missing(cfg)
             if missing:
                 log.message(
-                    f"note: the data transforms do not provide {', '.join(missing)} "
-                    "yet; training without them"
+                    f"note: {', '.join(missing)} apply to classification only; "
+                    f"training {cfg.task} without them"
                 )
             if resumed:
                 log.message(
