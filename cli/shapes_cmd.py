@@ -14,6 +14,9 @@ def register(app: typer.Typer) -> None:
         num_images: int = typer.Option(64, "--num-images", min=1, help="Number of scenes (and of classification images)."),
         image_size: int = typer.Option(128, "--image-size", min=32, help="Side of the square images in pixels."),
         seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
+        only: str | None = typer.Option(
+            None, "--only", help="Write only 'scenes' (COCO, panoptic, semantic) or only "
+            "'classification' (the ImageFolder tree, much faster); default both."),
     ) -> None:
         """Synthetic shapes (circle, rectangle, triangle, ellipse over sky/ground/water).
 
@@ -23,15 +26,26 @@ def register(app: typer.Typer) -> None:
         """
         from rich.console import Console
 
-        from clusterformer.data.shapes import make_shapes
+        from clusterformer.cli.errors import UserError
+        from clusterformer.data.shapes import KINDS, make_shapes
 
+        if only is not None and only not in KINDS:
+            raise UserError(f"--only must be one of {', '.join(KINDS)}, got '{only}'")
+        kinds = KINDS if only is None else (only,)
         console = Console(stderr=True, soft_wrap=True)
         with console.status(f"writing {num_images} synthetic images to {out}"):
-            result = make_shapes(out, num_images=num_images, image_size=image_size, seed=seed)
+            result = make_shapes(
+                out, num_images=num_images, image_size=image_size, seed=seed, kinds=kinds
+            )
+        if only == "classification":
+            console.print(f"wrote {num_images} classification images to {out}/classes")
+            console.print(f"  shard with: cf shard-dataset --format imagefolder --images "
+                          f"{out}/classes --out DIR")
+            return
+        also = "" if only else f" and {num_images} classification images"
         console.print(
             f"wrote {result['num_images']} scenes ({result['num_annotations']} instances, "
-            f"{result['num_segments']} panoptic segments) and {result['num_images']} "
-            f"classification images to {out}"
+            f"{result['num_segments']} panoptic segments){also} to {out}"
         )
         console.print(
             f"  shard with: cf shard-dataset --format coco --images {out}/images "

@@ -114,10 +114,38 @@ def _scene_annotations(scene, image_id: int, ann_id: int, size: int):
     return annotations, segments, ids, semantic
 
 
+def _write_scene_files(root: Path, info: dict, images: list, coco_anns: list, pan_anns: list) -> None:
+    _write(root / "instances.json", _dump({"info": info, "images": images,
+           "annotations": coco_anns, "categories": _coco_categories(THING_CLASSES)}))  # fmt: skip
+    _write(root / "panoptic.json", _dump({"info": info, "images": images, "annotations": pan_anns,
+           "categories": _coco_categories(SEMANTIC_CLASSES)}))  # fmt: skip
+    classes = [{"id": 0, "name": "other", "isthing": None}] + [
+        {"id": i + 1, "name": n, "isthing": n in THING_CLASSES, "coco_category_id": CATEGORY_IDS[n]}
+        for i, n in enumerate(SEMANTIC_CLASSES)
+    ]
+    _write(root / "classes.json", _dump({"ignore_index": 0, "num_classes": len(SEMANTIC_CLASSES),
+           "classes": classes}))  # fmt: skip
+
+
+KINDS = ("scenes", "classification")
+
+
 def make_shapes(
-    out: str | os.PathLike, num_images: int = 64, image_size: int = 128, seed: int = 0
+    out: str | os.PathLike,
+    num_images: int = 64,
+    image_size: int = 128,
+    seed: int = 0,
+    kinds: tuple[str, ...] = KINDS,
 ) -> dict:
-    """Write the synthetic dataset under ``out``; returns paths and counts (see module doc)."""
+    """Write the synthetic dataset under ``out``; returns paths and counts (see module doc).
+
+    ``kinds`` picks what to write: ``"scenes"`` (images, COCO, panoptic and semantic files)
+    and/or ``"classification"`` (the ImageFolder tree). Each image has its own random stream,
+    so a kind's files are byte-identical whether or not the other kind is written.
+    """
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        raise ValueError(f"kinds must be a non-empty subset of {', '.join(KINDS)}, got {kinds!r}")
     if num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {num_images}")
     if image_size < 32:
@@ -126,8 +154,14 @@ def make_shapes(
     images, coco_anns, pan_anns = [], [], []
     ann_id = 1
     for index in range(num_images):
-        rng = np.random.default_rng([seed, index, 0])
         stem = f"{index:06d}"
+        if "classification" in kinds:
+            name = THING_CLASSES[index % len(THING_CLASSES)]
+            picture = classification_image(np.random.default_rng([seed, index, 1]), image_size, name)
+            _write(root / "classes" / name / f"{stem}.jpg", _jpeg(picture))
+        if "scenes" not in kinds:
+            continue
+        rng = np.random.default_rng([seed, index, 0])
         negative = index % 16 == 5  # COCO has images without annotations
         num_things = 0 if negative else int(rng.integers(1, 6))
         scene = random_scene(rng, image_size, num_things, with_crowd=index % 7 == 3)
@@ -142,21 +176,9 @@ def make_shapes(
         coco_anns.extend(anns)
         pan_anns.append({"image_id": image_id, "file_name": f"{stem}.png", "segments_info": segments})
 
-        name = THING_CLASSES[index % len(THING_CLASSES)]
-        picture = classification_image(np.random.default_rng([seed, index, 1]), image_size, name)
-        _write(root / "classes" / name / f"{stem}.jpg", _jpeg(picture))
-
     info = {"description": "clusterformer synthetic shapes", "seed": seed, "version": "1"}
-    _write(root / "instances.json", _dump({"info": info, "images": images,
-           "annotations": coco_anns, "categories": _coco_categories(THING_CLASSES)}))  # fmt: skip
-    _write(root / "panoptic.json", _dump({"info": info, "images": images, "annotations": pan_anns,
-           "categories": _coco_categories(SEMANTIC_CLASSES)}))  # fmt: skip
-    classes = [{"id": 0, "name": "other", "isthing": None}] + [
-        {"id": i + 1, "name": n, "isthing": n in THING_CLASSES, "coco_category_id": CATEGORY_IDS[n]}
-        for i, n in enumerate(SEMANTIC_CLASSES)
-    ]
-    _write(root / "classes.json", _dump({"ignore_index": 0, "num_classes": len(SEMANTIC_CLASSES),
-           "classes": classes}))  # fmt: skip
+    if "scenes" in kinds:
+        _write_scene_files(root, info, images, coco_anns, pan_anns)
     return {
         "root": str(root),
         "images": str(root / "images"),

@@ -142,3 +142,27 @@ def test_cli_make_shapes(tmp_path, capsys):
     assert "wrote 4 scenes" in capsys.readouterr().err
     direct = make_shapes(tmp_path / "direct", num_images=4, image_size=48, seed=2)
     assert _tree(tmp_path / "cli") == _tree(Path(direct["root"]))
+
+
+def test_kinds_write_the_same_files_alone_as_together(shapes, tmp_path):
+    full = _tree(Path(shapes["root"]))
+    for kind, prefix in (("classification", "classes/"), ("scenes", None)):
+        alone = _tree(Path(make_shapes(tmp_path / kind, num_images=NUM, image_size=SIZE,
+                                       kinds=(kind,))["root"]))  # fmt: skip
+        expected = {k: v for k, v in full.items()
+                    if (k.startswith("classes/") if prefix else not k.startswith("classes/"))}  # fmt: skip
+        assert alone == expected and alone
+    with pytest.raises(ValueError, match="kinds"):
+        make_shapes(tmp_path / "bad", kinds=("pictures",))
+
+
+def test_cli_only_classification(tmp_path, capsys):
+    from clusterformer.cli.app import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["make-shapes", str(tmp_path / "c"), "--num-images", "4", "--only", "classification"])
+    assert exit_info.value.code == 0
+    assert not (tmp_path / "c" / "images").exists() and len(list((tmp_path / "c").rglob("*.jpg"))) == 4
+    with pytest.raises(SystemExit) as exit_info:
+        main(["make-shapes", str(tmp_path / "d"), "--only", "videos"])
+    assert exit_info.value.code != 0 and "--only" in capsys.readouterr().err
