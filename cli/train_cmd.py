@@ -34,6 +34,11 @@ def register(app: typer.Typer) -> None:
             "--model",
             help="Model preset: clusterformer-nano, clusterformer-tiny or clusterformer-small (default nano, or the recipe's).",
         ),
+        pretrained: Path | None = typer.Option(
+            None, "--pretrained", help="Initialise the backbone from this checkpoint (a run "
+            "folder or .safetensors of the same --model preset, any task; e.g. a classification "
+            "run before detection or segmentation). Heads start fresh.",
+        ),
         steps: int | None = typer.Option(
             None, "--steps", help="Optimizer steps to train (exclusive with --epochs)."
         ),
@@ -166,6 +171,8 @@ def register(app: typer.Typer) -> None:
                 parse_rand_augment(rand_augment)
             except ValueError as exc:
                 raise UserError(f"--rand-augment: {exc}") from None
+        if pretrained is not None and not pretrained.exists():
+            raise FileNotFoundError(f"{pretrained}: --pretrained checkpoint not found")
         if random_erasing is not None and not 0.0 <= random_erasing <= 1.0:
             raise UserError(f"--random-erasing must be in [0, 1], got {random_erasing}")
         if model is not None:
@@ -185,6 +192,7 @@ def register(app: typer.Typer) -> None:
             out=str(out),
             val_data=str(val_data) if val_data else None,
             model=model,
+            pretrained=str(pretrained) if pretrained else None,
             steps=steps,
             epochs=epochs,
             batch_size=batch_size,

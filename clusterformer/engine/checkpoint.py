@@ -168,6 +168,43 @@ def load_weights(module: nn.Module, path: str | Path, strict: bool = True) -> di
     return meta
 
 
+BACKBONE_PARTS = ("stem.", "downsamples.", "stages.")
+
+
+def load_pretrained_backbone(module: nn.Module, path: str | Path) -> int:
+    """Initialise ``module``'s backbone from any clusterformer checkpoint's backbone.
+
+    The source may be a classifier (backbone tensors at the top level) or a dense model
+    (under ``backbone.``); the target is ``module.backbone`` when it has one, else
+    ``module`` itself. Heads are never copied, so the class count may differ. Returns the
+    number of tensors loaded.
+
+    Raises:
+        ValueError: the checkpoint has no backbone tensors, or they do not fit (another
+            preset): the message names the first tensor that differs.
+    """
+    from safetensors.torch import load_file
+
+    path = resolve_checkpoint(path)
+    read_metadata(path)  # a clusterformer checkpoint, or a clear error
+    tensors = load_file(str(path))
+    prefix = "backbone." if any(k.startswith("backbone.") for k in tensors) else ""
+    source = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    source = {k: v for k, v in source.items() if k.startswith(BACKBONE_PARTS)}
+    target = getattr(module, "backbone", module)
+    own = {k: v for k, v in target.state_dict().items() if k.startswith(BACKBONE_PARTS)}
+    if not source:
+        raise ValueError(f"{path}: no backbone weights in this checkpoint")
+    for name in sorted(set(own) | set(source)):
+        if name not in source or name not in own or source[name].shape != own[name].shape:
+            theirs = tuple(source[name].shape) if name in source else "absent"
+            ours = tuple(own[name].shape) if name in own else "absent"
+            raise ValueError(f"{path}: backbone does not fit this model ({name}: checkpoint "
+                             f"{theirs}, model {ours}); pretrain the same --model preset")  # fmt: skip
+    target.load_state_dict(source, strict=False)
+    return len(source)
+
+
 def load_state(path: str | Path) -> dict[str, Any]:
     """The ``.state.pt`` beside a weights file (or at ``path``), read with weights_only."""
     p = Path(path)

@@ -23,6 +23,8 @@ class TrainConfig:
     val_data: str | None = None
     model: str = "clusterformer-nano"
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    # A checkpoint (any task, same preset) whose backbone initialises this model.
+    pretrained: str | None = None
     steps: int | None = None
     epochs: float | None = None
     batch_size: int = 32

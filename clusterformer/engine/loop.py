@@ -259,7 +259,9 @@ def train(
                 f"{run_dir} already holds a checkpoint; pass --resume to continue "
                 "it or choose another --out"
             )
-        module = task.build_model(cfg.model, num_classes, **cfg.model_overrides).to(env.device)
+        module = task.build_model(cfg.model, num_classes, **cfg.model_overrides)
+        loaded = ckpt.load_pretrained_backbone(module, cfg.pretrained) if cfg.pretrained else 0
+        module = module.to(env.device)
         train_loader, val_loader = _build_loaders(cfg, env)
         if len(train_loader) == 0:
             raise ValueError(
@@ -323,6 +325,8 @@ def train(
                     f"note: {', '.join(missing)} apply to classification only; "
                     f"training {cfg.task} without them"
                 )
+            if loaded and not resumed:
+                log.message(f"backbone initialised from {cfg.pretrained} ({loaded} tensors)")
             if resumed:
                 log.message(
                     f"resumed {run_dir} at step {state.step} (epoch {state.epoch}, "
