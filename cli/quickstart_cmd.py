@@ -1,111 +1,202 @@
-"""``cf quickstart``: synthetic data -> shards -> train nano classification on CPU -> evaluate."""
+"""``cf quickstart``: synthetic data -> shards -> train nano on CPU -> evaluate -> pictures.
+
+Two demos share one path. ``classification`` (the default) trains nano on single-shape images.
+``panoptic`` does what a COCO model does: that classification run is its "ImageNet"
+pretraining, then a panoptic model starts from its backbone (``--pretrained``) and learns
+scenes of things over stuff. In its minutes on a CPU it segments the stuff well and finds the
+things' masks but cannot yet tell their shapes apart (held-out PQ_th 0; docs/benchmarks.md),
+which is why it is not the default.
+"""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from clusterformer.cli.errors import UserError
+
+QUICKSTART_TASKS = ("panoptic", "classification")
+DEFAULT_TASK = "classification"
 
 
 def register(app: typer.Typer) -> None:
     @app.command("quickstart")
     def quickstart_command(
         out: Path = typer.Option(
-            Path("cf-quickstart"),
-            "--out",
-            help="Folder for the data, shards and the run (created).",
+            Path("cf-quickstart"), "--out", help="Folder for the data, shards and runs (created)."
         ),
+        task: str = typer.Option(
+            DEFAULT_TASK, "--task", help="Demo: 'classification' (single-shape images) or 'panoptic' "
+            "(that classification run as pretraining, then panoptic segmentation of scenes; "
+            "finds stuff and thing masks, not yet the things' shapes)."),
         num_train: int = typer.Option(
-            3072, "--num-train", min=8, help="Synthetic training images (64 px)."
+            16384, "--num-train", min=8, help="Synthetic classification images (64 px)."
+        ),
+        num_scenes: int = typer.Option(
+            1024, "--num-scenes", min=8, help="Synthetic training scenes (panoptic demo)."
         ),
         num_val: int = typer.Option(
-            256, "--num-val", min=4, help="Held-out synthetic images (a different seed)."
-        ),
+            512, "--num-val", min=4, help="Held-out images (a different seed); scenes use a "
+            "quarter of it (at least 4)."),
         steps: int | None = typer.Option(
-            None, "--steps", help="Training steps (default: the shapes recipe's)."
+            None, "--steps", help="Training steps of the demo's task (default: its recipe's)."
         ),
+        pretrain_steps: int | None = typer.Option(
+            None, "--pretrain-steps", help="Classification steps before the panoptic run "
+            "(default: the shapes recipe's)."),
         image_size: int | None = typer.Option(
-            None, "--image-size", help="Training size (default: the shapes recipe's)."
+            None, "--image-size", help="Training size (default: the recipes')."
         ),
         seed: int = typer.Option(0, "--seed", help="Seed for data and training."),
         device: str | None = typer.Option(
             "cpu", "--device", help="Device to train on (default cpu)."
         ),
     ) -> None:
-        """Synthetic shapes -> shards -> train nano classification on CPU -> held-out top-1 (minutes).
+        """Synthetic shapes -> shards -> train nano -> held-out metrics and pictures (minutes).
 
-        Writes OUT/shapes-{train,val} (raw), OUT/shards-{train,val} (WebDataset), OUT/run
-        (config.json, metrics.jsonl, checkpoints/last.safetensors) and OUT/predictions (a few
-        held-out images with the predicted classes drawn on, plus JSON).
+        Classification: OUT/shapes-{train,val}, OUT/shards-{train,val}, OUT/run and
+        OUT/predictions (held-out images with the predicted classes drawn on). The panoptic
+        demo adds OUT/scenes-{train,val}, OUT/scene-shards-{train,val}, OUT/panoptic-run and
+        OUT/panoptic-predictions (held-out scenes with their segments drawn on). OUT/metrics.json
+        holds the held-out metrics of every stage.
         """
         from rich.console import Console
 
-        from clusterformer.data.formats import open_source
-        from clusterformer.data.shapes import make_shapes
-        from clusterformer.data.shards import write_shards
-        from clusterformer.engine.config import resolve_config
-        from clusterformer.engine.loop import TrainingInterrupted, train
-
-        console = Console()
-        run_dir = out / "run"
-        if (run_dir / "checkpoints" / "last.safetensors").exists():
-            raise UserError(
-                f"{run_dir} already holds a trained model; remove it or choose another --out"
-            )
-        t0 = time.perf_counter()
-        shards = {}
-        for split, count, split_seed in (("train", num_train, seed), ("val", num_val, seed + 1000)):
-            raw, shard_dir = out / f"shapes-{split}", out / f"shards-{split}"
-            with console.status(f"[1/3] making {count} {split} images in {raw}"):
-                made = make_shapes(raw, num_images=count, image_size=64, seed=split_seed)
-                source = open_source("imagefolder", Path(made["classification"]))
-                write_shards(
-                    source, shard_dir, samples_per_shard=256, shuffle=True, seed=split_seed
+        if task not in QUICKSTART_TASKS:
+            raise UserError(f"--task must be one of {', '.join(QUICKSTART_TASKS)}, got '{task}'")
+        run_dirs = [out / "run"] + ([out / "panoptic-run"] if task == "panoptic" else [])
+        for run_dir in run_dirs:
+            if (run_dir / "checkpoints" / "last.safetensors").exists():
+                raise UserError(
+                    f"{run_dir} already holds a trained model; remove it or choose another --out"
                 )
-            shards[split] = shard_dir
-        console.print(
-            f"[1/3] data ready in {time.perf_counter() - t0:.0f} s: {shards['train']}, {shards['val']}"
+        console = Console()
+        t0 = time.perf_counter()
+        stages = 6 if task == "panoptic" else 3
+        step = _Stages(console, stages)
+        cls_steps = pretrain_steps if task == "panoptic" else steps
+        cls_size = image_size if task == "classification" else None
+        metrics: dict[str, Any] = {}
+        ckpt, metrics["classification"] = _classification(
+            out, step, num_train, num_val, cls_steps, cls_size, seed, device
         )
-        cfg = resolve_config(
-            "shapes",
-            task="classification",
-            data=str(shards["train"]),
-            val_data=str(shards["val"]),
-            out=str(run_dir),
-            steps=steps,
-            image_size=image_size,
-            seed=seed,
-            device=device,
+        if task == "panoptic":
+            ckpt, metrics["panoptic"] = _panoptic(
+                out, step, ckpt, num_scenes, max(num_val // 4, 4), steps, image_size, seed, device
+            )
+        (out / "metrics.json").write_text(
+            json.dumps(metrics if task == "panoptic" else metrics["classification"], indent=2) + "\n"
         )
-        console.print(f"[2/3] training {cfg.model} for {cfg.steps} steps at {cfg.image_size} px")
-        t1 = time.perf_counter()
-        try:
-            result = train(cfg)
-        except TrainingInterrupted as exc:
-            console.print(f"interrupted: {exc}")
-            raise typer.Exit(exc.exit_code) from None
-        train_s = time.perf_counter() - t1
-        metrics = result.metrics
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        console.print(
-            f"[3/3] held-out ({metrics.get('num_samples')} images): top-1 {metrics.get('top1', 0):.2f} %, "
-            f"top-5 {metrics.get('top5', 0):.2f} % (4 classes: top-5 = top-4)"
-        )
-        from clusterformer.cli.predict_cmd import predict_images
+        last_run = run_dirs[-1]
+        console.print(f"done in {time.perf_counter() - t0:.0f} s; checkpoint: {ckpt}")
+        shards = out / ("scene-shards-val" if task == "panoptic" else "shards-val")
+        console.print(f"  evaluate again: cf eval --ckpt {last_run} --data {shards}")
+        console.print(f"  predict: cf predict --ckpt {last_run} IMAGE... --out DIR")
 
-        # Pictures of what the model sees: a few held-out images with its top classes drawn on.
-        classes = sorted(p for p in Path(made["classification"]).iterdir() if p.is_dir())
-        examples = [image for folder in classes for image in sorted(folder.glob("*.jpg"))[:2]]
-        predict_images(result.checkpoint, examples, out / "predictions", device=device)
-        console.print(f"[3/3] predictions drawn on {len(examples)} held-out images: {out / 'predictions'}")
-        console.print(f"done in {time.perf_counter() - t0:.0f} s (training {train_s:.0f} s)")
-        console.print(f"  checkpoint: {result.checkpoint}")
-        console.print(f"  evaluate again: cf eval --ckpt {run_dir} --data {shards['val']}")
-        console.print(
-            f"  continue training: cf train --task classification --data {shards['train']} "
-            f"--out {run_dir} --recipe shapes --steps N --resume"
-        )
+
+class _Stages:
+    """Numbered progress lines: ``[i/n] message``."""
+
+    def __init__(self, console: Any, total: int) -> None:
+        self.console, self.total, self.index = console, total, 0
+
+    def __call__(self, message: str) -> None:
+        self.index += 1
+        self.console.print(f"[{self.index}/{self.total}] {message}")
+
+    def status(self, message: str) -> Any:
+        return self.console.status(f"[{self.index + 1}/{self.total}] {message}")
+
+
+def _shards(out: Path, prefix: str, source_format: str, kind: str, counts: dict[str, int],
+            seed: int, step: _Stages) -> dict[str, Path]:  # fmt: skip
+    """Make and shard the synthetic ``kind`` ("classification" or "scenes") per split."""
+    from clusterformer.data.formats import open_source
+    from clusterformer.data.shapes import make_shapes
+    from clusterformer.data.shards import write_shards
+
+    t0 = time.perf_counter()
+    shards: dict[str, Path] = {}
+    raw_names = {"classification": "shapes", "scenes": "scenes"}
+    for split, split_seed in (("train", seed), ("val", seed + 1000)):
+        raw, shard_dir = out / f"{raw_names[kind]}-{split}", out / f"{prefix}-{split}"
+        with step.status(f"making {counts[split]} {split} {kind} images in {raw}"):
+            made = make_shapes(raw, num_images=counts[split], image_size=64, seed=split_seed,
+                               kinds=(kind,))  # fmt: skip
+            if source_format == "imagefolder":
+                source = open_source("imagefolder", Path(made["classification"]))
+            else:
+                source = open_source("coco-panoptic", made["images"], made["panoptic_json"],
+                                     made["panoptic_masks"])  # fmt: skip
+            write_shards(source, shard_dir, samples_per_shard=1024, shuffle=True, seed=split_seed)
+        shards[split] = shard_dir
+    step(f"{kind} data ready in {time.perf_counter() - t0:.0f} s: {shards['train']}, "
+         f"{shards['val']}")  # fmt: skip
+    return shards
+
+
+def _train(cfg: Any, console: Any) -> Any:
+    from clusterformer.engine.loop import TrainingInterrupted, train
+
+    try:
+        return train(cfg)
+    except TrainingInterrupted as exc:
+        console.print(f"interrupted: {exc}")
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _classification(out: Path, step: _Stages, num_train: int, num_val: int, steps: int | None,
+                    image_size: int | None, seed: int, device: str | None) -> tuple[Path, dict]:  # fmt: skip
+    from clusterformer.cli.predict_cmd import predict_images
+    from clusterformer.engine.config import resolve_config
+
+    shards = _shards(out, "shards", "imagefolder", "classification",
+                     {"train": num_train, "val": num_val}, seed, step)  # fmt: skip
+    cfg = resolve_config("shapes", task="classification", data=str(shards["train"]),
+                         val_data=str(shards["val"]), out=str(out / "run"), steps=steps,
+                         image_size=image_size, seed=seed, device=device)  # fmt: skip
+    step(f"training {cfg.model} classification for {cfg.steps} steps at {cfg.image_size} px")
+    t0 = time.perf_counter()
+    result = _train(cfg, step.console)
+    metrics = dict(result.metrics)
+    step(f"held-out ({metrics.get('num_samples')} images): top-1 {metrics.get('top1', 0):.2f} %, "
+         f"top-5 {metrics.get('top5', 0):.2f} % (4 classes: top-5 = top-4); training "
+         f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
+    classes = sorted(p for p in (out / "shapes-val" / "classes").iterdir() if p.is_dir())
+    examples = [image for folder in classes for image in sorted(folder.glob("*.jpg"))[:2]]
+    predict_images(result.checkpoint, examples, out / "predictions", device=device)
+    step.console.print(f"      predictions drawn on {len(examples)} held-out images: "
+                       f"{out / 'predictions'}")  # fmt: skip
+    return result.checkpoint, metrics
+
+
+def _panoptic(out: Path, step: _Stages, pretrained: Path, num_scenes: int, num_val: int,
+              steps: int | None, image_size: int | None, seed: int,
+              device: str | None) -> tuple[Path, dict]:  # fmt: skip
+    from clusterformer.cli.predict_cmd import predict_images
+    from clusterformer.engine.config import resolve_config
+
+    shards = _shards(out, "scene-shards", "coco-panoptic", "scenes",
+                     {"train": num_scenes, "val": num_val}, seed, step)  # fmt: skip
+    cfg = resolve_config("shapes-panoptic", task="panoptic", data=str(shards["train"]),
+                         val_data=str(shards["val"]), out=str(out / "panoptic-run"),
+                         pretrained=str(pretrained), steps=steps, image_size=image_size,
+                         seed=seed, device=device)  # fmt: skip
+    step(f"training {cfg.model} panoptic from the classification backbone for {cfg.steps} "
+         f"steps at {cfg.image_size} px")  # fmt: skip
+    t0 = time.perf_counter()
+    result = _train(cfg, step.console)
+    m = dict(result.metrics)
+    step(f"held-out ({m.get('num_images', 0):.0f} scenes): PQ {m.get('PQ', 0):.2f} "
+         f"(things {m.get('PQ_th', 0):.2f}, stuff {m.get('PQ_st', 0):.2f}), SQ "
+         f"{m.get('SQ', 0):.2f}, RQ {m.get('RQ', 0):.2f}; training "
+         f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
+    examples = sorted((out / "scenes-val" / "images").glob("*.jpg"))[:8]
+    predict_images(result.checkpoint, examples, out / "panoptic-predictions", device=device)
+    step.console.print(f"      segments drawn on {len(examples)} held-out scenes: "
+                       f"{out / 'panoptic-predictions'}")  # fmt: skip
+    return result.checkpoint, m

@@ -282,8 +282,9 @@ def test_help(command: str, capsys: pytest.CaptureFixture) -> None:
 
 def test_quickstart_end_to_end_small(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "qs"
-    code, printed, err = _cf(["quickstart", "--out", str(out), "--num-train", "64", "--num-val", "8",
-                              "--steps", "2", "--image-size", "32"], capsys)
+    code, printed, err = _cf(["quickstart", "--task", "classification", "--out", str(out),
+                              "--num-train", "64", "--num-val", "8", "--steps", "2",
+                              "--image-size", "32"], capsys)  # fmt: skip
     assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["top1"] <= 100.0 and metrics["num_samples"] == 8
@@ -292,6 +293,24 @@ def test_quickstart_end_to_end_small(tmp_path: Path, capsys: pytest.CaptureFixtu
     overlays = sorted((out / "predictions").glob("*.png"))
     assert len(overlays) == 8 and (out / "predictions" / "predictions.json").is_file()
     assert "held-out" in printed
-    code, _, err = _cf(["quickstart", "--out", str(out), "--num-train", "64", "--num-val", "8",
-                        "--steps", "2", "--image-size", "32"], capsys)
+    code, _, err = _cf(["quickstart", "--task", "classification", "--out", str(out),
+                        "--num-train", "64", "--num-val", "8", "--steps", "2", "--image-size", "32"],
+                       capsys)  # fmt: skip
     assert code != 0 and "already holds a trained model" in err
+
+
+def test_quickstart_panoptic_end_to_end_small(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "qs"
+    code, printed, err = _cf(["quickstart", "--task", "panoptic", "--out", str(out), "--num-train", "32", "--num-val", "16",
+                              "--num-scenes", "8", "--pretrain-steps", "1", "--steps", "1",
+                              "--image-size", "32"], capsys)  # fmt: skip
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"classification", "panoptic"}
+    assert {"PQ", "PQ_th", "PQ_st"} <= set(metrics["panoptic"]) and metrics["panoptic"]["num_images"] == 4
+    config = json.loads((out / "panoptic-run" / "config.json").read_text())
+    assert config["pretrained"] == str(out / "run" / "checkpoints" / "last.safetensors")
+    assert len(list((out / "panoptic-predictions").glob("*.png"))) == 4
+    assert "backbone initialised from" in printed + err and "PQ" in printed
+    code, _, err = _cf(["quickstart", "--out", str(out), "--task", "detection"], capsys)
+    assert code != 0 and "--task must be one of" in err

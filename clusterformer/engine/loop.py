@@ -245,12 +245,9 @@ def train(
         seed_everything(cfg.seed)  # same init on every rank
         amp = _resolve_amp(cfg, env)
         if task is None:
-            task = get_task(
-                cfg.task,
-                label_smoothing=cfg.label_smoothing,
-                mixup_alpha=cfg.mixup_alpha,
-                cutmix_alpha=cfg.cutmix_alpha,
-            )
+            task = get_task(cfg.task, label_smoothing=cfg.label_smoothing,
+                            mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
+                            **cfg.task_options)  # fmt: skip
         info = load_dataset_info(cfg.data)
         categories = info["categories"]
         num_classes = len(categories)
