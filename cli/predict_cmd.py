@@ -145,18 +145,30 @@ def _classes(scores, categories: list[dict]) -> dict[str, Any]:  # noqa: ANN001 
     return {"classes": ranked}
 
 
+MIN_OVERLAY_SIDE = 256
+
+
+def overlay_scale(height: int, width: int) -> int:
+    """Integer enlargement for drawing: images under MIN_OVERLAY_SIDE px on the long side are
+    drawn bigger (nearest neighbour) so the labels fit; the JSON keeps original pixels."""
+    return max(1, -(-MIN_OVERLAY_SIDE // max(height, width, 1)))
+
+
 def _save_overlay(image, record: dict, path: Path) -> None:  # noqa: ANN001 - uint8 (3, H, W)
     from PIL import Image, ImageDraw
 
     canvas = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    k = overlay_scale(canvas.height, canvas.width)
     if record.get("segments") is not None:
         from clusterformer.cli.predict_masks import draw_segments
 
-        canvas = draw_segments(canvas, record["segments"])
+        canvas = draw_segments(canvas, record["segments"], scale=k)
+    elif k > 1:
+        canvas = canvas.resize((canvas.width * k, canvas.height * k), Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
     for det in record.get("detections", []):
         color = PALETTE[det["train_id"] % len(PALETTE)]
-        x0, y0, x1, y1 = det["box_xyxy"]
+        x0, y0, x1, y1 = (v * k for v in det["box_xyxy"])
         draw.rectangle([x0, y0, max(x1, x0), max(y1, y0)], outline=color, width=2)
         text = f"{det['label']} {det['score']:.2f}"
         left, top, right, bottom = draw.textbbox((x0, y0), text)

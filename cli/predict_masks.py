@@ -62,8 +62,9 @@ def segments_of(task: str, pred: Any, categories: list[dict], threshold: float, 
     return {"segments": segments}
 
 
-def draw_segments(canvas: Any, segments: list[dict]) -> Any:
-    """Blend every segment's colour over the PIL image ``canvas`` and label it; returns a new image."""
+def draw_segments(canvas: Any, segments: list[dict], scale: int = 1) -> Any:
+    """Blend every segment's colour over the PIL image ``canvas`` and label it; returns a new
+    image, ``scale`` times larger (nearest neighbour) so labels fit on small images."""
     from PIL import Image, ImageDraw
     from pycocotools import mask as mask_utils
 
@@ -79,8 +80,10 @@ def draw_segments(canvas: Any, segments: list[dict]) -> Any:
         middle = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))  # a pixel inside
         anchors.append((int(xs[middle]), int(ys[middle]), seg))
     out = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
+    if scale > 1:
+        out = out.resize((out.width * scale, out.height * scale), Image.NEAREST)
     draw = ImageDraw.Draw(out)
-    for x, y, seg in anchors:
+    for x, y, seg in ((x * scale, y * scale, seg) for x, y, seg in anchors):
         text = seg["label"] if "score" not in seg else f"{seg['label']} {seg['score']:.2f}"
         left, top, right, bottom = draw.textbbox((x, y), text)
         draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=tuple(seg["color"]))

@@ -49,7 +49,7 @@ def test_cf_predict_draws_boxes_and_writes_json(run: dict, tmp_path: Path) -> No
     assert len(everything) == 2
     for path, record in zip(run["images"], everything, strict=True):
         overlay = Image.open(out / f"{path.stem}.png")
-        assert overlay.size == (64, 64) and overlay.format == "PNG"
+        assert overlay.size == (256, 256) and overlay.format == "PNG"  # 64 px drawn 4x
         assert record == json.loads((out / f"{path.stem}.json").read_text())
         dets = record["detections"]
         assert len(dets) == 5
@@ -58,7 +58,8 @@ def test_cf_predict_draws_boxes_and_writes_json(run: dict, tmp_path: Path) -> No
             x0, y0, x1, y1 = det["box_xyxy"]
             assert 0 <= x0 <= x1 <= 64 and 0 <= y0 <= y1 <= 64 and 0 <= det["score"] <= 1
         # the overlay differs from the input where boxes were drawn
-        assert overlay.convert("RGB").tobytes() != Image.open(path).convert("RGB").tobytes()
+        enlarged = Image.open(path).convert("RGB").resize((256, 256), Image.NEAREST)
+        assert overlay.convert("RGB").tobytes() != enlarged.tobytes()
 
 
 def test_cf_predict_errors_are_one_line(run: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -112,3 +113,9 @@ def test_cf_train_detection_through_the_cli(run: dict, tmp_path: Path) -> None:
     assert (out / "checkpoints" / "last.safetensors").is_file()
     config = json.loads((out / "config.json").read_text())
     assert config["task"] == "detection"
+
+
+def test_small_images_are_drawn_larger() -> None:
+    from clusterformer.cli.predict_cmd import overlay_scale
+
+    assert [overlay_scale(64, 64), overlay_scale(100, 30), overlay_scale(200, 300), overlay_scale(1, 1)] == [4, 3, 1, 256]

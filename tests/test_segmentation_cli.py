@@ -74,7 +74,7 @@ def test_cf_predict_draws_masks_and_writes_json(runs: dict, task: str, tmp_path:
     assert len(everything) == 2
     for path, record in zip(runs["images"], everything, strict=True):
         overlay = Image.open(out / f"{path.stem}.png")
-        assert overlay.size == (64, 64) and overlay.format == "PNG"
+        assert overlay.size == (256, 256) and overlay.format == "PNG"  # 64 px drawn 4x
         assert record == json.loads((out / f"{path.stem}.json").read_text())
         assert record["task"] == task
         segments = record["segments"]
