@@ -112,25 +112,32 @@ class _Stages:
         return self.console.status(f"[{self.index + 1}/{self.total}] {message}")
 
 
-def _shards(out: Path, prefix: str, source_format: str, kind: str, counts: dict[str, int],
-            seed: int, step: _Stages) -> dict[str, Path]:  # fmt: skip
+# kind -> (raw folder prefix, shard folder prefix, shard format)
+_DATA = {
+    "classification": ("shapes", "shards", "imagefolder"),
+    "scenes": ("scenes", "scene-shards", "coco-panoptic"),
+}
+
+
+def _shards(out: Path, kind: str, counts: dict[str, int], seed: int,
+            step: _Stages) -> dict[str, Path]:  # fmt: skip
     """Make and shard the synthetic ``kind`` ("classification" or "scenes") per split."""
     from clusterformer.data.formats import open_source
     from clusterformer.data.shapes import make_shapes
     from clusterformer.data.shards import write_shards
 
     t0 = time.perf_counter()
+    raw_prefix, shard_prefix, source_format = _DATA[kind]
     shards: dict[str, Path] = {}
-    raw_names = {"classification": "shapes", "scenes": "scenes"}
     for split, split_seed in (("train", seed), ("val", seed + 1000)):
-        raw, shard_dir = out / f"{raw_names[kind]}-{split}", out / f"{prefix}-{split}"
+        raw, shard_dir = out / f"{raw_prefix}-{split}", out / f"{shard_prefix}-{split}"
         with step.status(f"making {counts[split]} {split} {kind} images in {raw}"):
             made = make_shapes(raw, num_images=counts[split], image_size=64, seed=split_seed,
                                kinds=(kind,))  # fmt: skip
             if source_format == "imagefolder":
-                source = open_source("imagefolder", Path(made["classification"]))
+                source = open_source(source_format, Path(made["classification"]))
             else:
-                source = open_source("coco-panoptic", made["images"], made["panoptic_json"],
+                source = open_source(source_format, made["images"], made["panoptic_json"],
                                      made["panoptic_masks"])  # fmt: skip
             write_shards(source, shard_dir, samples_per_shard=1024, shuffle=True, seed=split_seed)
         shards[split] = shard_dir
@@ -154,8 +161,7 @@ def _classification(out: Path, step: _Stages, num_train: int, num_val: int, step
     from clusterformer.cli.predict_cmd import predict_images
     from clusterformer.engine.config import resolve_config
 
-    shards = _shards(out, "shards", "imagefolder", "classification",
-                     {"train": num_train, "val": num_val}, seed, step)  # fmt: skip
+    shards = _shards(out, "classification", {"train": num_train, "val": num_val}, seed, step)
     cfg = resolve_config("shapes", task="classification", data=str(shards["train"]),
                          val_data=str(shards["val"]), out=str(out / "run"), steps=steps,
                          image_size=image_size, seed=seed, device=device)  # fmt: skip
@@ -180,8 +186,7 @@ def _panoptic(out: Path, step: _Stages, pretrained: Path, num_scenes: int, num_v
     from clusterformer.cli.predict_cmd import predict_images
     from clusterformer.engine.config import resolve_config
 
-    shards = _shards(out, "scene-shards", "coco-panoptic", "scenes",
-                     {"train": num_scenes, "val": num_val}, seed, step)  # fmt: skip
+    shards = _shards(out, "scenes", {"train": num_scenes, "val": num_val}, seed, step)
     cfg = resolve_config("shapes-panoptic", task="panoptic", data=str(shards["train"]),
                          val_data=str(shards["val"]), out=str(out / "panoptic-run"),
                          pretrained=str(pretrained), steps=steps, image_size=image_size,

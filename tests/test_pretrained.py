@@ -7,7 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from clusterformer.engine.checkpoint import load_pretrained_backbone, save_checkpoint
+from clusterformer.engine.checkpoint import (
+    BACKBONE_PARTS,
+    load_pretrained_backbone,
+    save_checkpoint,
+)
 from clusterformer.engine.evaluate import checkpoint_metadata
 from clusterformer.models import create_model
 from clusterformer.tasks import get_task
@@ -24,7 +28,7 @@ def _save(model: torch.nn.Module, task: str, folder: Path) -> Path:
 
 def _backbone_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     target = getattr(model, "backbone", model)
-    return {k: v for k, v in target.state_dict().items() if k.startswith(("stem.", "stages."))}
+    return {k: v for k, v in target.state_dict().items() if k.startswith(BACKBONE_PARTS)}
 
 
 @pytest.mark.parametrize("task", ["panoptic", "detection", "classification"])
@@ -37,7 +41,7 @@ def test_classifier_backbone_initialises_any_task(tmp_path, task):
     target = create_model("clusterformer-nano", task=task, num_classes=7, **options)
     head_before = {k: v.clone() for k, v in target.state_dict().items() if "head" in k}
     loaded = load_pretrained_backbone(target, path)
-    assert loaded == len([k for k in source.state_dict() if k.startswith(("stem.", "downsamples.", "stages."))])
+    assert loaded == len(_backbone_tensors(source))
     theirs, ours = _backbone_tensors(source), _backbone_tensors(target)
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
     assert all(torch.equal(v, target.state_dict()[k]) for k, v in head_before.items())

@@ -59,8 +59,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
-    # Transforms the recipe asks for; recorded with whether the loader provides them.
-    # Training augmentation options for the loader (see data.transforms.make_transform).
+    # Training augmentation options for the loader (see data.transforms.make_transform);
+    # RandAugment and random erasing apply to classification only (config.json lists them
+    # under "transforms_missing" for other tasks).
     augment: dict[str, Any] = field(default_factory=dict)
     rand_augment: str | None = None
     random_erasing: float = 0.0
