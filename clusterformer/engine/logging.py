@@ -114,7 +114,7 @@ class RunLogger:
     def show(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
-        info = "  ".join(_fmt(k, scalars[k]) for k in ("loss", "lr", "img_per_s") if k in scalars)
+        info = "  ".join(_fmt(k, scalars[k]) for k in ("loss", "lr", "img_per_s", "max_mem_gib") if k in scalars)
         if self._progress is not None:
             self._progress.update(self._task_id, completed=step, info=info)
             return
@@ -158,7 +158,11 @@ def _fmt(key: str, value: Any) -> str:
     if isinstance(value, float):
         if key == "lr":
             return f"{key} {value:.2e}"
-        return f"{key} {value:.4g}" if key != "img_per_s" else f"img/s {value:.1f}"
+        if key == "img_per_s":
+            return f"img/s {value:.1f}"
+        if key == "max_mem_gib":
+            return f"mem {value:.2f}G"
+        return f"{key} {value:.4g}"
     return f"{key} {value}"
 
 

@@ -348,6 +348,8 @@ def train(
                         scalars = mean_across_ranks(scalars, env)
                         scalars["img_per_s"] = images_seen / max(now - t_last, 1e-9)
                         scalars["epoch"] = state.epoch
+                        if env.device.type == "cuda":  # detectron2's max_mem, in GiB
+                            scalars["max_mem_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
                         images_seen, t_last = 0, now
                         log.log_train(state.step, scalars)
                     if (
