@@ -17,6 +17,12 @@ def register(app: typer.Typer) -> None:
         only: str | None = typer.Option(
             None, "--only", help="Write only 'scenes' (COCO, panoptic, semantic) or only "
             "'classification' (the ImageFolder tree, much faster); default both."),
+        thing_scale: tuple[float, float] = typer.Option(
+            (0.08, 0.22), "--thing-scale", help="Radius range of the scenes' things as a "
+            "fraction of --image-size (MIN MAX; larger things are easier for small models)."),
+        occlusion: bool = typer.Option(
+            True, "--occlusion/--no-occlusion", help="Let things cover each other (default), or "
+            "keep them apart so each shows its whole outline."),
     ) -> None:
         """Synthetic shapes (circle, rectangle, triangle, ellipse over sky/ground/water).
 
@@ -35,7 +41,8 @@ def register(app: typer.Typer) -> None:
         console = Console(stderr=True, soft_wrap=True)
         with console.status(f"writing {num_images} synthetic images to {out}"):
             result = make_shapes(
-                out, num_images=num_images, image_size=image_size, seed=seed, kinds=kinds
+                out, num_images=num_images, image_size=image_size, seed=seed, kinds=kinds,
+                thing_scale=thing_scale, occlusion=occlusion,
             )
         if only == "classification":
             console.print(f"wrote {num_images} classification images to {out}/classes")

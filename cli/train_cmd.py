@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
         recipe: str | None = typer.Option(
             None,
             "--recipe",
-            help="Named settings preset: imagenet-1k (the paper's) or shapes (synthetic data). Explicit flags override it.",
+            help="Named settings preset: the paper's imagenet-1k, coco-detection, coco-panoptic, coco-instance and ade20k-semantic, or shapes / shapes-panoptic (the quickstart's synthetic data). Explicit flags override it.",
         ),
         accum_steps: int | None = typer.Option(
             None, "--accum-steps", help="Micro-batches per optimizer step (gradient accumulation)."

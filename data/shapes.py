@@ -27,6 +27,7 @@ from clusterformer.data.polygons import mask_to_bbox, mask_to_rle
 from clusterformer.data.shapes_scene import (
     STUFF_CLASSES,
     THING_CLASSES,
+    THING_SCALE,
     classification_image,
     random_scene,
 )
@@ -136,18 +137,26 @@ def make_shapes(
     image_size: int = 128,
     seed: int = 0,
     kinds: tuple[str, ...] = KINDS,
+    thing_scale: tuple[float, float] = THING_SCALE,
+    occlusion: bool = True,
 ) -> dict:
     """Write the synthetic dataset under ``out``; returns paths and counts (see module doc).
 
     ``kinds`` picks what to write: ``"scenes"`` (images, COCO, panoptic and semantic files)
     and/or ``"classification"`` (the ImageFolder tree). Each image has its own random stream,
     so a kind's files are byte-identical whether or not the other kind is written.
+    ``thing_scale`` is the radius range of the scenes' things relative to ``image_size``
+    (the default gives 5-28 px things at 64 px; the classification pictures use 0.25-0.35).
+    ``occlusion=False`` keeps the things apart, so each shows its whole outline.
     """
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown or not kinds:
         raise ValueError(f"kinds must be a non-empty subset of {', '.join(KINDS)}, got {kinds!r}")
     if num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {num_images}")
+    low, high = thing_scale
+    if not 0 < low <= high <= 0.5:
+        raise ValueError(f"thing_scale must satisfy 0 < min <= max <= 0.5, got {thing_scale!r}")
     if image_size < 32:
         raise ValueError(f"--image-size must be at least 32, got {image_size}")
     root = Path(out)
@@ -164,7 +173,7 @@ def make_shapes(
         rng = np.random.default_rng([seed, index, 0])
         negative = index % 16 == 5  # COCO has images without annotations
         num_things = 0 if negative else int(rng.integers(1, 6))
-        scene = random_scene(rng, image_size, num_things, with_crowd=index % 7 == 3)
+        scene = random_scene(rng, image_size, num_things, index % 7 == 3, thing_scale, occlusion)
         image_id = index + 1
         anns, segments, ids, semantic = _scene_annotations(scene, image_id, ann_id, image_size)
         ann_id += len(anns)

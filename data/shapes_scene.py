@@ -195,17 +195,42 @@ def compose(things: list[Thing], min_area: int) -> tuple[list[Thing], list, list
         del things[bad]
 
 
+def _free_placement(
+    rng: np.random.Generator, name: str, size: int, scale: tuple[float, float],
+    mask: np.ndarray, taken: np.ndarray, tries: int = 20,
+) -> np.ndarray | None:
+    """``mask``, or a redraw of it, that keeps a pixel's gap to ``taken``; None after ``tries``."""
+    for _ in range(tries):
+        if not (ndimage.binary_dilation(mask) & taken).any():
+            return mask
+        mask = shape_mask(rng, name, size, scale)
+    return None
+
+
+THING_SCALE = (0.08, 0.22)  # radius range of the scenes' things, relative to the side
+
+
 def random_scene(
-    rng: np.random.Generator, size: int, num_things: int, with_crowd: bool
+    rng: np.random.Generator, size: int, num_things: int, with_crowd: bool,
+    thing_scale: tuple[float, float] = THING_SCALE, occlusion: bool = True,
 ) -> Scene:
-    """Stuff background plus ``num_things`` random things (+ a crowd region painted first)."""
+    """Stuff background plus ``num_things`` random things (+ a crowd region painted first);
+    each thing's radius is drawn from ``thing_scale`` times ``size``. With ``occlusion=False``
+    a thing is redrawn (up to 20 times, else left out) until it keeps a pixel's gap to the
+    ones before it, so every thing shows its whole outline."""
     stuff = stuff_map(rng, size)
     things: list[Thing] = []
     if with_crowd:
         things.append(Thing("circle", crowd_mask(rng, size), PALETTE[rng.integers(len(PALETTE))], True))
+    taken = things[0].mask.copy() if with_crowd else np.zeros((size, size), dtype=bool)
     for _ in range(num_things):
         name = THING_CLASSES[int(rng.integers(len(THING_CLASSES)))]
-        mask = shape_mask(rng, name, size, (0.08, 0.22))
+        mask = shape_mask(rng, name, size, thing_scale)
+        if not occlusion:
+            mask = _free_placement(rng, name, size, thing_scale, mask, taken)
+            if mask is None:
+                continue
+            taken |= mask
         things.append(Thing(name, mask, PALETTE[int(rng.integers(len(PALETTE)))]))
     image = paint_stuff(rng, stuff)
     things, visible, polygons = compose(things, min_area=max(12, size * size // 400))

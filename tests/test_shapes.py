@@ -166,3 +166,50 @@ def test_cli_only_classification(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["make-shapes", str(tmp_path / "d"), "--only", "videos"])
     assert exit_info.value.code != 0 and "--only" in capsys.readouterr().err
+
+
+def test_thing_scale_sets_the_size_of_the_things(tmp_path, capsys):
+    from clusterformer.cli.app import main
+
+    def thing_areas(root: Path) -> list[int]:
+        coco = json.loads((root / "instances.json").read_text())
+        return [a["area"] for a in coco["annotations"] if not a["iscrowd"]]
+
+    small = thing_areas(Path(make_shapes(tmp_path / "s", num_images=12, image_size=64,
+                                         kinds=("scenes",))["root"]))  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(["make-shapes", str(tmp_path / "l"), "--num-images", "12", "--image-size", "64",
+              "--only", "scenes", "--thing-scale", "0.2", "0.3", "--no-occlusion"])  # fmt: skip
+    assert exit_info.value.code == 0
+    direct = make_shapes(tmp_path / "direct", num_images=12, image_size=64, kinds=("scenes",),
+                         thing_scale=(0.2, 0.3), occlusion=False)  # fmt: skip
+    assert _tree(tmp_path / "l") == _tree(Path(direct["root"]))
+    large = thing_areas(tmp_path / "l")
+    assert np.median(large) > 1.5 * np.median(small)
+    assert max(large) <= 64 * 64 and min(large) >= 12
+    with pytest.raises(ValueError, match="thing_scale"):
+        make_shapes(tmp_path / "bad", thing_scale=(0.3, 0.2))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["make-shapes", str(tmp_path / "bad2"), "--thing-scale", "0", "0.2"])
+    assert exit_info.value.code != 0 and "thing_scale" in capsys.readouterr().err
+
+
+def test_scenes_without_occlusion_show_every_thing_whole():
+    from clusterformer.data.shapes_scene import random_scene
+
+    kept = 0
+    for index in range(12):
+        scene = random_scene(np.random.default_rng([3, index]), 64, 4, index % 3 == 0,
+                             (0.15, 0.3), occlusion=False)  # fmt: skip
+        for thing, visible in zip(scene.things, scene.visible, strict=True):
+            kept += not thing.crowd
+            assert np.array_equal(visible, thing.mask)  # nothing covers any part of it
+        masks = [t.mask for t in scene.things]
+        for i, a in enumerate(masks):
+            for b in masks[i + 1:]:
+                assert not (a & b).any()
+    assert kept >= 12
+    occluded = [random_scene(np.random.default_rng([3, i]), 64, 4, False, (0.15, 0.3))
+                for i in range(12)]  # fmt: skip
+    assert any(not np.array_equal(v, t.mask)
+               for s in occluded for t, v in zip(s.things, s.visible, strict=True))
