@@ -23,6 +23,10 @@ def register(app: typer.Typer) -> None:
         occlusion: bool = typer.Option(
             True, "--occlusion/--no-occlusion", help="Let things cover each other (default), or "
             "keep them apart so each shows its whole outline."),
+        contrast: bool = typer.Option(
+            False, "--contrast/--any-colour", help="Paint each thing in a colour that stands "
+            "out from what it covers (as the classification images are); default: any colour, "
+            "so some things nearly vanish into the background."),
     ) -> None:
         """Synthetic shapes (circle, rectangle, triangle, ellipse over sky/ground/water).
 
@@ -42,7 +46,7 @@ def register(app: typer.Typer) -> None:
         with console.status(f"writing {num_images} synthetic images to {out}"):
             result = make_shapes(
                 out, num_images=num_images, image_size=image_size, seed=seed, kinds=kinds,
-                thing_scale=thing_scale, occlusion=occlusion,
+                thing_scale=thing_scale, occlusion=occlusion, contrast=contrast,
             )
         if only == "classification":
             console.print(f"wrote {num_images} classification images to {out}/classes")

@@ -139,6 +139,7 @@ def make_shapes(
     kinds: tuple[str, ...] = KINDS,
     thing_scale: tuple[float, float] = THING_SCALE,
     occlusion: bool = True,
+    contrast: bool = False,
 ) -> dict:
     """Write the synthetic dataset under ``out``; returns paths and counts (see module doc).
 
@@ -147,7 +148,9 @@ def make_shapes(
     so a kind's files are byte-identical whether or not the other kind is written.
     ``thing_scale`` is the radius range of the scenes' things relative to ``image_size``
     (the default gives 5-28 px things at 64 px; the classification pictures use 0.25-0.35).
-    ``occlusion=False`` keeps the things apart, so each shows its whole outline.
+    ``occlusion=False`` keeps the things apart, so each shows its whole outline, and
+    ``contrast=True`` paints each thing in a colour that stands out from what it covers (as
+    the classification pictures always are).
     """
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown or not kinds:
@@ -173,7 +176,8 @@ def make_shapes(
         rng = np.random.default_rng([seed, index, 0])
         negative = index % 16 == 5  # COCO has images without annotations
         num_things = 0 if negative else int(rng.integers(1, 6))
-        scene = random_scene(rng, image_size, num_things, index % 7 == 3, thing_scale, occlusion)
+        scene = random_scene(rng, image_size, num_things, index % 7 == 3, thing_scale, occlusion,
+                             contrast)  # fmt: skip
         image_id = index + 1
         anns, segments, ids, semantic = _scene_annotations(scene, image_id, ann_id, image_size)
         ann_id += len(anns)

@@ -213,11 +213,13 @@ THING_SCALE = (0.08, 0.22)  # radius range of the scenes' things, relative to th
 def random_scene(
     rng: np.random.Generator, size: int, num_things: int, with_crowd: bool,
     thing_scale: tuple[float, float] = THING_SCALE, occlusion: bool = True,
+    contrast: bool = False,
 ) -> Scene:
     """Stuff background plus ``num_things`` random things (+ a crowd region painted first);
     each thing's radius is drawn from ``thing_scale`` times ``size``. With ``occlusion=False``
     a thing is redrawn (up to 20 times, else left out) until it keeps a pixel's gap to the
-    ones before it, so every thing shows its whole outline."""
+    ones before it, so every thing shows its whole outline. With ``contrast=True`` a thing's
+    colour is redrawn from the half of the palette farthest from what it covers."""
     stuff = stuff_map(rng, size)
     things: list[Thing] = []
     if with_crowd:
@@ -235,6 +237,8 @@ def random_scene(
     image = paint_stuff(rng, stuff)
     things, visible, polygons = compose(things, min_area=max(12, size * size // 400))
     for thing in things:
+        if contrast and not thing.crowd:
+            thing.colour = contrasting_colour(rng, image[thing.mask].mean(axis=0))
         image = paint_thing(rng, image, thing)
     return Scene(np.clip(np.rint(image), 0, 255).astype(np.uint8), stuff, things, visible, polygons)
 
@@ -245,6 +249,13 @@ def calm_stuff(rng: np.random.Generator, stuff: np.ndarray) -> np.ndarray:
     for index, name in enumerate(STUFF_CLASSES):
         image[stuff == index] = np.array(STUFF_COLOURS[name]) + rng.uniform(-20, 20, 3)
     return image + rng.normal(0.0, 3.0, size=image.shape)
+
+
+def contrasting_colour(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
+    """float (3,): a random colour from the half of the palette farthest (L1) from ``background``."""
+    distance = np.abs(PALETTE - background).sum(axis=1)
+    contrasting = np.argsort(-distance, kind="stable")[: len(PALETTE) // 2]
+    return PALETTE[int(contrasting[int(rng.integers(len(contrasting)))])]
 
 
 def classification_image(rng: np.random.Generator, size: int, name: str) -> np.ndarray:
@@ -258,9 +269,6 @@ def classification_image(rng: np.random.Generator, size: int, name: str) -> np.n
     stuff = stuff_map(rng, size)
     image = calm_stuff(rng, stuff)
     mask = shape_mask(rng, name, size, (0.25, 0.35), centre=(0.4, 0.6))
-    background = image[mask].mean(axis=0)
-    distance = np.abs(PALETTE - background).sum(axis=1)
-    contrasting = np.argsort(-distance, kind="stable")[: len(PALETTE) // 2]
-    colour = PALETTE[int(contrasting[int(rng.integers(len(contrasting)))])]
+    colour = contrasting_colour(rng, image[mask].mean(axis=0))
     image = paint_thing(rng, image, Thing(name, mask, colour))
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from clusterformer.data.images import decode_panoptic_png
 from clusterformer.data.shapes import CATEGORY_IDS, SEMANTIC_CLASSES, make_shapes
@@ -213,3 +214,31 @@ def test_scenes_without_occlusion_show_every_thing_whole():
                 for i in range(12)]  # fmt: skip
     assert any(not np.array_equal(v, t.mask)
                for s in occluded for t, v in zip(s.things, s.visible, strict=True))
+
+
+def test_contrast_paints_things_apart_from_their_background(tmp_path):
+    from clusterformer.cli.app import main
+    from clusterformer.data.shapes_scene import random_scene
+
+    def colour_gaps(contrast: bool) -> list[float]:
+        gaps = []
+        for index in range(24):
+            scene = random_scene(np.random.default_rng([5, index]), 64, 4, False, (0.15, 0.3),
+                                 occlusion=False, contrast=contrast)  # fmt: skip
+            for thing, visible in zip(scene.things, scene.visible, strict=True):
+                ring = ndimage.binary_dilation(visible, iterations=2) & ~visible
+                gaps.append(float(np.abs(thing.colour - scene.image[ring].mean(axis=0)).sum()))
+        return gaps
+
+    plain, contrasting = colour_gaps(False), colour_gaps(True)
+    assert min(contrasting) > np.percentile(plain, 10)  # the near-invisible things are gone
+    assert np.median(contrasting) > np.median(plain)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["make-shapes", str(tmp_path / "c"), "--num-images", "6", "--image-size", "64",
+              "--only", "scenes", "--contrast"])  # fmt: skip
+    assert exit_info.value.code == 0
+    direct = make_shapes(tmp_path / "direct", num_images=6, image_size=64, kinds=("scenes",),
+                         contrast=True)  # fmt: skip
+    assert _tree(tmp_path / "c") == _tree(Path(direct["root"]))
+    assert _tree(tmp_path / "c") != _tree(Path(make_shapes(tmp_path / "p", num_images=6,
+                                                           image_size=64, kinds=("scenes",))["root"]))  # fmt: skip
