@@ -300,8 +300,8 @@ def test_quickstart_end_to_end_small(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_quickstart_panoptic_end_to_end_small(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "qs"
-    code, printed, err = _cf(["quickstart", "--task", "panoptic", "--out", str(out), "--num-train", "32", "--num-val", "16",
+    out = tmp_path / "qs"  # no --task: panoptic is the default demo
+    code, printed, err = _cf(["quickstart", "--out", str(out), "--num-train", "32", "--num-val", "16",
                               "--num-scenes", "8", "--pretrain-steps", "1", "--steps", "1",
                               "--image-size", "32"], capsys)  # fmt: skip
     assert code == 0, err
@@ -310,6 +310,7 @@ def test_quickstart_panoptic_end_to_end_small(tmp_path: Path, capsys: pytest.Cap
     assert {"PQ", "PQ_th", "PQ_st"} <= set(metrics["panoptic"]) and metrics["panoptic"]["num_images"] == 4
     config = json.loads((out / "panoptic-run" / "config.json").read_text())
     assert config["pretrained"] == str(out / "run" / "checkpoints" / "last.safetensors")
+    assert config["model_overrides"]["query_init"] == "free"  # the recipe's, not the preset's
     assert len(list((out / "panoptic-predictions").glob("*.png"))) == 4
     assert "backbone initialised from" in printed + err and "PQ" in printed
     code, _, err = _cf(["quickstart", "--out", str(out), "--task", "detection"], capsys)
