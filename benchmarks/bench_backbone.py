@@ -17,6 +17,7 @@ import statistics
 import time
 
 import torch
+from report import print_report
 
 from clusterformer.models import create_model
 
@@ -68,14 +69,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     print(f"\ntorch {torch.__version__}, python {platform.python_version()}, "
           f"{args.threads} threads, batch {args.batch_size}, {args.image_size}x{args.image_size}\n")
-    print("| model | mode | img/s | ms/batch | warm-up s (incl. compile) |")
-    print("|---|---|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['model']} | {row['mode']} | {row['img_per_s']} | {row['ms_per_batch']} "
-              f"| {row['warmup_s']} |")
-    if args.json_out:
-        with open(args.json_out, "w") as handle:
-            json.dump(rows, handle, indent=2)
+    print_report(rows, {"model": "model", "mode": "mode", "img/s": "img_per_s",
+                        "ms/batch": "ms_per_batch", "warm-up s (incl. compile)": "warmup_s"},
+                 args.json_out)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import statistics
 import time
 
 import torch
+from report import print_report
 
 from clusterformer.engine.optim import Schedule, build_optimizer
 from clusterformer.engine.step import TrainState, make_scaler, train_step
@@ -100,14 +101,9 @@ def main() -> None:
     print(f"\n{name}, torch {torch.__version__}, python {platform.python_version()}, "
           f"batch {args.batch_size}, {args.image_size}x{args.image_size}, "
           f"{args.num_classes} classes\n")
-    print("| model | amp | mode | img/s | ms/step | peak GiB | warm-up s (incl. compile) |")
-    print("|---|---|---|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['model']} | {r['amp']} | {r['mode']} | {r['img_per_s']} | {r['ms_per_step']} "
-              f"| {r['peak_mem_gib']} | {r['warmup_s']} |")
-    if args.json_out:
-        with open(args.json_out, "w") as handle:
-            json.dump(rows, handle, indent=2)
+    print_report(rows, {"model": "model", "amp": "amp", "mode": "mode", "img/s": "img_per_s",
+                        "ms/step": "ms_per_step", "peak GiB": "peak_mem_gib",
+                        "warm-up s (incl. compile)": "warmup_s"}, args.json_out)  # fmt: skip
 
 
 if __name__ == "__main__":
