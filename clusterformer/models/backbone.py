@@ -45,6 +45,7 @@ from clusterformer.models.layers import (
     coordinate_channels,
     downsample_mask,
     masked_mean,
+    static_sizes,
     zero_padding,
 )
 from clusterformer.models.mixer import ClusteringMixer
@@ -80,9 +81,14 @@ class ClusterBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        mixed = self.mixer(self.norm1(x, mask), mask)
-        x = x + self.drop_path(self.ls1 * mixed)
-        return x + self.drop_path(self.ls2 * self.mlp(self.norm2(x, mask)))
+        x = self._residual(x, self.mixer(self.norm1(x, mask), mask), self.ls1)
+        return self._residual(x, self.mlp(self.norm2(x, mask)), self.ls2)
+
+    def _residual(self, x: Tensor, branch: Tensor, scale: Tensor) -> Tensor:
+        """``x + drop_path(scale * branch)``; one fused pass when no path is dropped."""
+        if self.training and self.drop_path.rate > 0:
+            return x + self.drop_path(scale * branch)
+        return torch.addcmul(x, branch, scale)
 
 
 class ClusterFormer(nn.Module):
@@ -178,8 +184,8 @@ class ClusterFormer(nn.Module):
             return_masks: also return the per-stage token masks.
 
         Returns:
-            ``[(B, C_i, ceil(H / s_i), ceil(W / s_i))]`` for ``s_i`` in 4, 8, 16, 32, padded
-            positions zeroed; with ``return_masks`` also ``[(B, H_i, W_i)]`` bool masks
+            ``[(B, C_i, ceil(H / s_i), ceil(W / s_i))]`` for ``s_i`` in 4, 8, 16, 32 (in
+            channels-last memory), padded positions zeroed; with ``return_masks`` also ``[(B, H_i, W_i)]`` bool masks
             (``None`` entries when ``pixel_mask`` is ``None``: every token is real).
         """
         _, _, height, width = images.shape
@@ -191,6 +197,12 @@ class ClusterFormer(nn.Module):
         # torch.export specialise the graph to one residue of H and W modulo 4. Ceil division
         # of non-negative operands only: ONNX integer division truncates towards zero.
         x = F.pad(x, (0, (width + 3) // 4 * 4 - width, 0, (height + 3) // 4 * 4 - height))
+        # Channels-last from the stem on: the convs then write (B, H, W, C) memory, so the
+        # blocks' (B, H, W, C) view of a conv output is free and stays contiguous. Symbolic
+        # sizes (torch.export) keep the default layout: strides would add guards.
+        channels_last = static_sizes(x)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         mask = downsample_mask(mask, 4)
         features: list[Tensor] = []
@@ -202,7 +214,9 @@ class ClusterFormer(nn.Module):
             x = x.permute(0, 2, 3, 1)
             for block in blocks:
                 x = block(x, mask)
-            x = zero_padding(x.permute(0, 3, 1, 2).contiguous(), mask)
+            # (B, C, H, W) in channels-last memory: the next downsampling conv reads it as is.
+            x = x.permute(0, 3, 1, 2)
+            x = zero_padding(x if channels_last else x.contiguous(), mask)
             features.append(x)
             masks.append(mask)
         return (features, masks) if return_masks else features

@@ -14,7 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clusterformer.ops.linear import linear
+
 _EPS = 1e-6
+
+
+def static_sizes(x: Tensor) -> bool:
+    """True when every size of ``x`` is a concrete int: eager, ``torch.compile`` with static
+    shapes. ``torch.export`` with dynamic sizes traces symbolic ints, and the fast paths that
+    depend on strides or on divisibility then step aside: a branch on a symbolic size would
+    specialise the exported graph to the example's size."""
+    return all(isinstance(size, int) for size in x.shape)
 
 
 def masked_group_norm(
@@ -28,8 +38,14 @@ def masked_group_norm(
     Returns:
         ``(B, H, W, C)``. Padded positions get finite values that callers ignore.
     """
+    if mask is None and static_sizes(x):
+        # GroupNorm's own kernel on the channels-last view: statistics and the per-channel
+        # affine in two passes over the map (a layer norm then `* weight + bias` took four,
+        # each writing a fresh map). Same numbers up to float rounding.
+        return F.group_norm(x.permute(0, 3, 1, 2), 1, weight, bias, eps).permute(0, 2, 3, 1)
     if mask is None:
-        # One fused layer norm over (H, W, C) = GroupNorm(1, C); the affine is per channel.
+        # Symbolic sizes (torch.export): one layer norm over (H, W, C) = GroupNorm(1, C),
+        # whose graph needs no guard on the strides of the permuted view.
         return F.layer_norm(x, x.shape[1:], eps=eps) * weight + bias
     m = mask.unsqueeze(-1).to(x.dtype)
     count = (m.sum(dim=(1, 2, 3), keepdim=True) * x.shape[-1]).clamp_min(1.0)
@@ -146,7 +162,8 @@ class DropPath(nn.Module):
 
 class TokenMlp(nn.Module):
     """Pointwise MLP ``(..., D) -> (..., D)``: Linear, GELU, Linear (pointwise, so padding
-    never leaks into real positions)."""
+    never leaks into real positions). ``ops.linear`` fuses the bias and the GELU into the
+    product on CPU inference."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -155,4 +172,5 @@ class TokenMlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        hidden = linear(x, self.fc1.weight, self.fc1.bias, activation="gelu")
+        return linear(hidden, self.fc2.weight, self.fc2.bias)

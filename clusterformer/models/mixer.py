@@ -8,6 +8,13 @@ by masked adaptive pooling (``ops.init_centers``), refined ``T`` times by
 Padding amounts depend on shapes only, never on data, so the mixer compiles with
 ``fullgraph=True``.
 
+Fast path. When no mask is given and the map is whole windows (every stage at 224, and any
+side that is a multiple of 7 tokens), nothing is padded: the mixer skips the padding, the
+masks and the final crop, and adds the dispatched update back through a strided view instead
+of copying the windows back into the map. The choice is a Python branch on concrete sizes;
+under ``torch.export`` with dynamic sizes (symbolic ints) the padded path is always taken, so
+one exported graph serves every size.
+
 Center-update variants (Table S1c), ``center_update=``:
 
 * ``"recurrent"``: the paper's; ops assignment ``"softmax_centers"`` (softmax over centers).
@@ -36,14 +43,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clusterformer.models.layers import TokenMlp
+from clusterformer.models.layers import TokenMlp, static_sizes
 from clusterformer.ops import (
     dispatch_similarity,
-    feature_dispatching,
+    dispatch_update,
     init_centers,
     keep_best_center,
     recurrent_cross_attention_clustering,
 )
+from clusterformer.ops.linear import linear
 
 CENTER_UPDATES: dict[str, str] = {
     "recurrent": "softmax_centers",
@@ -88,6 +96,12 @@ def window_partition(
     return tokens, mask, (nh, nw)
 
 
+def _whole_windows(x: Tensor, window: int) -> bool:
+    """True when the map ``(B, H, W, C)`` is whole windows of concrete size. Symbolic sizes
+    (torch.export with dynamic shapes) answer False: the padded path then serves every size."""
+    return static_sizes(x) and x.shape[1] % window == 0 and x.shape[2] % window == 0
+
+
 def _contiguous(x: Tensor) -> Tensor:
     return x.clone(memory_format=torch.contiguous_format)
 
@@ -126,24 +140,26 @@ class Dispatch(nn.Module):
             self.fc = nn.Linear(dim, dim)
 
     def forward(self, features: Tensor, centers: Tensor) -> Tensor:
+        return features + self.update(features, centers)
+
+    def update(self, features: Tensor, centers: Tensor) -> Tensor:
+        """What each pixel receives, ``(..., N, D)``: ``forward`` adds it to the features."""
         if self.mode == "ours":
-            return feature_dispatching(
-                features, centers, alpha=self.alpha, beta=self.beta, mlp=self.mlp
-            )
+            return self.mlp(dispatch_update(features, centers, alpha=self.alpha, beta=self.beta))
         if self.mode == "none":
             logits = features @ centers.transpose(-1, -2) * features.shape[-1] ** -0.5
-            return features + torch.softmax(logits, dim=-1) @ centers
+            return torch.softmax(logits, dim=-1) @ centers
         if self.mode == "fc_similarity":
             sim = dispatch_similarity(features, centers, self.alpha, self.beta)
-            return features + self.fc(sim.transpose(-1, -2) @ centers / centers.shape[-2])
+            return self.fc(sim.transpose(-1, -2) @ centers / centers.shape[-2])
         cosine = F.normalize(centers, dim=-1) @ F.normalize(features, dim=-1).transpose(-1, -2)
         if self.mode == "fc":
             best = cosine.argmax(dim=-2, keepdim=True)
             index = torch.arange(cosine.shape[-2], device=cosine.device).unsqueeze(-1)
             one_hot = (index == best).to(cosine.dtype)
-            return features + self.fc(one_hot.transpose(-1, -2) @ centers)
+            return self.fc(one_hot.transpose(-1, -2) @ centers)
         confidence = keep_best_center(torch.softmax(self.alpha * cosine, dim=-2))
-        return features + self.mlp(confidence.transpose(-1, -2) @ centers)
+        return self.mlp(confidence.transpose(-1, -2) @ centers)
 
 
 class ClusteringMixer(nn.Module):
@@ -205,23 +221,43 @@ class ClusteringMixer(nn.Module):
         }
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is None and _whole_windows(x, self.window_size):
+            return self._forward_whole_windows(x)
         batch, height, width, dim = x.shape
         window = self.window_size
         tokens, win_mask, grid = window_partition(x, mask, window)
-        flat_mask = None
-        if win_mask is not None:
-            flat_mask = win_mask.flatten(-2)
-            # Zero padding so nothing non-finite can leak through `0 * value` products.
-            tokens = tokens * flat_mask.unsqueeze(-1).to(tokens.dtype)
+        flat_mask = win_mask.flatten(-2)
+        # Zero padding so nothing non-finite can leak through `0 * value` products.
+        tokens = tokens * flat_mask.unsqueeze(-1).to(tokens.dtype)
         maps = tokens.transpose(-1, -2).reshape(batch, -1, dim, window, window)
         centers = init_centers(maps, self.center_grid, mask=win_mask)
-        centers = recurrent_cross_attention_clustering(
-            tokens, centers, self._params(tokens),
-            num_iters=self.num_iters, num_heads=self.num_heads, mask=flat_mask,
-            assignment=self.assignment, m_step=self.m_step,
-        )
+        centers = self._cluster(tokens, centers, flat_mask)
         out = self.proj(self.dispatch(tokens, centers))
         return window_merge(out, grid, (height, width))
+
+    def _forward_whole_windows(self, x: Tensor) -> Tensor:
+        """:meth:`forward` for an unmasked map of whole windows: nothing to pad or mask."""
+        batch, height, width, dim = x.shape
+        window = self.window_size
+        nh, nw = height // window, width // window
+        grid_view = x.view(batch, nh, window, nw, window, dim)
+        tokens = grid_view.transpose(2, 3).reshape(batch, nh * nw, window * window, dim)
+        # A channels-last view: adaptive pooling reads it in place.
+        maps = tokens.view(batch, nh * nw, window, window, dim).movedim(-1, -3)
+        centers = self._cluster(tokens, init_centers(maps, self.center_grid), None)
+        update = self.dispatch.update(tokens, centers)
+        # The residual add reads the windows through a strided view and writes the map layout:
+        # no separate copy back from windows.
+        window_view = update.view(batch, nh, nw, window, window, dim).transpose(2, 3)
+        mixed = (grid_view + window_view).reshape(batch, height, width, dim)
+        return linear(mixed, self.proj.weight, self.proj.bias)
+
+    def _cluster(self, tokens: Tensor, centers: Tensor, mask: Tensor | None) -> Tensor:
+        return recurrent_cross_attention_clustering(
+            tokens, centers, self._params(tokens),
+            num_iters=self.num_iters, num_heads=self.num_heads, mask=mask,
+            assignment=self.assignment, m_step=self.m_step,
+        )
 
     def extra_repr(self) -> str:
         return (

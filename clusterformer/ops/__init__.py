@@ -8,19 +8,24 @@ from clusterformer.ops.clustering import (
     M_STEPS,
     cross_attention_clustering_step,
     dispatch_similarity,
+    dispatch_update,
     feature_dispatching,
     init_centers,
     keep_best_center,
     recurrent_cross_attention_clustering,
 )
+from clusterformer.ops.linear import ACTIVATIONS, linear
 
 __all__ = [
+    "ACTIVATIONS",
     "ASSIGNMENTS",
     "M_STEPS",
     "cross_attention_clustering_step",
     "dispatch_similarity",
+    "dispatch_update",
     "feature_dispatching",
     "init_centers",
     "keep_best_center",
+    "linear",
     "recurrent_cross_attention_clustering",
 ]

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clusterformer.ops.linear import linear
+
 Assignment = Literal["softmax_centers", "softmax_pixels", "argmax", "cosine"]
 MStep = Literal["sum", "mean"]
 
@@ -57,7 +59,13 @@ def init_centers(
 def _assign(logits: Tensor, q: Tensor, k: Tensor, assignment: str) -> Tensor:
     """Assignment matrix ``(..., K, N)`` from the E-step logits (see the step docstring)."""
     if assignment == "softmax_centers":
-        return torch.softmax(logits, dim=-2)
+        # exp(log_softmax) rather than softmax: inductor's attention pattern (torch 2.13)
+        # treats the softmax dimension as a wildcard and rewrites ``softmax(q @ k^T, dim=-2)
+        # @ v`` into scaled_dot_product_attention, whose softmax runs over the LAST dimension:
+        # compiled results were silently wrong whenever no mask multiply broke the chain (see
+        # tests/test_compile_correctness.py). The same numbers up to float rounding, and an
+        # extra pass over a small (K, N) matrix in eager.
+        return torch.log_softmax(logits, dim=-2).exp()
     if assignment == "softmax_pixels":
         return torch.softmax(logits, dim=-1)
     if assignment == "argmax":
@@ -134,6 +142,28 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(-3, -2).reshape(*lead, length, heads * dim)
 
 
+def _keys_and_values(
+    features: Tensor, params: Mapping[str, Tensor | None], num_heads: int
+) -> tuple[Tensor, Tensor]:
+    """K and V of every head, ``(..., h, N, d)`` each, contiguous.
+
+    One matmul with the stacked ``[W_k; W_v]`` weights, then one copy into the per-head
+    layout; the clustering iterations then reuse K and V without re-laying them out (a
+    per-head view of a (..., N, D) projection is copied by every matmul that reads it).
+    """
+    k_bias, v_bias = params.get("k_bias"), params.get("v_bias")
+    bias = None
+    if k_bias is not None or v_bias is not None:
+        dim = params["k_weight"].shape[0]
+        zeros = params["k_weight"].new_zeros(dim)
+        bias = torch.cat([zeros if k_bias is None else k_bias, zeros if v_bias is None else v_bias])
+    kv = linear(features, torch.cat([params["k_weight"], params["v_weight"]]), bias)
+    *lead, length, width = kv.shape
+    kv = kv.reshape(*lead, length, 2, num_heads, width // (2 * num_heads))
+    kv = kv.movedim(-3, 0).movedim(-2, -3).contiguous()  # (2, ..., h, N, d)
+    return kv[0], kv[1]
+
+
 def recurrent_cross_attention_clustering(
     features: Tensor,
     centers: Tensor,
@@ -173,12 +203,11 @@ def recurrent_cross_attention_clustering(
     """
     if features.shape[-1] % num_heads:
         raise ValueError(f"channels {features.shape[-1]} not divisible by {num_heads} heads")
-    keys = _split_heads(F.linear(features, params["k_weight"], params.get("k_bias")), num_heads)
-    values = _split_heads(F.linear(features, params["v_weight"], params.get("v_bias")), num_heads)
+    keys, values = _keys_and_values(features, params, num_heads)
     head_mask = None if mask is None else mask.unsqueeze(-2)
     out = centers
     for _ in range(num_iters):
-        queries = _split_heads(F.linear(out, params["q_weight"], params.get("q_bias")), num_heads)
+        queries = _split_heads(linear(out, params["q_weight"], params.get("q_bias")), num_heads)
         update = cross_attention_clustering_step(
             queries, keys, values, scale=scale, mask=head_mask,
             assignment=assignment, m_step=m_step,
@@ -202,6 +231,31 @@ def keep_best_center(similarity: Tensor) -> Tensor:
     best = similarity.argmax(dim=-2, keepdim=True)
     index = torch.arange(similarity.shape[-2], device=similarity.device).unsqueeze(-1)
     return similarity * (index == best).to(similarity.dtype)
+
+
+def dispatch_update(features: Tensor, centers: Tensor, *, alpha: Tensor, beta: Tensor) -> Tensor:
+    r"""What feature dispatching sends each pixel, before its MLP (the supplement's Eq. 6)::
+
+        S = sigmoid(beta + alpha * cos_sim(centers, features))      # (..., K, N)
+        S_kn = S_kn if k == argmax_k S_kn else 0
+        returns (1 / K) * sum_k S_kn * C_k                           # (..., N, D)
+
+    Args:
+        features: ``(..., N, D)`` pixel features; centers: ``(..., K, D)``; alpha, beta:
+            scalar tensors.
+
+    Returns:
+        ``(..., N, D)``.
+    """
+    # The cosine divides by the pixel norms instead of normalising the features, which would
+    # write a normalised copy of the whole (..., N, D) map: c . x / |x| equals
+    # c . F.normalize(x), with F.normalize's eps.
+    unit_centers = F.normalize(centers, dim=-1)
+    norms = torch.linalg.vector_norm(features, dim=-1).clamp_min(1e-12).unsqueeze(-2)
+    cosine = (unit_centers @ features.transpose(-1, -2)) / norms  # (..., K, N)
+    weights = keep_best_center(torch.sigmoid(beta + alpha * cosine))
+    # 1/K on the small (K, N) weights, not on the (N, D) result.
+    return (weights / centers.shape[-2]).transpose(-1, -2) @ centers
 
 
 def feature_dispatching(
@@ -231,6 +285,4 @@ def feature_dispatching(
     Returns:
         ``(..., N, D)`` updated features.
     """
-    weights = keep_best_center(dispatch_similarity(features, centers, alpha, beta))
-    gathered = weights.transpose(-1, -2) @ centers / centers.shape[-2]
-    return features + mlp(gathered)
+    return features + mlp(dispatch_update(features, centers, alpha=alpha, beta=beta))
