@@ -17,6 +17,7 @@ from clusterformer.cli import (
     models_cmd,
     predict_cmd,
     quickstart_cmd,
+    runtime_opts,
     shapes_cmd,
     shard_cmd,
     train_cmd,
@@ -52,8 +53,14 @@ def _root(
     debug: bool = typer.Option(
         False, "--debug", help="Show full tracebacks instead of one-line errors."
     ),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1,
+        help="CPU threads for torch (default: OMP_NUM_THREADS, else one per core). On a busy "
+        "machine fewer threads are often faster.",
+    ),
 ) -> None:
     errors.DEBUG = debug
+    runtime_opts.THREADS = threads
 
 
 def main(argv: list[str] | None = None) -> None:

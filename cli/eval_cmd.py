@@ -52,6 +52,11 @@ def register(app: typer.Typer) -> None:
             "none", "--amp", help="Mixed precision for inference: bf16, fp16 (CUDA) or none."
         ),
         num_workers: int = typer.Option(0, "--num-workers", help="Data loading worker processes."),
+        compile_model: bool = typer.Option(
+            False, "--compile/--no-compile",
+            help="torch.compile the model (inductor with frozen weights); the first batch is "
+            "checked against eager and a difference stops the run.",
+        ),
     ) -> None:
         """Evaluate a checkpoint (--ckpt) or a prediction file (--task T --predictions PATH) on --data.
 
@@ -77,8 +82,12 @@ def register(app: typer.Typer) -> None:
             metrics = _score_predictions(task, predictions, data, num_workers)
             title = f"{task} predictions {predictions}"
         else:
+            from clusterformer.cli.runtime_opts import start_compute
+
+            start_compute(device)
             metrics = _evaluate_checkpoint(
-                ckpt, data, batch_size, image_size, device, amp, num_workers, task, out
+                ckpt, data, batch_size, image_size, device, amp, num_workers, task, out,
+                compile_model=compile_model,
             )
             title = f"{metrics.pop('_task')} checkpoint {ckpt}"
         _print_table(title, metrics)
@@ -111,6 +120,8 @@ def _evaluate_checkpoint(
     num_workers: int,
     task_flag: str | None,
     out: Path | None = None,
+    *,
+    compile_model: bool = False,
 ) -> dict[str, Any]:
     from rich.progress import Progress
 
@@ -144,6 +155,10 @@ def _evaluate_checkpoint(
         rank=0,
         world_size=1,
     )
+    if compile_model:
+        from clusterformer.engine.compiled import checked_inference_compile
+
+        model = checked_inference_compile(model, amp, f"{task.name} model")
     with Progress(transient=True) as progress:
         bar = progress.add_task("eval", total=len(loader))
 

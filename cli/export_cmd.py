@@ -40,8 +40,10 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+        from clusterformer.cli.runtime_opts import start_compute
         from clusterformer.export import ParityError, export_checkpoint
 
+        start_compute("cpu")
         console = Console()
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                       transient=True, console=console) as progress:

@@ -26,6 +26,8 @@ def register(app: typer.Typer) -> None:
         max_detections: int = typer.Option(100, "--max-detections", help="Detection / instance: at most this many objects per image."),
         image_size: int | None = typer.Option(None, "--image-size", help="Inference size (default: the checkpoint's training size)."),
         device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA when available)."),
+        amp: str = typer.Option("none", "--amp", help="Mixed precision for inference: bf16, fp16 (CUDA) or none."),
+        compile_model: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model (inductor with frozen weights); the first image is checked against eager."),
     ) -> None:
         """Predict on IMAGE files with a trained model: draws boxes (detection), coloured masks
         (instance, semantic, panoptic) or the top class (classification) with names and scores on
@@ -39,9 +41,14 @@ def register(app: typer.Typer) -> None:
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: image not found")
 
+        if amp not in ("bf16", "fp16", "none"):
+            raise UserError(f"--amp must be one of bf16, fp16, none, got '{amp}'")
+        from clusterformer.cli.runtime_opts import start_compute
+
+        start_compute(device)
         everything = predict_images(ckpt, images, out, score_threshold=score_threshold,
                                     max_detections=max_detections, image_size=image_size,
-                                    device=device)
+                                    device=device, amp=amp, compile_model=compile_model)
         typer.echo(f"wrote {len(everything)} overlay(s) and predictions.json to {out}")
 
 
@@ -54,6 +61,8 @@ def predict_images(
     max_detections: int = 100,
     image_size: int | None = None,
     device: str | None = None,
+    amp: str = "none",
+    compile_model: bool = False,
 ) -> list[dict[str, Any]]:
     """Run checkpoint ``ckpt`` on ``images``; write OUT/<stem>.png overlays, OUT/<stem>.json and
     OUT/predictions.json, and return the per-image records."""
@@ -63,10 +72,14 @@ def predict_images(
     from clusterformer.data import decode_image
     from clusterformer.data.transforms import make_transform
     from clusterformer.engine.distributed import pick_device
-    from clusterformer.engine.evaluate import load_model_from_checkpoint
+    from clusterformer.engine.evaluate import autocast, load_model_from_checkpoint
 
     dev = pick_device(device)
     model, task, meta = load_model_from_checkpoint(ckpt, dev)
+    if compile_model:
+        from clusterformer.engine.compiled import checked_inference_compile
+
+        model = checked_inference_compile(model, amp, f"{task.name} model")
     if task.name not in PREDICT_TASKS:
         raise UserError(f"cf predict supports {', '.join(PREDICT_TASKS)}; {ckpt} is a {task.name} model")
     categories = meta.get("categories") or []
@@ -88,7 +101,8 @@ def predict_images(
                 "pixel_mask": torch.ones(1, *sample["image"].shape[1:], dtype=torch.bool, device=dev),
                 "targets": [{"orig_size": (height, width), "size": tuple(sample["size"])}],
             }
-            outputs = task.forward(model, batch)
+            with autocast(amp, dev):
+                outputs = task.forward(model, batch)
             if task.name == "detection":
                 pred = task.postprocess(outputs, batch)[0]
                 result = _detections(pred, categories, score_threshold, max_detections)

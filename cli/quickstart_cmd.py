@@ -66,8 +66,11 @@ def register(app: typer.Typer) -> None:
         """
         from rich.console import Console
 
+        from clusterformer.cli.runtime_opts import start_compute
+
         if task not in QUICKSTART_TASKS:
             raise UserError(f"--task must be one of {', '.join(QUICKSTART_TASKS)}, got '{task}'")
+        start_compute(device)
         run_dirs = [out / "run"] + ([out / "panoptic-run"] if task == "panoptic" else [])
         for run_dir in run_dirs:
             if (run_dir / "checkpoints" / "last.safetensors").exists():

@@ -46,6 +46,8 @@ class TrainConfig:
     grad_clip: float | None = None
     amp: str | None = None  # None: bf16 on CUDA, none on CPU
     compile: bool = False
+    # Recompute each backbone stage's activations in backward (less memory, more compute).
+    grad_checkpointing: bool = False
     ema_decay: float | None = None
     seed: int = 0
     device: str | None = None

@@ -197,7 +197,13 @@ def _resume(state: TrainState, env: DistEnv, run_dir: Path) -> bool:
     return True
 
 
-def _wrap(module: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Module:
+def _wrap(module: nn.Module, cfg: TrainConfig, env: DistEnv, amp: str) -> nn.Module:
+    if cfg.grad_checkpointing:
+        switches = [m for m in module.modules() if hasattr(m, "set_grad_checkpointing")]
+        if not switches:
+            raise ValueError(f"--grad-checkpointing: {cfg.model} has no checkpointable stages")
+        for switch in switches:
+            switch.set_grad_checkpointing(True)
     model: nn.Module = module
     if env.distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -205,7 +211,11 @@ def _wrap(module: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Module:
         ids = [env.device.index] if env.device.type == "cuda" else None
         model = DistributedDataParallel(module, device_ids=ids)
     if cfg.compile:
-        model = torch.compile(model)
+        from clusterformer.engine.compiled import CheckedCompile, compile_model, tolerance_for
+
+        # The first batch also runs eagerly: a compiler bug stops the run with one line.
+        model = CheckedCompile(compile_model(model, inference=False), module,
+                               tolerance=tolerance_for(amp))
     return model
 
 
@@ -292,7 +302,7 @@ def train(
         resumed = cfg.resume and _resume(state, env, run_dir)
         if not resumed:  # a resumed run restored its RNG; else give each rank its own stream
             seed_everything(cfg.seed + env.rank + 1)
-        state.model = _wrap(module, cfg, env)
+        state.model = _wrap(module, cfg, env, amp)
         meta = checkpoint_metadata(
             module,
             task,

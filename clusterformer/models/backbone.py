@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from clusterformer.models.layers import (
     DropPath,
@@ -168,6 +169,9 @@ class ClusterFormer(nn.Module):
                 )
                 for j in range(depth)
             ))
+        # Activation checkpointing per stage (timm's set_grad_checkpointing): a runtime switch,
+        # not part of the architecture or of checkpoints.
+        self.grad_checkpointing = False
         self.num_features = dims[-1] if head_pool == "last" else sum(dims)
         self.head_norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
@@ -212,14 +216,22 @@ class ClusterFormer(nn.Module):
                 x = down(zero_padding(x, mask))
                 mask = downsample_mask(mask, 2)
             x = x.permute(0, 2, 3, 1)
-            for block in blocks:
-                x = block(x, mask)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                # Keep only the stage's input; its blocks run again during backward.
+                x = checkpoint(_run_blocks, blocks, x, mask, use_reentrant=False)
+            else:
+                x = _run_blocks(blocks, x, mask)
             # (B, C, H, W) in channels-last memory: the next downsampling conv reads it as is.
             x = x.permute(0, 3, 1, 2)
             x = zero_padding(x if channels_last else x.contiguous(), mask)
             features.append(x)
             masks.append(mask)
         return (features, masks) if return_masks else features
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each stage's activations during backward instead of keeping them: about
+        a third more compute for a fraction of the activation memory (docs/benchmarks.md)."""
+        self.grad_checkpointing = bool(enable)
 
     def forward_head(
         self, features: Sequence[Tensor], masks: Sequence[Tensor | None] | None = None,
@@ -238,6 +250,12 @@ class ClusterFormer(nn.Module):
         """``(B, in_chans, H, W)`` (+ optional ``(B, H, W)`` mask) -> ``(B, num_classes)``."""
         features, masks = self.forward_features(images, pixel_mask, return_masks=True)
         return self.forward_head(features, masks)
+
+
+def _run_blocks(blocks: nn.ModuleList, x: Tensor, mask: Tensor | None) -> Tensor:
+    for block in blocks:
+        x = block(x, mask)
+    return x
 
 
 def _init_weights(module: nn.Module) -> None:

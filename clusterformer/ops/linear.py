@@ -9,11 +9,14 @@ is still in cache; it is the kernel inductor uses for a frozen model. Measured a
 this project's machine (AMD EPYC, torch 2.13): 94-102 GFLOP/s against 52-96 for ``F.linear``
 at the backbone's shapes (``docs/benchmarks.md``, "Eager fast paths").
 
-The fused kernel has no autograd formula, so it is taken only where nothing needs a gradient:
-inference (``torch.no_grad`` / ``inference_mode``) or inputs and weights that do not require
-one. It is also skipped while ``torch.compile``, ``torch.export`` or ONNX export trace the model
-(they see the plain ``F.linear`` + activation, which they fuse themselves), and for anything but
-float32/bfloat16 CPU tensors. Numbers equal the plain path up to float rounding (tested).
+The fused kernel has no autograd formula of its own. Where a gradient is needed, the product
+(without the activation, whose backward needs the pre-activation) runs through a small autograd
+function: oneDNN for the forward and for the input gradient, BLAS for the weight gradient
+(a long reduction that oneDNN would need transposed copies for). Everything else is plain
+``F.linear`` (+ ``F.gelu``): while ``torch.compile``, ``torch.export`` or ONNX export trace the
+model (they fuse on their own), under ``vmap``/``grad`` (no batching rule), for double
+backward, and for anything but float32/bfloat16 CPU tensors. Numbers equal the plain path up to
+float rounding (tested, values and gradients).
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ def _onednn_available() -> bool:
 
 _ONEDNN = _onednn_available()
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
+# Below this many rows the input gradient is a BLAS mm: copying the transposed weight for
+# oneDNN costs more than oneDNN saves (stage 4 of tiny at batch 8 has 392 rows).
+_ONEDNN_MIN_ROWS_FOR_TRANSPOSE = 2048
 
 
 def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
@@ -43,12 +49,50 @@ def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    if torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    ):
-        return False
     # Functorch transforms (vmap, grad) wrap tensors; the oneDNN op has no batching rule.
     return not torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, attr: str = "none") -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(
+        x, weight, bias, attr, [], "none" if attr == "gelu" else ""
+    )
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """``x @ weight^T + bias`` by oneDNN, with its gradients (once differentiable)."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        rows = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[0]:
+            # oneDNN needs the transposed weight as a copy: worth it only for many rows.
+            if rows.shape[0] >= _ONEDNN_MIN_ROWS_FOR_TRANSPOSE:
+                grad_x = _onednn_linear(grad, weight.t().contiguous(), None)
+            else:
+                grad_x = (rows @ weight).reshape(*grad.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_w = rows.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = rows.sum(0)
+        return grad_x, grad_w, grad_b
 
 
 def linear(
@@ -67,8 +111,10 @@ def linear(
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    if _use_onednn(x, weight, bias):
-        attr, algorithm = ("gelu", "none") if activation == "gelu" else ("none", "")
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
-    out = F.linear(x, weight, bias)
+    if not _use_onednn(x, weight, bias):
+        out = F.linear(x, weight, bias)
+    elif not _needs_grad(x, weight, bias):
+        return _onednn_linear(x, weight, bias, attr=activation)
+    else:
+        out = _OneDnnLinear.apply(x, weight, bias)
     return F.gelu(out) if activation == "gelu" else out

@@ -42,8 +42,15 @@ class Task(ABC):
         """A fresh model of preset ``preset`` for ``num_classes`` classes."""
 
     def forward(self, model: nn.Module, batch: Batch) -> Any:
-        """Run the model on a batch (``images`` (B, 3, H, W), ``pixel_mask`` (B, H, W))."""
-        return model(batch["images"], pixel_mask=batch.get("pixel_mask"))
+        """Run the model on a batch (``images`` (B, 3, H, W), ``pixel_mask`` (B, H, W)).
+
+        A mask with no padded pixel is dropped: the model then takes its unmasked fast paths
+        (the same numbers, tested). The check runs here, outside a compiled model, so a
+        compiled model sees ``None`` too instead of breaking its graph on the data."""
+        mask = batch.get("pixel_mask")
+        if mask is not None and bool(mask.all()):
+            mask = None
+        return model(batch["images"], pixel_mask=mask)
 
     def augment(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
         """Train-time batch-level augmentation (mixup, ...); identity by default.

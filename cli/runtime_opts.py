@@ -1,0 +1,22 @@
+"""Process settings shared by the compute commands: threads, allocator, the start line."""
+
+from __future__ import annotations
+
+# Set by the root callback from ``cf --threads N``; commands with their own --threads pass it.
+THREADS: int | None = None
+
+
+def start_compute(device: str | None = None, threads: int | None = None) -> tuple[int, str]:
+    """Apply ``--threads`` (else ``OMP_NUM_THREADS``) and the CPU allocator setting, and print
+    one line on stdout saying what the command runs on (stderr stays for errors).
+
+    Returns:
+        ``(threads, where the count came from)``.
+    """
+    from clusterformer.engine.distributed import pick_device
+    from clusterformer.engine.runtime import configure_threads, runtime_line, tune_cpu_allocator
+
+    tune_cpu_allocator()
+    count = configure_threads(threads if threads is not None else THREADS)
+    print(f"cf: {runtime_line(pick_device(device), count)}", flush=True)
+    return count
