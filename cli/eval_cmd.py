@@ -175,8 +175,10 @@ def _check_categories(trained: list[dict], data_cats: list[dict], ckpt: Path, da
     if len(names_trained) != len(names_data):
         differ = f"has {len(names_data)} classes, the checkpoint {len(names_trained)}"
     else:
-        i = next(i for i, (a, b) in enumerate(zip(names_data, names_trained, strict=True)) if a != b)
-        differ = f"names class {i} {str(names_data[i])[:40]!r}, the checkpoint {str(names_trained[i])[:40]!r}"
+        pairs = enumerate(zip(names_data, names_trained, strict=True))
+        i = next(i for i, (a, b) in pairs if a != b)
+        differ = (f"names class {i} {str(names_data[i])[:40]!r}, the checkpoint "
+                  f"{str(names_trained[i])[:40]!r}")  # fmt: skip
     raise DataError(f"{data}: {differ} ({ckpt}); evaluate on data with the checkpoint's classes")
 
 

@@ -52,12 +52,15 @@ def expand_images(paths: list[Path]) -> list[Path]:
     out: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file()
-                           and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))  # fmt: skip
+            found = sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )  # fmt: skip
             if not found:
-                raise DataError(f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS[:4])}, ...) "
-                                "in this folder; give image files or a folder of images")  # fmt: skip
+                kinds = ", ".join(IMAGE_EXTENSIONS[:4])
+                raise DataError(f"{path}: no image files ({kinds}, ...) in this folder; give "
+                                "image files or a folder of images")  # fmt: skip
             out.extend(found)
         elif path.is_file():
             out.append(path)

@@ -124,7 +124,8 @@ def read_coco(images: str | Path, annotations: str | Path) -> Source:
         raise DatasetError(ann_path, '"images" is not a list of objects')
     if annotations and all("segments_info" in a and "bbox" not in a for a in annotations):
         raise DatasetError(ann_path, "this is a COCO panoptic file (annotations hold "
-                           "segments_info); use --format coco-panoptic with --masks PNG_FOLDER")  # fmt: skip
+                           "segments_info); use --format coco-panoptic with --masks "
+                           "PNG_FOLDER")  # fmt: skip
     bad = non_finite_path(coco["categories"], "categories")
     if bad:
         raise DatasetError(ann_path, f"{bad}, not a number; fix the categories")
@@ -136,7 +137,8 @@ def read_coco(images: str | Path, annotations: str | Path) -> Source:
     for ann in annotations:
         image_id = as_int(ann.get("image_id"))
         if image_id is None:
-            given = f"image_id {str(ann['image_id'])[:40]!r}" if "image_id" in ann else "no image_id"
+            given = (f"image_id {str(ann['image_id'])[:40]!r}" if "image_id" in ann
+                     else "no image_id")  # fmt: skip
             raise DatasetError(ann_path, f"annotation {str(ann.get('id'))[:40]} has {given}; "
                                "fix or remove it")  # fmt: skip
         by_image[image_id].append(ann)
@@ -153,8 +155,10 @@ def read_coco(images: str | Path, annotations: str | Path) -> Source:
         Entry(
             key,
             str(images_dir / str(im.get("file_name", ""))),
-            lambda im=im, key=key, i=i: _load(images_dir, im, by_image.get(as_int(im.get("id")), []),
-                                              known, key, problems.get(i)),  # fmt: skip
+            lambda im=im, key=key, i=i: _load(
+                images_dir, im, by_image.get(as_int(im.get("id")), []), known, key,
+                problems.get(i),
+            ),
         )
         for i, (key, im) in enumerate(zip(keys, image_list, strict=True))
     ]

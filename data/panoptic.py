@@ -129,7 +129,8 @@ def read_panoptic(images: str | Path, annotations: str | Path, masks: str | Path
     image_list = coco.get("images")
     if not isinstance(image_list, list):
         # Some exports carry only annotations: derive the image names from the PNG names.
-        image_list = [{"id": a["image_id"], "file_name": Path(str(a.get("file_name"))).stem + ".jpg"}
+        image_list = [{"id": a["image_id"],
+                       "file_name": Path(str(a.get("file_name"))).stem + ".jpg"}
                       for a in annotations]  # fmt: skip
     if not all(isinstance(im, dict) for im in image_list):
         raise DatasetError(ann_path, '"images" is not a list of objects')

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -111,7 +112,7 @@ def _commit_points(ops: list[tuple[str, str]], every: bool) -> list[tuple[int, s
         return points
     renames = [k for k, (name, _) in enumerate(ops, 1) if name in ("replace", "rename")]
     writes = [k for k, (name, _) in enumerate(ops, 1) if name == "write"]
-    return [(renames[0], "before"), (renames[0], "after"), (writes[-2], "torn")]
+    return [(renames[0], "before"), (renames[0], "after")] + [(k, "torn") for k in writes[-2:-1]]
 
 
 def _kill_then_resume(fault_shards: Path, run: Path, k: int, when: str, first: list[str],
@@ -125,7 +126,9 @@ def _kill_then_resume(fault_shards: Path, run: Path, k: int, when: str, first: l
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(fault_shards: Path, fault_warm: None, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def uninterrupted(
+    fault_shards: Path, fault_warm: None, tmp_path_factory: pytest.TempPathFactory
+) -> dict:
     run = tmp_path_factory.mktemp("uninterrupted") / "run"
     assert in_child(lambda: main(train_argv(fault_shards, run, 4, "--save-every", "2"))) == 0
     return weights_of(run)
@@ -137,8 +140,8 @@ def _killed_train_matches_uninterrupted(fault_shards: Path, uninterrupted: dict,
     ops = count_ops(tmp_path / "count" / "checkpoints", lambda _: main(argv))
     for k, when in _commit_points(ops, every):
         run = tmp_path / f"{k}-{when}"
-        _kill_then_resume(fault_shards, run, k, when, train_argv(fault_shards, run, 4, "--save-every", "2"),
-                          train_argv(fault_shards, run, 4, "--save-every", "2", "--resume"))  # fmt: skip
+        argv = train_argv(fault_shards, run, 4, "--save-every", "2")
+        _kill_then_resume(fault_shards, run, k, when, argv, [*argv, "--resume"])
         assert_same_weights(weights_of(run), uninterrupted)
         assert dotfiles(run / "checkpoints") == [], (k, when)
 
@@ -203,21 +206,26 @@ def test_resume_never_starts_over_on_a_folder_holding_weights(
 
     code, err = cf(train_argv(fault_shards, run, 3, "--restart"), capsys)
     assert code == 0, err
-    assert ckpt.read_metadata(run)["step"] == 3 and not (run / "checkpoints" / "step-000001").exists()
+    assert ckpt.read_metadata(run)["step"] == 3
+    assert not (run / "checkpoints" / "step-000001").exists()
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3]  # the old run's log went with its checkpoints
 
 
-@pytest.mark.parametrize(("flag", "value", "before"), [("--image-size", "64", "32"),
-                                                      ("--model", "clusterformer-tiny", "clusterformer-nano")])  # fmt: skip
+@pytest.mark.parametrize(("flag", "value", "before"), [
+    ("--image-size", "64", "32"),
+    ("--model", "clusterformer-tiny", "clusterformer-nano"),
+])  # fmt: skip
 def test_resume_with_another_setup_names_both_values(
     fault_shards: Path, fault_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
     flag: str, value: str, before: str,
 ) -> None:  # fmt: skip
     run = _copy(fault_run, tmp_path / "run")
     argv = train_argv(fault_shards, run, 4, "--resume")
-    argv[argv.index(flag) + 1 if flag in argv else len(argv):] = (
-        [value, *argv[argv.index(flag) + 2:]] if flag in argv else [flag, value])  # fmt: skip
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag, value]
     code, err = cf(argv, capsys)
     line = error_line(err)
     assert code == 1 and f"{flag} {before}" in line and value in line, line
@@ -252,8 +260,8 @@ def _poison(how: str) -> object:
 
 @pytest.mark.parametrize("how", ["nan", "exploded"])
 def test_a_diverging_run_keeps_the_last_good_checkpoint(
-    fault_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
-    how: str,
+    fault_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch, how: str,
 ) -> None:  # fmt: skip
     """NaN weights, or finite ones so large the outputs overflow: the save of step 3 is refused
     with one line, and ``last`` stays the step-2 checkpoint."""
@@ -296,15 +304,17 @@ def _diverged_copy(fault_run: Path, to: Path, how: str) -> Path:
 
 @pytest.mark.parametrize("how", ["nan", "exploded"])
 def test_eval_and_predict_refuse_diverged_weights(
-    fault_shards: Path, fault_raw: Path, fault_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-    how: str,
+    fault_shards: Path, fault_raw: Path, fault_run: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture, how: str,
 ) -> None:  # fmt: skip
     bad = _diverged_copy(fault_run, tmp_path / "diverged.safetensors", how)
-    code, err = cf(["eval", "--ckpt", bad, "--data", fault_shards, "--out", tmp_path / "m.json"], capsys)
+    code, err = cf(["eval", "--ckpt", bad, "--data", fault_shards, "--out", tmp_path / "m.json"],
+                   capsys)  # fmt: skip
     assert code == 1 and str(bad) in error_line(err)
     assert not (tmp_path / "m.json").exists()
     out = tmp_path / "pred"
-    code, err = cf(["predict", "--ckpt", bad, fault_raw / "classes" / "circle", "--out", out], capsys)
+    folder = fault_raw / "classes" / "circle"
+    code, err = cf(["predict", "--ckpt", bad, folder, "--out", out], capsys)
     assert code == 1 and str(bad) in error_line(err)
     assert not out.exists() or list(out.iterdir()) == []
 
@@ -315,10 +325,10 @@ def test_json_written_never_holds_nan(
 ) -> None:  # fmt: skip
     import clusterformer.engine.evaluate as evaluate_module
 
-    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: {"top1": float("nan"),
-                                                                     "top5": float("inf")})  # fmt: skip
-    code, err = cf(["eval", "--ckpt", fault_run, "--data", fault_shards, "--out", tmp_path / "m.json"],
-                   capsys)  # fmt: skip
+    nan_metrics = {"top1": float("nan"), "top5": float("inf")}
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: nan_metrics)
+    out = tmp_path / "m.json"
+    code, err = cf(["eval", "--ckpt", fault_run, "--data", fault_shards, "--out", out], capsys)
     assert code == 0, err
     metrics = strict_json(tmp_path / "m.json")
     assert metrics["top1"] is None and metrics["top5"] is None and metrics["step"] == 2
@@ -332,8 +342,8 @@ def _metrics_steps(run: Path) -> list[int]:
 
 @pytest.mark.parametrize("kind", DISKS)
 def test_train_finds_a_full_disk_before_step_1(
-    fault_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
-    kind: str,
+    fault_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch, kind: str,
 ) -> None:  # fmt: skip
     with small_disk(tmp_path / "disk", "4m", kind, monkeypatch) as disk:
         code, err = cf(train_argv(fault_shards, disk / "run", 3), capsys)
@@ -345,8 +355,8 @@ def test_train_finds_a_full_disk_before_step_1(
 
 @pytest.mark.parametrize("kind", DISKS)
 def test_a_disk_that_fills_during_training_keeps_the_last_checkpoint(
-    fault_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
-    kind: str,
+    fault_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch, kind: str,
 ) -> None:  # fmt: skip
     """Room for one checkpoint of nano (20 MB) but not two: the second save fails with one line
     naming the folder, and the first checkpoint stays whole and resumable."""
@@ -360,7 +370,8 @@ def test_a_disk_that_fills_during_training_keeps_the_last_checkpoint(
 
 
 def test_an_unwritable_out_is_found_before_step_1(
-    fault_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    fault_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     (tmp_path / "a-file").write_text("not a folder")
     code, err = cf(train_argv(fault_shards, tmp_path / "a-file" / "run", 3), capsys)
@@ -408,6 +419,30 @@ def test_export_names_a_disk_that_fills_while_writing(
     assert list(tmp_path.glob("*.pt2")) == [] and dotfiles(tmp_path) == []
 
 
+@pytest.mark.parametrize("kind", DISKS)
+def test_predict_onto_a_full_disk_leaves_nothing_behind(
+    fault_run: Path, fault_raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch, kind: str,
+) -> None:  # fmt: skip
+    with small_disk(tmp_path / "disk", "96k", kind, monkeypatch) as disk:
+        out = disk / "pred"
+        code, err = cf(["predict", "--ckpt", fault_run, fault_raw / "classes", "--out", out],
+                       capsys)  # fmt: skip
+        line = error_line(err)
+        assert code == 1 and str(out) in line and "no space left" in line, line
+        assert list(out.iterdir()) == []  # no overlay, JSON or temporary of the failed run
+
+
+def test_make_shapes_onto_a_full_disk_names_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with small_disk(tmp_path / "disk", "64k", "tmpfs", monkeypatch) as disk:
+        code, err = cf(["make-shapes", disk / "s", "--num-images", "64"], capsys)
+        line = error_line(err)
+        assert code == 1 and str(disk / "s") in line and "no space left" in line, line
+        assert dotfiles(disk) == []
+
+
 # ----------------------------------------------------------------------------- 10. leftovers
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -420,7 +455,7 @@ def test_temporaries_of_dead_writers_are_removed_on_the_next_start(
 ) -> None:
     run = _copy(fault_run, tmp_path / "run")
     ckpt_dir = run / "checkpoints"
-    host = files.temp_tag().rpartition("-")[0]
+    host = socket.gethostname().replace("-", "_")  # temporaries are tagged <host>-<pid>
     leftovers = [ckpt_dir / ".last.safetensors.k2j4x9.tmp",  # an older version's mkstemp name
                  ckpt_dir / f".step-000003.tmp-{host}-{_dead_pid()}",
                  run / f".config.json.a8b2.tmp-{host}-{_dead_pid()}"]  # fmt: skip

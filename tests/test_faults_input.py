@@ -88,7 +88,7 @@ def _hostile_files(run: Path, shards: Path, tmp: Path, marker: Path) -> dict[str
         _pickle_as(state, marker)
     legacy = tmp / "legacy"
     (legacy / "checkpoints").mkdir(parents=True)
-    shutil.copy(run / "checkpoints" / "last.safetensors", legacy / "checkpoints" / "last.safetensors")
+    shutil.copy(run / "checkpoints" / "last.safetensors", legacy / "checkpoints")
     _pickle_as(legacy / "checkpoints" / "last.state.pt", marker)
     weights = _pickle_as(tmp / "evil.safetensors", marker)
     predictions = _pickle_as(tmp / "evil.json", marker)
@@ -261,7 +261,8 @@ def test_a_reshard_onto_a_full_disk_keeps_the_dataset_in_out(
             room = shutil.disk_usage(disk).free - sum(map(len, before.values())) // 2
             (disk / "filler").write_bytes(b"\0" * max(room, 0))
         code, err = cf(["shard-dataset", "--format", "coco", "--images", fault_raw / "images",
-                        "--annotations", fault_raw / "instances.json", "--out", out], capsys)  # fmt: skip
+                        "--annotations", fault_raw / "instances.json", "--out", out],
+                       capsys)  # fmt: skip
         line = error_line(err)
         assert code == 1 and f"{out}: no space left" in line, line
         assert snapshot(out) == before and dotfiles(out) == []
@@ -382,5 +383,6 @@ def test_every_flag_error_exits_2_with_one_line(
 def test_bad_data_exits_1(fault_raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "bad.json").write_text("{ not json")
     code, err = cf(["shard-dataset", "--format", "coco", "--images", fault_raw / "images",
-                    "--annotations", tmp_path / "bad.json", "--out", tmp_path / "o"], capsys)  # fmt: skip
+                    "--annotations", tmp_path / "bad.json", "--out", tmp_path / "o"],
+                   capsys)  # fmt: skip
     assert code == 1 and str(tmp_path / "bad.json") in error_line(err)

@@ -21,7 +21,7 @@ def wait_for_path(path: Path, proc: subprocess.Popen, timeout: float = SAFETY_NE
     while not path.exists():
         if proc.poll() is not None:
             err = proc.stderr.read() if proc.stderr else ""
-            raise AssertionError(f"process exited ({proc.returncode}) before {path} appeared: {err}")
+            raise AssertionError(f"exited ({proc.returncode}) before {path} appeared: {err}")
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"{path} did not appear in {timeout:.0f} s: the process hangs")

@@ -256,7 +256,8 @@ def _point_last(ckpt_dir: Path, step_name: str, blobs: dict[str, bytes] | None =
             files.atomic_write_bytes(ckpt_dir / view, data)
         return
     files.rename(tmp, ckpt_dir / "last")
-    for view, inner in (("last.safetensors", f"last/{WEIGHTS}"), ("last.state.pt", f"last/{STATE}")):
+    views = (("last.safetensors", f"last/{WEIGHTS}"), ("last.state.pt", f"last/{STATE}"))
+    for view, inner in views:
         link = ckpt_dir / view
         if link.is_symlink() and os.readlink(link) == inner:
             continue

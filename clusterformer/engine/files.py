@@ -108,6 +108,8 @@ def writer_alive(tag: str) -> bool:
         return False  # another host's or an old-style temporary: its writer is not ours to wait on
     if int(pid) == os.getpid():
         return False  # a reused pid (containers restart at small pids): not a writer of ours yet
+    if os.name == "nt":
+        return False  # os.kill(pid, 0) would send CTRL_C_EVENT there; assume it has exited
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -128,7 +130,8 @@ def remove_dead_temps(folder: Path, legacy: re.Pattern | None = None) -> list[Pa
         return removed
     for p in sorted(Path(folder).iterdir()):
         m = _TEMP.match(p.name)
-        if (m and not writer_alive(m.group("tag"))) or (legacy is not None and legacy.match(p.name)):
+        dead = m is not None and not writer_alive(m.group("tag"))
+        if dead or (legacy is not None and legacy.match(p.name)):
             remove_tree(p)
             removed.append(p)
     return removed

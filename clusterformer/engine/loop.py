@@ -289,8 +289,10 @@ def train(
         barrier(env)  # the main rank has cleaned the folder before any rank reads it
         found = run_folder.resumable(run_dir, resume=cfg.resume, restart=cfg.restart, notes=notes)
         if found is not None:
-            run_folder.check_same_setup(found, task=cfg.task, model=cfg.model,
-                                        image_size=cfg.image_size, num_classes=num_classes)  # fmt: skip
+            run_folder.check_same_setup(
+                found, task=cfg.task, model=cfg.model, image_size=cfg.image_size,
+                num_classes=num_classes,
+            )  # fmt: skip
         module = task.build_model(cfg.model, num_classes, **cfg.model_overrides)
         if found is not None:
             run_folder.check_same_model(found, module)

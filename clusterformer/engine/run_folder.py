@@ -45,7 +45,8 @@ def tidy(run_dir: Path, restart: bool) -> list[str]:
         notes.append(f"removed {len(removed)} temporary file(s) an interrupted save left in "
                      f"{run_dir}")  # fmt: skip
     if restart:
-        old = [p for p in (ckpt_dir, run_dir / "metrics.jsonl", run_dir / "tensorboard") if p.exists()]
+        previous = (ckpt_dir, run_dir / "metrics.jsonl", run_dir / "tensorboard")
+        old = [p for p in previous if p.exists()]
         tag = files.temp_tag()
         for p in old:  # renamed away first: a kill mid-delete leaves no half checkpoint behind
             trash = run_dir / f".{p.name}.tmp-{tag}"
@@ -69,7 +70,8 @@ def resumable(
     if not resume:
         if ckpt.holds_weights(ckpt_dir):
             raise RunFolderError(f"{run_dir} already holds a checkpoint; pass --resume to "
-                                 "continue it, --restart to start over, or choose another --out")  # fmt: skip
+                                 "continue it, --restart to start over, or choose another "
+                                 "--out")  # fmt: skip
         return None
     found = ckpt.find_resumable(ckpt_dir, notes)
     if found is None:
