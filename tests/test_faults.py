@@ -204,6 +204,10 @@ def test_resume_never_starts_over_on_a_folder_holding_weights(
     assert code == 1 and str(run) in line and "--restart" in line
     assert {k: v for k, v in snapshot(run).items() if k.endswith(".safetensors")} == weights
 
+    wrong = train_argv(fault_shards, run, 3, "--restart")
+    wrong[wrong.index("classification")] = "detection"  # fails on the data, before step 1
+    code, err = cf(wrong, capsys)
+    assert code == 1 and (run / "checkpoints" / "step-000002").is_dir()  # nothing deleted yet
     code, err = cf(train_argv(fault_shards, run, 3, "--restart"), capsys)
     assert code == 0, err
     assert ckpt.read_metadata(run)["step"] == 3

@@ -285,7 +285,7 @@ def train(
         info = load_dataset_info(cfg.data)
         categories = info["categories"]
         num_classes = len(categories)
-        notes = run_folder.tidy(run_dir, cfg.restart) if env.is_main else []
+        notes = run_folder.tidy(run_dir) if env.is_main else []
         barrier(env)  # the main rank has cleaned the folder before any rank reads it
         found = run_folder.resumable(run_dir, resume=cfg.resume, restart=cfg.restart, notes=notes)
         if found is not None:
@@ -341,6 +341,8 @@ def train(
             extra={"model_name": cfg.model, "num_classes": num_classes},
         )
         if env.is_main:
+            if cfg.restart:
+                notes += run_folder.restart(run_dir)
             run_folder.check_room(run_dir, module, state.ema is not None)
             _write_config(
                 run_dir,

@@ -6,7 +6,8 @@
   never starts over on a folder that holds weights. An empty folder starts at step 0.
 * The checkpoint must come from the same task, preset, image size, classes and model options;
   a change is one line naming both values.
-* ``--restart`` deletes the folder's checkpoints and logs, then starts at step 0.
+* ``--restart`` deletes the folder's checkpoints and logs (once everything else is checked),
+  then starts at step 0.
 * The folder must be writable and have room for one more checkpoint (the previous one stays
   until the new one is committed).
 * Temporaries that a killed writer left behind are removed first.
@@ -35,27 +36,29 @@ class Resumable:
     meta: dict[str, Any]
 
 
-def tidy(run_dir: Path, restart: bool) -> list[str]:
-    """Main rank, before anything reads the folder: remove dead writers' temporaries and, with
-    ``restart``, the previous run's checkpoints and logs. Returns lines to log."""
-    notes = []
-    ckpt_dir = run_dir / "checkpoints"
-    removed = files.remove_dead_temps(run_dir) + ckpt.recover(ckpt_dir)
-    if removed:
-        notes.append(f"removed {len(removed)} temporary file(s) an interrupted save left in "
-                     f"{run_dir}")  # fmt: skip
-    if restart:
-        previous = (ckpt_dir, run_dir / "metrics.jsonl", run_dir / "tensorboard")
-        old = [p for p in previous if p.exists()]
-        tag = files.temp_tag()
-        for p in old:  # renamed away first: a kill mid-delete leaves no half checkpoint behind
-            trash = run_dir / f".{p.name}.tmp-{tag}"
-            files.rename(p, trash)
-            files.remove_tree(trash)
-        if old:
-            notes.append(f"--restart: removed the previous run's {', '.join(p.name for p in old)} "
-                         f"from {run_dir}")  # fmt: skip
-    return notes
+def tidy(run_dir: Path) -> list[str]:
+    """Main rank, before anything reads the folder: remove dead writers' temporaries and point
+    ``last`` at the newest checkpoint. Returns lines to log."""
+    removed = files.remove_dead_temps(run_dir) + ckpt.recover(run_dir / "checkpoints")
+    if not removed:
+        return []
+    return [f"removed {len(removed)} temporary file(s) an interrupted save left in {run_dir}"]
+
+
+def restart(run_dir: Path) -> list[str]:
+    """Main rank, once everything else is checked (just before step 1, so a mistake in the
+    flags or the data loses nothing): delete the previous run's checkpoints and logs."""
+    previous = (run_dir / "checkpoints", run_dir / "metrics.jsonl", run_dir / "tensorboard")
+    old = [p for p in previous if p.exists()]
+    tag = files.temp_tag()
+    for p in old:  # renamed away first: a kill mid-delete leaves no half checkpoint behind
+        trash = run_dir / f".{p.name}.tmp-{tag}"
+        files.rename(p, trash)
+        files.remove_tree(trash)
+    if not old:
+        return []
+    return [f"--restart: removed the previous run's {', '.join(p.name for p in old)} from "
+            f"{run_dir}"]  # fmt: skip
 
 
 def resumable(
