@@ -67,7 +67,8 @@ def _replace_dataset(out: Path, shards: list[str], index_tmp: Path, skipped_tmp:
     for name in shards:
         os.replace(out / _tmp_name(name), out / name)
     for path in sorted(out.iterdir()):  # the old dataset's extra shards
-        if path.is_file() and path.name.startswith("shard-") and path.name not in shards:
+        old_shard = path.name.startswith("shard-") and path.name.endswith(".tar")
+        if old_shard and path.is_file() and path.name not in shards:
             path.unlink()
     os.replace(skipped_tmp, out / SKIPPED_NAME)
     _fsync_dir(out)
