@@ -216,6 +216,20 @@ def test_resume_never_starts_over_on_a_folder_holding_weights(
     assert steps == [3]  # the old run's log went with its checkpoints
 
 
+def test_a_run_of_the_flat_layout_still_resumes(
+    fault_shards: Path, fault_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Runs written before step folders (last.safetensors + last.state.pt files) resume."""
+    flat = tmp_path / "run" / "checkpoints"
+    flat.mkdir(parents=True)
+    newest = fault_run / "checkpoints" / "step-000002"
+    shutil.copy(newest / "model.safetensors", flat / "last.safetensors")
+    shutil.copy(newest / "state.pt", flat / "last.state.pt")
+    code, err = cf(train_argv(fault_shards, flat.parent, 3, "--resume"), capsys)
+    assert code == 0 and "resumed" in err and "at step 2" in err, err
+    assert ckpt.read_metadata(flat.parent)["step"] == 3
+
+
 @pytest.mark.parametrize(("flag", "value", "before"), [
     ("--image-size", "64", "32"),
     ("--model", "clusterformer-tiny", "clusterformer-nano"),
