@@ -98,7 +98,7 @@ def overfit(name: str, shards: Path, categories: list[dict], args: argparse.Name
         return _score(evaluate, model, task, single, categories, shards, args.out / name)
 
     if args.eval_only:
-        model.load_state_dict(torch.load(args.out / f"{name}.pt"))
+        model.load_state_dict(torch.load(args.out / f"{name}.pt", weights_only=True))
         metrics = score()
         return {"task": name, "eval_only": True, "torch": torch.__version__, "final": metrics}
     while state.step < args.steps:

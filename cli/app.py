@@ -67,12 +67,17 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the app, turning failures into one line on stderr."""
     args = sys.argv[1:] if argv is None else argv
     try:
-        app(args=args, prog_name="cf")
+        code = app(args=args, prog_name="cf", standalone_mode=False)
     except KeyboardInterrupt:
         print("cf: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        usage = errors.usage_line(exc)  # a bad or missing flag (Typer's own parsing)
+        if usage is not None:
+            print(usage, file=sys.stderr)
+            sys.exit(2)
         if errors.DEBUG or "--debug" in args:
             raise
         print(f"cf: error: {errors.describe(exc)}", file=sys.stderr)
         sys.exit(errors.exit_code(exc))
+    sys.exit(code if isinstance(code, int) else 0)  # as Click's standalone mode does

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from clusterformer.cli.errors import UserError
+from clusterformer.cli.errors import DataError, UserError
 
 TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
 # --predictions scorers of the segmentation tasks: (module, function(predictions, data, ...)).
@@ -92,9 +91,9 @@ def register(app: typer.Typer) -> None:
             title = f"{metrics.pop('_task')} checkpoint {ckpt}"
         _print_table(title, metrics)
         if out is not None:
-            from clusterformer.engine.checkpoint import atomic_write_text
+            from clusterformer.engine.files import atomic_write_json
 
-            atomic_write_text(out, json.dumps(metrics, indent=2) + "\n")
+            atomic_write_json(out, metrics)
             typer.echo(f"wrote {out}")
 
 
@@ -167,27 +166,35 @@ def _evaluate_checkpoint(
                 progress.advance(bar)
                 yield None
 
-        metrics = evaluate(
-            model,
-            task,
-            loader,
-            num_classes=len(info["categories"]),
-            device=dev,
-            amp=amp,
-            categories=info["categories"],
-            progress=ticks(),
-        )
+        try:
+            metrics = evaluate(
+                model,
+                task,
+                loader,
+                num_classes=len(info["categories"]),
+                device=dev,
+                amp=amp,
+                categories=info["categories"],
+                progress=ticks(),
+            )
+        except FloatingPointError as exc:  # a diverged checkpoint: name it
+            raise DataError(f"{ckpt}: {exc}") from None
     return {**metrics, "step": meta.get("step"), "image_size": size, "_task": task.name}
 
 
 def _check_categories(trained: list[dict], data_cats: list[dict], ckpt: Path, data: Path) -> None:
     names_trained = [c.get("name") for c in trained]
     names_data = [c.get("name") for c in data_cats]
-    if names_trained and names_trained != names_data:
-        raise UserError(
-            f"{data}: categories {names_data[:5]}... differ from the checkpoint's "
-            f"{names_trained[:5]}... ({ckpt}); evaluate on data with the same classes"
-        )
+    if not names_trained or names_trained == names_data:
+        return
+    if len(names_trained) != len(names_data):
+        differ = f"has {len(names_data)} classes, the checkpoint {len(names_trained)}"
+    else:
+        pairs = enumerate(zip(names_data, names_trained, strict=True))
+        i = next(i for i, (a, b) in pairs if a != b)
+        differ = (f"names class {i} {str(names_data[i])[:40]!r}, the checkpoint "
+                  f"{str(names_trained[i])[:40]!r}")  # fmt: skip
+    raise DataError(f"{data}: {differ} ({ckpt}); evaluate on data with the checkpoint's classes")
 
 
 def _score_predictions(
@@ -207,16 +214,12 @@ def _score_predictions(
     import torch
 
     from clusterformer.data import build_loader, load_dataset_info
+    from clusterformer.metrics.seg_common import read_json_file
     from clusterformer.metrics.topk import TopKAccumulator
 
-    if not predictions.is_file():
-        raise FileNotFoundError(f"{predictions}: predictions file not found")
-    try:
-        preds = json.loads(predictions.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{predictions}: not valid JSON ({exc})") from None
+    preds = read_json_file(predictions, "predictions file")
     if not isinstance(preds, dict):
-        raise UserError(f"{predictions}: expected a JSON object of image key -> class id")
+        raise DataError(f"{predictions}: expected a JSON object of image key -> class id")
     categories = load_dataset_info(str(data))["categories"]
     to_train = {int(c["id"]): int(c["train_id"]) for c in categories}
     by_name = {str(c["name"]): int(c["train_id"]) for c in categories}
@@ -240,7 +243,7 @@ def _score_predictions(
             if not ok:
                 continue
             if key not in preds:
-                raise UserError(f"{predictions}: no prediction for image '{key}' of {data}")
+                raise DataError(f"{predictions}: no prediction for image '{key}' of {data}")
             rows.append(_ranked_ids(preds[key], key, to_train, by_name, predictions))
             labels.append(label)
         if rows:
@@ -262,19 +265,19 @@ def _ranked_ids(
     out = []
     for item in items:
         if isinstance(item, bool) or not isinstance(item, int | str):
-            raise UserError(
+            raise DataError(
                 f"{path}: prediction for '{key}' must be a class id, a class name or a list of them"
             )
         if isinstance(item, str):
             if item not in by_name:
-                raise UserError(f"{path}: prediction for '{key}' names unknown class '{item}'")
+                raise DataError(f"{path}: prediction for '{key}' names unknown class '{item}'")
             out.append(by_name[item])
         elif item in to_train:
             out.append(to_train[item])
         else:
-            raise UserError(f"{path}: prediction for '{key}' has unknown class id {item}")
+            raise DataError(f"{path}: prediction for '{key}' has unknown class id {item}")
     if not out:
-        raise UserError(f"{path}: prediction for '{key}' is empty")
+        raise DataError(f"{path}: prediction for '{key}' is empty")
     return out
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from clusterformer.cli.errors import UserError
+from clusterformer.cli.errors import DataError, UserError
 
 
 def register(app: typer.Typer) -> None:
@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
             except ParityError as exc:
                 progress.stop()
                 _print_parity(console, exc.results, tolerance)
-                raise UserError(str(exc)) from exc
+                raise DataError(str(exc)) from exc
         _print_parity(console, result.parity, tolerance)
         shape = "dynamic batch, height and width" if result.dynamic else f"{image_size}x{image_size}, dynamic batch"
         console.print(f"wrote {result.path} ({result.task}, {result.exporter}, {shape}; "

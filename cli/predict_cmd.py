@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from clusterformer.cli.errors import UserError
+from clusterformer.cli.errors import DataError, UserError
 
 PREDICT_TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
 # Distinct, readable box colours (tab10), cycled by class.
@@ -19,7 +20,7 @@ PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 def register(app: typer.Typer) -> None:
     @app.command("predict")
     def predict_command(
-        images: list[Path] = typer.Argument(..., help="Image files to run the model on (jpg, png, ...)."),
+        images: list[Path] = typer.Argument(..., help="Image files, folders (searched recursively) or quoted glob patterns to run the model on (jpg, png, ...)."),
         ckpt: Path = typer.Option(..., "--ckpt", help="A run folder or a .safetensors checkpoint."),
         out: Path = typer.Option(..., "--out", help="Folder for <image>.png overlays, <image>.json and predictions.json."),
         score_threshold: float = typer.Option(0.3, "--score-threshold", help="Detection / instance: keep objects scoring at least this (0-1)."),
@@ -37,12 +38,9 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--score-threshold must be in [0, 1], got {score_threshold}")
         if max_detections < 1:
             raise UserError(f"--max-detections must be >= 1, got {max_detections}")
-        for path in images:
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: image not found")
-
         if amp not in ("bf16", "fp16", "none"):
             raise UserError(f"--amp must be one of bf16, fp16, none, got '{amp}'")
+        images = expand_images(images)
         from clusterformer.cli.runtime_opts import start_compute
 
         start_compute(device)
@@ -50,6 +48,63 @@ def register(app: typer.Typer) -> None:
                                     max_detections=max_detections, image_size=image_size,
                                     device=device, amp=amp, compile_model=compile_model)
         typer.echo(f"wrote {len(everything)} overlay(s) and predictions.json to {out}")
+
+
+def expand_images(paths: list[Path]) -> list[Path]:
+    """Image files, the image files under folders (recursively, sorted) and glob matches."""
+    import glob
+
+    from clusterformer.data.images import IMAGE_EXTENSIONS
+
+    out: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )  # fmt: skip
+            if not found:
+                kinds = ", ".join(IMAGE_EXTENSIONS[:4])
+                raise DataError(f"{path}: no image files ({kinds}, ...) in this folder; give "
+                                "image files or a folder of images")  # fmt: skip
+            out.extend(found)
+        elif path.is_file():
+            out.append(path)
+        elif glob.has_magic(str(path)) and glob.glob(str(path)):
+            out.extend(expand_images(sorted(Path(p) for p in glob.glob(str(path)))))
+        else:
+            raise FileNotFoundError(f"{path}: image not found; check the path")
+    return out
+
+
+def _check_images(images: list[Path]) -> None:
+    """Decode every image once before anything is written: a bad one stops the run with
+    nothing written (one line naming the file)."""
+    from clusterformer.data.images import decode_image_array
+
+    for path in images:
+        decode_image_array(path.read_bytes(), str(path))
+
+
+@contextlib.contextmanager
+def _removed_on_failure(written: list[Path]) -> Iterator[None]:
+    """A failed run (diverged weights, full disk) leaves no partial set of outputs behind."""
+    try:
+        yield
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _check_outputs(outputs: Any, ckpt: Path, path: Path) -> None:
+    from clusterformer.engine.finite import describe_output, non_finite_output
+
+    bad = non_finite_output(outputs)
+    if bad is not None:  # NaN scores are no prediction (and not JSON)
+        raise DataError(f"{ckpt}: model {describe_output(bad)} is NaN or infinite on {path}: "
+                        "the weights are unusable; use an earlier checkpoint")  # fmt: skip
 
 
 def predict_images(
@@ -81,16 +136,18 @@ def predict_images(
 
         model = checked_inference_compile(model, amp, f"{task.name} model")
     if task.name not in PREDICT_TASKS:
-        raise UserError(f"cf predict supports {', '.join(PREDICT_TASKS)}; {ckpt} is a {task.name} model")
+        raise DataError(f"cf predict supports {', '.join(PREDICT_TASKS)}; {ckpt} is a {task.name} model")
     categories = meta.get("categories") or []
     if hasattr(task, "set_categories") and categories:
         task.set_categories(categories)
     size = image_size or int(meta.get("image_size") or 224)
     transform = make_transform(task.name, size, train=False)
+    _check_images(images)
     out.mkdir(parents=True, exist_ok=True)
     names = _unique_stems(images)
     everything = []
-    with Progress(transient=True) as progress, torch.no_grad():
+    written: list[Path] = []
+    with _removed_on_failure(written), Progress(transient=True) as progress, torch.no_grad():
         bar = progress.add_task("predict", total=len(images))
         for path, stem in zip(images, names, strict=True):
             image = decode_image(path.read_bytes(), str(path))
@@ -103,6 +160,7 @@ def predict_images(
             }
             with autocast(amp, dev):
                 outputs = task.forward(model, batch)
+            _check_outputs(outputs, ckpt, path)
             if task.name == "detection":
                 pred = task.postprocess(outputs, batch)[0]
                 result = _detections(pred, categories, score_threshold, max_detections)
@@ -114,11 +172,12 @@ def predict_images(
             else:
                 result = _classes(task.postprocess(outputs, batch)[0], categories)
             record = {"image": str(path), "height": height, "width": width, "task": task.name, **result}
+            written.extend([out / f"{stem}.png", out / f"{stem}.json"])
             _save_overlay(image, record, out / f"{stem}.png")
             _write_json(out / f"{stem}.json", record)
             everything.append(record)
             progress.advance(bar)
-    _write_json(out / "predictions.json", everything)
+        _write_json(out / "predictions.json", everything)
     return everything
 
 
@@ -195,12 +254,16 @@ def _save_overlay(image, record: dict, path: Path) -> None:  # noqa: ANN001 - ui
         left, top, right, bottom = draw.textbbox((2, 2), text)
         draw.rectangle([0, 0, right + 4, bottom + 4], fill=(0, 0, 0))
         draw.text((2, 2), text, fill=(255, 255, 255))
-    tmp = path.with_name(f".{path.name}.tmp")
-    canvas.save(tmp, format="PNG")
-    tmp.replace(path)
+    import io
+
+    from clusterformer.engine.files import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+    from clusterformer.engine.files import atomic_write_json
+
+    atomic_write_json(path, obj)

@@ -9,14 +9,13 @@ docs/benchmarks.md.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from clusterformer.cli.errors import UserError
+from clusterformer.cli.errors import DataError, UserError
 
 QUICKSTART_TASKS = ("panoptic", "classification")
 DEFAULT_TASK = "panoptic"
@@ -74,7 +73,7 @@ def register(app: typer.Typer) -> None:
         run_dirs = [out / "run"] + ([out / "panoptic-run"] if task == "panoptic" else [])
         for run_dir in run_dirs:
             if (run_dir / "checkpoints" / "last.safetensors").exists():
-                raise UserError(
+                raise DataError(
                     f"{run_dir} already holds a trained model; remove it or choose another --out"
                 )
         console = Console()
@@ -91,9 +90,10 @@ def register(app: typer.Typer) -> None:
             ckpt, metrics["panoptic"] = _panoptic(
                 out, step, ckpt, num_scenes, max(num_val // 4, 4), steps, image_size, seed, device
             )
-        (out / "metrics.json").write_text(
-            json.dumps(metrics if task == "panoptic" else metrics["classification"], indent=2) + "\n"
-        )
+        from clusterformer.engine.files import atomic_write_json
+
+        atomic_write_json(out / "metrics.json",
+                          metrics if task == "panoptic" else metrics["classification"])  # fmt: skip
         last_run = run_dirs[-1]
         console.print(f"done in {time.perf_counter() - t0:.0f} s; checkpoint: {ckpt}")
         shards = out / ("scene-shards-val" if task == "panoptic" else "shards-val")

@@ -51,9 +51,14 @@ def register(app: typer.Typer) -> None:
             TimeRemainingColumn,
         )
 
-        from clusterformer.data.formats import open_source
+        from clusterformer.cli.errors import UserError
+        from clusterformer.data.formats import check_arguments, open_source
         from clusterformer.data.shards import write_shards
 
+        try:
+            check_arguments(format.value, annotations, masks)
+        except ValueError as exc:  # a flag missing or out of place: a usage error
+            raise UserError(str(exc)) from None
         console = Console(stderr=True, soft_wrap=True)
         source = open_source(format.value, images, annotations=annotations, masks=masks)
         columns = (TextColumn("sharding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

@@ -75,7 +75,14 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(
             False,
             "--resume",
-            help="Continue from OUT/checkpoints/last.* (starts fresh when there is none).",
+            help="Continue from the newest complete checkpoint in OUT/checkpoints (starts at "
+            "step 0 only when OUT holds no checkpoint; stops with the reason when one is unusable).",
+        ),
+        restart: bool = typer.Option(
+            False,
+            "--restart",
+            help="Start over at step 0 in OUT: deletes OUT's previous checkpoints, metrics.jsonl "
+            "and tensorboard/ first.",
         ),
         seed: int | None = typer.Option(None, "--seed", help="Random seed (default 0)."),
         save_every: int | None = typer.Option(
@@ -147,7 +154,7 @@ def register(app: typer.Typer) -> None:
             None, "--log-every", help="Log training scalars every this many steps."
         ),
         keep_last: int | None = typer.Option(
-            None, "--keep-last", help="How many step-NNNNNN checkpoints to keep (default 3)."
+            None, "--keep-last", help="How many periodic step-NNNNNN checkpoints (--save-every) to keep besides the newest (default 3)."
         ),
     ) -> None:
         """Train a model; writes OUT/config.json, OUT/metrics.jsonl and OUT/checkpoints/last.safetensors (+ last.state.pt).
@@ -157,6 +164,8 @@ def register(app: typer.Typer) -> None:
         """
         if task not in TASKS:
             raise UserError(f"--task must be one of {', '.join(TASKS)}, got '{task}'")
+        if resume and restart:
+            raise UserError("--resume and --restart exclude each other; give one")
         from clusterformer.tasks import AVAILABLE_TASKS
 
         if task not in AVAILABLE_TASKS:
@@ -191,43 +200,47 @@ def register(app: typer.Typer) -> None:
         from clusterformer.engine.loop import TrainingInterrupted, train
 
         overrides = {"head_pool": head_pool} if head_pool else None
-        cfg = resolve_config(
-            recipe,
-            task=task,
-            data=str(data),
-            out=str(out),
-            val_data=str(val_data) if val_data else None,
-            model=model,
-            pretrained=str(pretrained) if pretrained else None,
-            steps=steps,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            image_size=image_size,
-            compile=compile_model,
-            grad_checkpointing=grad_checkpointing,
-            amp=amp,
-            resume=resume or None,
-            seed=seed,
-            save_every=save_every,
-            eval_every=eval_every,
-            accum_steps=accum_steps,
-            warmup_steps=warmup_steps,
-            weight_decay=weight_decay,
-            grad_clip=grad_clip,
-            schedule=schedule,
-            ema_decay=ema_decay,
-            label_smoothing=label_smoothing,
-            mixup_alpha=mixup,
-            cutmix_alpha=cutmix,
-            rand_augment=rand_augment,
-            random_erasing=random_erasing,
-            model_overrides=overrides,
-            num_workers=num_workers,
-            device=device,
-            log_every=log_every,
-            keep_last=keep_last,
-        )
+        try:
+            cfg = resolve_config(
+                recipe,
+                task=task,
+                data=str(data),
+                out=str(out),
+                val_data=str(val_data) if val_data else None,
+                model=model,
+                pretrained=str(pretrained) if pretrained else None,
+                steps=steps,
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                image_size=image_size,
+                compile=compile_model,
+                grad_checkpointing=grad_checkpointing,
+                amp=amp,
+                resume=resume or None,
+                restart=restart or None,
+                seed=seed,
+                save_every=save_every,
+                eval_every=eval_every,
+                accum_steps=accum_steps,
+                warmup_steps=warmup_steps,
+                weight_decay=weight_decay,
+                grad_clip=grad_clip,
+                schedule=schedule,
+                ema_decay=ema_decay,
+                label_smoothing=label_smoothing,
+                mixup_alpha=mixup,
+                cutmix_alpha=cutmix,
+                rand_augment=rand_augment,
+                random_erasing=random_erasing,
+                model_overrides=overrides,
+                num_workers=num_workers,
+                device=device,
+                log_every=log_every,
+                keep_last=keep_last,
+            )
+        except ValueError as exc:  # a flag value out of range is a usage error (exit 2)
+            raise UserError(str(exc)) from None
         from clusterformer.cli.runtime_opts import start_compute
 
         start_compute(cfg.device)

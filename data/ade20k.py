@@ -18,7 +18,9 @@ from clusterformer.data.records import Record
 from clusterformer.data.source import (
     Entry,
     Source,
+    as_int,
     is_image_file,
+    non_finite_path,
     read_image,
     read_json,
     require_dir,
@@ -38,7 +40,13 @@ def _read_classes(path: Path) -> tuple[list[dict], int]:
     spec = read_json(path, "classes file")
     if not isinstance(spec, dict) or not isinstance(spec.get("classes"), list):
         raise DatasetError(path, 'not a classes file (expected {"classes": [{"id", "name"}, ...]})')
-    ignore = int(spec.get("ignore_index", 0))
+    ignore = as_int(spec.get("ignore_index", 0))
+    if ignore is None:
+        raise DatasetError(path, f"ignore_index {str(spec.get('ignore_index'))[:40]!r} is not an "
+                           "integer; fix the classes file")  # fmt: skip
+    bad = non_finite_path(spec["classes"], "classes")
+    if bad:
+        raise DatasetError(path, f"{bad}, not a number; fix the classes file")
     try:
         classes = [c for c in spec["classes"] if int(c["id"]) != ignore]
         categories = contiguous_categories(classes, default_isthing=False)

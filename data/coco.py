@@ -13,7 +13,19 @@ from clusterformer.data.categories import contiguous_categories
 from clusterformer.data.errors import DatasetError, SampleError
 from clusterformer.data.images import exif_orientation
 from clusterformer.data.records import Record
-from clusterformer.data.source import Entry, Source, read_image, read_json, require_dir, unique_keys
+from clusterformer.data.source import (
+    Entry,
+    Source,
+    as_int,
+    image_problems,
+    image_stem,
+    non_finite_path,
+    read_image,
+    read_json,
+    require_dir,
+    sort_key,
+    unique_keys,
+)
 
 # Polygons traced along pixel edges may touch the far border: allow that much overhang.
 BOX_TOLERANCE = 1.0
@@ -51,10 +63,20 @@ def _check_segmentation(segmentation: object, height: int, width: int) -> str | 
     return f"segmentation of type {type(segmentation).__name__} is neither polygons nor RLE"
 
 
-def _load(images_dir: Path, image: dict, anns: list[dict], known: set[int], key: str) -> Record:
+def _load(images_dir: Path, image: dict, anns: list[dict], known: set[int], key: str,
+          problem: str | None) -> Record:  # fmt: skip
     path = images_dir / str(image.get("file_name", ""))
+    if problem:  # found while indexing the images list (no id, duplicate id, NaN)
+        raise SampleError(path, key, problem)
+    for ann in anns:
+        bad = non_finite_path(ann)
+        if bad:
+            raise SampleError(path, key, f"annotation {ann.get('id')}: {bad}, not a number")
     data, ext, height, width = read_image(path, key)
-    want = (int(image.get("height", height)), int(image.get("width", width)))
+    want = (as_int(image.get("height", height)), as_int(image.get("width", width)))
+    if None in want:
+        raise SampleError(path, key, f"image size {image.get('width')}x{image.get('height')} in "
+                          "the annotations is not a whole number")  # fmt: skip
     if want != (height, width):
         hint = ""
         if want == (width, height) and exif_orientation(data) in (5, 6, 7, 8):
@@ -64,7 +86,7 @@ def _load(images_dir: Path, image: dict, anns: list[dict], known: set[int], key:
             f"say {want[1]}x{want[0]}{hint}"
         )  # fmt: skip
     for ann in anns:
-        if int(ann.get("category_id", -1)) not in known:
+        if as_int(ann.get("category_id")) not in known:
             raise SampleError(path, key, f"annotation {ann.get('id')}: unknown category id "
                               f"{ann.get('category_id')}")  # fmt: skip
         area = ann.get("area")
@@ -78,7 +100,7 @@ def _load(images_dir: Path, image: dict, anns: list[dict], known: set[int], key:
     annotation = {
         "format": "coco",
         "file_name": str(image["file_name"]),
-        "image_id": int(image["id"]),
+        "image_id": as_int(image["id"]),
         "height": height,
         "width": width,
         "annotations": anns,
@@ -95,26 +117,50 @@ def read_coco(images: str | Path, annotations: str | Path) -> Source:
         raise DatasetError(ann_path, 'not a COCO instances file (no "images" list)')
     if not isinstance(coco.get("categories"), list) or not coco["categories"]:
         raise DatasetError(ann_path, 'not a COCO instances file (no "categories" list)')
+    annotations = coco.get("annotations", [])
+    if not isinstance(annotations, list) or not all(isinstance(a, dict) for a in annotations):
+        raise DatasetError(ann_path, '"annotations" is not a list of objects')
+    if not all(isinstance(im, dict) for im in coco["images"]):
+        raise DatasetError(ann_path, '"images" is not a list of objects')
+    if annotations and all("segments_info" in a and "bbox" not in a for a in annotations):
+        raise DatasetError(ann_path, "this is a COCO panoptic file (annotations hold "
+                           "segments_info); use --format coco-panoptic with --masks "
+                           "PNG_FOLDER")  # fmt: skip
+    bad = non_finite_path(coco["categories"], "categories")
+    if bad:
+        raise DatasetError(ann_path, f"{bad}, not a number; fix the categories")
     try:
         categories = contiguous_categories(coco["categories"], default_isthing=True)
     except (KeyError, ValueError, TypeError) as exc:
         raise DatasetError(ann_path, f"bad categories ({exc})") from None
     by_image: dict[int, list[dict]] = defaultdict(list)
-    for ann in coco.get("annotations", []):
-        by_image[int(ann.get("image_id", -1))].append(ann)
-    image_list = sorted(coco["images"], key=lambda im: int(im["id"]))
-    orphans = set(by_image) - {int(im["id"]) for im in image_list}
+    for ann in annotations:
+        image_id = as_int(ann.get("image_id"))
+        if image_id is None:
+            given = (f"image_id {str(ann['image_id'])[:40]!r}" if "image_id" in ann
+                     else "no image_id")  # fmt: skip
+            raise DatasetError(ann_path, f"annotation {str(ann.get('id'))[:40]} has {given}; "
+                               "fix or remove it")  # fmt: skip
+        by_image[image_id].append(ann)
+    image_list = sorted(coco["images"], key=sort_key)
+    problems = image_problems(image_list)
+    orphans = set(by_image) - {as_int(im.get("id")) for im in image_list}
     if orphans:
-        raise DatasetError(ann_path, f"annotations refer to unknown image ids {sorted(orphans)[:5]}")
-    keys = unique_keys([Path(str(im.get("file_name", im["id"]))).stem for im in image_list])
+        why = f" ({next(iter(problems.values()))})" if problems else ""
+        raise DatasetError(ann_path, f"annotations refer to unknown image ids "
+                           f"{sorted(orphans)[:5]}{why}; fix the images list")  # fmt: skip
+    keys = unique_keys([image_stem(im, i) for i, im in enumerate(image_list)])
     known = {c["id"] for c in categories}
     entries = [
         Entry(
             key,
             str(images_dir / str(im.get("file_name", ""))),
-            lambda im=im, key=key: _load(images_dir, im, by_image.get(int(im["id"]), []), known, key),
+            lambda im=im, key=key, i=i: _load(
+                images_dir, im, by_image.get(as_int(im.get("id")), []), known, key,
+                problems.get(i),
+            ),
         )
-        for key, im in zip(keys, image_list, strict=True)
+        for i, (key, im) in enumerate(zip(keys, image_list, strict=True))
     ]
     info = {
         "format": "coco",

@@ -16,6 +16,18 @@ _ARGS = {
 }
 
 
+def check_arguments(format: str, annotations: object, masks: object) -> None:
+    """ValueError when ``format`` is unknown or --annotations / --masks do not fit it."""
+    if format not in _ARGS:
+        raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    given = {"annotations": annotations, "masks": masks}
+    for name, need in _ARGS[format].items():
+        if need and given[name] is None:
+            raise ValueError(f"--format {format} needs --{name}")
+        if need is False and given[name] is not None:
+            raise ValueError(f"--{name} is not used with --format {format}")
+
+
 def open_source(
     format: str,
     images: str | Path,
@@ -28,14 +40,7 @@ def open_source(
     (panoptic JSON) + masks (PNG folder); ade20k: images + masks (+ annotations = classes.json);
     imagefolder: images (the folder holding one sub-folder per class).
     """
-    if format not in _ARGS:
-        raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
-    given = {"annotations": annotations, "masks": masks}
-    for name, need in _ARGS[format].items():
-        if need and given[name] is None:
-            raise ValueError(f"--format {format} needs --{name}")
-        if need is False and given[name] is not None:
-            raise ValueError(f"--{name} is not used with --format {format}")
+    check_arguments(format, annotations, masks)
     if format == "coco":
         from clusterformer.data.coco import read_coco
 

@@ -7,6 +7,7 @@ values: converting them to RGB through a palette would destroy the labels.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -18,6 +19,7 @@ from clusterformer.data.errors import ImageDecodeError
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "gif", "ppm", "pgm")
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_BUFFER_REPR = re.compile(r"\s*<_io\.\w+ object at 0x[0-9a-fA-F]+>")
 
 
 def _open(data: bytes, where: str) -> Image.Image:
@@ -28,7 +30,8 @@ def _open(data: bytes, where: str) -> Image.Image:
             image = Image.open(io.BytesIO(data))
             image.load()  # decodes fully: a truncated file raises here, not later
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad files
-        reason = " ".join(str(exc).split()) or type(exc).__name__
+        # Pillow names the in-memory buffer ("<_io.BytesIO object at 0x...>"), not the file.
+        reason = _BUFFER_REPR.sub("", " ".join(str(exc).split())).strip() or type(exc).__name__
         if not data:
             reason = "empty file"
         raise ImageDecodeError(where, f"cannot decode image ({reason})") from None

@@ -5,16 +5,21 @@ Guarantees:
 * Deterministic: entries are sorted by key, optionally shuffled with ``random.Random(seed)``,
   and tar headers carry fixed mtime/uid/gid/names, so the same input + seed gives
   byte-identical shards.
-* Nothing half-written looks whole: shards are written as ``.shard-NNNNNN.tar.tmp`` and only
-  renamed once every sample has been read; dataset.json is written last (temp + rename).
-  A previous run's dataset.json is removed before anything else, and its shards after it.
-  On any failure the temporary files are removed.
+* Nothing half-written looks whole: shards, skipped.jsonl and dataset.json are first written
+  completely under temporary names (``.shard-NNNNNN.tar.tmp``, ...), fsynced; dataset.json is
+  the last file moved into place.
+* A dataset already in ``out`` is replaced only once the new one is complete: until then it
+  stays readable, and a failure (bad sample, full disk) leaves it untouched. The swap removes
+  its dataset.json first (the folder stops claiming to be a dataset), renames the new shards
+  in, deletes the old shards the new index does not list, then writes dataset.json. On any
+  failure the temporary files are removed; a full disk is an OSError naming the file.
 * Bad samples stop the run (``on_error="stop"``, the SampleError propagates) or are skipped,
   counted in dataset.json ("skipped") and listed in ``skipped.jsonl`` (key, path, reason).
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -48,14 +53,40 @@ def _is_ours(path: Path) -> bool:
     )
 
 
-def clear_output(out: Path) -> None:
-    """Remove a previous run's index, shards and temporaries (only files this writer makes)."""
-    index = out / INDEX_NAME
-    if index.exists():
-        index.unlink()  # first: from here on the folder no longer claims to be a dataset
+def _remove_temporaries(out: Path) -> None:
+    """Temporaries a killed run left behind (never a finished dataset's files)."""
     for path in sorted(out.iterdir()):
-        if path.is_file() and _is_ours(path):
+        if path.is_file() and path.name.startswith(".") and _is_ours(path):
             path.unlink()
+
+
+def _replace_dataset(out: Path, shards: list[str], index_tmp: Path, skipped_tmp: Path) -> None:
+    """Swap the complete new dataset (temporaries) in for whatever ``out`` held."""
+    index = out / INDEX_NAME
+    index.unlink(missing_ok=True)  # first: the folder stops claiming to be a dataset
+    for name in shards:
+        os.replace(out / _tmp_name(name), out / name)
+    for path in sorted(out.iterdir()):  # the old dataset's extra shards
+        old_shard = path.name.startswith("shard-") and path.name.endswith(".tar")
+        if old_shard and path.is_file() and path.name not in shards:
+            path.unlink()
+    os.replace(skipped_tmp, out / SKIPPED_NAME)
+    _fsync_dir(out)
+    os.replace(index_tmp, index)  # last: the new dataset is complete
+    _fsync_dir(out)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # not supported everywhere; the renames are atomic regardless
+    finally:
+        os.close(fd)
 
 
 class _ShardTar:
@@ -94,13 +125,23 @@ def _record_size(members: dict[str, bytes]) -> int:
     return sum(512 + (len(d) + 511) // 512 * 512 for d in members.values())
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def _write_temporary(path: Path, text: str) -> Path:
+    """Write ``text`` (fsynced) to the temporary name of ``path``; returns that name."""
+    tmp = path.with_name(_tmp_name(path.name))
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _named(exc, path) from None
+    return tmp
+
+
+def _named(exc: OSError, path: Path) -> OSError:
+    """A write error names its file (a bare write() failure carries no name)."""
+    return exc if exc.filename else OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def write_shards(
@@ -127,8 +168,11 @@ def write_shards(
     if max_shard_mb <= 0:
         raise ValueError(f"--max-shard-mb must be positive, got {max_shard_mb}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    clear_output(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _named(exc, out) from None
+    _remove_temporaries(out)
     entries = sorted(source.entries, key=lambda e: e.key)
     if shuffle:
         random.Random(seed).shuffle(entries)
@@ -163,10 +207,15 @@ def write_shards(
             current.close()
             done.append(current)
             current = None
-        # Every shard is complete: only now do they get their real names.
-        for shard in done:
-            os.replace(shard.tmp, out / shard.name)
-    except BaseException:
+        skipped_tmp = _write_temporary(
+            out / SKIPPED_NAME,
+            "".join(json.dumps(exc.as_dict(), sort_keys=True) + "\n" for exc in skipped),
+        )
+        info = _index(source, done, skipped, shuffle, seed, samples_per_shard)
+        text = json.dumps(info, indent=1, allow_nan=False) + "\n"  # never NaN: not JSON
+        index_tmp = _write_temporary(out / INDEX_NAME, text)
+    except BaseException as exc:
+        writing = current.tmp if current is not None else out
         if current is not None:
             try:
                 current.close()
@@ -174,15 +223,24 @@ def write_shards(
                 pass
             done.append(current)
         for shard in done:
-            for path in (shard.tmp, out / shard.name):
-                if path.exists():
-                    path.unlink()
+            shard.tmp.unlink(missing_ok=True)
+        for name in (SKIPPED_NAME, INDEX_NAME):
+            (out / _tmp_name(name)).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(exc.errno, "no space left on device for the new shards; the dataset "
+                          "there is unchanged: free space or write elsewhere", str(out)) from None
+        if isinstance(exc, OSError):  # name the file being written
+            raise _named(exc, writing) from None
         raise
-    _write_atomic(
-        out / SKIPPED_NAME,
-        "".join(json.dumps(exc.as_dict(), sort_keys=True) + "\n" for exc in skipped),
-    )
-    info = {
+    # Everything new is complete on disk: only now is the previous dataset replaced.
+    _replace_dataset(out, [s.name for s in done], index_tmp, skipped_tmp)
+    return info
+
+
+def _index(source: Source, done: list[_ShardTar], skipped: list, shuffle: bool, seed: int,
+           samples_per_shard: int) -> dict:  # fmt: skip
+    """The dataset.json record of a finished set of shards."""
+    return {
         "version": DATASET_VERSION,
         **{k: v for k, v in source.info.items() if k not in ("format", "categories")},
         "format": source.info["format"],
@@ -194,5 +252,3 @@ def write_shards(
         "seed": int(seed),
         "samples_per_shard": int(samples_per_shard),
     }
-    _write_atomic(out / INDEX_NAME, json.dumps(info, indent=1) + "\n")
-    return info

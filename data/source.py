@@ -8,6 +8,7 @@ the caller decides whether to stop or to skip, count and list.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -98,6 +99,79 @@ def read_json(path: Path, what: str) -> object:
         raise DatasetError(path, f"{what} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise DatasetError(path, f"invalid JSON in {what} (line {exc.lineno}: {exc.msg})") from None
+
+
+def as_int(value: object) -> int | None:
+    """An integer id from JSON (an int, or a float or string holding one), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    return None
+
+
+def non_finite_path(value: object, where: str = "") -> str | None:
+    """Where in JSON ``value`` a NaN or infinite number sits (e.g. ``bbox[2] is nan``), else
+    None.
+
+    Python's json module accepts ``NaN`` and ``Infinity``; they are not JSON and poison every
+    box, area or polygon they reach, so readers reject them per sample.
+    """
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{where or 'value'} is {value}"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = non_finite_path(item, f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = non_finite_path(item, f"{where}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def image_problems(images: list[dict]) -> dict[int, str]:
+    """Per index of a COCO ``images`` list, why that entry cannot be a sample: no integer id,
+    an id used by another entry (whose annotations would be mixed up), NaN in its fields."""
+    problems: dict[int, str] = {}
+    by_id: dict[int, list[int]] = {}
+    for i, image in enumerate(images):
+        image_id = as_int(image.get("id"))
+        bad = non_finite_path(image)
+        if "id" not in image:
+            problems[i] = "image entry has no id"
+        elif not isinstance(image.get("file_name"), str) or not image["file_name"]:
+            problems[i] = "image entry has no file_name"
+        elif image_id is None:
+            problems[i] = f"image id {str(image.get('id'))[:40]!r} is not an integer"
+        elif bad:
+            problems[i] = f"image entry: {bad}, not a number"
+        else:
+            by_id.setdefault(image_id, []).append(i)
+    for image_id, indices in by_id.items():
+        if len(indices) > 1:
+            names = ", ".join(str(images[j].get("file_name", "?"))[:40] for j in indices[:3])
+            for j in indices:
+                problems[j] = (f"image id {image_id} is used by {len(indices)} images ({names}); "
+                               "ids must be unique")  # fmt: skip
+    return problems
+
+
+def sort_key(image: dict) -> tuple:
+    """Images in id order; entries without a usable id last, by file name."""
+    image_id = as_int(image.get("id"))
+    return (image_id is None, image_id or 0, str(image.get("file_name", "")))
+
+
+def image_stem(image: dict, index: int) -> str:
+    name = image.get("file_name") or image.get("id") or f"image-{index}"
+    return Path(str(name)).stem
 
 
 def require_dir(path: Path, what: str) -> Path:

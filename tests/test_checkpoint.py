@@ -9,13 +9,13 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from waiting import SAFETY_NET_S, wait_for_path
 
 from clusterformer.engine import checkpoint as ckpt
 
@@ -74,14 +74,9 @@ def test_roundtrip_metadata_state_and_pruning(tmp_path: Path) -> None:
             keep_last=2,
         )
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == [
-        "last.safetensors",
-        "last.state.pt",
-        "step-000003.safetensors",
-        "step-000003.state.pt",
-        "step-000004.safetensors",
-        "step-000004.state.pt",
-    ]
+    assert names == ["last", "last.safetensors", "last.state.pt", "step-000003", "step-000004"]
+    assert sorted(p.name for p in (tmp_path / "step-000004").iterdir()) == [
+        "checkpoint.json", "model.safetensors", "state.pt"]  # fmt: skip
     read = ckpt.read_metadata(tmp_path / "last.safetensors")
     assert read["model_config"] == meta["model_config"] and read["step"] == 4
     assert read["categories"] == meta["categories"] and read["image_size"] == 32
@@ -94,19 +89,20 @@ def test_roundtrip_metadata_state_and_pruning(tmp_path: Path) -> None:
         state["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]
     )
     found = ckpt.find_resumable(tmp_path)
-    assert found is not None and found[0].name == "last.safetensors"
+    assert found is not None and found[0] == tmp_path / "step-000004" / "model.safetensors"
 
 
-def test_resume_falls_back_when_last_pair_disagrees(tmp_path: Path) -> None:
+def test_resume_passes_over_an_unreadable_newest_checkpoint(tmp_path: Path) -> None:
     model = Tiny()
     meta = {"model_config": {}, "task": "classification"}
-    ckpt.save_checkpoint(
-        tmp_path, weights=model, metadata=meta, state={"step": 5}, step=5, periodic=True
-    )
-    # A kill between the two writes of the next save: state at 6, weights still at 5.
-    ckpt.atomic_write(tmp_path / "last.state.pt", lambda p: torch.save({"step": 6}, p))
-    weights, state = ckpt.find_resumable(tmp_path)
-    assert weights.name == "step-000005.safetensors" and state["step"] == 5
+    for step in (5, 6):
+        ckpt.save_checkpoint(tmp_path, weights=model, metadata=meta, state={"step": step},
+                             step=step, periodic=True)  # fmt: skip
+    (tmp_path / "step-000006" / "state.pt").write_bytes(b"damaged on disk")
+    notes: list[str] = []
+    weights, state = ckpt.find_resumable(tmp_path, notes)
+    assert weights.parent.name == "step-000005" and state["step"] == 5
+    assert len(notes) == 1 and "step-000006/state.pt" in notes[0]
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
@@ -167,17 +163,6 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"training exited early: {proc.stderr.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"{path} did not appear")
-        time.sleep(0.05)
-
-
 def test_sigkill_then_resume_continues_at_saved_step(shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = subprocess.Popen(
@@ -187,9 +172,9 @@ def test_sigkill_then_resume_continues_at_saved_step(shards: Path, tmp_path: Pat
         stderr=subprocess.PIPE,
         text=True,
     )
-    _wait_for(run / "checkpoints" / "step-000002.safetensors", proc)
+    wait_for_path(run / "checkpoints" / "step-000002", proc)
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    proc.wait(timeout=SAFETY_NET_S)
     weights, saved = ckpt.find_resumable(run / "checkpoints")
     step = int(saved["step"])
     assert step >= 2 and step % 2 == 0
@@ -200,7 +185,7 @@ def test_sigkill_then_resume_continues_at_saved_step(shards: Path, tmp_path: Pat
         env=_env(),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=SAFETY_NET_S,
     )
     assert done.returncode == 0, done.stderr
     assert json.loads((run / "config.json").read_text())["resumed_from_step"] == step
@@ -216,7 +201,7 @@ def test_sigkill_then_resume_continues_at_saved_step(shards: Path, tmp_path: Pat
         env=_env(),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=SAFETY_NET_S,
     )
     assert done.returncode == 0, done.stderr
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -233,9 +218,9 @@ def test_sigterm_saves_a_loadable_checkpoint(shards: Path, tmp_path: Path) -> No
         stderr=subprocess.PIPE,
         text=True,
     )
-    _wait_for(run / "metrics.jsonl", proc)  # the first step is done
+    wait_for_path(run / "metrics.jsonl", proc)  # the first step is done
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=SAFETY_NET_S)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "SIGTERM received: saved a checkpoint" in err
     from clusterformer.engine.evaluate import load_model_from_checkpoint

@@ -99,14 +99,7 @@ def test_run_folder_contents(trained: Path) -> None:
     assert [r["step"] for r in val] == [2, 4]
     assert all(0 <= r["top1"] <= r["top5"] <= 100 and r["num_samples"] == 12 for r in val)
     names = sorted(p.name for p in (trained / "checkpoints").iterdir())
-    assert names == [
-        "last.safetensors",
-        "last.state.pt",
-        "step-000002.safetensors",
-        "step-000002.state.pt",
-        "step-000004.safetensors",
-        "step-000004.state.pt",
-    ]
+    assert names == ["last", "last.safetensors", "last.state.pt", "step-000002", "step-000004"]
 
 
 def test_eval_checkpoint_matches_training_eval(
@@ -137,7 +130,7 @@ def test_eval_checkpoint_matches_training_eval(
         [
             "eval",
             "--ckpt",
-            str(trained / "checkpoints" / "step-000002.safetensors"),
+            str(trained / "checkpoints" / "step-000002"),
             "--data",
             str(shards["val"]),
         ],
@@ -207,7 +200,7 @@ def test_eval_predictions_without_model(
         ],
         capsys,
     )
-    assert code == 2 and "no prediction for image" in err and err.count("\n") == 1
+    assert code == 1 and "no prediction for image" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,7 @@ def test_ground_truth_scores_100_through_the_cli(data, tmp_path):
             proc = subprocess.run(
                 [sys.executable, "-m", "clusterformer.cli", "eval", "--task", task,
                  "--predictions", str(predictions), "--data", str(data[task]), "--out", str(out)],
-                capture_output=True, text=True, timeout=120,
+                capture_output=True, text=True, timeout=600,
             )  # fmt: skip
             assert proc.returncode == 0, proc.stderr
             assert "PQ" in proc.stdout

@@ -259,12 +259,12 @@ def test_create_model_errors() -> None:
 
 def test_cf_models_cli() -> None:
     run = [sys.executable, "-m", "clusterformer.cli", "models"]
-    table = subprocess.run(run + ["--image-size", "64"], capture_output=True, text=True, timeout=120)
+    table = subprocess.run(run + ["--image-size", "64"], capture_output=True, text=True, timeout=600)
     assert table.returncode == 0, table.stderr
     for name in list_models():
         assert name in table.stdout
     assert "GFLOPs @64" in table.stdout and "matmul+conv" in table.stdout
-    out = subprocess.run(run + ["--json"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(run + ["--json"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     rows = {row["name"]: row for row in json.loads(out.stdout)}
     assert list(rows) == list_models()

@@ -122,10 +122,11 @@ def _whole_looking(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.name == "dataset.json" or p.name.endswith(".tar"))
 
 
-def test_crash_after_first_shard_leaves_nothing_whole(root, tmp_path, monkeypatch):
+def test_crash_after_first_shard_keeps_the_previous_dataset(root, tmp_path, monkeypatch):
     out = tmp_path / "out"
     source = open_source("imagefolder", root / "classes")
     write_shards(source, out, samples_per_shard=3)  # a previous, complete run
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     real_encode, calls = shards_module.encode_record, []
 
     def crashing(record):
@@ -137,7 +138,7 @@ def test_crash_after_first_shard_leaves_nothing_whole(root, tmp_path, monkeypatc
     monkeypatch.setattr(shards_module, "encode_record", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         write_shards(source, out, samples_per_shard=3)
-    assert _whole_looking(out) == [] and not list(out.glob(".*tmp"))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched, no temporaries
 
 
 def test_nothing_whole_appears_before_the_end(root, tmp_path):

@@ -57,6 +57,7 @@ class TrainConfig:
     eval_every: int | None = None
     log_every: int = 10
     resume: bool = False
+    restart: bool = False  # delete the run folder's checkpoints and logs, start at step 0
     # Task options (classification).
     label_smoothing: float = 0.1
     mixup_alpha: float = 0.0

@@ -10,7 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from clusterformer.engine.checkpoint import load_weights, read_metadata, resolve_checkpoint
+from clusterformer.engine.checkpoint import (
+    check_finite,
+    load_weights,
+    read_metadata,
+    resolve_checkpoint,
+)
+from clusterformer.engine.finite import describe_output, non_finite_output
 from clusterformer.tasks import Task, get_task
 
 IMAGENET_NORMALISATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -65,6 +71,13 @@ def evaluate(
             batch = to_device(batch, device)
             with autocast(amp, device):
                 outputs = task.forward(model, batch)
+            bad = non_finite_output(outputs)
+            if bad is not None:  # scores of NaN would be ranked and written as if real
+                keys = batch.get("keys") or ["?"]
+                raise FloatingPointError(
+                    f"model {describe_output(bad)} is NaN or infinite (batch with sample "
+                    f"{keys[0]}): the weights are unusable; use an earlier checkpoint"
+                )
             evaluator.update(task.postprocess(outputs, batch), batch)
             if progress is not None:
                 next(progress, None)
@@ -108,6 +121,8 @@ def load_model_from_checkpoint(
 
     Returns:
         (model in eval mode on ``device``, task, decoded metadata).
+    Raises:
+        CheckpointError (ValueError): unreadable, not fitting, or NaN / infinite weights.
     """
     from clusterformer.models import create_model
 
@@ -119,4 +134,5 @@ def load_model_from_checkpoint(
     task = get_task(meta["task"], **(meta.get("task_config") or {}))
     model = create_model(**meta["model_config"])
     load_weights(model, weights)
+    check_finite(model, weights)
     return model.to(device).eval(), task, meta

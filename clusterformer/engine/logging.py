@@ -95,8 +95,11 @@ class RunLogger:
         if not self.enabled or self._file is None:
             return
         clean = {k: _jsonable(v) for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(clean) + "\n")
+            self._file.flush()
+        except OSError as exc:  # e.g. a full disk: name the log (a write error names no file)
+            raise OSError(exc.errno, exc.strerror, self._file.name) from None
         if self._tb is not None:
             prefix = "val" if record.get("split") == "val" else "train"
             for key, value in record.items():

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from clusterformer.engine import checkpoint as ckpt
+from clusterformer.engine import run_folder
 from clusterformer.engine.config import TrainConfig
 from clusterformer.engine.distributed import (
     DistEnv,
@@ -32,6 +33,7 @@ from clusterformer.engine.distributed import (
     mean_across_ranks,
     setup_distributed,
 )
+from clusterformer.engine.divergence import TrainingDiverged, unsaveable
 from clusterformer.engine.evaluate import checkpoint_metadata, evaluate
 from clusterformer.engine.logging import RunLogger
 from clusterformer.engine.optim import Schedule, build_optimizer
@@ -156,31 +158,63 @@ def _training_state(state: TrainState, env: DistEnv) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class _Saved:
+    """The last checkpoint known good: where it is and its step."""
+
+    path: Path | None = None
+    step: int = -1
+
+
 def _save(
-    state: TrainState, env: DistEnv, run_dir: Path, meta: dict, cfg: TrainConfig, periodic: bool
-) -> Path:
+    state: TrainState, env: DistEnv, run_dir: Path, meta: dict, cfg: TrainConfig, periodic: bool,
+    task: Task, batch: dict | None, saved: _Saved,
+) -> Path:  # fmt: skip
+    """Commit a checkpoint of ``state`` unless one of this step exists; never one of weights
+    that are non-finite or give non-finite outputs on ``batch`` (TrainingDiverged instead).
+    Returns ``RUN/checkpoints/last.safetensors``, which now names it."""
+    last = run_dir / "checkpoints" / "last.safetensors"
+    if state.step == saved.step and saved.path is not None:
+        return last if last.exists() else saved.path
+    problem = unsaveable(state, task, batch)
+    if any_rank(problem is not None, env):
+        raise TrainingDiverged(_diverged(run_dir, f"{problem or 'another rank diverged'} at "
+                                         f"step {state.step}", saved))  # fmt: skip
     payload = _training_state(state, env)
-    path = run_dir / "checkpoints" / "last.safetensors"
+    path, error = None, None
     if env.is_main:
         weights = state.ema.module if state.ema is not None else state.module
-        path = ckpt.save_checkpoint(
-            run_dir / "checkpoints",
-            weights=weights,
-            metadata=meta,
-            state=payload,
-            step=state.step,
-            periodic=periodic,
-            keep_last=cfg.keep_last,
-        )
-    barrier(env)
-    return path
+        try:
+            path = ckpt.save_checkpoint(
+                run_dir / "checkpoints",
+                weights=weights,
+                metadata=meta,
+                state=payload,
+                step=state.step,
+                periodic=periodic,
+                keep_last=cfg.keep_last,
+            )
+        except OSError as exc:  # e.g. disk full: the previous checkpoint is intact
+            error = exc
+    if any_rank(error is not None, env):  # every rank stops, none waits on a barrier forever
+        raise error or OSError(f"rank 0 could not save the checkpoint of step {state.step}")
+    saved.path = path or ckpt.step_weights(run_dir / "checkpoints", state.step)
+    saved.step = state.step
+    return last
 
 
-def _resume(state: TrainState, env: DistEnv, run_dir: Path) -> bool:
-    found = ckpt.find_resumable(run_dir / "checkpoints")
-    if found is None:
-        return False
-    weights, saved = found
+def _diverged(run_dir: Path, problem: str, saved: _Saved) -> str:
+    if saved.path is None:
+        keep = "no checkpoint saved"
+    else:
+        where = saved.path.parent if saved.path.name == ckpt.WEIGHTS else saved.path
+        shown = where.relative_to(run_dir) if where.is_relative_to(run_dir) else where
+        keep = f"kept the last good checkpoint {shown}"
+    return f"{run_dir}: training stopped: {problem}; {keep}; lower --lr or set --grad-clip"
+
+
+def _resume(state: TrainState, env: DistEnv, found: run_folder.Resumable) -> bool:
+    weights, saved = found.weights, found.state
     ckpt.load_weights(state.ema.module if state.ema is not None else state.module, weights)
     if state.ema is not None:
         if "model" not in saved:
@@ -261,12 +295,17 @@ def train(
         info = load_dataset_info(cfg.data)
         categories = info["categories"]
         num_classes = len(categories)
-        if (run_dir / "checkpoints" / "last.safetensors").exists() and not cfg.resume:
-            raise ValueError(
-                f"{run_dir} already holds a checkpoint; pass --resume to continue "
-                "it or choose another --out"
-            )
+        notes = run_folder.tidy(run_dir) if env.is_main else []
+        barrier(env)  # the main rank has cleaned the folder before any rank reads it
+        found = run_folder.resumable(run_dir, resume=cfg.resume, restart=cfg.restart, notes=notes)
+        if found is not None:
+            run_folder.check_same_setup(
+                found, task=cfg.task, model=cfg.model, image_size=cfg.image_size,
+                num_classes=num_classes,
+            )  # fmt: skip
         module = task.build_model(cfg.model, num_classes, **cfg.model_overrides)
+        if found is not None:
+            run_folder.check_same_model(found, module)
         loaded = ckpt.load_pretrained_backbone(module, cfg.pretrained) if cfg.pretrained else 0
         module = module.to(env.device)
         train_loader, val_loader = _build_loaders(cfg, env)
@@ -299,7 +338,8 @@ def train(
             scaler=make_scaler(amp, env.device),
             ema=ModelEma(module, cfg.ema_decay) if cfg.ema_decay else None,
         )
-        resumed = cfg.resume and _resume(state, env, run_dir)
+        resumed = found is not None and _resume(state, env, found)
+        saved = _Saved(found.weights, state.step) if found is not None else _Saved()
         if not resumed:  # a resumed run restored its RNG; else give each rank its own stream
             seed_everything(cfg.seed + env.rank + 1)
         state.model = _wrap(module, cfg, env, amp)
@@ -311,7 +351,9 @@ def train(
             extra={"model_name": cfg.model, "num_classes": num_classes},
         )
         if env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            if cfg.restart:
+                notes += run_folder.restart(run_dir)
+            run_folder.check_room(run_dir, module, state.ema is not None)
             _write_config(
                 run_dir,
                 cfg,
@@ -326,6 +368,8 @@ def train(
         total = plan["total_steps"]
         last_path: Path | None = None
         with RunLogger(run_dir, total, enabled=env.is_main, start_step=state.step) as log:
+            for note in notes:
+                log.message(note)
             missing = _transforms_missing(cfg)
             if missing:
                 log.message(
@@ -340,6 +384,7 @@ def train(
                     f"batch {state.batches_in_epoch})"
                 )
             images_seen, t_last = 0, time.perf_counter()
+            last_batch: dict | None = None
             while state.step < total:
                 train_loader.set_epoch(state.epoch)
                 group: list[dict] = []
@@ -349,7 +394,12 @@ def train(
                     group.append(batch)
                     if len(group) < cfg.accum_steps:
                         continue
-                    scalars = train_step(state, task, group)
+                    try:
+                        scalars = train_step(state, task, group)
+                    except FloatingPointError as exc:
+                        problem = str(exc).split(";")[0]
+                        raise TrainingDiverged(_diverged(run_dir, problem, saved)) from None
+                    last_batch = group[-1]
                     state.batches_in_epoch = index + 1
                     images_seen += sum(b["images"].shape[0] for b in group) * env.world_size
                     group = []
@@ -371,9 +421,10 @@ def train(
                         metrics = _run_eval(state, task, val_loader, num_classes, categories, log)
                         t_last = time.perf_counter()
                     if cfg.save_every and state.step % cfg.save_every == 0:
-                        last_path = _save(state, env, run_dir, meta, cfg, periodic=True)
+                        last_path = _save(state, env, run_dir, meta, cfg, True, task, last_batch,
+                                          saved)  # fmt: skip
                     if any_rank(stop.signum is not None, env):
-                        path = _save(state, env, run_dir, meta, cfg, periodic=False)
+                        path = _save(state, env, run_dir, meta, cfg, False, task, last_batch, saved)
                         log.message(f"stopping on signal at step {state.step}; checkpoint {path}")
                         raise TrainingInterrupted(stop.signum or signal.SIGTERM, state.step, path)
                     if state.step >= total:
@@ -381,7 +432,7 @@ def train(
                 else:
                     state.epoch += 1
                     state.batches_in_epoch = 0
-            last_path = _save(state, env, run_dir, meta, cfg, periodic=False)
+            last_path = _save(state, env, run_dir, meta, cfg, False, task, last_batch, saved)
             if val_loader is not None:
                 metrics = _run_eval(state, task, val_loader, num_classes, categories, log)
         return TrainResult(run_dir, state.step, last_path, metrics)

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from clusterformer.engine.evaluate import autocast, to_device
+from clusterformer.engine.finite import describe_output, non_finite_output
 from clusterformer.engine.optim import Schedule, set_lr
 from clusterformer.tasks.base import Task
 
@@ -91,7 +92,8 @@ def train_step(
     Returns:
         logged scalars: the task's (averaged over micro-batches), ``lr``, ``grad_norm``.
     Raises:
-        FloatingPointError: the loss is not finite (without fp16's scaler to skip the step).
+        FloatingPointError: an output, the loss or the gradient norm is not finite (without
+            fp16's scaler to skip the step); the weights are then still unchanged.
     """
     if not micro_batches:
         raise ValueError("train_step needs at least one micro-batch")
@@ -108,11 +110,18 @@ def train_step(
         with sync:
             with autocast(state.amp, state.device):
                 outputs = task.forward(state.model, batch)
+            # Before the loss: matching (scipy) on NaN outputs fails with an unrelated message.
+            bad = non_finite_output(outputs) if state.scaler is None else None
+            if bad is not None:
+                raise FloatingPointError(
+                    f"model {describe_output(bad)} is NaN or infinite at step {state.step + 1}; "
+                    "lower --lr or set --grad-clip"
+                )
             loss, scalars = task.loss(outputs, batch)
             if not math.isfinite(float(loss.detach())) and state.scaler is None:
                 raise FloatingPointError(
-                    f"loss is {float(loss.detach())} at step {state.step}; lower --lr, "
-                    "enable gradient clipping or use --amp none"
+                    f"loss is {float(loss.detach())} at step {state.step + 1}; lower --lr, "
+                    "set --grad-clip or use --amp none"
                 )
             scaled = loss / n
             (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
@@ -123,6 +132,11 @@ def train_step(
     params = [p for g in state.optimizer.param_groups for p in g["params"] if p.grad is not None]
     max_norm = state.grad_clip if state.grad_clip else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+    if state.scaler is None and not math.isfinite(float(grad_norm)):  # the step would poison
+        raise FloatingPointError(  # the weights: stop while they are still good
+            f"gradient norm is {float(grad_norm)} at step {state.step + 1}; lower --lr or set "
+            "--grad-clip"
+        )
     if state.scaler is not None:
         state.scaler.step(state.optimizer)
         state.scaler.update()

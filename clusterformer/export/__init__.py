@@ -90,6 +90,7 @@ def export_checkpoint(
     """
     import torch
 
+    from clusterformer.engine import files
     from clusterformer.engine.checkpoint import resolve_checkpoint
     from clusterformer.engine.evaluate import load_model_from_checkpoint
     from clusterformer.export import graph, parity, writer
@@ -120,6 +121,9 @@ def export_checkpoint(
     except Exception as exc:  # noqa: BLE001 - a corrupt file: name it in one line
         raise ValueError(f"{weights}: cannot load this checkpoint: "
                          f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from exc
+    # The file holds the weights and the graph: check for room now, not after tracing.
+    files.check_writable(out.parent, weights.stat().st_size * 5 // 4 + 4 * files.MIB,
+                         "the exported file", "--out")  # fmt: skip
     spec = graph.task_export(task.name)
     if with_postprocess and spec.postprocess is None:
         raise ValueError(f"--with-postprocess is not available for {task.name}: its "
@@ -140,7 +144,6 @@ def export_checkpoint(
             raise ValueError(f"torch.export failed for this {task.name} model: "
                              f"{' '.join(str(exc).split())[:400]}") from exc
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=f".tmp{out.suffix}", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -171,8 +174,12 @@ def export_checkpoint(
         inputs = parity.parity_inputs(sizes, metadata["normalisation"]["mean"],
                                       metadata["normalisation"]["std"])
         results = parity.check_parity(run, eager, names, inputs, tolerance)
-    except BaseException:
+    except BaseException as exc:
+        # Exporters report a full disk in odd ways ("unexpected pos", TypeErrors): ask the disk.
+        full = isinstance(exc, Exception) and files.disk_full(out.parent)
         tmp.unlink(missing_ok=True)
+        if full:
+            raise files.no_space(out) from exc
         raise
     bad = [r for r in results if not r.ok]
     if bad:

@@ -84,7 +84,12 @@ def onnx_runner(path: Path, output_names: Sequence[str]) -> Callable[[Tensor], l
 
 
 def pt2_runner(path: Path) -> Callable[[Tensor], list[Tensor]]:
-    """Run a ``.pt2`` ExportedProgram: ``images -> outputs``."""
+    """Run a ``.pt2`` ExportedProgram: ``images -> outputs``.
+
+    ``torch.export.load`` unpickles parts of the archive: call this only on a file this process
+    has just written (the parity check does); read a foreign file's metadata with
+    :func:`~clusterformer.export.read_export_metadata`, which never unpickles.
+    """
     module = torch.export.load(str(path)).module()
 
     def run(images: Tensor) -> list[Tensor]:

@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -120,24 +121,61 @@ def write_onnx_metadata(path: Path, metadata: dict[str, Any]) -> None:
     onnx.save(model, str(path))
 
 
+MAX_METADATA_BYTES = 16 * 2**20
+
+
+def _pt2_metadata(p: Path) -> str | None:
+    """The ``extra/clusterformer.json`` member of a ``.pt2`` (zip) archive, read as text.
+
+    Read with ``zipfile`` only: ``torch.export.load`` would unpickle members of the archive,
+    which runs any code a crafted file holds.
+    """
+    try:
+        with zipfile.ZipFile(p) as archive:
+            members = [i for i in archive.infolist()
+                       if i.filename.split("/")[-2:] == ["extra", METADATA_FILE]]  # fmt: skip
+            if not members:
+                return None
+            if members[0].file_size > MAX_METADATA_BYTES:
+                raise ValueError(f"{p}: metadata member is {members[0].file_size} bytes; not a "
+                                 "file written by cf export")  # fmt: skip
+            return archive.read(members[0]).decode("utf-8")
+    except (zipfile.BadZipFile, UnicodeDecodeError, OSError) as exc:
+        raise ValueError(f"{p}: not a .pt2 archive ({' '.join(str(exc).split())[:80]}); export "
+                         "it again with cf export --format pt2") from None
+
+
 def read_export_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``clusterformer`` metadata record of an exported ``.onnx`` or ``.pt2`` file."""
+    """The ``clusterformer`` metadata record of an exported ``.onnx`` or ``.pt2`` file.
+
+    Nothing in the file is executed: ONNX is protobuf, and a ``.pt2`` archive is opened as a
+    zip and only its metadata member is read (never unpickled).
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: exported model not found")
     if p.suffix == ".onnx":
         import onnx
 
-        props = {e.key: e.value for e in onnx.load(str(p), load_external_data=False).metadata_props}
-        raw = props.get("clusterformer")
+        try:
+            model = onnx.load(str(p), load_external_data=False)
+        except Exception as exc:  # noqa: BLE001 - protobuf raises several types for bad bytes
+            raise ValueError(f"{p}: not an ONNX file ({type(exc).__name__}); export it again "
+                             "with cf export --format onnx") from None  # fmt: skip
+        raw = {e.key: e.value for e in model.metadata_props}.get("clusterformer")
+    elif p.suffix == ".pt2":
+        raw = _pt2_metadata(p)
     else:
-        extra = {METADATA_FILE: ""}
-        with _quiet():
-            torch.export.load(str(p), extra_files=extra)
-        raw = extra[METADATA_FILE] or None
+        raise ValueError(f"{p}: expected an .onnx or .pt2 file written by cf export")
     if raw is None:
-        raise ValueError(f"{p}: no clusterformer metadata in this file")
-    return json.loads(raw)
+        raise ValueError(f"{p}: no clusterformer metadata in this file; export it with cf export")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{p}: clusterformer metadata is not valid JSON ({exc.msg})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{p}: clusterformer metadata is not a JSON object")
+    return meta
 
 
 def export_metadata(
