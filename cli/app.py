@@ -11,6 +11,7 @@ import sys
 import typer
 
 from clusterformer.cli import (
+    benchmark_cmd,
     errors,
     eval_cmd,
     export_cmd,
@@ -33,7 +34,8 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-for _module in (models_cmd, shapes_cmd, shard_cmd, train_cmd, eval_cmd, predict_cmd, export_cmd, quickstart_cmd):
+for _module in (models_cmd, shapes_cmd, shard_cmd, train_cmd, eval_cmd, predict_cmd, export_cmd,
+                benchmark_cmd, quickstart_cmd):
     _module.register(app)
 
 

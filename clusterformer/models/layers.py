@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clusterformer.ops.linear import linear
+from clusterformer.ops.fused_linear import linear
 
 _EPS = 1e-6
 

@@ -51,7 +51,7 @@ from clusterformer.ops import (
     keep_best_center,
     recurrent_cross_attention_clustering,
 )
-from clusterformer.ops.linear import linear
+from clusterformer.ops.fused_linear import linear
 
 CENTER_UPDATES: dict[str, str] = {
     "recurrent": "softmax_centers",

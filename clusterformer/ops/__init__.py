@@ -14,7 +14,7 @@ from clusterformer.ops.clustering import (
     keep_best_center,
     recurrent_cross_attention_clustering,
 )
-from clusterformer.ops.linear import ACTIVATIONS, linear
+from clusterformer.ops.fused_linear import ACTIVATIONS, linear
 
 __all__ = [
     "ACTIVATIONS",

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clusterformer.ops.linear import linear
+from clusterformer.ops.fused_linear import linear
 
 Assignment = Literal["softmax_centers", "softmax_pixels", "argmax", "cosine"]
 MStep = Literal["sum", "mean"]

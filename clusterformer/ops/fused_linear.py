@@ -14,7 +14,8 @@ The fused kernel has no autograd formula of its own. Where a gradient is needed,
 function: oneDNN for the forward and for the input gradient, BLAS for the weight gradient
 (a long reduction that oneDNN would need transposed copies for). Everything else is plain
 ``F.linear`` (+ ``F.gelu``): while ``torch.compile``, ``torch.export`` or ONNX export trace the
-model (they fuse on their own), under ``vmap``/``grad`` (no batching rule), for double
+model (they fuse on their own), under ``vmap``/``grad`` (no batching rule), under Python
+dispatch modes such as ``FlopCounterMode`` (they expect standard aten ops), for double
 backward, and for anything but float32/bfloat16 CPU tensors. Numbers equal the plain path up to
 float rounding (tested, values and gradients).
 """
@@ -26,6 +27,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 Activation = Literal["none", "gelu"]
 ACTIVATIONS: tuple[str, ...] = ("none", "gelu")
@@ -48,6 +50,10 @@ def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    # A Python dispatch mode (FLOP counting, fake tensors, debug modes) wants the standard
+    # aten ops: it does not know oneDNN's.
+    if _get_current_dispatch_mode() is not None:
         return False
     # Functorch transforms (vmap, grad) wrap tensors; the oneDNN op has no batching rule.
     return not torch._C._functorch.is_functorch_wrapped_tensor(x)

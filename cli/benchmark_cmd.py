@@ -1,0 +1,140 @@
+"""``cf benchmark``: inference and training-step speed of presets and timm peers, one process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from clusterformer.cli.errors import UserError
+
+MODES = {"both": ("infer", "train"), "infer": ("infer",), "train": ("train",)}
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("benchmark")
+    def benchmark_command(
+        models: list[str] = typer.Option(
+            ["clusterformer-tiny"], "--model",
+            help="A preset, a preset with overrides (clusterformer-tiny:num_iters=1) or "
+            "timm/<name>; repeat to compare several.",
+        ),
+        peers: bool = typer.Option(
+            False, "--peers",
+            help="Add timm's Swin-T, ConvNeXt-T and ResNet-50 (skipped with a note when timm is "
+            "not installed: pip install 'clusterformer[bench]'). The ratio column then "
+            "compares with Swin-T.",
+        ),
+        baseline: str | None = typer.Option(
+            None, "--baseline",
+            help="The model the ratio column compares with (default: Swin-T with --peers, "
+            "else the first --model).",
+        ),
+        compile_model: bool = typer.Option(
+            False, "--compile/--no-compile",
+            help="Also time every model under torch.compile (inference with frozen weights).",
+        ),
+        mode: str = typer.Option("both", "--mode", help="infer, train or both."),
+        batch_size: int = typer.Option(8, "--batch-size", help="Images per call."),
+        image_size: int = typer.Option(224, "--image-size", help="Square input side in pixels."),
+        rounds: int = typer.Option(
+            8, "--rounds", help="Timed rounds; each times one call of every model, interleaved."
+        ),
+        warmup: int = typer.Option(2, "--warmup", help="Untimed calls per model first."),
+        amp: str = typer.Option("none", "--amp", help="bf16, fp16 (CUDA) or none."),
+        threads: list[int] | None = typer.Option(
+            None, "--threads",
+            help="Thread counts to measure, e.g. --threads 1 --threads 2 (default: cf --threads, "
+            "OMP_NUM_THREADS, else one per core).",
+        ),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+        memory: bool = typer.Option(
+            True, "--memory/--no-memory",
+            help="Peak memory per model (CPU: each eager model once more in its own process).",
+        ),
+        out: Path = typer.Option(
+            Path("benchmark.json"), "--out", help="Write every row and the machine here (JSON)."
+        ),
+    ) -> None:
+        """Time inference and the training step (forward, backward, AdamW) of models side by
+        side in ONE process: interleaved rounds, medians, ratios against a baseline, eager and
+        (with --compile) compiled. Prints a table and writes JSON."""
+        if mode not in MODES:
+            raise UserError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
+        if amp not in ("bf16", "fp16", "none"):
+            raise UserError(f"--amp must be one of bf16, fp16, none, got '{amp}'")
+        for name, value, least in (("--batch-size", batch_size, 1), ("--image-size", image_size, 32),
+                                   ("--rounds", rounds, 1), ("--warmup", warmup, 1)):
+            if value < least:
+                raise UserError(f"{name} must be >= {least}, got {value}")
+        if threads and min(threads) < 1:
+            raise UserError(f"--threads must be >= 1, got {min(threads)}")
+
+        from rich.console import Console
+
+        from clusterformer.cli.runtime_opts import start_compute
+        from clusterformer.engine.benchmark import (
+            PEERS,
+            BenchConfig,
+            measure,
+            parse_model,
+            report,
+            timm_available,
+        )
+
+        console = Console()
+        try:
+            specs = [parse_model(m) for m in models]
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        if peers:
+            if timm_available():
+                specs += [parse_model(p) for p in PEERS if p not in models]
+                baseline = baseline or PEERS[0]
+            else:
+                console.print("note: timm is not installed, so no peers are timed "
+                              "(pip install 'clusterformer[bench]')")
+        if any(s.source == "timm" for s in specs) and not timm_available():
+            raise UserError("timm/<name> models need timm: pip install 'clusterformer[bench]'")
+        start_compute(device, threads[0] if threads else None)
+        cfg = BenchConfig(batch_size=batch_size, image_size=image_size, rounds=rounds,
+                          warmup=warmup, modes=MODES[mode], compile=compile_model, amp=amp,
+                          device=device, threads=tuple(threads) if threads else None,
+                          memory=memory)
+        with console.status("benchmark") as status:
+            rows = measure(specs, cfg, baseline=baseline,
+                           progress=lambda text: status.update(f"benchmark: {text}"))
+        doc = report(rows, cfg)
+        _print_table(console, doc)
+        from clusterformer.engine.checkpoint import atomic_write_text
+
+        atomic_write_text(out, json.dumps(doc, indent=2) + "\n")
+        console.print(f"wrote {out}")
+
+
+def _print_table(console, doc: dict) -> None:  # noqa: ANN001 - rich Console, imported lazily
+    from rich.table import Table
+
+    machine = doc["machine"]
+    console.print(f"{machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}"
+                  + (f", timm {machine['timm']}" if "timm" in machine else "")
+                  + (f", {machine['gpu']}" if "gpu" in machine else ""))
+    rows = doc["rows"]
+    first = rows[0]
+    console.print(f"batch {first['batch_size']}, {first['image_size']} px, amp {first['amp']}; "
+                  f"medians of {first['rounds']} interleaved rounds; 'x base' is the median "
+                  f"per-round speed ratio to {first['baseline']} (eager); MiB is peak memory")
+    table = Table()
+    for column in ("mode", "thr", "model", "GFLOPs", "img/s", "ms", "x base", "MiB"):
+        table.add_column(column, justify="left" if column in ("mode", "model") else "right",
+                         overflow="fold")
+    for row in rows:
+        label = row["model"] + (" compiled" if row["compiled"] else "")
+        memory = row.get("peak_mem_mib") or row.get("peak_rss_mib")
+        table.add_row(
+            row["mode"], str(row["threads"]), label, f"{row['gflops']:.2f}",
+            f"{row['img_per_s']:.2f}", f"{row['ms_median']:.0f}",
+            f"{row['speed_vs_baseline']:.3f}", "-" if memory is None else f"{memory:.0f}",
+        )
+    console.print(table)
