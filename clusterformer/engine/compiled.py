@@ -120,12 +120,14 @@ class CheckedCompile(nn.Module):
             return self.compiled(*args, **kwargs)
         self.checked = True
         if self.training and _stochastic(self.eager):
+            modes = {module: module.training for module in self.modules()}
             self.eval()
             try:
                 with torch.no_grad():
                     self._compare(self.compiled(*args, **kwargs), *args, **kwargs)
             finally:
-                self.train()
+                for module, training in modes.items():  # submodules kept in eval stay so
+                    module.train(training)
             return self.compiled(*args, **kwargs)
         out = self.compiled(*args, **kwargs)
         self._compare(out, *args, **kwargs)

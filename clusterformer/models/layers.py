@@ -38,10 +38,11 @@ def masked_group_norm(
     Returns:
         ``(B, H, W, C)``. Padded positions get finite values that callers ignore.
     """
-    if mask is None and static_sizes(x):
+    if mask is None and static_sizes(x) and x[0].numel() > 1:
         # GroupNorm's own kernel on the channels-last view: statistics and the per-channel
         # affine in two passes over the map (a layer norm then `* weight + bias` took four,
-        # each writing a fresh map). Same numbers up to float rounding.
+        # each writing a fresh map). Same numbers up to float rounding. (GroupNorm refuses a
+        # group of one value, which the layer norm below normalises to the bias.)
         return F.group_norm(x.permute(0, 3, 1, 2), 1, weight, bias, eps).permute(0, 2, 3, 1)
     if mask is None:
         # Symbolic sizes (torch.export): one layer norm over (H, W, C) = GroupNorm(1, C),

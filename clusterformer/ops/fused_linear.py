@@ -15,8 +15,9 @@ function: oneDNN for the forward and for the input gradient, BLAS for the weight
 (a long reduction that oneDNN would need transposed copies for). Everything else is plain
 ``F.linear`` (+ ``F.gelu``): while ``torch.compile``, ``torch.export`` or ONNX export trace the
 model (they fuse on their own), under ``vmap``/``grad`` (no batching rule), under Python
-dispatch modes such as ``FlopCounterMode`` (they expect standard aten ops), for double
-backward, and for anything but float32/bfloat16 CPU tensors. Numbers equal the plain path up to
+dispatch modes such as ``FlopCounterMode`` (they expect standard aten ops), and for anything
+but float32/bfloat16 CPU tensors; a backward with ``create_graph`` (double backward) uses
+differentiable aten products. Numbers equal the plain path up to
 float rounding (tested, values and gradients).
 """
 
@@ -70,7 +71,8 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, attr: str = "
 
 
 class _OneDnnLinear(torch.autograd.Function):
-    """``x @ weight^T + bias`` by oneDNN, with its gradients (once differentiable)."""
+    """``x @ weight^T + bias`` by oneDNN, with its gradients (differentiable again when the
+    backward runs with ``create_graph``)."""
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
@@ -83,14 +85,16 @@ class _OneDnnLinear(torch.autograd.Function):
         ctx.has_bias = bias is not None
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         rows = grad.reshape(-1, grad.shape[-1])
+        # Under create_graph (double backward) grad mode is on here: every product is then a
+        # differentiable aten op, never oneDNN's.
+        onednn = not torch.is_grad_enabled()
         if ctx.needs_input_grad[0]:
             # oneDNN needs the transposed weight as a copy: worth it only for many rows.
-            if rows.shape[0] >= _ONEDNN_MIN_ROWS_FOR_TRANSPOSE:
+            if onednn and rows.shape[0] >= _ONEDNN_MIN_ROWS_FOR_TRANSPOSE:
                 grad_x = _onednn_linear(grad, weight.t().contiguous(), None)
             else:
                 grad_x = (rows @ weight).reshape(*grad.shape[:-1], weight.shape[1])
