@@ -137,6 +137,20 @@ def test_cross_attention_clustering_step(assignment, m_step, masked):
     check_compiled(fn, (q, k, v, mask), {"q": q, "k": k, "v": v})
 
 
+@pytest.mark.parametrize("assignment", ["softmax_centers", "softmax_pixels"])
+def test_cross_attention_clustering_step_attn_mask(assignment):
+    # Mask2Former's masked attention (the segmenter's masked_attention switch), with padding.
+    q, k, v = rand(0, 2, 3, 4, grad=True), rand(1, 2, 10, 4, grad=True), rand(2, 2, 10, 4, grad=True)
+    mask = rand_mask(3, 2, 10)
+    attn = torch.rand(2, 3, 10, generator=torch.Generator().manual_seed(4)) > 0.5
+
+    def fn(q, k, v, mask, attn):
+        return cross_attention_clustering_step(q, k, v, mask=mask, attn_mask=attn,
+                                               assignment=assignment, m_step="mean")
+
+    check_compiled(fn, (q, k, v, mask, attn), {"q": q, "k": k, "v": v})
+
+
 def clustering_params(seed: int, dim: int, bias: bool) -> dict[str, Tensor | None]:
     params: dict[str, Tensor | None] = {}
     for i, name in enumerate("qkv"):
@@ -167,6 +181,20 @@ def test_recurrent_cross_attention_clustering(num_heads, masked, bias):
     grads = {"features": features, "centers": centers,
              **{name: p for name, p in params.items() if p is not None}}
     check_compiled(fn, (features, centers, params, mask), grads)
+
+
+def test_recurrent_cross_attention_clustering_attn_mask():
+    features, centers = rand(0, 2, 12, 8, grad=True), rand(1, 2, 4, 8, grad=True)
+    mask = rand_mask(2, 2, 12)
+    attn = torch.rand(2, 4, 12, generator=torch.Generator().manual_seed(3)) > 0.5
+    params = clustering_params(10, 8, True)
+
+    def fn(features, centers, params, mask, attn):
+        return recurrent_cross_attention_clustering(features, centers, params, num_iters=2,
+                                                    num_heads=2, mask=mask, attn_mask=attn)
+
+    grads = {"features": features, "centers": centers, **params}
+    check_compiled(fn, (features, centers, params, mask, attn), grads)
 
 
 def test_dispatch_similarity():

@@ -124,6 +124,69 @@ def test_softmax_over_pixels_ignores_padding():
     assert (weights[:, ~mask] == 0).all()
 
 
+def rand_attn(seed: int, *shape: int) -> torch.Tensor:
+    """Random per-center attention mask ``(..., K, N)``; some pixels no center may take."""
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) > 0.5
+
+
+@PROPS
+@given(lead=lead_shapes, k=st.integers(1, 5), n=st.integers(1, 10), d=st.integers(1, 6),
+       seed=st.integers(0, 2**16), assignment=st.sampled_from(ASSIGNMENTS),
+       m_step=st.sampled_from(["sum", "mean"]), padded=st.booleans())
+def test_attn_mask_keeps_every_center_to_its_own_pixels(lead, k, n, d, seed, assignment,
+                                                         m_step, padded):
+    q, keys, v = rand(seed, *lead, k, d), rand(seed + 1, *lead, n, d), rand(seed + 2, *lead, n, d)
+    attn = rand_attn(seed + 3, *lead, k, n)
+    mask = rand_mask(seed + 4, *lead, n) if padded else None
+    kwargs = dict(mask=mask, assignment=assignment, m_step=m_step, attn_mask=attn)
+    weights = cross_attention_clustering_step(q, keys, identity_values(lead, n), **kwargs)
+    allowed = attn if mask is None else attn & mask.unsqueeze(-2)
+    assert (weights[~allowed] == 0).all()  # a disallowed pair has no assignment
+    # ... so what a center may not take can change arbitrarily without moving it.
+    noisy_v = torch.where(allowed.any(-2).unsqueeze(-1), v, 100 * rand(seed + 5, *lead, n, d))
+    torch.testing.assert_close(cross_attention_clustering_step(q, keys, v, **kwargs),
+                               cross_attention_clustering_step(q, keys, noisy_v, **kwargs))
+    if assignment == "softmax_centers" and m_step == "sum":  # a pixel's mass goes to its centers
+        taken = allowed.any(-2)
+        torch.testing.assert_close(weights.sum(-2), taken.to(weights.dtype))
+
+
+@PROPS
+@given(lead=lead_shapes, k=st.integers(1, 5), n=st.integers(1, 10), d=st.integers(1, 6),
+       seed=st.integers(0, 2**16), assignment=st.sampled_from(ASSIGNMENTS),
+       m_step=st.sampled_from(["sum", "mean"]))
+def test_attn_mask_of_all_true_changes_nothing(lead, k, n, d, seed, assignment, m_step):
+    q, keys, v = rand(seed, *lead, k, d), rand(seed + 1, *lead, n, d), rand(seed + 2, *lead, n, d)
+    mask = rand_mask(seed + 3, *lead, n)
+    kwargs = dict(mask=mask, assignment=assignment, m_step=m_step)
+    everything = torch.ones(*lead, k, n, dtype=torch.bool)
+    torch.testing.assert_close(
+        cross_attention_clustering_step(q, keys, v, attn_mask=everything, **kwargs),
+        cross_attention_clustering_step(q, keys, v, **kwargs),
+    )
+
+
+@PROPS
+@given(k=st.integers(1, 5), n=st.integers(1, 10), d=st.integers(1, 6),
+       seed=st.integers(0, 2**16), assignment=st.sampled_from(["softmax_pixels", "cosine"]),
+       m_step=st.sampled_from(["sum", "mean"]))
+def test_attn_mask_per_center_equals_clustering_its_pixels_alone(k, n, d, seed, assignment,
+                                                                 m_step):
+    # Without competition between centers (softmax over pixels, cosine), masking center k's
+    # pairs is clustering center k over its own pixels with a padding mask.
+    q, keys, v = rand(seed, k, d), rand(seed + 1, n, d), rand(seed + 2, n, d)
+    attn = rand_attn(seed + 3, k, n)
+    got = cross_attention_clustering_step(q, keys, v, attn_mask=attn, assignment=assignment,
+                                          m_step=m_step)
+    for center in range(k):
+        if not attn[center].any():
+            assert (got[center] == 0).all()
+            continue
+        alone = cross_attention_clustering_step(q[center:center + 1], keys, v, mask=attn[center],
+                                                assignment=assignment, m_step=m_step)
+        torch.testing.assert_close(got[center:center + 1], alone)
+
+
 # --- recurrent_cross_attention_clustering -------------------------------------------------
 
 
@@ -159,6 +222,28 @@ def test_centers_invariant_to_pixel_permutation(case):
         run_recurrent(case, features, centers, mask),
         run_recurrent(case, features[..., perm, :], centers, mask[..., perm]),
     )
+
+
+@PROPS
+@given(case=clustering_case())
+def test_recurrent_attn_mask_is_the_step_attn_mask_at_every_iteration(case):
+    features, centers = case_tensors(case)
+    attn = rand_attn(case["seed"] + 23, *case["lead"], case["k"], case["n"])
+    p = linear_params(case["seed"], case["dim"], case["bias"])
+    heads, dim = case["heads"], case["dim"]
+
+    def split(x):  # (..., L, D) -> (..., h, L, d)
+        return x.unflatten(-1, (heads, dim // heads)).transpose(-3, -2)
+
+    keys, values = split(F.linear(features, p["k_weight"], p["k_bias"])), split(
+        F.linear(features, p["v_weight"], p["v_bias"]))
+    expected = centers
+    for _ in range(case["iters"]):
+        queries = split(F.linear(expected, p["q_weight"], p["q_bias"]))
+        update = cross_attention_clustering_step(queries, keys, values,
+                                                 attn_mask=attn.unsqueeze(-3))
+        expected = expected + update.transpose(-3, -2).flatten(-2)
+    torch.testing.assert_close(run_recurrent(case, features, centers, attn_mask=attn), expected)
 
 
 @PROPS

@@ -111,13 +111,11 @@ class ClusterDecoderLayer(nn.Module):
             "k_bias": self.k.bias, "v_weight": self.v.weight, "v_bias": self.v.bias,
         }
         start = centers + query_pos
-        if attn_mask is None:
-            clustered = recurrent_cross_attention_clustering(
-                pixels + pixel_pos, start, params, num_iters=self.num_iters,
-                num_heads=self.num_heads, mask=mask, assignment=self.assignment, m_step=self.m_step,
-            )
-        else:
-            clustered = self._masked_clustering(pixels + pixel_pos, start, mask, attn_mask)
+        clustered = recurrent_cross_attention_clustering(
+            pixels + pixel_pos, start, params, num_iters=self.num_iters,
+            num_heads=self.num_heads, mask=mask, assignment=self.assignment, m_step=self.m_step,
+            attn_mask=attn_mask,
+        )
         centers = self.norm_cluster(centers + self.dropout(clustered - start))
         qk = centers + query_pos
         attended = self.self_attn(qk, qk, centers, need_weights=False)[0]
@@ -128,34 +126,6 @@ class ClusterDecoderLayer(nn.Module):
             if mask is not None:
                 pixels = pixels * mask.unsqueeze(-1).to(pixels.dtype)
         return centers, pixels
-
-    def _masked_clustering(
-        self, pixels: Tensor, centers: Tensor, mask: Tensor | None, attn_mask: Tensor
-    ) -> Tensor:
-        """Recurrent clustering where center ``q`` only sees pixels with ``attn_mask[:, q]``
-        (``(B, Q, N)`` bool; Mask2Former's masked attention). A pixel no center may see is left
-        out of every center's update."""
-        if self.assignment not in ("softmax_centers", "softmax_pixels"):
-            raise ValueError("masked attention needs center_update 'recurrent' or 'vanilla_attention'")
-        heads = self.num_heads
-
-        def split(x: Tensor) -> Tensor:
-            return x.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, h, L, d)
-
-        keys, values = split(self.k(pixels)), split(self.v(pixels))
-        allowed = attn_mask.unsqueeze(1)
-        if mask is not None:
-            allowed = allowed & mask[:, None, None, :]
-        dim = -2 if self.assignment == "softmax_centers" else -1
-        out = centers
-        for _ in range(self.num_iters):
-            logits = split(self.q(out)) @ keys.transpose(-1, -2) * keys.shape[-1] ** -0.5
-            logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
-            weights = torch.softmax(logits, dim=dim) * allowed.to(logits.dtype)
-            if self.m_step == "mean":
-                weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-6)
-            out = out + (weights @ values).transpose(1, 2).flatten(2)
-        return out
 
 
 class ClusterDecoder(nn.Module):

@@ -87,6 +87,7 @@ def cross_attention_clustering_step(
     mask: Tensor | None = None,
     assignment: Assignment = "softmax_centers",
     m_step: MStep = "sum",
+    attn_mask: Tensor | None = None,
 ) -> Tensor:
     r"""One E-step / M-step of cross-attention clustering (the supplement's Eq. 3).
 
@@ -109,6 +110,11 @@ def cross_attention_clustering_step(
             similarity between queries and keys).
         m_step: ``"sum"`` (the paper's literal ``M @ v``) or ``"mean"`` (soft k-means:
             divide each center by its total assignment mass).
+        attn_mask: optional ``(..., K, N)`` bool, ``True`` = center ``k`` may take pixel
+            ``n`` (Mask2Former's masked attention: a center sees only its previous mask).
+            A disallowed pair gets zero assignment, and the E-step shares each pixel's mass
+            only among the centers allowed to take it; a pixel no center may take moves
+            nothing. ``None`` (default) allows every pair.
 
     Returns:
         ``(..., K, d)`` center updates.
@@ -116,13 +122,17 @@ def cross_attention_clustering_step(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     logits = scale * (q @ k.transpose(-1, -2))
-    if mask is not None and assignment == "softmax_pixels":
-        # Softmax over pixels must not give mass to padding; masking the logits keeps
-        # the real pixels' weights summing to one.
-        logits = logits.masked_fill(~mask.unsqueeze(-2), torch.finfo(logits.dtype).min)
+    allowed = None if mask is None else mask.unsqueeze(-2)
+    if attn_mask is not None:
+        allowed = attn_mask if allowed is None else attn_mask & allowed
+    if allowed is not None and (assignment == "softmax_pixels" or attn_mask is not None):
+        # A softmax must not give mass to a pixel (or pair) that is not allowed: masking the
+        # logits keeps the allowed weights summing to one. (Over centers, padding alone needs
+        # no fill: each pixel's softmax is its own, and the multiply below zeroes it.)
+        logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
     weights = _assign(logits, q, k, assignment)
-    if mask is not None:
-        weights = weights * mask.unsqueeze(-2).to(weights.dtype)
+    if allowed is not None:
+        weights = weights * allowed.to(weights.dtype)
     if m_step == "mean":
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(_EPS)
     elif m_step != "sum":
@@ -175,6 +185,7 @@ def recurrent_cross_attention_clustering(
     mask: Tensor | None = None,
     assignment: Assignment = "softmax_centers",
     m_step: MStep = "sum",
+    attn_mask: Tensor | None = None,
 ) -> Tensor:
     r"""Recurrent cross-attention clustering (the supplement's Algorithm 1 / Eq. 4).
 
@@ -197,6 +208,9 @@ def recurrent_cross_attention_clustering(
         scale: logit scale; ``None`` means ``1 / sqrt(D / h)``.
         mask: optional ``(..., N)`` bool, ``True`` = real pixel; padding never moves a center.
         assignment, m_step: see :func:`cross_attention_clustering_step`.
+        attn_mask: optional ``(..., K, N)`` bool, the same for every head and iteration:
+            center ``k`` only takes pixels ``n`` with ``attn_mask[..., k, n]`` (see
+            :func:`cross_attention_clustering_step`).
 
     Returns:
         ``(..., K, D)`` centers ``C_T``.
@@ -205,12 +219,13 @@ def recurrent_cross_attention_clustering(
         raise ValueError(f"channels {features.shape[-1]} not divisible by {num_heads} heads")
     keys, values = _keys_and_values(features, params, num_heads)
     head_mask = None if mask is None else mask.unsqueeze(-2)
+    head_attn = None if attn_mask is None else attn_mask.unsqueeze(-3)
     out = centers
     for _ in range(num_iters):
         queries = _split_heads(linear(out, params["q_weight"], params.get("q_bias")), num_heads)
         update = cross_attention_clustering_step(
             queries, keys, values, scale=scale, mask=head_mask,
-            assignment=assignment, m_step=m_step,
+            assignment=assignment, m_step=m_step, attn_mask=head_attn,
         )
         out = out + _merge_heads(update)
     return out
