@@ -50,9 +50,8 @@ from clusterformer.models.layers import (
     zero_padding,
 )
 from clusterformer.models.mixer import ClusteringMixer
+from clusterformer.ops.images import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 HEAD_POOLS = ("last", "concat")
 
 
@@ -142,6 +141,10 @@ class ClusterFormer(nn.Module):
             raise ValueError(f"center_grid must be (gh, gw), got {center_grid!r}")
         self.feature_channels: tuple[int, ...] = tuple(int(d) for d in dims)
         self.feature_strides: tuple[int, ...] = (4, 8, 16, 32)
+        # The backbone contract (models/backbones.py), timm's convention.
+        self.feature_info = [{"num_chs": c, "reduction": s, "module": f"stages.{i}"}
+                             for i, (c, s) in enumerate(zip(self.feature_channels,
+                                                            self.feature_strides, strict=True))]
         self.num_classes = int(num_classes)
         self.head_pool = head_pool
         self.in_chans = int(in_chans)

@@ -1,8 +1,9 @@
-"""Named presets and ``create_model`` (DESIGN §5 contract).
+"""Named presets, model architectures and ``create_model`` (DESIGN §5 contract).
 
-A model is ``preset options + overrides`` handed to a task builder. Builders are looked up in
-``TASK_BUILDERS`` (task -> callable), so a later issue adds a dense task with
-``register_task("panoptic", build_fn)`` without touching this file.
+A model is ``preset options + overrides`` handed to an *architecture* builder: the classifier,
+the detector or the segmenter here, or one a plugin registers. Which architecture a task uses
+is the task's choice: each task module registers it with :func:`register_task_model` when it
+is imported, so this module names no task.
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ import copy
 import inspect
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from clusterformer.models.backbone import ClusterFormer
+from clusterformer.models.backbones import TIMM_PREFIX, FeatureClassifier, build_backbone
 from clusterformer.models.detector import DETECTOR_OPTIONS, build_detector
 from clusterformer.models.segmenter import SEGMENTER_OPTIONS, build_segmenter
-
-TASKS: tuple[str, ...] = ("classification", "detection", "instance", "semantic", "panoptic")
+from clusterformer.plugins import DEFAULT_TASK, load_task_modules
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized: ~1.9 M params (1000 classes), fast at 64-128 px on two cores; tests, quickstart.
@@ -37,31 +39,53 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# Options every ClusterFormer backbone takes (a preset's and its overrides).
+BACKBONE_OPTIONS: tuple[str, ...] = tuple(
+    p for p in inspect.signature(ClusterFormer.__init__).parameters if p not in ("self", "num_classes")
+)
+
 Builder = Callable[..., nn.Module]
 
 
-def _build_classifier(num_classes: int, **options: Any) -> nn.Module:
-    return ClusterFormer(num_classes=num_classes, **options)
+@dataclass(frozen=True)
+class Architecture:
+    """How to build one kind of model.
+
+    Attributes:
+        build: ``build(num_classes, backbone=None | "timm/<name>", **options) -> nn.Module``,
+            ``options`` being the backbone's and the architecture's own.
+        options: the names of its own options (besides the backbone's).
+    """
+
+    build: Builder
+    options: tuple[str, ...] = ()
 
 
-TASK_BUILDERS: dict[str, Builder] = {
-    "classification": _build_classifier, "detection": build_detector,
-    **{task: build_segmenter for task in ("instance", "semantic", "panoptic")},
+def _build_classifier(num_classes: int, backbone: str | None = None, **options: Any) -> nn.Module:
+    if backbone is None:  # the ClusterFormer backbone has its own classifier head
+        return ClusterFormer(num_classes=num_classes, **options)
+    return FeatureClassifier(build_backbone(backbone, options), num_classes)
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "classifier": Architecture(_build_classifier),
+    "detector": Architecture(build_detector, DETECTOR_OPTIONS),
+    "segmenter": Architecture(build_segmenter, SEGMENTER_OPTIONS),
 }
-# Options a task's builder takes on top of the backbone's (e.g. the detector's decoder size).
-TASK_OPTIONS: dict[str, tuple[str, ...]] = {
-    "detection": DETECTOR_OPTIONS,
-    **{task: SEGMENTER_OPTIONS for task in ("instance", "semantic", "panoptic")},
-}
+TASK_ARCHITECTURES: dict[str, str] = {}
 
 
-def register_task(task: str, builder: Builder, options: tuple[str, ...] = ()) -> None:
-    """Make ``create_model(..., task=task)`` call ``builder(num_classes, **options)``;
-    ``options`` names the overrides the builder accepts besides the backbone's."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    TASK_BUILDERS[task] = builder
-    TASK_OPTIONS[task] = tuple(options)
+def register_architecture(name: str, architecture: Architecture) -> None:
+    """Add (or replace) an architecture a task can build its models with."""
+    ARCHITECTURES[name] = architecture
+
+
+def register_task_model(task: str, architecture: str) -> None:
+    """Make ``create_model(..., task=task)`` build ``architecture``."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; expected one of "
+                         f"{', '.join(ARCHITECTURES)}")  # fmt: skip
+    TASK_ARCHITECTURES[task] = architecture
 
 
 def list_models() -> list[str]:
@@ -72,13 +96,22 @@ def list_models() -> list[str]:
 def preset_config(name: str) -> dict[str, Any]:
     """A copy of the constructor options of preset ``name`` (ValueError if unknown)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}; available presets: {', '.join(PRESETS)}")
+        raise ValueError(f"unknown model {name!r}; available presets: {', '.join(PRESETS)} "
+                         f"(or {TIMM_PREFIX}<name> with timm installed)")  # fmt: skip
     return copy.deepcopy(PRESETS[name])
 
 
-def _check_overrides(overrides: dict[str, Any], task: str) -> None:
-    accepted = set(inspect.signature(ClusterFormer.__init__).parameters) - {"self", "num_classes"}
-    accepted |= set(TASK_OPTIONS.get(task, ()))
+def architecture_of(task: str) -> Architecture:
+    """The architecture ``task`` builds (ValueError for an unknown task)."""
+    if task not in TASK_ARCHITECTURES:
+        load_task_modules()  # the task modules register their architectures on import
+    if task not in TASK_ARCHITECTURES:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASK_ARCHITECTURES)}")
+    return ARCHITECTURES[TASK_ARCHITECTURES[task]]
+
+
+def _check_overrides(overrides: dict[str, Any], architecture: Architecture, timm: bool) -> None:
+    accepted = set(architecture.options) | (set() if timm else set(BACKBONE_OPTIONS))
     unknown = sorted(set(overrides) - accepted)
     if unknown:
         raise TypeError(
@@ -91,30 +124,28 @@ def _check_overrides(overrides: dict[str, Any], task: str) -> None:
 
 
 def create_model(
-    name: str, task: str = "classification", num_classes: int = 1000, **overrides: Any
+    name: str, task: str = DEFAULT_TASK, num_classes: int = 1000, **overrides: Any
 ) -> nn.Module:
-    """Build preset ``name`` for ``task`` with ``num_classes`` outputs.
+    """Build preset ``name`` (or ``timm/<model>``: a timm model's features as the backbone) for
+    ``task`` with ``num_classes`` outputs.
 
-    ``overrides`` replace preset options (see :class:`ClusterFormer`'s arguments). The model
-    carries ``model.model_config`` (JSON-serialisable: ``name``, ``task``, ``num_classes`` and
-    the overrides, enough to rebuild it with ``create_model(**model_config)``) and
-    ``model.default_cfg`` (ImageNet mean/std, input size).
+    ``overrides`` replace preset options (see :class:`ClusterFormer`'s arguments) or set the
+    architecture's own (e.g. the dense heads' :class:`~clusterformer.models.dense.
+    DecoderOptions` by their flat names). The model carries ``model.model_config``
+    (JSON-serialisable: ``name``, ``task``, ``num_classes`` and the overrides, enough to
+    rebuild it with ``create_model(**model_config)``) and ``model.default_cfg`` (mean/std).
 
     Raises:
-        ValueError: unknown preset, unknown task, or a task whose head is not available yet.
+        ValueError: unknown preset or task.
         TypeError: an unknown or non-serialisable override.
     """
-    options = preset_config(name)
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    if task not in TASK_BUILDERS:
-        raise ValueError(
-            f"the {task} head is not available yet; available tasks: {', '.join(TASK_BUILDERS)}"
-        )
+    timm = name.startswith(TIMM_PREFIX)
+    options = {} if timm else preset_config(name)
+    architecture = architecture_of(task)
     if not isinstance(num_classes, int) or num_classes < 0:
         raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
-    _check_overrides(overrides, task)
+    _check_overrides(overrides, architecture, timm)
     options.update(overrides)
-    model = TASK_BUILDERS[task](num_classes, **options)
+    model = architecture.build(num_classes, backbone=name if timm else None, **options)
     model.model_config = {"name": name, "task": task, "num_classes": num_classes, **overrides}
     return model

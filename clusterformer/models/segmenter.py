@@ -28,53 +28,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clusterformer.models.backbone import ClusterFormer
-from clusterformer.models.cluster_decoder import MLP, ClusterDecoder
-from clusterformer.models.detector import DETECTOR_OPTIONS, default_detector_options
-from clusterformer.models.pixel_decoder import build_pixel_decoder
+from clusterformer.models.backbones import build_backbone, feature_channels
+from clusterformer.models.cluster_decoder import MLP
+from clusterformer.models.dense import DecoderOptions, DenseModel
 
+# Flat options of the segmenter (``create_model`` overrides); every other one is the backbone's.
 SEGMENTER_OPTIONS: tuple[str, ...] = tuple(
-    o for o in DETECTOR_OPTIONS if o not in ("iterative_refinement", "mask_features")
-) + ("masked_attention",)
+    flat for name, flat in DecoderOptions.flat_names().items() if name != "iterative_refinement"
+)
 
 
-class ClusterFormerSegmenter(nn.Module):
+class ClusterFormerSegmenter(DenseModel):
     """Backbone + pixel decoder (with stride-4 mask features) + clustering decoder + mask head.
 
-    Args: as :class:`clusterformer.models.detector.ClusterFormerDetector` (``num_classes`` =
-        ``C`` real classes; the class head has ``C + 1`` outputs), plus ``masked_attention``.
+    Args:
+        num_classes: ``C`` real classes (the class head has ``C + 1`` outputs).
+        backbone: a module following the backbone contract (:mod:`.backbones`).
+        decoder: :class:`~clusterformer.models.dense.DecoderOptions`; unset ones fit the
+            backbone (``iterative_refinement`` does not apply to masks).
     """
 
-    def __init__(
-        self, num_classes: int, backbone: dict[str, Any], *, hidden_dim: int = 256,
-        num_queries: int = 100, decoder_layers: int = 6, decoder_heads: int = 8,
-        decoder_ffn_dim: int = 1024, decoder_num_iters: int = 3, decoder_m_step: str = "mean",
-        decoder_center_update: str = "recurrent", decoder_dispatching: str = "ours",
-        query_init: str = "encoder", pixel_decoder: str = "fpn", pixel_decoder_layers: int = 6,
-        masked_attention: bool = False,
-    ) -> None:
-        super().__init__()
+    def __init__(self, num_classes: int, backbone: nn.Module,
+                 decoder: DecoderOptions | None = None) -> None:  # fmt: skip
+        decoder = (decoder or DecoderOptions()).resolved(feature_channels(backbone)[-1])
+        super().__init__(backbone, decoder, int(num_classes) + 1, box_head=False, no_object=True,
+                         mask_features=True)  # fmt: skip
         self.num_classes = int(num_classes)
-        self.masked_attention = bool(masked_attention)
-        self.backbone = ClusterFormer(**{**backbone, "num_classes": 0})
-        self.backbone.head_norm = nn.Identity()  # unused by dense heads (every param trains)
-        self.default_cfg = {**self.backbone.default_cfg, "num_classes": self.num_classes}
-        self.pixel_decoder = build_pixel_decoder(
-            pixel_decoder, self.backbone.feature_channels, hidden_dim, mask_features=True,
-            num_layers=pixel_decoder_layers, num_heads=decoder_heads,
-        )
-        self.decoder = ClusterDecoder(
-            hidden_dim, self.num_classes + 1, num_queries=num_queries, num_layers=decoder_layers,
-            num_heads=decoder_heads, ffn_dim=decoder_ffn_dim, num_iters=decoder_num_iters,
-            m_step=decoder_m_step, center_update=decoder_center_update,
-            dispatching=decoder_dispatching, query_init=query_init, iterative_refinement=False,
-            box_head=False, no_object=True,
-        )
-        self.mask_embed = MLP(hidden_dim, hidden_dim, hidden_dim, 3)
-
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        """The backbone's parameters (recipes give them a smaller learning rate)."""
-        return list(self.backbone.parameters())
+        self.masked_attention = bool(decoder.masked_attention)
+        self.default_cfg["num_classes"] = self.num_classes
+        self.mask_embed = MLP(decoder.hidden_dim, decoder.hidden_dim, decoder.hidden_dim, 3)
 
     def forward(self, images: Tensor, pixel_mask: Tensor | None = None) -> dict:
         """images ``(B, 3, H, W)``, pixel_mask ``(B, H, W)`` bool (True = real) -> outputs dict."""
@@ -114,9 +96,9 @@ def attention_mask(mask_logits: Tensor, shape: tuple[int, int]) -> Tensor:
     return allowed | ~allowed.any(dim=-1, keepdim=True)
 
 
-def build_segmenter(num_classes: int, **options: Any) -> ClusterFormerSegmenter:
-    """The registry's builder for ``instance``, ``semantic`` and ``panoptic``: ``options`` mixes
-    backbone options and :data:`SEGMENTER_OPTIONS`; unset decoder sizes follow
-    :func:`clusterformer.models.detector.default_detector_options`."""
-    own = {k: options.pop(k) for k in list(options) if k in SEGMENTER_OPTIONS}
-    return ClusterFormerSegmenter(num_classes, options, **{**default_detector_options(options), **own})
+def build_segmenter(num_classes: int, backbone: str | None = None,
+                    **options: Any) -> ClusterFormerSegmenter:  # fmt: skip
+    """The mask-classification architecture's builder: ``options`` mixes backbone options and
+    :data:`SEGMENTER_OPTIONS`; ``backbone`` ``"timm/<name>"`` takes a timm model's features."""
+    decoder = DecoderOptions.pop_flat(options)
+    return ClusterFormerSegmenter(num_classes, build_backbone(backbone, options), decoder)

@@ -15,10 +15,13 @@ from clusterformer.ops.clustering import (
     recurrent_cross_attention_clustering,
 )
 from clusterformer.ops.fused_linear import ACTIVATIONS, linear
+from clusterformer.ops.images import IMAGENET_MEAN, IMAGENET_STD, normalize_image
 
 __all__ = [
     "ACTIVATIONS",
     "ASSIGNMENTS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "M_STEPS",
     "cross_attention_clustering_step",
     "dispatch_similarity",
@@ -27,5 +30,6 @@ __all__ = [
     "init_centers",
     "keep_best_center",
     "linear",
+    "normalize_image",
     "recurrent_cross_attention_clustering",
 ]

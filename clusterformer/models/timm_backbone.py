@@ -1,0 +1,88 @@
+"""Any timm ``features_only`` model as a backbone (``--model timm/<name>``; optional extra
+``pip install 'clusterformer[timm]'``).
+
+The model is built with ``pretrained=False`` (nothing downloads); ImageNet weights a user has
+on disk load with ``--backbone-weights PATH`` (:func:`clusterformer.models.backbones.
+load_backbone_weights`). Its outputs at strides 4, 8, 16 and 32 become the four maps of the
+backbone contract, and its own ``mean`` / ``std`` become the model's (and the checkpoint's)
+normalisation.
+
+Padding. A timm model does not know the pixel mask: padded pixels are zero-filled images it
+convolves like real ones, so, unlike the ClusterFormer backbone, its features near the border
+of a padded image differ from the unpadded image's. Each map's token mask is the pixel mask
+any-pooled to the map's stride, and the padded tokens are zeroed so the heads ignore them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clusterformer.models.backbones import FEATURE_STRIDES
+from clusterformer.models.layers import downsample_mask, zero_padding
+from clusterformer.ops.images import IMAGENET_MEAN, IMAGENET_STD
+
+
+def _mask_like(mask: Tensor | None, stride: int, shape: tuple[int, int]) -> Tensor | None:
+    """The pixel mask at ``stride``, cropped or padded (with padding) to a map's ``shape``."""
+    small = downsample_mask(mask, stride)
+    if small is None:
+        return None
+    height, width = shape
+    small = small[:, :height, :width]
+    return F.pad(small, (0, width - small.shape[-1], 0, height - small.shape[-2]), value=False)
+
+
+class TimmBackbone(nn.Module):
+    """``timm.create_model(name, features_only=True)`` under the backbone contract.
+
+    Args:
+        name: a timm model name (``resnet50``, ``convnext_tiny``, ...) whose features include
+            strides 4, 8, 16 and 32.
+        options: passed to ``timm.create_model``.
+    """
+
+    def __init__(self, name: str, **options: Any) -> None:
+        super().__init__()
+        try:
+            import timm
+        except ImportError:
+            raise ValueError(f"timm/{name} needs timm: pip install 'clusterformer[timm]' (with a "
+                             "torchvision that matches your torch)") from None  # fmt: skip
+        try:
+            self.body = timm.create_model(name, pretrained=False, features_only=True, **options)
+        except RuntimeError as exc:  # timm's "Unknown model" and features_only refusals
+            raise ValueError(f"timm/{name}: {exc}") from None
+        reductions = [int(r) for r in self.body.feature_info.reduction()]
+        missing = [s for s in FEATURE_STRIDES if s not in reductions]
+        if missing:
+            raise ValueError(f"timm/{name} has feature maps at strides {reductions}, none at "
+                             f"{missing}; the dense heads need 4, 8, 16 and 32")  # fmt: skip
+        self.picks = [reductions.index(s) for s in FEATURE_STRIDES]
+        channels = self.body.feature_info.channels()
+        self.feature_info = [{"num_chs": int(channels[i]), "reduction": s, "module": f"body.{i}"}
+                             for i, s in zip(self.picks, FEATURE_STRIDES, strict=True)]  # fmt: skip
+        self.channels_last_output = getattr(self.body, "output_fmt", "NCHW") == "NHWC"
+        cfg = getattr(self.body, "pretrained_cfg", None) or {}
+        self.default_cfg = {"mean": tuple(cfg.get("mean", IMAGENET_MEAN)),
+                            "std": tuple(cfg.get("std", IMAGENET_STD)), "timm_model": name}
+
+    def forward_features(
+        self, images: Tensor, pixel_mask: Tensor | None = None, *, return_masks: bool = False
+    ) -> list[Tensor] | tuple[list[Tensor], list[Tensor | None]]:
+        """Maps at strides 4, 8, 16, 32 (``(B, C_i, H_i, W_i)``, padded tokens zeroed) and,
+        with ``return_masks``, their token masks."""
+        if pixel_mask is not None:
+            images = zero_padding(images, pixel_mask)
+        outputs = self.body(images)
+        features, masks = [], []
+        for index, stride in zip(self.picks, FEATURE_STRIDES, strict=True):
+            x = outputs[index]
+            if self.channels_last_output:
+                x = x.permute(0, 3, 1, 2)
+            mask = _mask_like(pixel_mask, stride, (x.shape[-2], x.shape[-1]))
+            features.append(zero_padding(x, mask))
+            masks.append(mask)
+        return (features, masks) if return_masks else features
