@@ -9,6 +9,7 @@ from clusterformer.data.formats import open_source
 from clusterformer.data.images import decode_image, decode_image_array
 from clusterformer.data.loader import build_loader, load_dataset_info
 from clusterformer.data.records import Record, decode_record, encode_record
+from clusterformer.data.sample_spec import SampleSpec, register_sample_spec, sample_spec
 from clusterformer.data.shapes import make_shapes
 from clusterformer.data.shards import write_shards
 from clusterformer.data.source import Source
@@ -18,6 +19,7 @@ __all__ = [
     "ImageDecodeError",
     "Record",
     "SampleError",
+    "SampleSpec",
     "Source",
     "build_loader",
     "decode_image",
@@ -28,6 +30,8 @@ __all__ = [
     "load_dataset_info",
     "make_shapes",
     "open_source",
+    "register_sample_spec",
+    "sample_spec",
     "to_dataset_ids",
     "train_id_to_id",
     "write_shards",

@@ -6,8 +6,9 @@ Batch layout (shared with the engine)::
     "pixel_mask": bool (B, H, W)        True = real pixel, False = padding
     "keys":       list[str]
     "valid":      bool (B,)             False only for evaluation padding (see data/loader.py)
-    "labels":     int64 (B,)            classification only
-    "targets":    list[dict]            dense tasks: task fields + "image_id", "orig_size", "size", "key"
+    "labels":     int64 (B,)            tasks with a per-image label (SampleSpec.label_field)
+    "targets":    list[dict]            the others: the task's fields + "image_id", "orig_size",
+                                        "size", "key"
 """
 
 from __future__ import annotations
@@ -17,26 +18,13 @@ from typing import Any
 
 import torch
 
+from .sample_spec import SampleSpec, sample_spec
 from .transforms import IGNORE_INDEX
 
-# Fields a dense target carries per task, beyond image_id / orig_size / size / key.
-TASK_FIELDS: dict[str, tuple[str, ...]] = {
-    "classification": ("label",),
-    "detection": ("boxes", "labels", "iscrowd"),
-    "instance": ("boxes", "labels", "iscrowd", "masks"),
-    "panoptic": ("masks", "labels", "isthing", "iscrowd", "boxes", "segment_ids"),
-    "semantic": ("semantic",),
-}
 
-
-def task_fields(task: str) -> tuple[str, ...]:
+def task_fields(task: str | SampleSpec) -> tuple[str, ...]:
     """Names of the per-sample fields that ``task`` needs (raises on an unknown task)."""
-    try:
-        return TASK_FIELDS[task]
-    except KeyError:
-        raise ValueError(
-            f"unknown task {task!r}; expected one of {', '.join(TASK_FIELDS)}"
-        ) from None
+    return sample_spec(task).fields
 
 
 def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,13 +56,14 @@ def pad_semantic(maps: Sequence[torch.Tensor], size: tuple[int, int] | None = No
 
 
 def collate(
-    samples: Sequence[dict[str, Any]], task: str, valid: Sequence[bool] | None = None
+    samples: Sequence[dict[str, Any]], task: str | SampleSpec, valid: Sequence[bool] | None = None
 ) -> dict:
     """Transformed samples -> batch dict (layout in the module docstring).
 
     ``valid`` marks samples that only pad an evaluation step (False); default all True.
     """
-    fields = task_fields(task)
+    spec = sample_spec(task)
+    fields = spec.fields
     images, pixel_mask = pad_images([s["image"] for s in samples])
     batch: dict[str, Any] = {
         "images": images,
@@ -84,15 +73,16 @@ def collate(
             [True] * len(samples) if valid is None else list(valid), dtype=torch.bool
         ),
     }
-    if task == "classification":
-        batch["labels"] = torch.tensor([int(s["label"]) for s in samples], dtype=torch.int64)
+    if spec.label_field is not None:
+        labels = [int(s[spec.label_field]) for s in samples]
+        batch["labels"] = torch.tensor(labels, dtype=torch.int64)
         return batch
     targets = []
     for s in samples:
         missing = [f for f in fields if f not in s]
         if missing:
             raise ValueError(
-                f"sample {s.get('key')!r} lacks {', '.join(missing)} needed for {task}"
+                f"sample {s.get('key')!r} lacks {', '.join(missing)} needed by its task"
             )
         target = {f: s[f] for f in fields}
         target["image_id"] = int(s["image_id"])

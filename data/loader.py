@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .collate import collate, task_fields
+from .collate import collate
 from .errors import SampleError
+from .sample_spec import SampleSpec, sample_spec
 from .streams import (
-    TASK_FORMATS,
     RawSource,
     open_raw,
     read_index,
@@ -181,15 +181,16 @@ def _shuffled(stream: Iterator, size: int, rng: random.Random) -> Iterator:
 class StreamDataset(IterableDataset):
     """Yields this rank's collated batches for the current epoch (see the module docstring)."""
 
-    def __init__(self, source: Any, task: str, *, batch_size: int, image_size: int, train: bool,
-                 num_workers: int, seed: int, rank: int, world_size: int, shuffle_buffer: int,
-                 drop_last: bool, on_error: str, augment: dict[str, Any]) -> None:  # fmt: skip
+    def __init__(self, source: Any, task: SampleSpec, *, batch_size: int, image_size: int,
+                 train: bool, num_workers: int, seed: int, rank: int, world_size: int,
+                 shuffle_buffer: int, drop_last: bool, on_error: str, augment: dict[str, Any],
+                 normalisation: dict[str, Any]) -> None:  # fmt: skip
         self.source, self.task, self.batch_size, self.train = source, task, batch_size, train
         self.image_size, self.num_workers, self.seed = image_size, max(1, num_workers), seed
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
         self.drop_last, self.on_error, self.epoch = drop_last, on_error, 0
-        self.transform = make_transform(task, image_size, train, **augment)
-        self.fields = set(task_fields(task)) | {"key", "image", "image_id", "orig_size"}
+        self.transform = make_transform(task, image_size, train, **normalisation, **augment)
+        self.fields = set(task.fields) | {"key", "image", "image_id", "orig_size"}
 
     def plans(self) -> list[WorkerPlan]:
         return plan_epoch(self.source.counts, rank=self.rank, world_size=self.world_size,
@@ -328,11 +329,13 @@ def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int
     return rank, world_size
 
 
-def load_dataset_info(path: str | os.PathLike | Sequence[str], task: str | None = None) -> dict:
+def load_dataset_info(
+    path: str | os.PathLike | Sequence[str], task: str | SampleSpec | None = None
+) -> dict:
     """dataset.json of a shard folder (or next to explicit shard URLs), or the info of a raw folder.
 
     Raw folders have no dataset.json: their format is detected (a ``cf make-shapes`` folder holds
-    several; ``task`` picks one) and "num_samples" is the number of entries found.
+    several; ``task``'s formats pick one) and "num_samples" is the number of entries found.
     """
     urls = url_list(path)
     if urls is not None:
@@ -346,7 +349,7 @@ def load_dataset_info(path: str | os.PathLike | Sequence[str], task: str | None 
 
 def build_loader(
     path: str | os.PathLike | Sequence[str],
-    task: str,
+    task: str | SampleSpec,
     *,
     batch_size: int,
     image_size: int,
@@ -360,6 +363,7 @@ def build_loader(
     on_error: str = "stop",
     info: dict | None = None,
     augment: dict[str, Any] | None = None,
+    normalisation: dict[str, Any] | None = None,
 ) -> Loader:
     """Loader of batch dicts (layout: ``clusterformer.data.collate``) for one rank.
 
@@ -368,28 +372,31 @@ def build_loader(
     folder. ``drop_last`` defaults to ``train``. ``on_error``: "stop" raises on the first bad
     sample naming its key and file, "skip" warns and goes on (training refills from other
     samples; evaluation keeps its batch count with padding). ``augment``: training
-    augmentation options (see ``transforms.make_transform``). Images (B, 3, H, W) float32.
+    augmentation options (see ``transforms.make_transform``). ``normalisation``: the model's
+    ``{"mean", "std"}`` (default ImageNet's). Images (B, 3, H, W) float32.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if on_error not in ("stop", "skip"):
         raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
-    task_fields(task)
+    spec = sample_spec(task)
     rank, world_size = _distributed_defaults(rank, world_size)
     drop_last = train if drop_last is None else bool(drop_last)
     has_index = url_list(path) is not None or (Path(path) / "dataset.json").is_file()
-    source = shard_source(path, info) if has_index else RawSource(str(path), task)
+    source = shard_source(path, info) if has_index else RawSource(str(path), spec.formats)
     fmt = source.info.get("format")
-    if fmt not in TASK_FORMATS[task]:
-        raise ValueError(f"{path}: a {fmt} dataset cannot be used for {task} "
-                         f"(needs {' or '.join(TASK_FORMATS[task])})")  # fmt: skip
+    if fmt not in spec.formats:
+        name = task if isinstance(task, str) else "this task"
+        raise ValueError(f"{path}: a {fmt} dataset cannot be used for {name} "
+                         f"(needs {' or '.join(spec.formats)})")  # fmt: skip
     total = sum(source.counts)
     if train and batches_per_rank(total, world_size, batch_size, True, drop_last) == 0:
         raise ValueError(f"{path}: {total} samples are fewer than world_size x batch_size = "
                          f"{world_size * batch_size}; lower the batch size or set drop_last=False")  # fmt: skip
-    dataset = StreamDataset(source, task, batch_size=batch_size, image_size=image_size,
+    norm = {k: tuple(v) for k, v in (normalisation or {}).items() if k in ("mean", "std")}
+    dataset = StreamDataset(source, spec, batch_size=batch_size, image_size=image_size,
                             train=train, num_workers=num_workers, seed=seed, rank=rank,
                             world_size=world_size, shuffle_buffer=shuffle_buffer,
                             drop_last=drop_last, on_error=on_error,
-                            augment=dict(augment or {}))  # fmt: skip
+                            augment=dict(augment or {}), normalisation=norm)  # fmt: skip
     return Loader(dataset, num_workers, source.info)

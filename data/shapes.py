@@ -132,7 +132,7 @@ def _write_scene_files(root: Path, info: dict, images: list, coco_anns: list, pa
            "classes": classes}))  # fmt: skip
 
 
-KINDS = ("scenes", "classification")
+KINDS = ("scenes", "classes")
 
 
 def make_shapes(
@@ -148,7 +148,7 @@ def make_shapes(
     """Write the synthetic dataset under ``out``; returns paths and counts (see module doc).
 
     ``kinds`` picks what to write: ``"scenes"`` (images, COCO, panoptic and semantic files)
-    and/or ``"classification"`` (the ImageFolder tree). Each image has its own random stream,
+    and/or ``"classes"`` (the ImageFolder tree of single-shape pictures, one folder a class). Each image has its own random stream,
     so a kind's files are byte-identical whether or not the other kind is written.
     ``thing_scale`` is the radius range of the scenes' things relative to ``image_size``
     (the default gives 5-28 px things at 64 px; the classification pictures use 0.25-0.35).
@@ -171,7 +171,7 @@ def make_shapes(
     ann_id = 1
     for index in range(num_images):
         stem = f"{index:06d}"
-        if "classification" in kinds:
+        if "classes" in kinds:
             name = THING_CLASSES[index % len(THING_CLASSES)]
             picture = classification_image(np.random.default_rng([seed, index, 1]), image_size, name)
             _write(root / "classes" / name / f"{stem}.jpg", _jpeg(picture))
@@ -204,7 +204,7 @@ def make_shapes(
         "panoptic_masks": str(root / "panoptic"),
         "semantic_masks": str(root / "semantic"),
         "classes_json": str(root / "classes.json"),
-        "classification": str(root / "classes"),
+        "classes": str(root / "classes"),
         "num_images": num_images,
         "num_annotations": len(coco_anns),
         "num_segments": sum(len(a["segments_info"]) for a in pan_anns),

@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .records import decode_record, encode_record
-
-TASK_FORMATS = {"classification": ("imagefolder",), "detection": ("coco",), "instance": ("coco",),
-                "panoptic": ("coco-panoptic",), "semantic": ("ade20k",)}  # fmt: skip
+from .sample_spec import SampleSpec, sample_spec
 
 
 def _is_url(spec: str) -> bool:
@@ -108,18 +106,23 @@ def _raw_layouts(root: Path) -> dict[str, dict[str, Path]]:
     return out
 
 
-def open_raw(path: str | os.PathLike, task: str | None = None) -> Any:
+def open_raw(path: str | os.PathLike, task: str | SampleSpec | None = None) -> Any:
     """Open a raw dataset folder with the format readers; ``task`` picks among several formats."""
+    return open_raw_formats(path, None if task is None else sample_spec(task).formats)
+
+
+def open_raw_formats(path: str | os.PathLike, formats: Sequence[str] | None) -> Any:
+    """Open a raw dataset folder in the first of ``formats`` it holds (any, if it holds one)."""
     from .formats import open_source
 
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such dataset folder (nor a dataset.json)")
     layouts = _raw_layouts(root)
-    if task is None and len(layouts) > 1:
+    if formats is None and len(layouts) > 1:
         raise ValueError(f"{root}: holds several raw formats ({', '.join(layouts)}); "
                          "pass the task to choose one")  # fmt: skip
-    wanted = TASK_FORMATS[task] if task is not None else tuple(layouts)
+    wanted = tuple(formats) if formats is not None else tuple(layouts)
     fmt = next((f for f in wanted if f in layouts), None)
     if fmt is None:
         need = " or ".join(wanted) if wanted else "any known format"
@@ -130,23 +133,24 @@ def open_raw(path: str | os.PathLike, task: str | None = None) -> Any:
 class RawSource:
     """A raw dataset folder served in fixed-size chunks ("units").
 
-    Pickles as (root, task) and reopens in the receiving process: reader entries hold closures.
+    Pickles as (root, formats) and reopens in the receiving process: reader entries hold
+    closures.
     """
 
     CHUNK = 64
 
-    def __init__(self, root: str, task: str | None) -> None:
-        self.root, self.task = root, task
-        source = open_raw(root, task)
+    def __init__(self, root: str, formats: Sequence[str] | None) -> None:
+        self.root, self.formats = root, None if formats is None else tuple(formats)
+        source = open_raw_formats(root, self.formats)
         self.entries, self.info = source.entries, source.info
         n = len(self.entries)
         self.counts = [min(self.CHUNK, n - s) for s in range(0, n, self.CHUNK)]
 
     def __getstate__(self) -> dict:
-        return {"root": self.root, "task": self.task}
+        return {"root": self.root, "formats": self.formats}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["root"], state["task"])
+        self.__init__(state["root"], state["formats"])
 
     def where(self, unit: int) -> str:
         return self.root

@@ -17,17 +17,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from clusterformer.ops.images import IMAGENET_MEAN, IMAGENET_STD, normalize_image
+
 from .rand_augment import RandAugmentPolicy, parse_rand_augment
 from .rand_augment import rand_augment as apply_rand_augment
 from .rand_augment import random_erasing as erase
+from .sample_spec import SampleSpec, sample_spec
 
 Sample = dict[str, Any]
+Norm = tuple[float, ...] | list[float]
 Transform = Callable[[Sample, "torch.Generator | None"], Sample]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
-TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
 # Per-instance fields that must be filtered together when instances are dropped.
 INSTANCE_FIELDS = ("boxes", "masks", "labels", "iscrowd", "isthing", "segment_ids", "areas")
 
@@ -168,13 +169,6 @@ def hflip(sample: Sample) -> Sample:
     return out
 
 
-def normalize(image: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) uint8 (or float in [0, 255]) -> float32 (3, H, W) with ImageNet mean/std."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
-    return (image.to(torch.float32) / 255.0 - mean) / std
-
-
 def random_resized_crop_params(
     height: int,
     width: int,
@@ -209,9 +203,9 @@ def _maybe_flip(sample: Sample, generator: torch.Generator | None) -> Sample:
     return hflip(sample) if float(torch.rand((), generator=generator)) < 0.5 else sample
 
 
-def _finish(sample: Sample) -> Sample:
+def _finish(sample: Sample, mean: Norm, std: Norm) -> Sample:
     out = dict(sample)
-    out["image"] = normalize(sample["image"])
+    out["image"] = normalize_image(sample["image"], mean, std)
     out["size"] = image_size_of(sample)
     return out
 
@@ -224,11 +218,14 @@ def classification_train(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     rand_augment: str | RandAugmentPolicy | None = None,
     random_erasing: float = 0.0,
+    *,
+    mean: Norm = IMAGENET_MEAN,
+    std: Norm = IMAGENET_STD,
 ) -> Sample:
     """Random-resized crop (area ``scale``, aspect ``ratio``; ImageNet's 0.08-1 and 3/4-4/3 by
     default) to image_size^2, h-flip, RandAugment (timm policy string such as
-    ``rand-m9-mstd0.5-inc1``, or a parsed policy; None = off) on the uint8 image, normalise,
-    then random erasing with probability ``random_erasing`` (timm's, per-pixel noise)."""
+    ``rand-m9-mstd0.5-inc1``, or a parsed policy; None = off) on the uint8 image, normalise
+    with ``mean`` / ``std``, then random erasing with probability ``random_erasing`` (timm's, per-pixel noise)."""
     h, w = image_size_of(sample)
     top, left, ch, cw = random_resized_crop_params(
         h, w, scale=tuple(scale), ratio=tuple(ratio), generator=generator)
@@ -236,14 +233,15 @@ def classification_train(
     if rand_augment is not None:
         policy = parse_rand_augment(rand_augment) if isinstance(rand_augment, str) else rand_augment
         out = dict(out, image=apply_rand_augment(out["image"], policy, generator))
-    out = _finish(out)
+    out = _finish(out, mean, std)
     if random_erasing > 0:
         out["image"] = erase(out["image"], random_erasing, generator)
     return out
 
 
 def classification_eval(
-    sample: Sample, image_size: int, generator: torch.Generator | None = None
+    sample: Sample, image_size: int, generator: torch.Generator | None = None, *,
+    mean: Norm = IMAGENET_MEAN, std: Norm = IMAGENET_STD,
 ) -> Sample:
     """Resize the short side to round(image_size*256/224), centre-crop image_size^2, normalise."""
     h, w = image_size_of(sample)
@@ -251,7 +249,7 @@ def classification_eval(
     s = short / min(h, w)
     nh, nw = (short, max(short, round(w * s))) if h <= w else (max(short, round(h * s)), short)
     window = ((nh - image_size) // 2, (nw - image_size) // 2, image_size, image_size)
-    return _finish(resize(sample, (nh, nw), window))
+    return _finish(resize(sample, (nh, nw), window), mean, std)
 
 
 def _long_side_size(sample: Sample, long_side: float) -> tuple[int, int]:
@@ -265,50 +263,56 @@ def dense_train(
     image_size: int,
     generator: torch.Generator | None = None,
     scale_range: tuple[float, float] = (0.5, 2.0),
+    *,
+    mean: Norm = IMAGENET_MEAN,
+    std: Norm = IMAGENET_STD,
 ) -> Sample:
     """Scale jitter (long side in scale_range x image_size), random crop to at most
     image_size x image_size, h-flip, normalise. Targets follow every step."""
     h, w = _long_side_size(sample, image_size * _uniform(*scale_range, generator))
     ch, cw = min(h, image_size), min(w, image_size)
     window = (_randint(h - ch, generator), _randint(w - cw, generator), ch, cw)
-    return _finish(_maybe_flip(resize(sample, (h, w), window), generator))
+    return _finish(_maybe_flip(resize(sample, (h, w), window), generator), mean, std)
 
 
-def dense_eval(sample: Sample, image_size: int, generator: torch.Generator | None = None) -> Sample:
+def dense_eval(sample: Sample, image_size: int, generator: torch.Generator | None = None, *,
+               mean: Norm = IMAGENET_MEAN, std: Norm = IMAGENET_STD) -> Sample:
     """Resize the long side to image_size keeping aspect (no crop), normalise.
 
     Predictions at ``size`` map back to ``orig_size`` by one resize, since nothing was cropped.
     """
-    return _finish(resize(sample, _long_side_size(sample, image_size)))
+    return _finish(resize(sample, _long_side_size(sample, image_size)), mean, std)
 
 
 TRAIN_OPTIONS: dict[str, tuple[str, ...]] = {
-    "classification": ("scale", "ratio", "rand_augment", "random_erasing"),
+    "image": ("scale", "ratio", "rand_augment", "random_erasing"),
     "dense": ("scale_range",),
 }
+TRANSFORMS = {"image": (classification_train, classification_eval),
+              "dense": (dense_train, dense_eval)}  # fmt: skip
 
 
-def make_transform(task: str, image_size: int, train: bool, **options: Any) -> Transform:
-    """The transform ``f(sample, generator) -> sample`` for a task and mode.
+def make_transform(task: str | SampleSpec, image_size: int, train: bool, *,
+                   mean: Norm = IMAGENET_MEAN, std: Norm = IMAGENET_STD,
+                   **options: Any) -> Transform:  # fmt: skip
+    """The transform ``f(sample, generator) -> sample`` for a task (or its sample spec) and mode.
 
-    ``options`` tune the training augmentation (ignored for evaluation): classification
-    ``scale`` and ``ratio`` of the random-resized crop, ``rand_augment`` (timm policy string,
-    None = off) and ``random_erasing`` (probability, 0 = off); dense tasks ``scale_range`` of
-    the scale jitter. Unknown or malformed options raise ``ValueError``.
+    The task's transform kind decides: ``"image"`` (random-resized crop for training, resize
+    + centre crop for evaluation) or ``"dense"`` (scale jitter + crop / long-side resize).
+    Images are normalised with ``mean`` / ``std`` (the model's). ``options`` tune the training
+    augmentation (ignored for evaluation): ``"image"`` ``scale`` and ``ratio`` of the
+    random-resized crop, ``rand_augment`` (timm policy string, None = off) and
+    ``random_erasing`` (probability, 0 = off); ``"dense"`` ``scale_range`` of the scale
+    jitter. Unknown or malformed options raise ``ValueError``.
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    kind = sample_spec(task).transform
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
-    kind = "classification" if task == "classification" else "dense"
     unknown = sorted(set(options) - set(TRAIN_OPTIONS[kind]))
     if unknown:
         raise ValueError(f"unknown {kind} augmentation option(s) {', '.join(unknown)}; "
                          f"accepted: {', '.join(TRAIN_OPTIONS[kind])}")
-    if kind == "classification":
-        fn = classification_train if train else classification_eval
-    else:
-        fn = dense_train if train else dense_eval
+    fn = TRANSFORMS[kind][0 if train else 1]
     kwargs = dict(options) if train else {}
     if isinstance(kwargs.get("rand_augment"), str):  # parse once, and fail before any sample
         spec = kwargs["rand_augment"].strip()
@@ -317,8 +321,9 @@ def make_transform(task: str, image_size: int, train: bool, **options: Any) -> T
         raise ValueError(
             f"random_erasing must be a probability in [0, 1], got {kwargs['random_erasing']}"
         )
+    norm = {"mean": tuple(mean), "std": tuple(std)}
 
     def transform(sample: Sample, generator: torch.Generator | None = None) -> Sample:
-        return fn(sample, image_size, generator, **kwargs)
+        return fn(sample, image_size, generator, **kwargs, **norm)
 
     return transform

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from clusterformer.metrics.seg_common import atomic_write_bytes, predictions_path_for
+from clusterformer.metrics.seg_common import atomic_write_bytes
 
 METRIC_KEYS: tuple[str, ...] = ("bbox_AP", "bbox_AP50", "bbox_AP75")
 
@@ -134,11 +134,6 @@ def coco_bbox_metrics(
     }
 
 
-def detections_path_for(metrics_path: str | os.PathLike) -> Path:
-    """Where the detections of ``metrics.json`` go: ``metrics.detections.json`` beside it."""
-    return predictions_path_for(metrics_path, "detection")
-
-
 class CocoDetectionEvaluator:
     """Accumulates ground truth and detections batch by batch; ``compute`` runs COCOeval.
 
@@ -226,16 +221,17 @@ def load_results(path: str | os.PathLike) -> list[dict]:
 
 
 def iter_ground_truth(
-    data: str | os.PathLike, *, num_workers: int = 0
+    data: str | os.PathLike, *, task: str, num_workers: int = 0
 ) -> Iterable[tuple[dict, list[dict]]]:
-    """``(image entry, annotations)`` for every sample of a COCO-format dataset (shards or raw)."""
+    """``(image entry, annotations)`` for every sample of a COCO-format dataset (shards or raw),
+    read as ``task``'s samples (boxes, labels, iscrowd)."""
     from clusterformer.data import build_loader, load_dataset_info
 
-    categories = load_dataset_info(str(data), "detection")["categories"]
+    categories = load_dataset_info(str(data), task)["categories"]
     # Boxes only: a small eval size keeps the resize cheap; the scale is undone exactly.
     loader = build_loader(
         str(data),
-        "detection",
+        task,
         batch_size=16,
         image_size=64,
         train=False,
@@ -250,9 +246,10 @@ def iter_ground_truth(
 
 
 def score_detection_file(
-    predictions: str | os.PathLike, data: str | os.PathLike, *, num_workers: int = 0
+    predictions: str | os.PathLike, data: str | os.PathLike, *, task: str, num_workers: int = 0
 ) -> dict[str, float]:
-    """``cf eval --task detection --predictions FILE --data DIR``: COCO box AP of a results file.
+    """``cf eval --task detection --predictions FILE --data DIR``: COCO box AP of a results file
+    against ``data`` read as ``task``'s samples.
 
     ``predictions`` is a COCO results JSON (original image ids, category ids, xywh boxes in
     original pixels); a COCO ground-truth file (with "annotations") also works, scoring its
@@ -261,9 +258,9 @@ def score_detection_file(
     from clusterformer.data import load_dataset_info
 
     results = load_results(predictions)
-    categories = load_dataset_info(str(data), "detection")["categories"]
+    categories = load_dataset_info(str(data), task)["categories"]
     images, annotations = [], []
-    for image, anns in iter_ground_truth(data, num_workers=num_workers):
+    for image, anns in iter_ground_truth(data, task=task, num_workers=num_workers):
         images.append(image)
         annotations.extend(anns)
     try:

@@ -192,7 +192,7 @@ class InstanceEvaluator:
 def build_evaluator(
     categories: Sequence[dict], predictions_out: str | os.PathLike | None = None
 ) -> InstanceEvaluator:
-    """The evaluator :class:`SegmentationTask` uses for ``instance``."""
+    """The instance-segmentation evaluator (segm and box AP)."""
     return InstanceEvaluator(categories, predictions_out=predictions_out)
 
 
@@ -225,7 +225,7 @@ def load_instance_results(path: str | os.PathLike) -> list[dict]:
 
 
 def score_instance_file(
-    results_json: str | os.PathLike, data: str | os.PathLike, *, num_workers: int = 0
+    results_json: str | os.PathLike, data: str | os.PathLike, *, task: str, num_workers: int = 0
 ) -> dict[str, float]:
     """``cf eval --task instance --predictions FILE``: segm and box AP of a COCO results JSON.
 
@@ -233,7 +233,7 @@ def score_instance_file(
     read from ``data`` (shards or a raw folder), i.e. exactly what COCOeval sees on the source.
     """
     results = load_instance_results(results_json)
-    info, records = iter_label_records(data, "instance")
+    info, records = iter_label_records(data, task)
     images, annotations = [], []
     for annotation, _ in records:
         image_id = int(annotation["image_id"])

@@ -251,7 +251,7 @@ class PanopticEvaluator:
 def build_evaluator(
     categories: Sequence[dict], predictions_out: str | os.PathLike | None = None
 ) -> PanopticEvaluator:
-    """The evaluator :class:`SegmentationTask` uses for ``panoptic``."""
+    """The panoptic evaluator (PQ, SQ, RQ)."""
     return PanopticEvaluator(categories, predictions_out=predictions_out)
 
 
@@ -278,6 +278,7 @@ def score_panoptic(
     pred_json: str | os.PathLike,
     data: str | os.PathLike,
     *,
+    task: str,
     num_workers: int = 0,
     per_class: bool = False,
 ) -> dict[str, float]:
@@ -296,7 +297,7 @@ def score_panoptic(
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: PNG folder of {pred_json.name} not found (expected "
                                 "beside it, named as the JSON without .json)")  # fmt: skip
-    info, records = iter_label_records(data, "panoptic")
+    info, records = iter_label_records(data, task)
     categories = info["categories"]
     stats = np.zeros((len(categories), 4), dtype=np.float64)
     count = 0

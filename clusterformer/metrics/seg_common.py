@@ -18,35 +18,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-TASK_FORMATS = {"instance": "coco", "panoptic": "coco-panoptic", "semantic": "ade20k"}
-# What ``cf eval --ckpt ... --out NAME.json`` writes beside the metrics, per task: re-scorable
-# with ``cf eval --task T --predictions`` (panoptic: the JSON; its PNGs go to NAME.panoptic/).
-PREDICTION_SUFFIXES = {
-    "detection": ".detections.json",
-    "instance": ".segm.json",
-    "panoptic": ".panoptic.json",
-    "semantic": ".semantic",
-}
 
-
-def predictions_path_for(metrics_path: str | os.PathLike, task: str) -> Path:
-    """Where ``task``'s predictions for ``NAME.json`` go: ``NAME.detections.json``
-    (detection), ``NAME.segm.json`` (instance),
-    ``NAME.panoptic.json`` + PNG folder ``NAME.panoptic/`` (panoptic), PNG folder
-    ``NAME.semantic/`` (semantic)."""
+def predictions_path_for(metrics_path: str | os.PathLike, suffix: str) -> Path:
+    """Where a task's predictions for ``NAME.json`` go: ``NAME<suffix>`` (its spec's
+    ``prediction_suffix``, e.g. ``.segm.json``, or a PNG folder such as ``.semantic``)."""
     path = Path(metrics_path)
-    return path.with_name(path.name.removesuffix(".json") + PREDICTION_SUFFIXES[task])
+    return path.with_name(path.name.removesuffix(".json") + suffix)
 
 
 def _open_source(data: str | os.PathLike, task: str) -> Any:
+    from clusterformer.data.sample_spec import sample_spec
     from clusterformer.data.streams import RawSource, shard_source, url_list
 
+    formats = sample_spec(task).formats
     has_index = url_list(data) is not None or (Path(data) / "dataset.json").is_file()
-    source = shard_source(data, None) if has_index else RawSource(str(data), task)
+    source = shard_source(data, None) if has_index else RawSource(str(data), formats)
     fmt = source.info.get("format")
-    if fmt != TASK_FORMATS[task]:
+    if fmt not in formats:
         raise ValueError(f"{data}: a {fmt} dataset cannot score {task} predictions "
-                         f"(needs {TASK_FORMATS[task]})")  # fmt: skip
+                         f"(needs {' or '.join(formats)})")  # fmt: skip
     return source
 
 

@@ -147,12 +147,12 @@ class SemanticEvaluator:
 def build_evaluator(
     categories: Sequence[dict], predictions_out: str | os.PathLike | None = None
 ) -> SemanticEvaluator:
-    """The evaluator :class:`SegmentationTask` uses for ``semantic``."""
+    """The semantic evaluator (mIoU, aAcc)."""
     return SemanticEvaluator(categories, predictions_out=predictions_out)
 
 
 def score_semantic_folder(
-    pred_dir: str | os.PathLike, data: str | os.PathLike, *, num_workers: int = 0
+    pred_dir: str | os.PathLike, data: str | os.PathLike, *, task: str, num_workers: int = 0
 ) -> dict[str, float]:
     """``cf eval --task semantic --predictions DIR``: mIoU/aAcc of a folder of label PNGs.
 
@@ -168,7 +168,7 @@ def score_semantic_folder(
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"{pred_dir}: predictions folder (label PNGs) not found")
-    info, records = iter_label_records(data, "semantic")
+    info, records = iter_label_records(data, task)
     categories = info["categories"]
     num_classes = len(categories)
     allowed = {int(c["id"]) for c in categories} | {int(info.get("label_ignore_value", 0))}
