@@ -1,22 +1,27 @@
 """Image classification: cross-entropy with label smoothing, mixup / cutmix, top-k metrics.
 
-The head is the backbone's global-average-pool classifier (``create_model(...,
-task="classification")``); ``head_pool="concat"`` is passed through as a model override
-where the backbone supports it.
+The model is the backbone's global-average-pool classifier (architecture ``classifier``);
+``head_pool="concat"`` is a backbone option. Data: ImageFolder datasets, one label per image,
+random-resized crops for training.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from clusterformer.data.sample_spec import SampleSpec
 from clusterformer.metrics.topk import TopKAccumulator
-from clusterformer.tasks.base import Batch, Task
+from clusterformer.tasks.predictions import top_classes
+from clusterformer.tasks.registry import register_task
+from clusterformer.tasks.spec import Batch, ExportHeads, Task, TaskSpec, option
 
 
 def smooth_one_hot(labels: Tensor, num_classes: int, smoothing: float) -> Tensor:
@@ -115,48 +120,30 @@ class ClassificationEvaluator:
         return self.acc.compute()
 
 
+@dataclass
+class ClassificationOptions:
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy, in [0, 1)")
+    mixup_alpha: float = option(0.0, "mixup alpha (0 = off)", flag="--mixup")
+    cutmix_alpha: float = option(0.0, "cutmix alpha (0 = off)", flag="--cutmix")
+    mix_switch_prob: float = option(0.5, "chance of cutmix when mixup and cutmix are both on")
+
+
 class ClassificationTask(Task):
     """Classification with cross-entropy + label smoothing; optional mixup / cutmix."""
 
-    name = "classification"
-    primary_metric = "top1"
-
-    def __init__(
-        self,
-        label_smoothing: float = 0.1,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-        mix_switch_prob: float = 0.5,
-        num_classes: int | None = None,
-    ) -> None:
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label smoothing must be in [0, 1), got {label_smoothing}")
-        self.label_smoothing = label_smoothing
-        self.mixup_alpha = mixup_alpha
-        self.cutmix_alpha = cutmix_alpha
-        self.mix_switch_prob = mix_switch_prob
-        self.num_classes = num_classes
-
-    def build_model(self, preset: str, num_classes: int, **overrides: Any) -> nn.Module:
-        from clusterformer.models import create_model
-
-        self.num_classes = num_classes  # mixup builds (B, C) soft targets
-        return create_model(preset, task="classification", num_classes=num_classes, **overrides)
+    def __init__(self, spec: TaskSpec, categories: list[dict], options: ClassificationOptions) -> None:
+        super().__init__(spec, categories, options)
+        if not 0.0 <= options.label_smoothing < 1.0:
+            raise ValueError(f"label smoothing must be in [0, 1), got {options.label_smoothing}")
 
     def augment(self, batch: Batch, generator: torch.Generator | None = None) -> Batch:
-        if self.mixup_alpha <= 0 and self.cutmix_alpha <= 0:
+        opts = self.options
+        if opts.mixup_alpha <= 0 and opts.cutmix_alpha <= 0:
             return batch
-        if self.num_classes is None:
-            raise ValueError("mixup/cutmix need the number of classes: call build_model first")
         images, soft = mix_batch(
-            batch["images"],
-            batch["labels"],
-            self.num_classes,
-            mixup_alpha=self.mixup_alpha,
-            cutmix_alpha=self.cutmix_alpha,
-            switch_prob=self.mix_switch_prob,
-            smoothing=self.label_smoothing,
-            generator=generator,
+            batch["images"], batch["labels"], self.num_classes, mixup_alpha=opts.mixup_alpha,
+            cutmix_alpha=opts.cutmix_alpha, switch_prob=opts.mix_switch_prob,
+            smoothing=opts.label_smoothing, generator=generator,
         )
         return {**batch, "images": images, "soft_labels": soft}
 
@@ -168,7 +155,7 @@ class ClassificationTask(Task):
             loss = -(soft * F.log_softmax(logits, dim=-1)).sum(-1).mean()
             return loss, {"loss": float(loss.detach())}
         labels = batch["labels"]
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.options.label_smoothing)
         acc = (logits.detach().argmax(-1) == labels).float().mean()
         return loss, {"loss": float(loss.detach()), "train_top1": 100.0 * float(acc)}
 
@@ -176,15 +163,32 @@ class ClassificationTask(Task):
         """Scores ``(B, C)`` in float32 (softmax is monotonic, so logits rank the same)."""
         return outputs.detach().float()
 
-    def evaluator(
-        self, num_classes: int, categories: list[dict] | None = None
-    ) -> ClassificationEvaluator:
-        return ClassificationEvaluator(num_classes)
+    def evaluator(self, predictions_out: Path | str | None = None) -> ClassificationEvaluator:
+        return ClassificationEvaluator(self.num_classes)
 
-    def config(self) -> dict[str, Any]:
-        return {
-            "label_smoothing": self.label_smoothing,
-            "mixup_alpha": self.mixup_alpha,
-            "cutmix_alpha": self.cutmix_alpha,
-            "mix_switch_prob": self.mix_switch_prob,
-        }
+
+def _softmax(raw: tuple[Tensor, ...], images: Tensor) -> tuple[Tensor, ...]:
+    """``logits (B, C) -> probs (B, C)``."""
+    return (raw[0].softmax(-1),)
+
+
+def _score_file(predictions: Path, data: Path, *, num_workers: int = 0) -> dict[str, Any]:
+    from clusterformer.metrics.class_predictions import score_class_file
+
+    return score_class_file(predictions, data, task="classification", num_workers=num_workers)
+
+
+SPEC = register_task(TaskSpec(
+    name="classification",
+    summary="one label per image (ImageFolder); top-1 / top-5 accuracy",
+    primary_metric="top1",
+    metric_keys=("top1", "top5"),
+    data=SampleSpec(formats=("imagefolder",), fields=("label",), transform="image",
+                    label_field="label"),
+    architecture="classifier",
+    options=ClassificationOptions,
+    runtime=ClassificationTask,
+    export=ExportHeads((), ("logits",), _softmax, ("probs",)),
+    describe=lambda scores, categories, threshold, limit: top_classes(scores, categories),
+    score_file=_score_file,
+))

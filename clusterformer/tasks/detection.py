@@ -5,11 +5,9 @@ Targets. ``batch["targets"][i]`` holds ``boxes`` (n, 4) xyxy in the transformed 
 are the non-crowd boxes as cxcywh divided by ``size`` -- the frame the model predicts in (each
 image's real, unpadded extent), so padding and batch composition never change a target.
 
-Criterion (Deformable-DETR / DINO): per output set (final layer, every earlier layer and the
-encoder proposals) a Hungarian matching on ``2 * focal + 5 * L1 + 2 * GIoU`` cost, then
-``2 * focal + 5 * L1 + 2 * GIoU`` losses. Every term is summed and divided by the number of
-target boxes averaged over ranks (all-reduced when torch.distributed is initialised), so each
-rank's gradient is its share of the global mean.
+Criterion (Deformable-DETR / DINO, :class:`~clusterformer.tasks.criterion.BoxCriterion`): per
+output set (final layer, every earlier layer and the encoder proposals) a Hungarian matching
+on ``2 * focal + 5 * L1 + 2 * GIoU`` cost, then the same weighted losses.
 
 Post-processing: the top-100 (query, class) pairs by sigmoid score per image; boxes scaled by
 ``orig_size`` (predictions are fractions of the real image, and the eval transform only resizes)
@@ -18,21 +16,21 @@ and clipped to the image.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from clusterformer.metrics.coco import CocoDetectionEvaluator
+from clusterformer.data.sample_spec import SampleSpec
 from clusterformer.ops.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
-from clusterformer.ops.losses import (
-    giou_box_loss,
-    l1_box_loss,
-    one_hot_targets,
-    sigmoid_focal_loss,
-)
-from clusterformer.ops.matching import detection_cost, hungarian_match
-from clusterformer.tasks.base import Batch, Task
+from clusterformer.tasks.criterion import BoxCriterion
+from clusterformer.tasks.predictions import detections
+from clusterformer.tasks.registry import register_task
+from clusterformer.tasks.spec import Batch, ExportHeads, Task, TaskSpec, option
+
+DETECTION_TOP_K = 100
 
 
 def normalised_targets(batch: Batch, device: torch.device) -> list[dict[str, Tensor]]:
@@ -51,109 +49,15 @@ def normalised_targets(batch: Batch, device: torch.device) -> list[dict[str, Ten
     return out
 
 
-def global_num_boxes(count: int, device: torch.device) -> float:
-    """Target boxes per rank averaged over ranks (DETR's normaliser), at least 1."""
-    total = torch.tensor(float(count), device=device)
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-        total = total / dist.get_world_size()
-    return max(float(total), 1.0)
-
-
-class SetCriterion:
-    """Hungarian-matched focal + L1 + GIoU losses over every output set.
-
-    Args:
-        num_classes: ``C``. class_weight, l1_weight, giou_weight: loss (and cost) weights.
-        focal_alpha, focal_gamma: the focal loss shape.
-    """
-
-    def __init__(
-        self,
-        num_classes: int,
-        *,
-        class_weight: float = 2.0,
-        l1_weight: float = 5.0,
-        giou_weight: float = 2.0,
-        focal_alpha: float = 0.25,
-        focal_gamma: float = 2.0,
-    ) -> None:
-        self.num_classes = num_classes
-        self.weights = {"class": class_weight, "l1": l1_weight, "giou": giou_weight}
-        self.alpha, self.gamma = focal_alpha, focal_gamma
-
-    def match(
-        self, output: dict[str, Tensor], targets: list[dict[str, Tensor]]
-    ) -> list[tuple[Tensor, Tensor]]:
-        """Per image ``(query indices, target indices)`` of the minimum-cost assignment."""
-        sizes = [len(t["labels"]) for t in targets]
-        logits = output["pred_logits"]
-        if sum(sizes) == 0:
-            empty = torch.zeros(0, dtype=torch.int64)
-            return [(empty, empty) for _ in sizes]
-        with torch.no_grad():
-            cost = detection_cost(
-                logits.detach(),
-                output["pred_boxes"].detach(),
-                torch.cat([t["labels"] for t in targets]),
-                torch.cat([t["boxes"] for t in targets]),
-                class_weight=self.weights["class"],
-                l1_weight=self.weights["l1"],
-                giou_weight=self.weights["giou"],
-                alpha=self.alpha,
-                gamma=self.gamma,
-            )
-        return hungarian_match(cost, sizes)
-
-    def set_losses(
-        self, output: dict[str, Tensor], targets: list[dict[str, Tensor]], num_boxes: float
-    ) -> dict[str, Tensor]:
-        """Unweighted ``class``, ``l1``, ``giou`` losses of one output set (each / num_boxes)."""
-        logits, boxes = output["pred_logits"], output["pred_boxes"]
-        indices = self.match(output, targets)
-        device = logits.device
-        batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)]).to(
-            device
-        )
-        query_idx = torch.cat([q for q, _ in indices]).to(device)
-        labels = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=device)
-        matched_labels = torch.cat(
-            [t["labels"][j.to(device)] for t, (_, j) in zip(targets, indices, strict=True)]
-        )
-        matched_boxes = torch.cat(
-            [t["boxes"][j.to(device)] for t, (_, j) in zip(targets, indices, strict=True)]
-        )
-        labels = labels.index_put((batch_idx, query_idx), matched_labels)
-        onehot = one_hot_targets(labels, self.num_classes, dtype=torch.float32)
-        focal = sigmoid_focal_loss(logits.float(), onehot, alpha=self.alpha, gamma=self.gamma)
-        pred = boxes.float()[batch_idx, query_idx]
-        return {
-            "class": focal.sum() / num_boxes,
-            "l1": l1_box_loss(pred, matched_boxes).sum() / num_boxes,
-            "giou": giou_box_loss(pred, matched_boxes).sum() / num_boxes,
-        }
-
-    def __call__(
-        self, outputs: dict[str, Any], targets: list[dict[str, Tensor]]
-    ) -> tuple[Tensor, dict[str, float]]:
-        device = outputs["pred_logits"].device
-        num_boxes = global_num_boxes(sum(len(t["labels"]) for t in targets), device)
-        sets = [("", outputs)] + [
-            (f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))
-        ]
-        if "enc_outputs" in outputs:
-            sets.append(("_enc", outputs["enc_outputs"]))
-        total = outputs["pred_logits"].new_zeros((), dtype=torch.float32)
-        scalars: dict[str, float] = {}
-        for suffix, output in sets:
-            losses = self.set_losses(output, targets, num_boxes)
-            for name, value in losses.items():
-                total = total + self.weights[name] * value
-                if suffix in ("", "_enc"):
-                    scalars[f"loss_{name}{suffix}"] = float(value.detach())
-        scalars["loss"] = float(total.detach())
-        return total, scalars
+def top_detections(pred_logits: Tensor, pred_boxes: Tensor,
+                   top_k: int) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The top-``k`` (query, class) pairs by sigmoid score: ``scores (B, k)``, ``labels (B, k)``
+    and their queries' boxes ``(B, k, 4)`` (cxcywh, float32); ``k = min(top_k, Q * C)``."""
+    _, queries, classes = pred_logits.shape
+    prob = pred_logits.float().sigmoid().flatten(1)
+    scores, index = prob.topk(min(top_k, queries * classes), dim=1)
+    query, labels = index // classes, index % classes
+    return scores, labels, pred_boxes.float().gather(1, query.unsqueeze(-1).expand(-1, -1, 4))
 
 
 def postprocess_detections(
@@ -173,11 +77,8 @@ def postprocess_detections(
         per image ``scores`` (k,), ``labels`` (k,) train ids, ``boxes`` (k, 4) xyxy float32 in
         original pixels, clipped to the image; ``k = min(top_k, Q * C)``, best first.
     """
-    batch, queries, classes = pred_logits.shape
-    prob = pred_logits.float().sigmoid().flatten(1)
-    scores, index = prob.topk(min(top_k, queries * classes), dim=1)
-    query, labels = index // classes, index % classes
-    boxes = box_cxcywh_to_xyxy(pred_boxes.float().gather(1, query.unsqueeze(-1).expand(-1, -1, 4)))
+    scores, labels, picked = top_detections(pred_logits, pred_boxes, top_k)
+    boxes = box_cxcywh_to_xyxy(picked)
     out = []
     for i, (height, width) in enumerate(orig_sizes):
         scale = torch.tensor(
@@ -188,89 +89,85 @@ def postprocess_detections(
     return out
 
 
+@dataclass
+class DetectionOptions:
+    class_weight: float = option(2.0, "focal class loss (and matching cost) weight")
+    l1_weight: float = option(5.0, "L1 box loss (and cost) weight")
+    giou_weight: float = option(2.0, "GIoU box loss (and cost) weight")
+    focal_alpha: float = option(0.25, "focal loss alpha")
+    focal_gamma: float = option(2.0, "focal loss gamma")
+    top_k: int = option(100, "detections / instances kept per image (COCO's maxDets)")
+
+
 class DetectionTask(Task):
-    """COCO-style object detection with the ClusterFormer detector.
+    """COCO-style object detection with the ClusterFormer detector."""
 
-    Args:
-        class_weight, l1_weight, giou_weight: cost and loss weights (2, 5, 2).
-        focal_alpha, focal_gamma: sigmoid focal loss shape (0.25, 2).
-        top_k: detections kept per image (100, COCO's maxDets).
-        detections_out: when set, evaluation writes the COCO results JSON there.
-    """
-
-    name = "detection"
-    primary_metric = "bbox_AP"
-
-    def __init__(
-        self,
-        *,
-        class_weight: float = 2.0,
-        l1_weight: float = 5.0,
-        giou_weight: float = 2.0,
-        focal_alpha: float = 0.25,
-        focal_gamma: float = 2.0,
-        top_k: int = 100,
-        detections_out: str | None = None,
-        num_classes: int | None = None,
-    ) -> None:
-        self.options = {
-            "class_weight": class_weight,
-            "l1_weight": l1_weight,
-            "giou_weight": giou_weight,
-            "focal_alpha": focal_alpha,
-            "focal_gamma": focal_gamma,
-            "top_k": top_k,
-        }
-        self.top_k = top_k
-        self.detections_out = detections_out
-        self.num_classes = num_classes
-        self.criterion = (
-            SetCriterion(
-                num_classes,
-                class_weight=class_weight,
-                l1_weight=l1_weight,
-                giou_weight=giou_weight,
-                focal_alpha=focal_alpha,
-                focal_gamma=focal_gamma,
-            )
-            if num_classes is not None
-            else None
+    def __init__(self, spec: TaskSpec, categories: list[dict], options: DetectionOptions) -> None:
+        super().__init__(spec, categories, options)
+        self.criterion = BoxCriterion(
+            self.num_classes, class_weight=options.class_weight, l1_weight=options.l1_weight,
+            giou_weight=options.giou_weight, focal_alpha=options.focal_alpha,
+            focal_gamma=options.focal_gamma,
         )
 
-    def build_model(self, preset: str, num_classes: int, **overrides: Any) -> nn.Module:
-        from clusterformer.models import create_model
-
-        self._set_classes(num_classes)
-        return create_model(preset, task="detection", num_classes=num_classes, **overrides)
-
-    def _set_classes(self, num_classes: int) -> SetCriterion:
-        if self.criterion is None or self.num_classes != num_classes:
-            self.num_classes = num_classes
-            weights = {
-                k: self.options[k]
-                for k in ("class_weight", "l1_weight", "giou_weight", "focal_alpha", "focal_gamma")
-            }
-            self.criterion = SetCriterion(num_classes, **weights)
-        return self.criterion
-
     def loss(self, outputs: Any, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        criterion = self._set_classes(outputs["pred_logits"].shape[-1])
-        return criterion(outputs, normalised_targets(batch, outputs["pred_logits"].device))
+        return self.criterion(outputs, normalised_targets(batch, outputs["pred_logits"].device))
 
     def postprocess(self, outputs: Any, batch: Batch) -> list[dict[str, Tensor]]:
         sizes = [tuple(int(v) for v in t["orig_size"]) for t in batch["targets"]]
         return postprocess_detections(
-            outputs["pred_logits"], outputs["pred_boxes"], sizes, top_k=self.top_k
+            outputs["pred_logits"], outputs["pred_boxes"], sizes, top_k=self.options.top_k
         )
 
-    def evaluator(
-        self, num_classes: int, categories: list[dict] | None = None
-    ) -> CocoDetectionEvaluator:
-        if categories is None:
-            raise ValueError("detection evaluation needs the dataset's categories (original ids)")
-        if len(categories) != num_classes:
-            raise ValueError(f"{len(categories)} categories for a {num_classes}-class model")
-        return CocoDetectionEvaluator(categories, detections_out=self.detections_out)
+    def evaluator(self, predictions_out: Path | str | None = None) -> Any:
+        from clusterformer.metrics.coco import CocoDetectionEvaluator
 
-    def config(self) -> dict[str, Any]:
-        return dict(self.options)
+        return CocoDetectionEvaluator(self.categories, detections_out=predictions_out)
+
+
+def detection_topk(raw: tuple[Tensor, ...], images: Tensor,
+                   top_k: int = DETECTION_TOP_K) -> tuple[Tensor, ...]:  # fmt: skip
+    """The exported graph's post-processing: sigmoid scores, top-``k`` over queries x classes,
+    xyxy boxes in input pixels (what ``cf predict`` keeps, before the resize back).
+
+    Args:
+        raw: ``pred_logits (B, Q, C)``, ``pred_boxes (B, Q, 4)`` cxcywh in ``[0, 1]``.
+        images: ``(B, 3, H, W)``: only its size is used (boxes are scaled to it).
+
+    Returns:
+        ``scores (B, k)``, ``labels (B, k)`` int64, ``boxes (B, k, 4)`` xyxy float32.
+    """
+    scores, labels, picked = top_detections(*raw, top_k)
+    cx, cy, w, h = picked.unbind(-1)
+    # The size as a tensor computed from the input (not a Python number), so the graph stays
+    # dynamic in H and W under torch.export and ONNX.
+    height = torch.ones_like(images[0, 0, :, 0]).sum()
+    width = torch.ones_like(images[0, 0, 0, :]).sum()
+    x0 = torch.minimum(((cx - 0.5 * w) * width).clamp_min(0), width)
+    y0 = torch.minimum(((cy - 0.5 * h) * height).clamp_min(0), height)
+    x1 = torch.minimum(((cx + 0.5 * w) * width).clamp_min(0), width)
+    y1 = torch.minimum(((cy + 0.5 * h) * height).clamp_min(0), height)
+    return scores, labels, torch.stack([x0, y0, x1, y1], -1)
+
+
+def _score_file(predictions: Path, data: Path, *, num_workers: int = 0) -> dict[str, Any]:
+    from clusterformer.metrics.coco import score_detection_file
+
+    return score_detection_file(predictions, data, task="detection", num_workers=num_workers)
+
+
+SPEC = register_task(TaskSpec(
+    name="detection",
+    summary="boxes (COCO instances JSON); COCO box AP",
+    primary_metric="bbox_AP",
+    metric_keys=("bbox_AP", "bbox_AP50", "bbox_AP75"),
+    data=SampleSpec(formats=("coco",), fields=("boxes", "labels", "iscrowd")),
+    architecture="detector",
+    options=DetectionOptions,
+    runtime=DetectionTask,
+    export=ExportHeads(("pred_logits", "pred_boxes"), ("pred_logits", "pred_boxes"),
+                       detection_topk, ("scores", "labels", "boxes")),
+    describe=detections,
+    score_file=_score_file,
+    prediction_suffix=".detections.json",
+))

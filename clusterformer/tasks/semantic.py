@@ -1,0 +1,68 @@
+"""Semantic segmentation: mask classification with one target mask per class present (the
+ignore label 255 belongs to none); mIoU and pixel accuracy.
+
+Inference scores every class by ``einsum(softmax(cls)[:, :C], sigmoid(mask))`` and takes the
+argmax per pixel (:func:`~clusterformer.tasks.seg_inference.semantic_inference`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from clusterformer.data.sample_spec import SampleSpec
+from clusterformer.tasks.masks import MASK_EXPORT, MaskOptions, MaskTask
+from clusterformer.tasks.predictions import label_map_segments
+from clusterformer.tasks.registry import register_task
+from clusterformer.tasks.seg_inference import semantic_inference
+from clusterformer.tasks.spec import Batch, TaskSpec
+
+IGNORE_INDEX = 255
+
+
+class SemanticTask(MaskTask):
+    def targets(self, batch: Batch, device: torch.device) -> list[dict[str, Tensor]]:
+        """One mask per class present in each image's label map."""
+        out = []
+        for target in batch["targets"]:
+            label_map = target["semantic"].to(device)
+            labels = torch.unique(label_map)
+            labels = labels[labels != IGNORE_INDEX]
+            masks = label_map.unsqueeze(0) == labels.view(-1, 1, 1)
+            out.append({"labels": labels.to(torch.int64), "masks": masks.to(torch.bool)})
+        return out
+
+    def infer(self, class_logits: Tensor, mask_logits: Tensor) -> Tensor:
+        """``(H, W)`` int64 train ids."""
+        return semantic_inference(class_logits, mask_logits).argmax(0).cpu()
+
+    def evaluator(self, predictions_out: Path | str | None = None) -> Any:
+        from clusterformer.metrics.semantic import SemanticEvaluator
+
+        return SemanticEvaluator(self.categories, predictions_out=predictions_out)
+
+
+def _score_file(predictions: Path, data: Path, *, num_workers: int = 0) -> dict[str, Any]:
+    from clusterformer.metrics.semantic import score_semantic_folder
+
+    return score_semantic_folder(predictions, data, task="semantic", num_workers=num_workers)
+
+
+SPEC = register_task(TaskSpec(
+    name="semantic",
+    summary="a class per pixel (ADE20K-style label PNGs); mIoU, aAcc",
+    primary_metric="mIoU",
+    metric_keys=("mIoU", "aAcc"),
+    data=SampleSpec(formats=("ade20k",), fields=("semantic",)),
+    architecture="segmenter",
+    options=MaskOptions,
+    runtime=SemanticTask,
+    export=MASK_EXPORT,
+    describe=lambda label_map, categories, threshold, limit: label_map_segments(label_map,
+                                                                                categories),
+    score_file=_score_file,
+    prediction_suffix=".semantic",
+))
