@@ -1,266 +1,301 @@
-"""Training configuration: defaults, named recipes, and resolution (defaults <- recipe <- flags).
+"""The training configuration: one typed, nested tree (defaults <- recipe or config file <- flags
+<- ``--set``), written to ``RUN/config.yaml`` so that a run can be repeated from it.
 
-Every CLI flag defaults to ``None`` meaning "not given", so a recipe can set it and an
-explicit flag always wins. The resolved configuration is written to ``RUN/config.json``.
+Sections: ``task`` (its name and the task's own options), ``model`` (``name``, ``pretrained``,
+``backbone``, ``decoder``), ``optim``, ``schedule``, ``data`` (with ``data.augment``) and
+``runtime``. Every leaf is a field of a dataclass below (or of the task's options dataclass)
+with a default and one line of help; the CLI derives its flags from them
+(:mod:`clusterformer.cli.train_flags`). Merging is by key: an override changes the keys it
+names and nothing else, never a whole section.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from collections.abc import Iterator, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from clusterformer.models.backbones import BackboneOptions
+from clusterformer.models.dense import DecoderOptions
+from clusterformer.tasks import task_spec
+from clusterformer.tasks.spec import option
 
 AMP_MODES: tuple[str, ...] = ("bf16", "fp16", "none")
+SCHEDULES: tuple[str, ...] = ("cosine", "poly", "constant")
+
+
+def section(kind: type) -> Any:
+    return field(default_factory=kind)
+
+
+@dataclass
+class BackboneConfig(BackboneOptions):
+    weights: str | None = option(None, "initialise the backbone from this state dict "
+                                 "(.safetensors, or a .pt/.pth read with weights_only=True), e.g. "
+                                 "ImageNet weights of a timm/<name> model", flag="--backbone-weights")
+
+
+@dataclass
+class ModelConfig:
+    name: str = option("clusterformer-nano", "model preset (clusterformer-nano, -tiny, -small) or "
+                       "timm/<name> (a timm model's features as the backbone)", flag="--model")
+    pretrained: str | None = option(None, "initialise the backbone from this checkpoint (a run "
+                                    "folder or .safetensors of the same preset, any task); heads "
+                                    "start fresh")
+    backbone: BackboneConfig = section(BackboneConfig)
+    decoder: DecoderOptions = section(DecoderOptions)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = option(1e-3, "peak learning rate; with lr_base_batch, the rate for that global "
+                       "batch, scaled linearly (an explicit --lr is used as given)")
+    lr_base_batch: int | None = option(None, "global batch the lr is given for (linear scaling)")
+    weight_decay: float = option(0.05, "AdamW weight decay (not on norms, biases, layer scales)")
+    backbone_lr_mult: float = option(1.0, "the backbone's lr relative to the rest")
+    grad_clip: float | None = option(None, "clip the global gradient norm to this value")
+    accum_steps: int = option(1, "micro-batches per optimizer step (gradient accumulation)")
+    ema_decay: float | None = option(None, "keep an EMA of the weights with this decay (e.g. "
+                                     "0.9998); checkpoints then hold the EMA weights")
+
+
+@dataclass
+class ScheduleConfig:
+    steps: int | None = option(None, "optimizer steps to train (exclusive with epochs)")
+    epochs: float | None = option(None, "epochs to train (exclusive with steps)")
+    kind: str = option("cosine", "lr schedule after warm-up: cosine, poly or constant",
+                       flag="--schedule")
+    warmup_steps: int | None = option(None, "linear warm-up steps")
+    warmup_epochs: float | None = option(None, "linear warm-up epochs")
+    min_lr_ratio: float = option(0.01, "final lr relative to the peak")
+    poly_power: float = option(0.9, "exponent of the poly schedule")
+
+
+@dataclass
+class AugmentConfig:
+    scale: tuple[float, ...] | None = option(None, "image tasks: random-resized-crop area range "
+                                             "(default 0.08,1)")
+    ratio: tuple[float, ...] | None = option(None, "image tasks: crop aspect range "
+                                             "(default 0.75,1.333)")
+    scale_range: tuple[float, ...] | None = option(None, "dense tasks: scale jitter of the long "
+                                                   "side relative to image_size (default 0.5,2)")
+    rand_augment: str | None = option(None, "image tasks: RandAugment policy in timm's notation, "
+                                      "e.g. rand-m9-mstd0.5-inc1; none = off")
+    random_erasing: float | None = option(None, "image tasks: probability (0-1) of erasing one "
+                                          "random rectangle with noise (timm's RandomErasing)")
+
+
+@dataclass
+class DataConfig:
+    train: str | None = option(None, "training data: a shard folder (dataset.json) or a raw "
+                               "dataset folder", flag="--data")
+    val: str | None = option(None, "held-out data evaluated during and after training",
+                             flag="--val-data")
+    batch_size: int = option(32, "images per process per micro-batch")
+    image_size: int = option(224, "training crop size in pixels")
+    num_workers: int = option(0, "data loading worker processes per training process")
+    augment: AugmentConfig = section(AugmentConfig)
+
+
+@dataclass
+class RuntimeConfig:
+    out: str | None = option(None, "run folder: config.yaml, metrics.jsonl, checkpoints/")
+    seed: int = option(0, "random seed")
+    device: str | None = option(None, "cpu, cuda or cuda:N (default: CUDA when available)")
+    amp: str | None = option(None, "mixed precision: bf16, fp16 (CUDA) or none (default: bf16 "
+                             "on CUDA, none on CPU)")
+    compile: bool = option(False, "torch.compile the model; the first batch is checked "
+                           "against eager")
+    grad_checkpointing: bool = option(False, "recompute each backbone stage in backward (less "
+                                      "memory, ~30 % more compute)")
+    save_every: int | None = option(None, "also keep a step-NNNNNN checkpoint every this many "
+                                    "steps")
+    keep_last: int = option(3, "periodic checkpoints kept besides the newest")
+    eval_every: int | None = option(None, "evaluate on the val data every this many steps (and "
+                                    "at the end)")
+    log_every: int = option(10, "log training scalars every this many steps")
+    resume: bool = option(False, "continue from the newest complete checkpoint in out (not "
+                          "written to config.yaml)")
+    restart: bool = option(False, "delete out's previous checkpoints and logs and start at step 0 "
+                           "(not written to config.yaml)")
+
+
+@dataclass
+class TaskConfig:
+    """``task``: the task's name and its options (the task spec's options dataclass)."""
+
+    name: str | None = None
+    options: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **(asdict(self.options) if self.options is not None else {})}
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs. ``batch_size`` is per process (per GPU); the global
-    batch is ``batch_size * world_size * accum_steps``."""
+    """Everything a training run needs. ``data.batch_size`` is per process (per GPU); the
+    global batch is ``batch_size * world_size * optim.accum_steps``."""
 
-    task: str = "classification"
-    data: str = ""
-    out: str = ""
-    val_data: str | None = None
-    model: str = "clusterformer-nano"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    # A checkpoint (any task, same preset) whose backbone initialises this model.
-    pretrained: str | None = None
-    # Options of the task (tasks.get_task), e.g. a segmentation recipe's num_points.
-    task_options: dict[str, Any] = field(default_factory=dict)
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 32
-    accum_steps: int = 1
-    image_size: int = 224
-    # Learning rate. When ``lr_base_batch`` is set, ``lr`` is the rate for that global batch
-    # and is scaled linearly to the actual global batch (the paper's rule).
-    lr: float = 1e-3
-    lr_base_batch: int | None = None
-    weight_decay: float = 0.05
-    backbone_lr_mult: float = 1.0
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.01
-    poly_power: float = 0.9
-    warmup_steps: int | None = None
-    warmup_epochs: float | None = None
-    grad_clip: float | None = None
-    amp: str | None = None  # None: bf16 on CUDA, none on CPU
-    compile: bool = False
-    # Recompute each backbone stage's activations in backward (less memory, more compute).
-    grad_checkpointing: bool = False
-    ema_decay: float | None = None
-    seed: int = 0
-    device: str | None = None
-    num_workers: int = 0
-    save_every: int | None = None
-    keep_last: int = 3
-    eval_every: int | None = None
-    log_every: int = 10
-    resume: bool = False
-    restart: bool = False  # delete the run folder's checkpoints and logs, start at step 0
-    # Task options (classification).
-    label_smoothing: float = 0.1
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    # Training augmentation options for the loader (see data.transforms.make_transform);
-    # RandAugment and random erasing apply to classification only (config.json lists them
-    # under "transforms_missing" for other tasks).
-    augment: dict[str, Any] = field(default_factory=dict)
-    rand_augment: str | None = None
-    random_erasing: float = 0.0
     recipe: str | None = None
+    task: TaskConfig = section(TaskConfig)
+    model: ModelConfig = section(ModelConfig)
+    optim: OptimConfig = section(OptimConfig)
+    schedule: ScheduleConfig = section(ScheduleConfig)
+    data: DataConfig = section(DataConfig)
+    runtime: RuntimeConfig = section(RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The nested config as plain JSON/YAML values (tuples as lists)."""
+        out = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "task"}
+        return {"recipe": self.recipe, "task": _plain(self.task.to_dict()),
+                **{k: v for k, v in out.items() if k != "recipe"}}  # fmt: skip
+
+    def model_overrides(self) -> dict[str, Any]:
+        """``create_model`` overrides: the set backbone and decoder options, by flat name."""
+        backbone = {f.name: getattr(self.model.backbone, f.name) for f in fields(BackboneOptions)}
+        flat = DecoderOptions.flat_names()
+        decoder = {flat[f.name]: getattr(self.model.decoder, f.name) for f in fields(DecoderOptions)}
+        return {k: _plain(v) for k, v in {**backbone, **decoder}.items() if v is not None}
 
 
-RECIPES: dict[str, dict[str, Any]] = {
-    # The paper's ImageNet-1K setting (DeiT-style): AdamW lr 1e-3 per 1024 images (scaled
-    # linearly to the real global batch), wd 0.05, 300 epochs with 20 warm-up epochs, clip 5,
-    # smoothing 0.1, mixup 0.8 / cutmix 1.0, 224 px, RandAugment rand-m9-mstd0.5-inc1 and
-    # random erasing 0.25 (timm's semantics, data/rand_augment.py; classification only). The
-    # eval resize is the loader's 256/224 ratio (256 px for 224) rather than the paper's 248.
-    "imagenet-1k": {
-        "model": "clusterformer-tiny",
-        "epochs": 300,
-        "warmup_epochs": 20,
-        "batch_size": 128,
-        "lr": 1e-3,
-        "lr_base_batch": 1024,
-        "weight_decay": 0.05,
-        "schedule": "cosine",
-        "min_lr_ratio": 1e-3,
-        "grad_clip": 5.0,
-        "label_smoothing": 0.1,
-        "mixup_alpha": 0.8,
-        "cutmix_alpha": 1.0,
-        "image_size": 224,
-        "ema_decay": None,
-        "rand_augment": "rand-m9-mstd0.5-inc1",
-        "random_erasing": 0.25,
-        "save_every": 5000,
-        "eval_every": 5000,
-        "log_every": 50,
-    },
-    # The paper's COCO detection setting (mmdetection, DINO-style): AdamW lr 1e-4 for a global
-    # batch of 16, backbone lr x 0.1, wd 0.05, 50 epochs, multi-scale training (the loader's
-    # 0.5-2.0 scale jitter + crop at 1024), clip 0.1. Use with --task detection.
-    "coco-detection": {
-        "model": "clusterformer-small",
-        "epochs": 50,
-        "batch_size": 2,
-        "lr": 1e-4,
-        "lr_base_batch": 16,
-        "backbone_lr_mult": 0.1,
-        "weight_decay": 0.05,
-        "schedule": "cosine",
-        "min_lr_ratio": 0.01,
-        "warmup_steps": 1000,
-        "grad_clip": 0.1,
-        "image_size": 1024,
-        "save_every": 5000,
-        "eval_every": 20000,
-        "log_every": 50,
-    },
-    # The paper's COCO panoptic / instance settings (Mask2Former's): AdamW lr 1e-4 for a global
-    # batch of 16, backbone lr x 0.1, wd 0.05, 50 epochs, 100 queries (the segmenter's default),
-    # large-scale jitter (scale 0.1-2.0, crop 1024), clip 0.01. Mask2Former steps the lr down
-    # at 89 % and 96 % of training; the closest schedule here is cosine.
-    # Use with --task panoptic / --task instance.
-    "coco-panoptic": {
-        "model": "clusterformer-small",
-        "epochs": 50,
-        "batch_size": 2,
-        "lr": 1e-4,
-        "lr_base_batch": 16,
-        "backbone_lr_mult": 0.1,
-        "weight_decay": 0.05,
-        "schedule": "cosine",
-        "min_lr_ratio": 0.01,
-        "warmup_steps": 10,
-        "grad_clip": 0.01,
-        "image_size": 1024,
-        "augment": {"scale_range": [0.1, 2.0]},
-        "save_every": 5000,
-        "eval_every": 20000,
-        "log_every": 50,
-    },
-    # ADE20K semantic (Mask2Former's): 160k iterations at a global batch of 16, crop 512
-    # (scale jitter 0.5-2.0), poly schedule (power 0.9), AdamW lr 1e-4, backbone x 0.1, clip 0.01.
-    "ade20k-semantic": {
-        "model": "clusterformer-small",
-        "steps": 160000,
-        "batch_size": 2,
-        "lr": 1e-4,
-        "lr_base_batch": 16,
-        "backbone_lr_mult": 0.1,
-        "weight_decay": 0.05,
-        "schedule": "poly",
-        "poly_power": 0.9,
-        "min_lr_ratio": 0.0,
-        "warmup_steps": 0,
-        "grad_clip": 0.01,
-        "image_size": 512,
-        "augment": {"scale_range": [0.5, 2.0]},
-        "save_every": 5000,
-        "eval_every": 16000,
-        "log_every": 50,
-    },
-    # Synthetic shapes (cf make-shapes): small images, short schedule, no mixing.
-    "shapes": {
-        # cf quickstart: 16k single-shape images at 64 px, 2500 steps (~5 epochs) on 2 CPU
-        # cores. Fresh images matter more than epochs here (3k images x 16 epochs: 66 %), and
-        # lr 1.5e-3 beat 3e-3 and 6e-3 (docs/benchmarks.md). No crop (a crop cuts the shape
-        # the label names), h-flip only.
-        "model": "clusterformer-nano",
-        "steps": 2500,
-        "warmup_steps": 50,
-        "batch_size": 32,
-        "lr": 1.5e-3,
-        "weight_decay": 0.05,
-        "schedule": "cosine",
-        "min_lr_ratio": 0.01,
-        "grad_clip": 1.0,
-        "label_smoothing": 0.1,
-        "image_size": 64,
-        "augment": {"scale": [1.0, 1.0], "ratio": [1.0, 1.0]},
-        "log_every": 50,
-        "eval_every": 500,
-    },
-    # cf quickstart's panoptic half: nano on 64 px synthetic scenes, started from the
-    # classification half's backbone (--pretrained). 20 centers (a scene has at most ~9
-    # segments) and 1024 sampled points (a 64 px mask has 4096 pixels) keep it CPU-sized.
-    # Measured on held-out scenes (docs/benchmarks.md): learned centers ("free", as
-    # Mask2Former's queries) name more things than encoder-selected ones; class loss (and
-    # matching cost) weight 5, not Mask2Former's 2, at which the class loss stays near 1.0 and
-    # no thing is named; the pretrained backbone moves at a tenth of the rate.
-    "shapes-panoptic": {
-        "model": "clusterformer-nano",
-        "model_overrides": {"num_queries": 20, "query_init": "free"},
-        "task_options": {"num_points": 1024, "class_weight": 5.0},
-        "steps": 1200,
-        "batch_size": 8,
-        "lr": 1e-3,
-        "backbone_lr_mult": 0.1,
-        "weight_decay": 0.05,
-        "schedule": "cosine",
-        "min_lr_ratio": 0.01,
-        "image_size": 64,
-        "augment": {"scale_range": [1.0, 1.0]},
-        "log_every": 50,
-        "eval_every": 600,
-    },
-}
+def _plain(value: Any) -> Any:
+    if is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
-RECIPES["coco-instance"] = dict(RECIPES["coco-panoptic"])
+# ----------------------------------------------------------------------------- the typed tree
+def leaves(kind: type = TrainConfig, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
+    """``(path, field, type hint)`` of every leaf of a config section (task options excluded:
+    they belong to the task, see :func:`task_option_leaves`)."""
+    hints = get_type_hints(kind)
+    for f in fields(kind):
+        hint = hints[f.name]
+        if f.name in ("task", "recipe") and kind is TrainConfig:
+            continue
+        if isinstance(hint, type) and is_dataclass(hint):
+            yield from leaves(hint, (*prefix, f.name))
+        else:
+            yield (*prefix, f.name), f, hint
 
 
-def resolve_config(recipe: str | None = None, **flags: Any) -> TrainConfig:
-    """Defaults, then the recipe's values, then every flag that is not ``None``.
+def default_of(f: Any) -> Any:
+    return f.default if f.default is not MISSING else f.default_factory()
 
-    ``--steps`` and ``--epochs`` are one choice: an explicit one clears the recipe's other.
-    An explicit ``lr`` is taken as the actual rate (the recipe's linear scaling is dropped).
-    """
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(flags) - known)
+
+def coerce_value(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the type ``hint`` names (``int | None``, ``tuple[float, ...] | None``, ...):
+    ints pass as floats, lists as tuples, a ``"a,b"`` string as a tuple; ValueError naming
+    ``where`` when it does not fit."""
+    args = get_args(hint)
+    if get_origin(hint) in (Union, type(int | None)) and type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if get_origin(hint) is tuple:
+        item = get_args(hint)[0]
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+            value = [_scalar(v.strip(), item, where) for v in value]
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{where}: expected a list of {item.__name__}, got {value!r}")
+        return tuple(coerce_value(v, item, where) for v in value)
+    return _scalar(value, hint, where)
+
+
+def _scalar(value: Any, kind: type, where: str) -> Any:
+    if isinstance(value, str) and kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}")
+
+
+def _build(kind: type, values: Mapping[str, Any], where: str) -> Any:
+    """Dataclass ``kind`` from a nested mapping; unknown keys and bad types name their path."""
+    hints = get_type_hints(kind)
+    known = {f.name: f for f in fields(kind)}
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
-    values: dict[str, Any] = {}
-    if recipe is not None:
-        if recipe not in RECIPES:
-            raise ValueError(f"unknown recipe '{recipe}'; choose one of {', '.join(RECIPES)}")
-        values.update(RECIPES[recipe])
-        values["recipe"] = recipe
-    given = {k: v for k, v in flags.items() if v is not None}
-    if given.get("steps") is not None and given.get("epochs") is not None:
-        raise ValueError("give either --steps or --epochs, not both")
-    if "steps" in given:
-        values.pop("epochs", None)
-    if "epochs" in given:
-        values.pop("steps", None)
-    if "lr" in given:
-        values["lr_base_batch"] = None
-    values.update(given)
-    cfg = TrainConfig(**values)
+        path = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ValueError(f"{path}: unknown setting; {where or 'the config'} has "
+                         f"{', '.join(known)}")  # fmt: skip
+    kwargs = {}
+    for name, value in values.items():
+        path = f"{where}.{name}" if where else name
+        hint = hints[name]
+        if isinstance(hint, type) and is_dataclass(hint):
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{path}: expected a section of settings, got {value!r}")
+            kwargs[name] = _build(hint, value, path)
+        else:
+            kwargs[name] = coerce_value(value, hint, path)
+    return kind(**kwargs)
+
+
+def build_config(values: Mapping[str, Any]) -> TrainConfig:
+    """The typed config from a merged nested mapping; validates every value.
+
+    Raises:
+        ValueError: an unknown key, a value of the wrong type or out of range (naming it).
+    """
+    values = dict(values)
+    task_values = dict(values.pop("task", None) or {})
+    name = task_values.pop("name", None)
+    cfg = _build(TrainConfig, values, "")
+    if name is None:
+        raise ValueError("task.name: no task given; pass --task (or a --recipe / --config that "
+                         "names one)")  # fmt: skip
+    try:
+        spec = task_spec(name)
+    except ValueError as exc:
+        raise ValueError(f"task.name: {exc}") from None
+    cfg.task = TaskConfig(name, spec.make_options(task_values))
+    spec.build(1, cfg.task.options)  # the task's own checks (e.g. label smoothing range)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Raise ValueError naming the option when a setting is out of range."""
-    if cfg.amp is not None and cfg.amp not in AMP_MODES:
-        raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got '{cfg.amp}'")
-    for name in ("batch_size", "accum_steps", "image_size", "keep_last", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("steps", "save_every", "eval_every", "warmup_steps"):
-        value = getattr(cfg, name)
-        if value is not None and value < (0 if name == "warmup_steps" else 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if cfg.epochs is not None and cfg.epochs <= 0:
-        raise ValueError(f"--epochs must be positive, got {cfg.epochs}")
-    if cfg.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {cfg.lr}")
-    if cfg.ema_decay is not None and not 0.0 < cfg.ema_decay < 1.0:
-        raise ValueError(f"ema decay must be in (0, 1), got {cfg.ema_decay}")
+    """Raise ValueError naming the setting when one is out of range."""
+    run, sched = cfg.runtime, cfg.schedule
+    if run.amp is not None and run.amp not in AMP_MODES:
+        raise ValueError(f"runtime.amp must be one of {', '.join(AMP_MODES)}, got '{run.amp}'")
+    if sched.kind not in SCHEDULES:
+        raise ValueError(f"schedule.kind must be one of {', '.join(SCHEDULES)}, got '{sched.kind}'")
+    for where, value in (("data.batch_size", cfg.data.batch_size), ("data.image_size",
+                         cfg.data.image_size), ("optim.accum_steps", cfg.optim.accum_steps),
+                         ("runtime.keep_last", run.keep_last), ("runtime.log_every",
+                         run.log_every)):  # fmt: skip
+        if value < 1:
+            raise ValueError(f"{where} must be >= 1, got {value}")
+    for where, value, low in (("schedule.steps", sched.steps, 1), ("runtime.save_every",
+                              run.save_every, 1), ("runtime.eval_every", run.eval_every, 1),
+                              ("schedule.warmup_steps", sched.warmup_steps, 0)):  # fmt: skip
+        if value is not None and value < low:
+            raise ValueError(f"{where} must be >= {low}, got {value}")
+    if sched.steps is not None and sched.epochs is not None:
+        raise ValueError("give either schedule.steps (--steps) or schedule.epochs (--epochs), "
+                         "not both")  # fmt: skip
+    if sched.epochs is not None and sched.epochs <= 0:
+        raise ValueError(f"schedule.epochs must be positive, got {sched.epochs}")
+    if cfg.optim.lr <= 0:
+        raise ValueError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    if cfg.optim.ema_decay is not None and not 0.0 < cfg.optim.ema_decay < 1.0:
+        raise ValueError(f"optim.ema_decay must be in (0, 1), got {cfg.optim.ema_decay}")
+    erasing = cfg.data.augment.random_erasing
+    if erasing is not None and not 0.0 <= erasing <= 1.0:
+        raise ValueError(f"data.augment.random_erasing must be in [0, 1], got {erasing}")
+    if run.resume and run.restart:
+        raise ValueError("runtime.resume and runtime.restart exclude each other; give one")

@@ -17,9 +17,7 @@ from clusterformer.engine.checkpoint import (
     resolve_checkpoint,
 )
 from clusterformer.engine.finite import describe_output, non_finite_output
-from clusterformer.tasks import Task, get_task
-
-IMAGENET_NORMALISATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+from clusterformer.tasks import Task, task_spec
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -52,20 +50,22 @@ def evaluate(
     task: Task,
     batches: Iterable[dict[str, Any]],
     *,
-    num_classes: int,
     device: torch.device,
     amp: str = "none",
-    categories: list[dict] | None = None,
+    predictions_out: str | Path | None = None,
     progress: Iterator | None = None,
 ) -> dict[str, float]:
     """Task metrics of ``model`` over ``batches`` (this rank's share; reduced across ranks).
 
     Args:
-        batches: loader batches (``images`` (B, 3, H, W), ``pixel_mask`` (B, H, W), targets).
+        batches: loader batches (``images`` (B, 3, H, W), ``pixel_mask`` (B, H, W), targets)
+            of a dataset with the task's categories.
+        predictions_out: where the evaluator also writes the predictions (the task spec's
+            ``prediction_suffix`` says what it writes).
     """
     was_training = model.training
     model.eval()
-    evaluator = task.evaluator(num_classes, categories)
+    evaluator = task.evaluator(predictions_out)
     try:
         for batch in batches:
             batch = to_device(batch, device)
@@ -86,20 +86,20 @@ def evaluate(
     return evaluator.compute()
 
 
+def normalisation_of(module: nn.Module) -> dict[str, list[float]]:
+    """The ``{"mean", "std"}`` a model's inputs are normalised with (its ``default_cfg``)."""
+    cfg = getattr(module, "default_cfg", None) or {}
+    if "mean" not in cfg or "std" not in cfg:
+        raise ValueError(f"{type(module).__name__} has no mean/std in its default_cfg")
+    return {"mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]]}
+
+
 def checkpoint_metadata(
-    module: nn.Module,
-    task: Task,
-    *,
-    categories: list[dict],
-    image_size: int,
-    extra: dict[str, Any] | None = None,
+    module: nn.Module, task: Task, *, image_size: int, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """What ``cf eval`` / ``cf predict`` need to rebuild and run the model from weights alone."""
-    default_cfg = getattr(module, "default_cfg", {}) or {}
-    normalisation = {
-        "mean": list(default_cfg.get("mean", IMAGENET_NORMALISATION["mean"])),
-        "std": list(default_cfg.get("std", IMAGENET_NORMALISATION["std"])),
-    }
+    """What ``cf eval`` / ``cf predict`` / ``cf export`` need to rebuild and run the model from
+    weights alone: its config, the task with its options and categories, the input size and
+    the normalisation (the one mean/std source every later reader uses)."""
     model_config = getattr(module, "model_config", None)
     if model_config is None:
         raise ValueError(f"{type(module).__name__} has no model_config; cannot checkpoint it")
@@ -107,9 +107,9 @@ def checkpoint_metadata(
         "model_config": model_config,
         "task": task.name,
         "task_config": task.config(),
-        "categories": categories,
+        "categories": task.categories,
         "image_size": image_size,
-        "normalisation": normalisation,
+        "normalisation": normalisation_of(module),
         **(extra or {}),
     }
 
@@ -120,7 +120,9 @@ def load_model_from_checkpoint(
     """Rebuild the model and task stored in a checkpoint (run folder or ``.safetensors``).
 
     Returns:
-        (model in eval mode on ``device``, task, decoded metadata).
+        (model in eval mode on ``device``, the task built with the checkpoint's categories and
+        options, decoded metadata). The metadata's ``normalisation`` is the checkpoint's (for a
+        checkpoint written before it was stored: the model's own default).
     Raises:
         CheckpointError (ValueError): unreadable, not fitting, or NaN / infinite weights.
     """
@@ -131,8 +133,13 @@ def load_model_from_checkpoint(
     for key in ("model_config", "task"):
         if key not in meta:
             raise ValueError(f"{weights}: checkpoint metadata lacks '{key}'")
-    task = get_task(meta["task"], **(meta.get("task_config") or {}))
+    spec = task_spec(meta["task"])
     model = create_model(**meta["model_config"])
     load_weights(model, weights)
     check_finite(model, weights)
+    known = spec.option_fields()
+    options = {k: v for k, v in (meta.get("task_config") or {}).items() if k in known}
+    task = spec.build(meta.get("categories") or int(meta["model_config"].get("num_classes", 0)),
+                      options)  # fmt: skip
+    meta["normalisation"] = meta.get("normalisation") or normalisation_of(model)
     return model.to(device).eval(), task, meta

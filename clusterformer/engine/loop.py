@@ -1,9 +1,11 @@
 """The training loop, the same for every task and every launch (1 CPU .. many nodes).
 
-``train(cfg)`` builds data, model and optimizer from a :class:`TrainConfig`, optionally
-resumes, then repeats :func:`~clusterformer.engine.step.train_step`, logging, evaluating
-and checkpointing on schedule. It knows nothing task-specific: the Task object does.
-SIGTERM / SIGINT make it save a checkpoint and raise :class:`TrainingInterrupted`.
+``train(cfg)`` builds the task (with the dataset's categories), model, data and optimizer
+from a :class:`~clusterformer.engine.config.TrainConfig`, optionally resumes, then runs a
+:class:`Trainer`: a short loop over :func:`~clusterformer.engine.step.train_step` whose
+logging, evaluation, EMA and checkpoints are hooks (:mod:`clusterformer.engine.hooks`). It
+knows nothing task-specific: the task does. SIGTERM / SIGINT make it save a checkpoint and
+raise :class:`TrainingInterrupted`.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ from __future__ import annotations
 import json
 import platform
 import random
-import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,22 +24,32 @@ from torch import nn
 from clusterformer.engine import checkpoint as ckpt
 from clusterformer.engine import run_folder
 from clusterformer.engine.config import TrainConfig
+from clusterformer.engine.config_files import to_yaml
 from clusterformer.engine.distributed import (
     DistEnv,
-    any_rank,
     barrier,
     cleanup_distributed,
-    gather_objects,
-    mean_across_ranks,
     setup_distributed,
 )
-from clusterformer.engine.divergence import TrainingDiverged, unsaveable
-from clusterformer.engine.evaluate import checkpoint_metadata, evaluate
+from clusterformer.engine.divergence import TrainingDiverged
+from clusterformer.engine.evaluate import checkpoint_metadata, normalisation_of
+from clusterformer.engine.hooks import (
+    CheckpointHook,
+    EmaHook,
+    EvalHook,
+    HookBase,
+    LoggingHook,
+    Saved,
+    Throughput,
+    diverged_message,
+)
 from clusterformer.engine.logging import RunLogger
 from clusterformer.engine.optim import Schedule, build_optimizer
 from clusterformer.engine.signals import StopFlag, TrainingInterrupted
 from clusterformer.engine.step import ModelEma, TrainState, make_scaler, train_step
-from clusterformer.tasks import Task, get_task
+from clusterformer.tasks import Task, task_spec
+
+__all__ = ["TrainResult", "Trainer", "TrainingInterrupted", "train"]
 
 
 @dataclass
@@ -50,6 +60,64 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class Trainer:
+    """One run's moving parts; :meth:`run` is the loop. Hooks read and change its fields."""
+
+    task: Task
+    state: TrainState
+    env: DistEnv
+    loader: Any
+    run_dir: Path
+    total_steps: int
+    accum_steps: int
+    log: RunLogger
+    stop: StopFlag
+    saved: Saved
+    hooks: list[HookBase] = field(default_factory=list)
+    scalars: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    last_batch: dict | None = None
+    meter: Throughput = field(default_factory=Throughput)
+
+    def step(self, group: list[dict]) -> None:
+        """One optimizer step over the micro-batches of ``group``."""
+        try:
+            self.scalars = train_step(self.state, self.task, group)
+        except FloatingPointError as exc:
+            problem = str(exc).split(";")[0]
+            raise TrainingDiverged(diverged_message(self.run_dir, problem, self.saved)) from None
+        self.last_batch = group[-1]
+        self.meter.add(sum(b["images"].shape[0] for b in group) * self.env.world_size)
+
+    def run(self) -> None:
+        state = self.state
+        for hook in self.hooks:
+            hook.before_train(self)
+        self.meter.restart()
+        while state.step < self.total_steps:
+            self.loader.set_epoch(state.epoch)
+            group: list[dict] = []
+            for index, batch in enumerate(self.loader):
+                if index < state.batches_in_epoch:
+                    continue  # resume mid-epoch: skip what the saved run consumed
+                group.append(batch)
+                if len(group) < self.accum_steps:
+                    continue
+                self.step(group)
+                state.batches_in_epoch = index + 1
+                group = []
+                for hook in self.hooks:
+                    hook.after_step(self)
+                if state.step >= self.total_steps:
+                    break
+            else:
+                state.epoch += 1
+                state.batches_in_epoch = 0
+        for hook in reversed(self.hooks):
+            hook.after_train(self)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -57,160 +125,54 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def _resolve_amp(cfg: TrainConfig, env: DistEnv) -> str:
-    amp = cfg.amp or ("bf16" if env.device.type == "cuda" else "none")
-    make_scaler(amp, env.device)  # fail early with a clear message (fp16 on CPU)
-    return amp
+def augment_options(cfg: TrainConfig, kind: str) -> tuple[dict[str, Any], list[str]]:
+    """The train transform's options from ``data.augment`` and the set ones that do not apply
+    to the task's transform ``kind`` (they are left out, with a note)."""
+    from clusterformer.data.transforms import TRAIN_OPTIONS
+
+    given = {k: v for k, v in cfg.to_dict()["data"]["augment"].items() if v is not None}
+    if str(given.get("rand_augment", "")).strip().lower() == "none":
+        given.pop("rand_augment")
+    applies = set(TRAIN_OPTIONS[kind])
+    return ({k: v for k, v in given.items() if k in applies},
+            [k for k in given if k not in applies])  # fmt: skip
 
 
-def _requested_transforms(cfg: TrainConfig) -> dict[str, Any]:
-    """Classification-only transforms the config turns on ("none" turns RandAugment off)."""
-    spec = (cfg.rand_augment or "").strip()
-    wanted: dict[str, Any] = {"rand_augment": spec} if spec.lower() not in ("", "none") else {}
-    if cfg.random_erasing:
-        wanted["random_erasing"] = float(cfg.random_erasing)
-    return wanted
-
-
-def train_augment_options(cfg: TrainConfig) -> dict[str, Any]:
-    """The train loader's ``augment``: ``cfg.augment`` plus, for classification, rand_augment and
-    random_erasing; a key also set in ``cfg.augment`` must agree (ValueError otherwise)."""
-    options = dict(cfg.augment)
-    wanted = _requested_transforms(cfg) if cfg.task == "classification" else {}
-    for name, value in wanted.items():
-        if options.setdefault(name, value) != value:
-            raise ValueError(f"{name} is given twice: {value!r} and augment[{name!r}] = "
-                             f"{options[name]!r}; give it once")  # fmt: skip
-    return options
-
-
-def _transforms_missing(cfg: TrainConfig) -> list[str]:
-    """Requested transforms this task does not apply (dense tasks skip them)."""
-    return [] if cfg.task == "classification" else list(_requested_transforms(cfg))
-
-
-def _build_loaders(cfg: TrainConfig, env: DistEnv) -> tuple[Any, Any | None]:
+def _build_loaders(cfg: TrainConfig, env: DistEnv, task: Task,
+                   normalisation: dict[str, Any]) -> tuple[Any, Any | None]:  # fmt: skip
     from clusterformer.data import build_loader
 
-    common = {"rank": env.rank, "world_size": env.world_size, "num_workers": cfg.num_workers}
-    train_loader = build_loader(
-        cfg.data,
-        cfg.task,
-        batch_size=cfg.batch_size,
-        image_size=cfg.image_size,
-        train=True,
-        seed=cfg.seed,
-        augment=train_augment_options(cfg),
-        **common,
-    )
-    val_loader = None
-    if cfg.val_data:
-        val_loader = build_loader(
-            cfg.val_data,
-            cfg.task,
-            batch_size=cfg.batch_size,
-            image_size=cfg.image_size,
-            train=False,
-            seed=cfg.seed,
-            **common,
-        )
+    common = {"rank": env.rank, "world_size": env.world_size, "num_workers": cfg.data.num_workers,
+              "batch_size": cfg.data.batch_size, "image_size": cfg.data.image_size,
+              "seed": cfg.runtime.seed, "normalisation": normalisation}  # fmt: skip
+    augment, _ = augment_options(cfg, task.spec.data.transform)
+    train_loader = build_loader(cfg.data.train, task.name, train=True, augment=augment, **common)
+    if len(train_loader) == 0:
+        raise ValueError(f"{cfg.data.train}: fewer samples than one batch of "
+                         f"{cfg.data.batch_size} per process")  # fmt: skip
+    val_loader = build_loader(cfg.data.val, task.name, train=False, **common) if cfg.data.val else None
     return train_loader, val_loader
 
 
 def _plan(cfg: TrainConfig, batches_per_epoch: int, world_size: int) -> dict[str, Any]:
-    steps_per_epoch = max(batches_per_epoch // cfg.accum_steps, 1)
-    if cfg.steps is not None:
-        total = cfg.steps
-    elif cfg.epochs is not None:
-        total = max(round(cfg.epochs * steps_per_epoch), 1)
+    sched, optim = cfg.schedule, cfg.optim
+    steps_per_epoch = max(batches_per_epoch // optim.accum_steps, 1)
+    if sched.steps is not None:
+        total = sched.steps
+    elif sched.epochs is not None:
+        total = max(round(sched.epochs * steps_per_epoch), 1)
     else:
         raise ValueError("give --steps or --epochs (or a --recipe that sets one)")
-    if cfg.warmup_steps is not None:
-        warmup = cfg.warmup_steps
-    elif cfg.warmup_epochs is not None:
-        warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    if sched.warmup_steps is not None:
+        warmup = sched.warmup_steps
+    elif sched.warmup_epochs is not None:
+        warmup = round(sched.warmup_epochs * steps_per_epoch)
     else:
         warmup = 0
-    global_batch = cfg.batch_size * world_size * cfg.accum_steps
-    lr = cfg.lr * global_batch / cfg.lr_base_batch if cfg.lr_base_batch else cfg.lr
-    return {
-        "total_steps": total,
-        "warmup_steps": min(warmup, max(total - 1, 0)),
-        "steps_per_epoch": steps_per_epoch,
-        "global_batch": global_batch,
-        "lr_effective": lr,
-    }
-
-
-def _training_state(state: TrainState, env: DistEnv) -> dict[str, Any]:
-    rngs = gather_objects(ckpt.rng_state(), env)  # collective: every rank calls this
-    out: dict[str, Any] = {
-        "step": state.step,
-        "epoch": state.epoch,
-        "batches_in_epoch": state.batches_in_epoch,
-        "world_size": env.world_size,
-        "optimizer": state.optimizer.state_dict(),
-        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
-        "rng": rngs,
-    }
-    if state.ema is not None:  # the safetensors file then holds the EMA weights
-        out["model"] = state.module.state_dict()
-    return out
-
-
-@dataclass
-class _Saved:
-    """The last checkpoint known good: where it is and its step."""
-
-    path: Path | None = None
-    step: int = -1
-
-
-def _save(
-    state: TrainState, env: DistEnv, run_dir: Path, meta: dict, cfg: TrainConfig, periodic: bool,
-    task: Task, batch: dict | None, saved: _Saved,
-) -> Path:  # fmt: skip
-    """Commit a checkpoint of ``state`` unless one of this step exists; never one of weights
-    that are non-finite or give non-finite outputs on ``batch`` (TrainingDiverged instead).
-    Returns ``RUN/checkpoints/last.safetensors``, which now names it."""
-    last = run_dir / "checkpoints" / "last.safetensors"
-    if state.step == saved.step and saved.path is not None:
-        return last if last.exists() else saved.path
-    problem = unsaveable(state, task, batch)
-    if any_rank(problem is not None, env):
-        raise TrainingDiverged(_diverged(run_dir, f"{problem or 'another rank diverged'} at "
-                                         f"step {state.step}", saved))  # fmt: skip
-    payload = _training_state(state, env)
-    path, error = None, None
-    if env.is_main:
-        weights = state.ema.module if state.ema is not None else state.module
-        try:
-            path = ckpt.save_checkpoint(
-                run_dir / "checkpoints",
-                weights=weights,
-                metadata=meta,
-                state=payload,
-                step=state.step,
-                periodic=periodic,
-                keep_last=cfg.keep_last,
-            )
-        except OSError as exc:  # e.g. disk full: the previous checkpoint is intact
-            error = exc
-    if any_rank(error is not None, env):  # every rank stops, none waits on a barrier forever
-        raise error or OSError(f"rank 0 could not save the checkpoint of step {state.step}")
-    saved.path = path or ckpt.step_weights(run_dir / "checkpoints", state.step)
-    saved.step = state.step
-    return last
-
-
-def _diverged(run_dir: Path, problem: str, saved: _Saved) -> str:
-    if saved.path is None:
-        keep = "no checkpoint saved"
-    else:
-        where = saved.path.parent if saved.path.name == ckpt.WEIGHTS else saved.path
-        shown = where.relative_to(run_dir) if where.is_relative_to(run_dir) else where
-        keep = f"kept the last good checkpoint {shown}"
-    return f"{run_dir}: training stopped: {problem}; {keep}; lower --lr or set --grad-clip"
+    global_batch = cfg.data.batch_size * world_size * optim.accum_steps
+    lr = optim.lr * global_batch / optim.lr_base_batch if optim.lr_base_batch else optim.lr
+    return {"total_steps": total, "warmup_steps": min(warmup, max(total - 1, 0)),
+            "steps_per_epoch": steps_per_epoch, "global_batch": global_batch, "lr_effective": lr}
 
 
 def _resume(state: TrainState, env: DistEnv, found: run_folder.Resumable) -> bool:
@@ -232,10 +194,10 @@ def _resume(state: TrainState, env: DistEnv, found: run_folder.Resumable) -> boo
 
 
 def _wrap(module: nn.Module, cfg: TrainConfig, env: DistEnv, amp: str) -> nn.Module:
-    if cfg.grad_checkpointing:
+    if cfg.runtime.grad_checkpointing:
         switches = [m for m in module.modules() if hasattr(m, "set_grad_checkpointing")]
         if not switches:
-            raise ValueError(f"--grad-checkpointing: {cfg.model} has no checkpointable stages")
+            raise ValueError(f"--grad-checkpointing: {cfg.model.name} has no checkpointable stages")
         for switch in switches:
             switch.set_grad_checkpointing(True)
     model: nn.Module = module
@@ -244,7 +206,7 @@ def _wrap(module: nn.Module, cfg: TrainConfig, env: DistEnv, amp: str) -> nn.Mod
 
         ids = [env.device.index] if env.device.type == "cuda" else None
         model = DistributedDataParallel(module, device_ids=ids)
-    if cfg.compile:
+    if cfg.runtime.compile:
         from clusterformer.engine.compiled import CheckedCompile, compile_model, tolerance_for
 
         # The first batch also runs eagerly: a compiler bug stops the run with one line.
@@ -253,27 +215,17 @@ def _wrap(module: nn.Module, cfg: TrainConfig, env: DistEnv, amp: str) -> nn.Mod
     return model
 
 
-def _write_config(
-    run_dir: Path, cfg: TrainConfig, plan: dict, env: DistEnv, amp: str, extra: dict
-) -> None:
-    missing = _transforms_missing(cfg)
-    resolved = {
-        **cfg.to_dict(),
-        **plan,
-        "amp": amp,
-        "world_size": env.world_size,
-        "device": str(env.device),
-        "transforms_missing": missing,
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        **extra,
-    }
+def _write_config(run_dir: Path, cfg: TrainConfig, facts: dict[str, Any]) -> None:
+    """``config.yaml`` (the settings, enough to repeat the run) and ``config.json`` (the
+    settings and what the run resolved: steps, effective lr, device, versions, ...)."""
+    ckpt.atomic_write_text(run_dir / "config.yaml", "# cf train --config config.yaml --out NEW "
+                           "repeats this run\n" + to_yaml(cfg))  # fmt: skip
+    resolved = {**cfg.to_dict(), "run": {**facts, "torch_version": torch.__version__,
+                                         "python_version": platform.python_version()}}  # fmt: skip
     ckpt.atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=2) + "\n")
 
 
-def train(
-    cfg: TrainConfig, *, task: Task | None = None, handle_signals: bool = True
-) -> TrainResult:
+def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
     """Run the training ``cfg`` describes; returns the final step, checkpoint and metrics.
 
     Raises:
@@ -282,182 +234,88 @@ def train(
     """
     from clusterformer.data import load_dataset_info
 
-    run_dir = Path(cfg.out)
-    env = setup_distributed(cfg.device)
+    run_dir = Path(cfg.runtime.out)
+    env = setup_distributed(cfg.runtime.device)
     stop = StopFlag()
     try:
-        seed_everything(cfg.seed)  # same init on every rank
-        amp = _resolve_amp(cfg, env)
-        if task is None:
-            task = get_task(cfg.task, label_smoothing=cfg.label_smoothing,
-                            mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
-                            **cfg.task_options)  # fmt: skip
-        info = load_dataset_info(cfg.data)
-        categories = info["categories"]
-        num_classes = len(categories)
+        seed_everything(cfg.runtime.seed)  # same init on every rank
+        amp = cfg.runtime.amp or ("bf16" if env.device.type == "cuda" else "none")
+        make_scaler(amp, env.device)  # fail early with a clear message (fp16 on CPU)
+        spec = task_spec(cfg.task.name)
+        info = load_dataset_info(cfg.data.train, spec.name)
+        task = spec.build(spec.categories(info["categories"]), cfg.task.options)
         notes = run_folder.tidy(run_dir) if env.is_main else []
         barrier(env)  # the main rank has cleaned the folder before any rank reads it
-        found = run_folder.resumable(run_dir, resume=cfg.resume, restart=cfg.restart, notes=notes)
+        found = run_folder.resumable(run_dir, resume=cfg.runtime.resume,
+                                     restart=cfg.runtime.restart, notes=notes)  # fmt: skip
         if found is not None:
-            run_folder.check_same_setup(
-                found, task=cfg.task, model=cfg.model, image_size=cfg.image_size,
-                num_classes=num_classes,
-            )  # fmt: skip
-        module = task.build_model(cfg.model, num_classes, **cfg.model_overrides)
+            run_folder.check_same_setup(found, task=task.name, model=cfg.model.name,
+                                        image_size=cfg.data.image_size,
+                                        num_classes=task.num_classes)  # fmt: skip
+        module = task.build_model(cfg.model.name, **cfg.model_overrides())
         if found is not None:
             run_folder.check_same_model(found, module)
-        loaded = ckpt.load_pretrained_backbone(module, cfg.pretrained) if cfg.pretrained else 0
+        init_notes = []  # shown unless a resumed checkpoint replaces these weights
+        if cfg.model.pretrained:
+            count = ckpt.load_pretrained_backbone(module, cfg.model.pretrained)
+            init_notes.append(f"backbone initialised from {cfg.model.pretrained} ({count} tensors)")
+        if cfg.model.backbone.weights:
+            from clusterformer.models import load_backbone_weights
+
+            count = load_backbone_weights(module, cfg.model.backbone.weights)
+            init_notes.append(f"backbone weights from {cfg.model.backbone.weights} ({count} tensors)")
         module = module.to(env.device)
-        train_loader, val_loader = _build_loaders(cfg, env)
-        if len(train_loader) == 0:
-            raise ValueError(
-                f"{cfg.data}: fewer samples than one batch of {cfg.batch_size} per process"
-            )
+        normalisation = normalisation_of(module)
+        train_loader, val_loader = _build_loaders(cfg, env, task, normalisation)
         plan = _plan(cfg, len(train_loader), env.world_size)
-        optimizer = build_optimizer(
-            module,
-            lr=plan["lr_effective"],
-            weight_decay=cfg.weight_decay,
-            backbone_lr_mult=cfg.backbone_lr_mult,
-        )
-        schedule = Schedule(
-            plan["total_steps"],
-            plan["warmup_steps"],
-            cfg.schedule,
-            cfg.min_lr_ratio,
-            cfg.poly_power,
-        )
-        state = TrainState(
-            model=module,
-            module=module,
-            optimizer=optimizer,
-            schedule=schedule,
-            device=env.device,
-            amp=amp,
-            grad_clip=cfg.grad_clip,
-            scaler=make_scaler(amp, env.device),
-            ema=ModelEma(module, cfg.ema_decay) if cfg.ema_decay else None,
-        )
+        optimizer = build_optimizer(module, lr=plan["lr_effective"],
+                                    weight_decay=cfg.optim.weight_decay,
+                                    backbone_lr_mult=cfg.optim.backbone_lr_mult)  # fmt: skip
+        schedule = Schedule(plan["total_steps"], plan["warmup_steps"], cfg.schedule.kind,
+                            cfg.schedule.min_lr_ratio, cfg.schedule.poly_power)  # fmt: skip
+        state = TrainState(model=module, module=module, optimizer=optimizer, schedule=schedule,
+                           device=env.device, amp=amp, grad_clip=cfg.optim.grad_clip,
+                           scaler=make_scaler(amp, env.device),
+                           ema=ModelEma(module, cfg.optim.ema_decay) if cfg.optim.ema_decay else None)
         resumed = found is not None and _resume(state, env, found)
-        saved = _Saved(found.weights, state.step) if found is not None else _Saved()
+        saved = Saved(found.weights, state.step) if found is not None else Saved()
         if not resumed:  # a resumed run restored its RNG; else give each rank its own stream
-            seed_everything(cfg.seed + env.rank + 1)
+            seed_everything(cfg.runtime.seed + env.rank + 1)
         state.model = _wrap(module, cfg, env, amp)
-        meta = checkpoint_metadata(
-            module,
-            task,
-            categories=categories,
-            image_size=cfg.image_size,
-            extra={"model_name": cfg.model, "num_classes": num_classes},
-        )
+        meta = checkpoint_metadata(module, task, image_size=cfg.data.image_size,
+                                   extra={"model_name": cfg.model.name,
+                                          "num_classes": task.num_classes})  # fmt: skip
+        _, missing = augment_options(cfg, spec.data.transform)
+        if missing:
+            notes.append(f"note: {', '.join(missing)} do not apply to {task.name}'s "
+                         f"{spec.data.transform} transforms; training without them")  # fmt: skip
+        notes += [f"resumed {run_dir} at step {state.step} (epoch {state.epoch}, batch "
+                  f"{state.batches_in_epoch})"] if resumed else init_notes  # fmt: skip
         if env.is_main:
-            if cfg.restart:
+            if cfg.runtime.restart:
                 notes += run_folder.restart(run_dir)
             run_folder.check_room(run_dir, module, state.ema is not None)
-            _write_config(
-                run_dir,
-                cfg,
-                plan,
-                env,
-                amp,
-                {"num_classes": num_classes, "resumed_from_step": state.step if resumed else None},
-            )
+            _write_config(run_dir, cfg, {
+                **plan, "amp": amp, "world_size": env.world_size, "device": str(env.device),
+                "num_classes": task.num_classes, "transforms_missing": missing,
+                "resumed_from_step": state.step if resumed else None})
         if handle_signals:
             stop.install()
-        metrics: dict[str, float] = {}
         total = plan["total_steps"]
-        last_path: Path | None = None
         with RunLogger(run_dir, total, enabled=env.is_main, start_step=state.step) as log:
             for note in notes:
                 log.message(note)
-            missing = _transforms_missing(cfg)
-            if missing:
-                log.message(
-                    f"note: {', '.join(missing)} apply to classification only; "
-                    f"training {cfg.task} without them"
-                )
-            if loaded and not resumed:
-                log.message(f"backbone initialised from {cfg.pretrained} ({loaded} tensors)")
-            if resumed:
-                log.message(
-                    f"resumed {run_dir} at step {state.step} (epoch {state.epoch}, "
-                    f"batch {state.batches_in_epoch})"
-                )
-            images_seen, t_last = 0, time.perf_counter()
-            last_batch: dict | None = None
-            while state.step < total:
-                train_loader.set_epoch(state.epoch)
-                group: list[dict] = []
-                for index, batch in enumerate(train_loader):
-                    if index < state.batches_in_epoch:
-                        continue  # resume mid-epoch: skip what the saved run consumed
-                    group.append(batch)
-                    if len(group) < cfg.accum_steps:
-                        continue
-                    try:
-                        scalars = train_step(state, task, group)
-                    except FloatingPointError as exc:
-                        problem = str(exc).split(";")[0]
-                        raise TrainingDiverged(_diverged(run_dir, problem, saved)) from None
-                    last_batch = group[-1]
-                    state.batches_in_epoch = index + 1
-                    images_seen += sum(b["images"].shape[0] for b in group) * env.world_size
-                    group = []
-                    if state.step % cfg.log_every == 0 or state.step == total:
-                        now = time.perf_counter()
-                        scalars = mean_across_ranks(scalars, env)
-                        scalars["img_per_s"] = images_seen / max(now - t_last, 1e-9)
-                        scalars["epoch"] = state.epoch
-                        if env.device.type == "cuda":  # detectron2's max_mem, in GiB
-                            scalars["max_mem_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
-                        images_seen, t_last = 0, now
-                        log.log_train(state.step, scalars)
-                    if (
-                        val_loader is not None
-                        and cfg.eval_every
-                        and state.step % cfg.eval_every == 0
-                        and state.step < total
-                    ):
-                        metrics = _run_eval(state, task, val_loader, num_classes, categories, log)
-                        t_last = time.perf_counter()
-                    if cfg.save_every and state.step % cfg.save_every == 0:
-                        last_path = _save(state, env, run_dir, meta, cfg, True, task, last_batch,
-                                          saved)  # fmt: skip
-                    if any_rank(stop.signum is not None, env):
-                        path = _save(state, env, run_dir, meta, cfg, False, task, last_batch, saved)
-                        log.message(f"stopping on signal at step {state.step}; checkpoint {path}")
-                        raise TrainingInterrupted(stop.signum or signal.SIGTERM, state.step, path)
-                    if state.step >= total:
-                        break
-                else:
-                    state.epoch += 1
-                    state.batches_in_epoch = 0
-            last_path = _save(state, env, run_dir, meta, cfg, False, task, last_batch, saved)
+            checkpoints = CheckpointHook(cfg.runtime.save_every, cfg.runtime.keep_last, meta, saved)
+            hooks: list[HookBase] = [EmaHook(), LoggingHook(cfg.runtime.log_every)]
             if val_loader is not None:
-                metrics = _run_eval(state, task, val_loader, num_classes, categories, log)
-        return TrainResult(run_dir, state.step, last_path, metrics)
+                hooks.append(EvalHook(val_loader, cfg.runtime.eval_every))
+            hooks.append(checkpoints)
+            trainer = Trainer(task=task, state=state, env=env, loader=train_loader,
+                              run_dir=run_dir, total_steps=total,
+                              accum_steps=cfg.optim.accum_steps, log=log, stop=stop,
+                              saved=saved, hooks=hooks)  # fmt: skip
+            trainer.run()
+        return TrainResult(run_dir, state.step, checkpoints.last, trainer.metrics)
     finally:
         stop.restore()
         cleanup_distributed(env)
-
-
-def _run_eval(
-    state: TrainState,
-    task: Task,
-    loader: Any,
-    num_classes: int,
-    categories: list[dict],
-    log: RunLogger,
-) -> dict[str, float]:
-    model = state.ema.module if state.ema is not None else state.module
-    metrics = evaluate(
-        model,
-        task,
-        loader,
-        num_classes=num_classes,
-        device=state.device,
-        amp=state.amp,
-        categories=categories,
-    )
-    log.log_eval(state.step, metrics)
-    return metrics

@@ -1,8 +1,9 @@
 """One optimizer step, independent of data loading: the unit the distributed test drives.
 
 ``train_step`` runs forward/backward over a group of micro-batches (gradient accumulation),
-clips, steps the optimizer (through a GradScaler for fp16), updates the EMA and advances
-the step counter. Under DDP the gradients are all-reduced on the last micro-batch only.
+clips, steps the optimizer (through a GradScaler for fp16) and advances the step counter.
+Under DDP the gradients are all-reduced on the last micro-batch only. The EMA of the weights
+(``TrainState.ema``) is the loop's :class:`~clusterformer.engine.hooks.EmaHook`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from clusterformer.engine.evaluate import autocast, to_device
 from clusterformer.engine.finite import describe_output, non_finite_output
 from clusterformer.engine.optim import Schedule, set_lr
-from clusterformer.tasks.base import Task
+from clusterformer.tasks import Task
 
 
 class ModelEma:
@@ -142,7 +143,5 @@ def train_step(
         state.scaler.update()
     else:
         state.optimizer.step()
-    if state.ema is not None:
-        state.ema.update(state.module)
     state.step += 1
     return {**totals, "lr": lr, "grad_norm": float(grad_norm)}

@@ -1,0 +1,163 @@
+"""Config files and their merging: recipes (YAML files shipped in ``clusterformer/recipes``),
+``--config FILE`` (YAML, TOML or JSON, e.g. a run's own ``config.yaml``), flags and
+``--set a.b.c=VALUE``.
+
+Order: the defaults, then the recipe or config file, then the flags, then ``--set`` in the
+order given. Every layer is merged key by key into the nested settings: ``--set
+model.decoder.num_queries=50`` changes that key and keeps the file's other decoder keys. Two
+choices are one: a given ``schedule.steps`` clears the file's ``schedule.epochs`` (and the
+reverse), and a given ``optim.lr`` is used as is (the file's ``lr_base_batch`` scaling goes).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clusterformer.engine.config import TrainConfig, build_config
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+CONFIG_SUFFIXES = (".yaml", ".yml", ".toml", ".json")
+
+
+def recipe_names() -> list[str]:
+    """The shipped recipes (``clusterformer/recipes/<name>.yaml``)."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def recipe_summaries() -> dict[str, str]:
+    """Recipe name -> its task and the first line of its opening comment."""
+    out = {}
+    for name in recipe_names():
+        text = (RECIPE_DIR / f"{name}.yaml").read_text(encoding="utf-8")
+        first = next((line[1:].strip() for line in text.splitlines() if line.startswith("#")), "")
+        task = (yaml.safe_load(text) or {}).get("task", {}).get("name", "?")
+        out[name] = f"{task}: {first}" if first else str(task)
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The nested settings of a YAML, TOML or JSON config file (errors name the file)."""
+    path = Path(path)
+    if path.suffix not in CONFIG_SUFFIXES:
+        raise ValueError(f"{path}: a config file ends in {', '.join(CONFIG_SUFFIXES)}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: config file not found") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    try:
+        if path.suffix == ".json":
+            values = json.loads(text)
+        elif path.suffix == ".toml":
+            import tomllib  # Python >= 3.11
+
+            values = tomllib.loads(text)
+        else:
+            values = yaml.safe_load(text)
+    except ImportError:
+        raise ValueError(f"{path}: TOML configs need Python 3.11 or later; use YAML") from None
+    except (ValueError, yaml.YAMLError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise ValueError(f"{path}: not valid {path.suffix[1:].upper()} ({reason})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of settings at the top")
+    return values
+
+
+def read_recipe(name: str) -> dict[str, Any]:
+    """The settings of recipe ``name`` (ValueError naming the recipes otherwise)."""
+    if name not in recipe_names():
+        raise ValueError(f"unknown recipe '{name}'; choose one of {', '.join(recipe_names())}")
+    return {**read_config_file(RECIPE_DIR / f"{name}.yaml"), "recipe": name}
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """``"a.b.c=VALUE"`` -> ``("a.b.c", value)``, VALUE read as YAML (``50``, ``[0.5, 2]``,
+    ``null``, ``free``)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ValueError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. "
+                         "model.decoder.num_queries=50")  # fmt: skip
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1, "a.c": 2}`` -> ``{"a": {"b": 1, "c": 2}}``."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"{key}: {part} is a setting, not a section")
+            node = child
+        node[leaf] = value
+    return out
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over``'s keys set, section by section (a new dict; neither changes)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_config(recipe: str | None = None, config: str | Path | None = None,
+                   sets: Iterable[str] = (), overrides: Mapping[str, Any] | None = None,
+                   **flags: Any) -> TrainConfig:  # fmt: skip
+    """Defaults <- ``recipe`` or ``config`` file <- ``overrides`` (dotted keys, e.g.
+    ``{"schedule.steps": 10}``) and ``flags`` (``cf train``'s flags by identifier, e.g.
+    ``steps=10``, ``batch_size=2``, ``decoder_layers=3``) <- ``sets`` (``"a.b.c=VALUE"``).
+    ``None`` values are "not given".
+
+    Raises:
+        ValueError: unknown recipe, key or value; a bad file; steps and epochs both given.
+    """
+    if recipe is not None and config is not None:
+        raise ValueError("give a --recipe or a --config file, not both")
+    layer = read_recipe(recipe) if recipe is not None else (
+        read_config_file(config) if config is not None else {})
+    from clusterformer.engine.config_flags import flag_settings
+
+    given = {**dict(overrides or {}), **flag_settings(flags)}
+    given = {k: v for k, v in given.items() if v is not None}
+    for item in sets:
+        key, value = parse_set(item)
+        given[key] = value
+    if given.get("schedule.steps") is not None and given.get("schedule.epochs") is not None:
+        raise ValueError("give either --steps or --epochs, not both")
+    cleared = {}
+    if "schedule.steps" in given and "schedule.epochs" not in given:
+        cleared["schedule.epochs"] = None
+    if "schedule.epochs" in given and "schedule.steps" not in given:
+        cleared["schedule.steps"] = None
+    if "optim.lr" in given and "optim.lr_base_batch" not in given:
+        cleared["optim.lr_base_batch"] = None
+    merged = deep_merge(deep_merge(layer, nest(cleared)), nest(given))
+    return build_config(merged)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    """The config as YAML, ``resume`` / ``restart`` off (they are actions of one command, not
+    settings of the run): ``cf train --config FILE --out NEW`` repeats the run."""
+    values = cfg.to_dict()
+    values["runtime"] = {**values["runtime"], "resume": False, "restart": False}
+    return yaml.safe_dump(values, sort_keys=False, default_flow_style=False, width=100)

@@ -1,0 +1,199 @@
+"""What the training loop does besides stepping, as hooks (detectron2's ``HookBase``).
+
+The loop (:class:`clusterformer.engine.loop.Trainer`) calls every hook's ``before_train`` in
+order, ``after_step`` in order after each optimizer step, and ``after_train`` in reverse order
+at the end (as nested context managers exit: the last registered finishes first, so the final
+checkpoint is committed before the final evaluation). A hook reads and changes the trainer's
+state; it returns nothing.
+
+* :class:`EmaHook` -- the exponential moving average of the weights.
+* :class:`LoggingHook` -- training scalars every ``log_every`` steps (mean over ranks, images
+  per second, epoch, peak GPU memory) to ``metrics.jsonl`` and the terminal.
+* :class:`EvalHook` -- held-out metrics every ``eval_every`` steps and at the end.
+* :class:`CheckpointHook` -- periodic and final checkpoints; on SIGTERM / SIGINT a checkpoint,
+  then :class:`TrainingInterrupted`; never a checkpoint of weights that diverged.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from clusterformer.engine import checkpoint as ckpt
+from clusterformer.engine.distributed import any_rank, gather_objects, mean_across_ranks
+from clusterformer.engine.divergence import TrainingDiverged, unsaveable
+from clusterformer.engine.evaluate import evaluate
+from clusterformer.engine.signals import TrainingInterrupted
+
+if TYPE_CHECKING:
+    from clusterformer.engine.loop import Trainer
+    from clusterformer.engine.step import TrainState
+
+
+class HookBase:
+    """A no-op at every point; subclasses override what they need."""
+
+    def before_train(self, trainer: Trainer) -> None:
+        pass
+
+    def after_step(self, trainer: Trainer) -> None:
+        pass
+
+    def after_train(self, trainer: Trainer) -> None:
+        pass
+
+
+class EmaHook(HookBase):
+    """``ema = decay * ema + (1 - decay) * weights`` after every step."""
+
+    def after_step(self, trainer: Trainer) -> None:
+        state = trainer.state
+        if state.ema is not None:
+            state.ema.update(state.module)
+
+
+class LoggingHook(HookBase):
+    """Training scalars every ``log_every`` steps and at the last one."""
+
+    def __init__(self, log_every: int) -> None:
+        self.log_every = log_every
+
+    def after_step(self, trainer: Trainer) -> None:
+        step = trainer.state.step
+        if step % self.log_every and step != trainer.total_steps:
+            return
+        scalars = mean_across_ranks(trainer.scalars, trainer.env)
+        scalars["img_per_s"] = trainer.meter.images_per_second()
+        scalars["epoch"] = trainer.state.epoch
+        if trainer.env.device.type == "cuda":  # detectron2's max_mem, in GiB
+            scalars["max_mem_gib"] = torch.cuda.max_memory_allocated(trainer.env.device) / 2**30
+        trainer.log.log_train(step, scalars)
+
+
+class Throughput:
+    """Images per second since the last reading (evaluation time excluded)."""
+
+    def __init__(self) -> None:
+        self.images, self.since = 0, time.perf_counter()
+
+    def add(self, images: int) -> None:
+        self.images += images
+
+    def restart(self) -> None:
+        self.since = time.perf_counter()
+
+    def images_per_second(self) -> float:
+        now = time.perf_counter()
+        rate = self.images / max(now - self.since, 1e-9)
+        self.images, self.since = 0, now
+        return rate
+
+
+class EvalHook(HookBase):
+    """Evaluate the (EMA) model on the held-out loader every ``eval_every`` steps before the
+    last, and after training; the metrics go to the log and ``trainer.metrics``."""
+
+    def __init__(self, loader: Any, eval_every: int | None) -> None:
+        self.loader, self.eval_every = loader, eval_every
+
+    def evaluate(self, trainer: Trainer) -> None:
+        state = trainer.state
+        model = state.ema.module if state.ema is not None else state.module
+        trainer.metrics = evaluate(model, trainer.task, self.loader, device=state.device,
+                                   amp=state.amp)  # fmt: skip
+        trainer.log.log_eval(state.step, trainer.metrics)
+        trainer.meter.restart()
+
+    def after_step(self, trainer: Trainer) -> None:
+        step = trainer.state.step
+        if self.eval_every and step % self.eval_every == 0 and step < trainer.total_steps:
+            self.evaluate(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        self.evaluate(trainer)
+
+
+@dataclass
+class Saved:
+    """The last checkpoint known good: where it is and its step."""
+
+    path: Path | None = None
+    step: int = -1
+
+
+def training_state(state: TrainState, env: Any) -> dict[str, Any]:
+    """What ``state.pt`` holds: step, data position, optimizer, scaler and every rank's RNG
+    (a collective: every rank calls it)."""
+    rngs = gather_objects(ckpt.rng_state(), env)
+    out: dict[str, Any] = {
+        "step": state.step, "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
+        "world_size": env.world_size, "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler is not None else None, "rng": rngs,
+    }
+    if state.ema is not None:  # the safetensors file then holds the EMA weights
+        out["model"] = state.module.state_dict()
+    return out
+
+
+def diverged_message(run_dir: Path, problem: str, saved: Saved) -> str:
+    if saved.path is None:
+        keep = "no checkpoint saved"
+    else:
+        where = saved.path.parent if saved.path.name == ckpt.WEIGHTS else saved.path
+        shown = where.relative_to(run_dir) if where.is_relative_to(run_dir) else where
+        keep = f"kept the last good checkpoint {shown}"
+    return f"{run_dir}: training stopped: {problem}; {keep}; lower --lr or set --grad-clip"
+
+
+class CheckpointHook(HookBase):
+    """Checkpoints every ``save_every`` steps, on a stop signal, and at the end."""
+
+    def __init__(self, save_every: int | None, keep_last: int, meta: dict[str, Any],
+                 saved: Saved) -> None:  # fmt: skip
+        self.save_every, self.keep_last, self.meta, self.saved = save_every, keep_last, meta, saved
+        self.last: Path | None = None
+
+    def save(self, trainer: Trainer, periodic: bool) -> Path:
+        """Commit a checkpoint of the trainer's state unless one of this step exists; never
+        one of weights that are non-finite or give non-finite outputs on the last batch
+        (TrainingDiverged instead). Returns ``RUN/checkpoints/last.safetensors``."""
+        state, env, run_dir, saved = trainer.state, trainer.env, trainer.run_dir, self.saved
+        last = run_dir / "checkpoints" / "last.safetensors"
+        if state.step == saved.step and saved.path is not None:
+            return last if last.exists() else saved.path
+        problem = unsaveable(state, trainer.task, trainer.last_batch)
+        if any_rank(problem is not None, env):
+            raise TrainingDiverged(diverged_message(
+                run_dir, f"{problem or 'another rank diverged'} at step {state.step}", saved))
+        payload = training_state(state, env)
+        path, error = None, None
+        if env.is_main:
+            weights = state.ema.module if state.ema is not None else state.module
+            try:
+                path = ckpt.save_checkpoint(run_dir / "checkpoints", weights=weights,
+                                            metadata=self.meta, state=payload, step=state.step,
+                                            periodic=periodic, keep_last=self.keep_last)  # fmt: skip
+            except OSError as exc:  # e.g. disk full: the previous checkpoint is intact
+                error = exc
+        if any_rank(error is not None, env):  # every rank stops, none waits on a barrier forever
+            raise error or OSError(f"rank 0 could not save the checkpoint of step {state.step}")
+        saved.path = path or ckpt.step_weights(run_dir / "checkpoints", state.step)
+        saved.step = state.step
+        return last
+
+    def after_step(self, trainer: Trainer) -> None:
+        step = trainer.state.step
+        if self.save_every and step % self.save_every == 0:
+            self.last = self.save(trainer, periodic=True)
+        if any_rank(trainer.stop.signum is not None, trainer.env):
+            path = self.save(trainer, periodic=False)
+            trainer.log.message(f"stopping on signal at step {step}; checkpoint {path}")
+            raise TrainingInterrupted(trainer.stop.signum or signal.SIGTERM, step, path)
+
+    def after_train(self, trainer: Trainer) -> None:
+        self.last = self.save(trainer, periodic=False)
