@@ -9,14 +9,6 @@ import typer
 
 from clusterformer.cli.errors import DataError, UserError
 
-TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
-# --predictions scorers of the segmentation tasks: (module, function(predictions, data, ...)).
-SEGMENTATION_SCORERS = {
-    "instance": ("clusterformer.metrics.instance", "score_instance_file"),
-    "semantic": ("clusterformer.metrics.semantic", "score_semantic_folder"),
-    "panoptic": ("clusterformer.metrics.panoptic", "score_panoptic"),
-}
-
 
 def register(app: typer.Typer) -> None:
     @app.command("eval")
@@ -59,13 +51,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Evaluate a checkpoint (--ckpt) or a prediction file (--task T --predictions PATH) on --data.
 
-        Prints a table and, with --out, writes JSON (classification: top1, top5 in percent;
-        top5 is top-min(5, C) when the dataset has fewer than 5 classes; detection: bbox_AP,
-        bbox_AP50, bbox_AP75 by COCOeval, with the detections written beside the metrics as
-        NAME.detections.json; instance segm_AP* + bbox_AP*, semantic mIoU, aAcc, panoptic
-        PQ, SQ, RQ, PQ_th, PQ_st, with the predictions beside the metrics as NAME.segm.json,
-        PNG folder NAME.semantic/, or NAME.panoptic.json + NAME.panoptic/, re-scorable
-        with --predictions).
+        Prints a table and, with --out, writes JSON with the task's metrics (classification:
+        top1, top5 in percent, top5 being top-min(5, C) for fewer than 5 classes; detection:
+        bbox_AP, bbox_AP50, bbox_AP75 by COCOeval; instance segm_AP* + bbox_AP*; semantic mIoU,
+        aAcc; panoptic PQ, SQ, RQ, PQ_th, PQ_st) and the predictions beside the metrics,
+        re-scorable with --predictions (NAME.detections.json, NAME.segm.json, PNG folder
+        NAME.semantic/, or NAME.panoptic.json + NAME.panoptic/).
         """
         if (ckpt is None) == (predictions is None):
             raise UserError(
@@ -97,18 +88,6 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"wrote {out}")
 
 
-def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise UserError(f"--task must be one of {', '.join(TASKS)}, got '{task}'")
-    from clusterformer.tasks import AVAILABLE_TASKS
-
-    if task not in AVAILABLE_TASKS:
-        raise UserError(
-            f"evaluation for task '{task}' arrives in a later release; "
-            f"available now: {', '.join(AVAILABLE_TASKS)}"
-        )
-
-
 def _evaluate_checkpoint(
     ckpt: Path,
     data: Path,
@@ -132,28 +111,21 @@ def _evaluate_checkpoint(
     model, task, meta = load_model_from_checkpoint(ckpt, dev)
     if task_flag is not None and task_flag != task.name:
         raise UserError(f"--task {task_flag} does not match the checkpoint's task '{task.name}'")
-    if task.name == "detection" and out is not None:
-        from clusterformer.metrics.coco import detections_path_for
-
-        # The detections JSON goes next to the metrics, so it can be re-scored or inspected.
-        task.detections_out = str(detections_path_for(out))
-    elif task.name in SEGMENTATION_SCORERS and out is not None:
+    predictions_out = None
+    if task.spec.prediction_suffix is not None and out is not None:
         from clusterformer.metrics.seg_common import predictions_path_for
 
-        task.predictions_out = str(predictions_path_for(out, task.name))
-    info = load_dataset_info(str(data))
-    _check_categories(meta.get("categories") or [], info.get("categories") or [], ckpt, data)
+        # The predictions go next to the metrics, so they can be re-scored or inspected.
+        predictions_out = predictions_path_for(out, task.spec.prediction_suffix)
+    info = load_dataset_info(str(data), task.name)
+    data_categories = task.spec.categories(info.get("categories") or [])
+    _check_categories(meta.get("categories") or [], data_categories, ckpt, data)
+    if data_categories:  # scored against the dataset's own ids (and thing / stuff split)
+        task = task.spec.build(data_categories, task.options)
     size = image_size or int(meta.get("image_size") or 224)
-    loader = build_loader(
-        str(data),
-        task.name,
-        batch_size=batch_size,
-        image_size=size,
-        train=False,
-        num_workers=num_workers,
-        rank=0,
-        world_size=1,
-    )
+    loader = build_loader(str(data), task.name, batch_size=batch_size, image_size=size,
+                          train=False, num_workers=num_workers, rank=0, world_size=1,
+                          normalisation=meta["normalisation"])  # fmt: skip
     if compile_model:
         from clusterformer.engine.compiled import checked_inference_compile
 
@@ -167,16 +139,8 @@ def _evaluate_checkpoint(
                 yield None
 
         try:
-            metrics = evaluate(
-                model,
-                task,
-                loader,
-                num_classes=len(info["categories"]),
-                device=dev,
-                amp=amp,
-                categories=info["categories"],
-                progress=ticks(),
-            )
+            metrics = evaluate(model, task, loader, device=dev, amp=amp,
+                               predictions_out=predictions_out, progress=ticks())  # fmt: skip
         except FloatingPointError as exc:  # a diverged checkpoint: name it
             raise DataError(f"{ckpt}: {exc}") from None
     return {**metrics, "step": meta.get("step"), "image_size": size, "_task": task.name}
@@ -200,85 +164,16 @@ def _check_categories(trained: list[dict], data_cats: list[dict], ckpt: Path, da
 def _score_predictions(
     task: str, predictions: Path, data: Path, num_workers: int
 ) -> dict[str, Any]:
-    if task in SEGMENTATION_SCORERS:  # needs no model, so not gated on AVAILABLE_TASKS
-        import importlib
+    from clusterformer.tasks import task_spec
 
-        module, function = SEGMENTATION_SCORERS[task]
-        scorer = getattr(importlib.import_module(module), function)
-        return scorer(predictions, data, num_workers=num_workers)
-    _check_task(task)
-    if task == "detection":
-        from clusterformer.metrics.coco import score_detection_file
-
-        return score_detection_file(predictions, data, num_workers=num_workers)
-    import torch
-
-    from clusterformer.data import build_loader, load_dataset_info
-    from clusterformer.metrics.seg_common import read_json_file
-    from clusterformer.metrics.topk import TopKAccumulator
-
-    preds = read_json_file(predictions, "predictions file")
-    if not isinstance(preds, dict):
-        raise DataError(f"{predictions}: expected a JSON object of image key -> class id")
-    categories = load_dataset_info(str(data))["categories"]
-    to_train = {int(c["id"]): int(c["train_id"]) for c in categories}
-    by_name = {str(c["name"]): int(c["train_id"]) for c in categories}
-    acc = TopKAccumulator((1, 5), num_classes=len(categories))
-    # The labels come with the images; a tiny eval size keeps decoding cheap.
-    loader = build_loader(
-        str(data),
-        "classification",
-        batch_size=64,
-        image_size=8,
-        train=False,
-        num_workers=num_workers,
-        rank=0,
-        world_size=1,
-    )
-    seen = 0
-    for batch in loader:
-        valid = batch.get("valid", [True] * len(batch["keys"]))
-        rows, labels = [], []
-        for key, label, ok in zip(batch["keys"], batch["labels"].tolist(), valid, strict=True):
-            if not ok:
-                continue
-            if key not in preds:
-                raise DataError(f"{predictions}: no prediction for image '{key}' of {data}")
-            rows.append(_ranked_ids(preds[key], key, to_train, by_name, predictions))
-            labels.append(label)
-        if rows:
-            width = max(len(r) for r in rows)
-            ranked = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int64)
-            acc.update_ranked(ranked, torch.tensor(labels, dtype=torch.int64))
-            seen += len(rows)
-    metrics = acc.compute()
-    extra = len(preds) - seen
-    if extra > 0:
-        metrics["unmatched_predictions"] = extra
-    return metrics
-
-
-def _ranked_ids(
-    value: Any, key: str, to_train: dict[int, int], by_name: dict[str, int], path: Path
-) -> list[int]:
-    items = value if isinstance(value, list) else [value]
-    out = []
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, int | str):
-            raise DataError(
-                f"{path}: prediction for '{key}' must be a class id, a class name or a list of them"
-            )
-        if isinstance(item, str):
-            if item not in by_name:
-                raise DataError(f"{path}: prediction for '{key}' names unknown class '{item}'")
-            out.append(by_name[item])
-        elif item in to_train:
-            out.append(to_train[item])
-        else:
-            raise DataError(f"{path}: prediction for '{key}' has unknown class id {item}")
-    if not out:
-        raise DataError(f"{path}: prediction for '{key}' is empty")
-    return out
+    try:
+        spec = task_spec(task)
+    except ValueError as exc:
+        raise UserError(f"--task: {exc}") from None
+    if spec.score_file is None:
+        raise UserError(f"the {task} task has no prediction file format to score; evaluate a "
+                        "checkpoint with --ckpt")  # fmt: skip
+    return spec.score_file(predictions, data, num_workers=num_workers)
 
 
 def _print_table(title: str, metrics: dict[str, Any]) -> None:

@@ -11,11 +11,6 @@ import typer
 
 from clusterformer.cli.errors import DataError, UserError
 
-PREDICT_TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
-# Distinct, readable box colours (tab10), cycled by class.
-PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
-
 
 def register(app: typer.Typer) -> None:
     @app.command("predict")
@@ -30,10 +25,10 @@ def register(app: typer.Typer) -> None:
         amp: str = typer.Option("none", "--amp", help="Mixed precision for inference: bf16, fp16 (CUDA) or none."),
         compile_model: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model (inductor with frozen weights); the first image is checked against eager."),
     ) -> None:
-        """Predict on IMAGE files with a trained model: draws boxes (detection), coloured masks
-        (instance, semantic, panoptic) or the top class (classification) with names and scores on
-        each image (OUT/<stem>.png) and writes OUT/<stem>.json (masks as COCO RLE) plus
-        OUT/predictions.json with every image's results."""
+        """Predict on IMAGE files with a trained model: draws what the task predicts (boxes,
+        coloured masks or the top class, with names and scores) on each image (OUT/<stem>.png)
+        and writes OUT/<stem>.json (masks as COCO RLE) plus OUT/predictions.json with every
+        image's results."""
         if not 0.0 <= score_threshold <= 1.0:
             raise UserError(f"--score-threshold must be in [0, 1], got {score_threshold}")
         if max_detections < 1:
@@ -128,6 +123,7 @@ def predict_images(
     from clusterformer.data.transforms import make_transform
     from clusterformer.engine.distributed import pick_device
     from clusterformer.engine.evaluate import autocast, load_model_from_checkpoint
+    from clusterformer.tasks.predictions import draw_overlay
 
     dev = pick_device(device)
     model, task, meta = load_model_from_checkpoint(ckpt, dev)
@@ -135,13 +131,9 @@ def predict_images(
         from clusterformer.engine.compiled import checked_inference_compile
 
         model = checked_inference_compile(model, amp, f"{task.name} model")
-    if task.name not in PREDICT_TASKS:
-        raise DataError(f"cf predict supports {', '.join(PREDICT_TASKS)}; {ckpt} is a {task.name} model")
-    categories = meta.get("categories") or []
-    if hasattr(task, "set_categories") and categories:
-        task.set_categories(categories)
+    categories = task.categories
     size = image_size or int(meta.get("image_size") or 224)
-    transform = make_transform(task.name, size, train=False)
+    transform = make_transform(task.name, size, train=False, **meta["normalisation"])
     _check_images(images)
     out.mkdir(parents=True, exist_ok=True)
     names = _unique_stems(images)
@@ -161,19 +153,11 @@ def predict_images(
             with autocast(amp, dev):
                 outputs = task.forward(model, batch)
             _check_outputs(outputs, ckpt, path)
-            if task.name == "detection":
-                pred = task.postprocess(outputs, batch)[0]
-                result = _detections(pred, categories, score_threshold, max_detections)
-            elif task.name in ("instance", "semantic", "panoptic"):
-                from clusterformer.cli.predict_masks import segments_of
-
-                pred = task.postprocess(outputs, batch)[0]
-                result = segments_of(task.name, pred, categories, score_threshold, max_detections)
-            else:
-                result = _classes(task.postprocess(outputs, batch)[0], categories)
+            pred = task.postprocess(outputs, batch)[0]
+            result = task.spec.describe(pred, categories, score_threshold, max_detections)
             record = {"image": str(path), "height": height, "width": width, "task": task.name, **result}
             written.extend([out / f"{stem}.png", out / f"{stem}.json"])
-            _save_overlay(image, record, out / f"{stem}.png")
+            _save_png(draw_overlay(image, record), out / f"{stem}.png")
             _write_json(out / f"{stem}.json", record)
             everything.append(record)
             progress.advance(bar)
@@ -191,69 +175,7 @@ def _unique_stems(paths: list[Path]) -> list[str]:
     return out
 
 
-def _name(categories: list[dict], train_id: int) -> tuple[str, int]:
-    if 0 <= train_id < len(categories):
-        return str(categories[train_id].get("name", train_id)), int(categories[train_id].get("id", train_id))
-    return str(train_id), train_id
-
-
-def _detections(pred: dict, categories: list[dict], threshold: float, limit: int) -> dict[str, Any]:
-    keep = pred["scores"] >= threshold
-    dets = []
-    for box, label, score in zip(pred["boxes"][keep].tolist(), pred["labels"][keep].tolist(),
-                                 pred["scores"][keep].tolist(), strict=True):
-        name, cat_id = _name(categories, int(label))
-        dets.append({"label": name, "category_id": cat_id, "train_id": int(label),
-                     "score": round(float(score), 4), "box_xyxy": [round(v, 2) for v in box]})
-    return {"detections": dets[:limit]}
-
-
-def _classes(scores, categories: list[dict]) -> dict[str, Any]:  # noqa: ANN001 - a (C,) tensor
-    prob = scores.float().softmax(-1)
-    top = prob.topk(min(5, prob.numel()))
-    ranked = []
-    for value, index in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-        name, cat_id = _name(categories, int(index))
-        ranked.append({"label": name, "category_id": cat_id, "train_id": int(index), "score": round(value, 4)})
-    return {"classes": ranked}
-
-
-MIN_OVERLAY_SIDE = 256
-
-
-def overlay_scale(height: int, width: int) -> int:
-    """Integer enlargement for drawing: images under MIN_OVERLAY_SIDE px on the long side are
-    drawn bigger (nearest neighbour) so the labels fit; the JSON keeps original pixels."""
-    return max(1, -(-MIN_OVERLAY_SIDE // max(height, width, 1)))
-
-
-def _save_overlay(image, record: dict, path: Path) -> None:  # noqa: ANN001 - uint8 (3, H, W)
-    from PIL import Image, ImageDraw
-
-    canvas = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
-    k = overlay_scale(canvas.height, canvas.width)
-    if record.get("segments") is not None:
-        from clusterformer.cli.predict_masks import draw_segments
-
-        canvas = draw_segments(canvas, record["segments"], scale=k)
-    elif k > 1:
-        canvas = canvas.resize((canvas.width * k, canvas.height * k), Image.NEAREST)
-    draw = ImageDraw.Draw(canvas)
-    for det in record.get("detections", []):
-        color = PALETTE[det["train_id"] % len(PALETTE)]
-        x0, y0, x1, y1 = (v * k for v in det["box_xyxy"])
-        draw.rectangle([x0, y0, max(x1, x0), max(y1, y0)], outline=color, width=2)
-        text = f"{det['label']} {det['score']:.2f}"
-        left, top, right, bottom = draw.textbbox((x0, y0), text)
-        ty = y0 - (bottom - top) - 2 if y0 - (bottom - top) - 2 >= 0 else y0
-        draw.rectangle([x0, ty, x0 + (right - left) + 4, ty + (bottom - top) + 2], fill=color)
-        draw.text((x0 + 2, ty), text, fill=(255, 255, 255))
-    if record.get("classes"):
-        best = record["classes"][0]
-        text = f"{best['label']} {best['score']:.2f}"
-        left, top, right, bottom = draw.textbbox((2, 2), text)
-        draw.rectangle([0, 0, right + 4, bottom + 4], fill=(0, 0, 0))
-        draw.text((2, 2), text, fill=(255, 255, 255))
+def _save_png(canvas: Any, path: Path) -> None:
     import io
 
     from clusterformer.engine.files import atomic_write_bytes

@@ -17,8 +17,15 @@ import typer
 
 from clusterformer.cli.errors import DataError, UserError
 
-QUICKSTART_TASKS = ("panoptic", "classification")
-DEFAULT_TASK = "panoptic"
+# The two halves: the recipe of the pretraining (first) half and of the scene half; the demos
+# (--task) are named after the tasks the recipes train.
+PRETRAIN_RECIPE, SCENE_RECIPE = "shapes", "shapes-panoptic"
+
+
+def recipe_task(recipe: str) -> str:
+    from clusterformer.engine.config_files import read_recipe
+
+    return read_recipe(recipe)["task"]["name"]
 
 
 def register(app: typer.Typer) -> None:
@@ -27,8 +34,8 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(
             Path("cf-quickstart"), "--out", help="Folder for the data, shards and runs (created)."
         ),
-        task: str = typer.Option(
-            DEFAULT_TASK, "--task", help="Demo: 'panoptic' (default: a classification run on "
+        task: str | None = typer.Option(
+            None, "--task", help="Demo: 'panoptic' (default: a classification run on "
             "single-shape images as pretraining, then panoptic segmentation of scenes of things "
             "over stuff) or 'classification' (the first half only, about 7 minutes)."),
         num_train: int = typer.Option(
@@ -67,10 +74,13 @@ def register(app: typer.Typer) -> None:
 
         from clusterformer.cli.runtime_opts import start_compute
 
-        if task not in QUICKSTART_TASKS:
-            raise UserError(f"--task must be one of {', '.join(QUICKSTART_TASKS)}, got '{task}'")
+        first, scenes = recipe_task(PRETRAIN_RECIPE), recipe_task(SCENE_RECIPE)
+        task = task or scenes
+        if task not in (scenes, first):
+            raise UserError(f"--task must be one of {scenes}, {first}, got '{task}'")
+        both = task == scenes
         start_compute(device)
-        run_dirs = [out / "run"] + ([out / "panoptic-run"] if task == "panoptic" else [])
+        run_dirs = [out / "run"] + ([out / f"{scenes}-run"] if both else [])
         for run_dir in run_dirs:
             if (run_dir / "checkpoints" / "last.safetensors").exists():
                 raise DataError(
@@ -78,25 +88,20 @@ def register(app: typer.Typer) -> None:
                 )
         console = Console()
         t0 = time.perf_counter()
-        stages = 6 if task == "panoptic" else 3
-        step = _Stages(console, stages)
-        cls_steps = pretrain_steps if task == "panoptic" else steps
-        cls_size = image_size if task == "classification" else None
+        step = _Stages(console, 6 if both else 3)
         metrics: dict[str, Any] = {}
-        ckpt, metrics["classification"] = _classification(
-            out, step, num_train, num_val, cls_steps, cls_size, seed, device
-        )
-        if task == "panoptic":
-            ckpt, metrics["panoptic"] = _panoptic(
-                out, step, ckpt, num_scenes, max(num_val // 4, 4), steps, image_size, seed, device
-            )
+        ckpt, metrics[first] = _pretrain(out, step, num_train, num_val,
+                                         pretrain_steps if both else steps,
+                                         None if both else image_size, seed, device)  # fmt: skip
+        if both:
+            ckpt, metrics[scenes] = _scenes(out, step, ckpt, num_scenes, max(num_val // 4, 4),
+                                            steps, image_size, seed, device)  # fmt: skip
         from clusterformer.engine.files import atomic_write_json
 
-        atomic_write_json(out / "metrics.json",
-                          metrics if task == "panoptic" else metrics["classification"])  # fmt: skip
+        atomic_write_json(out / "metrics.json", metrics if both else metrics[first])
         last_run = run_dirs[-1]
         console.print(f"done in {time.perf_counter() - t0:.0f} s; checkpoint: {ckpt}")
-        shards = out / ("scene-shards-val" if task == "panoptic" else "shards-val")
+        shards = out / ("scene-shards-val" if both else "shards-val")
         console.print(f"  evaluate again: cf eval --ckpt {last_run} --data {shards}")
         console.print(f"  predict: cf predict --ckpt {last_run} IMAGE... --out DIR")
 
@@ -115,40 +120,40 @@ class _Stages:
         return self.console.status(f"[{self.index + 1}/{self.total}] {message}")
 
 
-# kind -> (raw folder prefix, shard folder prefix, shard format, make_shapes options). The
-# scenes' things are drawn larger, apart and in contrasting colours (radius 15-30 % of the
+# half -> (raw folder prefix, shard folder prefix, make_shapes kind, shard format, make_shapes
+# options). The scenes' things are drawn larger, apart and in contrasting colours (radius 15-30 % of the
 # side): a 64-px nano predicts 16x16 masks and cannot outline the default 5-28 px, partly
 # covered things, and a thing whose colour matches the ground beneath is barely there.
-_DATA: dict[str, tuple[str, str, str, dict[str, Any]]] = {
-    "classification": ("shapes", "shards", "imagefolder", {}),
-    "scenes": ("scenes", "scene-shards", "coco-panoptic",
+_DATA: dict[str, tuple[str, str, str, str, dict[str, Any]]] = {
+    "pretrain": ("shapes", "shards", "classes", "imagefolder", {}),
+    "scenes": ("scenes", "scene-shards", "scenes", "coco-panoptic",
                {"thing_scale": (0.15, 0.3), "occlusion": False, "contrast": True}),
 }
 
 
 def _shards(out: Path, kind: str, counts: dict[str, int], seed: int,
             step: _Stages) -> dict[str, Path]:  # fmt: skip
-    """Make and shard the synthetic ``kind`` ("classification" or "scenes") per split."""
+    """Make and shard the synthetic data of one half ("pretrain" or "scenes") per split."""
     from clusterformer.data.formats import open_source
     from clusterformer.data.shapes import make_shapes
     from clusterformer.data.shards import write_shards
 
     t0 = time.perf_counter()
-    raw_prefix, shard_prefix, source_format, options = _DATA[kind]
+    raw_prefix, shard_prefix, shapes_kind, source_format, options = _DATA[kind]
     shards: dict[str, Path] = {}
     for split, split_seed in (("train", seed), ("val", seed + 1000)):
         raw, shard_dir = out / f"{raw_prefix}-{split}", out / f"{shard_prefix}-{split}"
         with step.status(f"making {counts[split]} {split} {kind} images in {raw}"):
             made = make_shapes(raw, num_images=counts[split], image_size=64, seed=split_seed,
-                               kinds=(kind,), **options)  # fmt: skip
+                               kinds=(shapes_kind,), **options)  # fmt: skip
             if source_format == "imagefolder":
-                source = open_source(source_format, Path(made["classification"]))
+                source = open_source(source_format, Path(made["classes"]))
             else:
                 source = open_source(source_format, made["images"], made["panoptic_json"],
                                      made["panoptic_masks"])  # fmt: skip
             write_shards(source, shard_dir, samples_per_shard=1024, shuffle=True, seed=split_seed)
         shards[split] = shard_dir
-    step(f"{kind} data ready in {time.perf_counter() - t0:.0f} s: {shards['train']}, "
+    step(f"{shapes_kind} data ready in {time.perf_counter() - t0:.0f} s: {shards['train']}, "
          f"{shards['val']}")  # fmt: skip
     return shards
 
@@ -163,16 +168,24 @@ def _train(cfg: Any, console: Any) -> Any:
         raise typer.Exit(exc.exit_code) from None
 
 
-def _classification(out: Path, step: _Stages, num_train: int, num_val: int, steps: int | None,
-                    image_size: int | None, seed: int, device: str | None) -> tuple[Path, dict]:  # fmt: skip
-    from clusterformer.cli.predict_cmd import predict_images
-    from clusterformer.engine.config import resolve_config
+def _config(recipe: str, shards: dict[str, Path], run: Path, steps: int | None,
+            image_size: int | None, seed: int, device: str | None, **more: Any) -> Any:  # fmt: skip
+    from clusterformer.engine.config_files import resolve_config
 
-    shards = _shards(out, "classification", {"train": num_train, "val": num_val}, seed, step)
-    cfg = resolve_config("shapes", task="classification", data=str(shards["train"]),
-                         val_data=str(shards["val"]), out=str(out / "run"), steps=steps,
-                         image_size=image_size, seed=seed, device=device)  # fmt: skip
-    step(f"training {cfg.model} classification for {cfg.steps} steps at {cfg.image_size} px")
+    return resolve_config(recipe, overrides={
+        "data.train": str(shards["train"]), "data.val": str(shards["val"]), "runtime.out": str(run),
+        "schedule.steps": steps, "data.image_size": image_size, "runtime.seed": seed,
+        "runtime.device": device, **more})
+
+
+def _pretrain(out: Path, step: _Stages, num_train: int, num_val: int, steps: int | None,
+              image_size: int | None, seed: int, device: str | None) -> tuple[Path, dict]:  # fmt: skip
+    from clusterformer.cli.predict_cmd import predict_images
+
+    shards = _shards(out, "pretrain", {"train": num_train, "val": num_val}, seed, step)
+    cfg = _config(PRETRAIN_RECIPE, shards, out / "run", steps, image_size, seed, device)
+    step(f"training {cfg.model.name} {cfg.task.name} for {cfg.schedule.steps} steps at "
+         f"{cfg.data.image_size} px")  # fmt: skip
     t0 = time.perf_counter()
     result = _train(cfg, step.console)
     metrics = dict(result.metrics)
@@ -187,19 +200,17 @@ def _classification(out: Path, step: _Stages, num_train: int, num_val: int, step
     return result.checkpoint, metrics
 
 
-def _panoptic(out: Path, step: _Stages, pretrained: Path, num_scenes: int, num_val: int,
-              steps: int | None, image_size: int | None, seed: int,
-              device: str | None) -> tuple[Path, dict]:  # fmt: skip
+def _scenes(out: Path, step: _Stages, pretrained: Path, num_scenes: int, num_val: int,
+            steps: int | None, image_size: int | None, seed: int,
+            device: str | None) -> tuple[Path, dict]:  # fmt: skip
     from clusterformer.cli.predict_cmd import predict_images
-    from clusterformer.engine.config import resolve_config
 
     shards = _shards(out, "scenes", {"train": num_scenes, "val": num_val}, seed, step)
-    cfg = resolve_config("shapes-panoptic", task="panoptic", data=str(shards["train"]),
-                         val_data=str(shards["val"]), out=str(out / "panoptic-run"),
-                         pretrained=str(pretrained), steps=steps, image_size=image_size,
-                         seed=seed, device=device)  # fmt: skip
-    step(f"training {cfg.model} panoptic from the classification backbone for {cfg.steps} "
-         f"steps at {cfg.image_size} px")  # fmt: skip
+    task = recipe_task(SCENE_RECIPE)
+    cfg = _config(SCENE_RECIPE, shards, out / f"{task}-run", steps, image_size, seed, device,
+                  **{"model.pretrained": str(pretrained)})  # fmt: skip
+    step(f"training {cfg.model.name} {task} from the pretrained backbone for "
+         f"{cfg.schedule.steps} steps at {cfg.data.image_size} px")  # fmt: skip
     t0 = time.perf_counter()
     result = _train(cfg, step.console)
     m = dict(result.metrics)
@@ -208,7 +219,7 @@ def _panoptic(out: Path, step: _Stages, pretrained: Path, num_scenes: int, num_v
          f"{m.get('SQ', 0):.2f}, RQ {m.get('RQ', 0):.2f}; training "
          f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
     examples = sorted((out / "scenes-val" / "images").glob("*.jpg"))[:8]
-    predict_images(result.checkpoint, examples, out / "panoptic-predictions", device=device)
+    predict_images(result.checkpoint, examples, out / f"{task}-predictions", device=device)
     step.console.print(f"      segments drawn on {len(examples)} held-out scenes: "
-                       f"{out / 'panoptic-predictions'}")  # fmt: skip
+                       f"{out / f'{task}-predictions'}")  # fmt: skip
     return result.checkpoint, m

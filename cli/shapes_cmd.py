@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
         only: str | None = typer.Option(
             None, "--only", help="Write only 'scenes' (COCO, panoptic, semantic) or only "
-            "'classification' (the ImageFolder tree, much faster); default both."),
+            "'classes' (the ImageFolder tree of single-shape pictures, much faster); default both."),
         thing_scale: tuple[float, float] = typer.Option(
             (0.08, 0.22), "--thing-scale", help="Radius range of the scenes' things as a "
             "fraction of --image-size (MIN MAX; larger things are easier for small models)."),
@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
                 out, num_images=num_images, image_size=image_size, seed=seed, kinds=kinds,
                 thing_scale=thing_scale, occlusion=occlusion, contrast=contrast,
             )
-        if only == "classification":
+        if only == "classes":
             console.print(f"wrote {num_images} classification images to {out}/classes")
             console.print(f"  shard with: cf shard-dataset --format imagefolder --images "
                           f"{out}/classes --out DIR")

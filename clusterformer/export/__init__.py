@@ -124,7 +124,7 @@ def export_checkpoint(
     # The file holds the weights and the graph: check for room now, not after tracing.
     files.check_writable(out.parent, weights.stat().st_size * 5 // 4 + 4 * files.MIB,
                          "the exported file", "--out")  # fmt: skip
-    spec = graph.task_export(task.name)
+    spec = task.spec.export
     if with_postprocess and spec.postprocess is None:
         raise ValueError(f"--with-postprocess is not available for {task.name}: its "
                          "post-processing cannot live in a graph; export without it")
@@ -132,7 +132,7 @@ def export_checkpoint(
     size = image_size or int(meta.get("image_size") or 224)
     size = max(size, writer.MIN_SIDE)
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    wrapper = graph.build_wrapper(model, task.name, with_postprocess)
+    wrapper = graph.build_wrapper(model, spec, with_postprocess)
     eager = graph.ExportWrapper(model, spec, with_postprocess).eval()
 
     note("tracing with torch.export")

@@ -193,7 +193,7 @@ def export_metadata(
     from clusterformer import __version__
 
     model_config = dict(meta["model_config"])
-    normalisation = meta.get("normalisation") or {}
+    normalisation = meta["normalisation"]  # the checkpoint's (load_model_from_checkpoint)
     side = static_size if static_size is not None else "dynamic"
     return {
         "format": EXPORT_FORMAT,
@@ -203,8 +203,7 @@ def export_metadata(
         "preset": model_config.get("name"),
         "model_config": model_config,
         "task_config": meta.get("task_config") or {},
-        "normalisation": {"mean": list(normalisation.get("mean", (0.485, 0.456, 0.406))),
-                          "std": list(normalisation.get("std", (0.229, 0.224, 0.225)))},
+        "normalisation": {"mean": list(normalisation["mean"]), "std": list(normalisation["std"])},
         "image_size": meta.get("image_size"),
         "input": {
             "name": "images", "dtype": "float32", "layout": "NCHW RGB",
