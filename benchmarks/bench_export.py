@@ -48,20 +48,22 @@ def bench_case(name: str, batches: list[int], warmup: int, iters: int, threads: 
 
     from clusterformer.export import graph, writer
     from clusterformer.models import create_model
+    from clusterformer.tasks import task_spec
 
     preset, task, size, classes = CASES[name]
     torch.manual_seed(0)
     model = create_model(preset, task=task, num_classes=classes).eval()
-    eager = graph.ExportWrapper(model, graph.task_export(task), False).eval()
+    heads = task_spec(task).export
+    eager = graph.ExportWrapper(model, heads, False).eval()
     rows = []
     session = None
     if "onnxruntime" in backends:
         example = torch.randn(2, 3, size, size)
         started = time.perf_counter()
-        program = writer.export_program(graph.build_wrapper(model, task, False), example, None)
+        program = writer.export_program(graph.build_wrapper(model, heads, False), example, None)
         path = Path(tempfile.mkdtemp()) / f"{name}.onnx"
         writer.save_onnx(program, eager, example, path, static_size=None, opset=18,
-                         output_names=graph.task_export(task).raw_names)
+                         output_names=heads.raw_names)
         export_s = time.perf_counter() - started
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads

@@ -24,7 +24,7 @@ from report import print_report
 
 from clusterformer.engine.optim import Schedule, build_optimizer
 from clusterformer.engine.step import TrainState, make_scaler, train_step
-from clusterformer.tasks import get_task
+from clusterformer.tasks import build_task
 
 
 def _sync(device: torch.device) -> None:
@@ -34,8 +34,8 @@ def _sync(device: torch.device) -> None:
 
 def bench_one(args: argparse.Namespace, amp: str, mode: str, device: torch.device) -> dict:
     torch.manual_seed(0)
-    task = get_task("classification", label_smoothing=0.1)
-    module = task.build_model(args.model, args.num_classes).to(device)
+    task = build_task("classification", args.num_classes, label_smoothing=0.1)
+    module = task.build_model(args.model).to(device)
     total = args.warmup + args.steps
     state = TrainState(
         model=torch.compile(module) if mode == "compile" else module, module=module,

@@ -37,7 +37,7 @@ def main() -> None:
     from clusterformer.engine.evaluate import evaluate
     from clusterformer.engine.optim import Schedule, build_optimizer
     from clusterformer.engine.step import TrainState, train_step
-    from clusterformer.tasks import get_task
+    from clusterformer.tasks import build_task
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -46,8 +46,8 @@ def main() -> None:
     info = write_shards(open_source("coco", made["images"], made["instances"]), shards,
                         samples_per_shard=16)
     categories = info["categories"]
-    task = get_task("detection")
-    model = task.build_model("clusterformer-nano", len(categories))
+    task = build_task("detection", categories)
+    model = task.build_model("clusterformer-nano")
     state = TrainState(
         model=model, module=model,
         optimizer=build_optimizer(model, lr=args.lr, weight_decay=0.05),
@@ -67,8 +67,7 @@ def main() -> None:
                 print(f"step {state.step} loss {scalars['loss']:.3f} "
                       f"({time.perf_counter() - start:.0f} s)", flush=True)
             if state.step % args.eval_every == 0 or state.step == args.steps:
-                metrics = evaluate(model, task, single, num_classes=len(categories),
-                                   device=torch.device("cpu"), categories=categories)
+                metrics = evaluate(model, task, single, device=torch.device("cpu"))
                 history.append({"step": state.step, "wall_s": round(time.perf_counter() - start, 1),
                                 **metrics})
                 print(json.dumps(history[-1]), flush=True)

@@ -76,12 +76,12 @@ def overfit(name: str, shards: Path, categories: list[dict], args: argparse.Name
     from clusterformer.engine.evaluate import evaluate
     from clusterformer.engine.optim import Schedule, build_optimizer
     from clusterformer.engine.step import TrainState, train_step
-    from clusterformer.tasks import get_task
+    from clusterformer.tasks import build_task
 
     torch.manual_seed(args.seed)
-    task = get_task(name, num_points=args.num_points)
+    task = build_task(name, categories, num_points=args.num_points)
     overrides = {"num_queries": args.num_queries} if args.num_queries else {}
-    model = task.build_model("clusterformer-nano", len(categories), **overrides)
+    model = task.build_model("clusterformer-nano", **overrides)
     state = TrainState(
         model=model, module=model,
         optimizer=build_optimizer(model, lr=args.lr, weight_decay=0.05),
@@ -95,7 +95,7 @@ def overfit(name: str, shards: Path, categories: list[dict], args: argparse.Name
     rng = random.Random(args.seed)
     history, start, eval_s = [], time.perf_counter(), 0.0
     def score() -> dict:
-        return _score(evaluate, model, task, single, categories, shards, args.out / name)
+        return _score(evaluate, model, task, single, shards, args.out / name)
 
     if args.eval_only:
         model.load_state_dict(torch.load(args.out / f"{name}.pt", weights_only=True))
@@ -129,23 +129,17 @@ def overfit(name: str, shards: Path, categories: list[dict], args: argparse.Name
     }
 
 
-def _score(evaluate, model, task, loader, categories: list[dict], shards: Path, stem: Path) -> dict:
+def _score(evaluate, model, task, loader, shards: Path, stem: Path) -> dict:
     """The evaluator's metrics at the eval size, plus the written prediction files re-scored
     against the dataset's full-resolution ground truth (``cf eval --predictions``'s scorers),
     which is exact whatever the eval size."""
-    import importlib
-
     import torch
 
-    from clusterformer.cli.eval_cmd import SEGMENTATION_SCORERS
     from clusterformer.metrics.seg_common import predictions_path_for
 
-    task.predictions_out = str(predictions_path_for(f"{stem}.json", task.name))
-    metrics = evaluate(model, task, loader, num_classes=len(categories),
-                       device=torch.device("cpu"), categories=categories)
-    module, function = SEGMENTATION_SCORERS[task.name]
-    full = getattr(importlib.import_module(module), function)(task.predictions_out, shards)
-    return {**metrics, "full_res": full}
+    written = predictions_path_for(f"{stem}.json", task.spec.prediction_suffix)
+    metrics = evaluate(model, task, loader, device=torch.device("cpu"), predictions_out=written)
+    return {**metrics, "full_res": task.spec.score_file(written, shards)}
 
 
 def _sample(batch: dict) -> dict:

@@ -7,21 +7,19 @@
     OMP_NUM_THREADS=1 python benchmarks/panoptic_settings.py train /tmp/pan --name cw2 \
         --steps 600 --pretrained RUN --set task.class_weight=2.0
 
-``--set KEY=VALUE`` overrides a field of the ``shapes-panoptic`` recipe's ``TrainConfig``;
-``model.KEY`` and ``task.KEY`` extend its ``model_overrides`` and ``task_options`` (values are
-Python literals: ``--set "model.query_init='encoder'" --set task.class_weight=2.0 --set
-backbone_lr_mult=1.0`` is the recipe before the third session). The run evaluates every
-``--eval-every`` steps and prints the final held-out metrics as one JSON line.
+``--set KEY=VALUE`` sets one setting of the ``shapes-panoptic`` recipe by its dotted key, as
+``cf train --set`` does (values read as YAML: ``--set model.decoder.query_init=encoder --set
+task.class_weight=2.0 --set optim.backbone_lr_mult=1.0`` is the recipe before the third
+session). The run evaluates every ``--eval-every`` steps and prints the final held-out metrics
+as one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 
 def make_data(root: Path, num_train: int, num_val: int, size: int,
@@ -35,22 +33,6 @@ def make_data(root: Path, num_train: int, num_val: int, size: int,
         source = open_source("coco-panoptic", made["images"], made["panoptic_json"],
                              made["panoptic_masks"])  # fmt: skip
         write_shards(source, root / f"shards-{split}")
-
-
-def overrides(pairs: list[str], recipe: dict[str, Any]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs -> resolve_config flags; model/task options extend the recipe's."""
-    flags: dict[str, Any] = {"model_overrides": dict(recipe.get("model_overrides", {})),
-                             "task_options": dict(recipe.get("task_options", {}))}  # fmt: skip
-    for pair in pairs:
-        key, _, text = pair.partition("=")
-        value = ast.literal_eval(text)
-        if key.startswith("model."):
-            flags["model_overrides"][key[6:]] = value
-        elif key.startswith("task."):
-            flags["task_options"][key[5:]] = value
-        else:
-            flags[key] = value
-    return flags
 
 
 def main() -> None:
@@ -75,14 +57,14 @@ def main() -> None:
                   not args.no_occlusion, args.contrast)  # fmt: skip
         return
 
-    from clusterformer.engine.config import RECIPES, resolve_config
+    from clusterformer.engine.config_files import resolve_config
     from clusterformer.engine.loop import train
 
     cfg = resolve_config(
-        "shapes-panoptic", task="panoptic", data=str(args.root / "shards-train"),
+        "shapes-panoptic", data=str(args.root / "shards-train"),
         val_data=str(args.root / "shards-val"), out=str(args.root / f"run-{args.name}"),
         steps=args.steps, image_size=args.size, pretrained=args.pretrained, device=args.device,
-        eval_every=args.eval_every, **overrides(args.pairs, RECIPES["shapes-panoptic"]),
+        eval_every=args.eval_every, sets=args.pairs,
     )
     start = time.perf_counter()
     result = train(cfg, handle_signals=False)

@@ -37,7 +37,7 @@ def _make_shards(root: Path, n: int, seed: int) -> Path:
 
     made = make_shapes(root / f"raw{seed}", num_images=n, image_size=32, seed=seed)
     write_shards(
-        open_source("imagefolder", Path(made["classification"])),
+        open_source("imagefolder", Path(made["classes"])),
         root / f"shards{seed}",
         samples_per_shard=16,
         seed=seed,
@@ -188,7 +188,7 @@ def test_sigkill_then_resume_continues_at_saved_step(shards: Path, tmp_path: Pat
         timeout=SAFETY_NET_S,
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads((run / "config.json").read_text())["resumed_from_step"] == step
+    assert json.loads((run / "config.json").read_text())["run"]["resumed_from_step"] == step
     again = torch.load(run / "checkpoints" / "last.state.pt", weights_only=True)
     assert again["step"] == step and again["epoch"] == saved["epoch"]
     assert again["batches_in_epoch"] == saved["batches_in_epoch"]

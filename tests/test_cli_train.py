@@ -24,7 +24,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for split, n, seed in (("train", 24, 0), ("val", 12, 1)):
         made = make_shapes(root / f"raw-{split}", num_images=n, image_size=32, seed=seed)
         write_shards(
-            open_source("imagefolder", Path(made["classification"])),
+            open_source("imagefolder", Path(made["classes"])),
             root / split,
             samples_per_shard=8,
             seed=seed,
@@ -86,11 +86,15 @@ def _cf(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
 
 def test_run_folder_contents(trained: Path) -> None:
     config = json.loads((trained / "config.json").read_text())
-    assert config["task"] == "classification" and config["model"] == "clusterformer-nano"
-    assert config["recipe"] == "shapes" and config["steps"] == 4 and config["seed"] == 3
-    assert config["image_size"] == 32 and config["batch_size"] == 4  # flags beat the recipe
-    assert config["total_steps"] == 4 and config["world_size"] == 1 and config["amp"] == "none"
-    assert config["num_classes"] == 4 and config["lr_effective"] == pytest.approx(config["lr"])
+    assert config["task"]["name"] == "classification"
+    assert config["model"]["name"] == "clusterformer-nano"
+    assert config["recipe"] == "shapes" and config["schedule"]["steps"] == 4
+    assert config["runtime"]["seed"] == 3
+    assert config["data"]["image_size"] == 32 and config["data"]["batch_size"] == 4  # flags win
+    facts = config["run"]
+    assert facts["total_steps"] == 4 and facts["world_size"] == 1 and facts["amp"] == "none"
+    assert facts["num_classes"] == 4
+    assert facts["lr_effective"] == pytest.approx(config["optim"]["lr"])
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val"]
@@ -302,8 +306,8 @@ def test_quickstart_panoptic_end_to_end_small(tmp_path: Path, capsys: pytest.Cap
     assert set(metrics) == {"classification", "panoptic"}
     assert {"PQ", "PQ_th", "PQ_st"} <= set(metrics["panoptic"]) and metrics["panoptic"]["num_images"] == 4
     config = json.loads((out / "panoptic-run" / "config.json").read_text())
-    assert config["pretrained"] == str(out / "run" / "checkpoints" / "last.safetensors")
-    assert config["model_overrides"]["query_init"] == "free"  # the recipe's, not the preset's
+    assert config["model"]["pretrained"] == str(out / "run" / "checkpoints" / "last.safetensors")
+    assert config["model"]["decoder"]["query_init"] == "free"  # the recipe's, not the preset's
     assert len(list((out / "panoptic-predictions").glob("*.png"))) == 4
     assert "backbone initialised from" in printed + err and "PQ" in printed
     code, _, err = _cf(["quickstart", "--out", str(out), "--task", "detection"], capsys)

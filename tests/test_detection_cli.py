@@ -11,7 +11,7 @@ from cli_runner import run_cf as _cf
 from PIL import Image
 
 from clusterformer.data import make_shapes, open_source, write_shards
-from clusterformer.engine.config import resolve_config
+from clusterformer.engine.config_files import resolve_config
 from clusterformer.engine.loop import train
 
 
@@ -21,7 +21,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     made = make_shapes(root / "shapes", num_images=4, image_size=64, seed=0)
     shards = root / "shards"
     write_shards(open_source("coco", made["images"], made["instances"]), shards, samples_per_shard=4)
-    cfg = resolve_config(None, task="detection", data=str(shards), out=str(root / "run"),
+    cfg = resolve_config(task="detection", data=str(shards), out=str(root / "run"),
                          model="clusterformer-nano", steps=2, batch_size=2, image_size=48,
                          lr=1e-3, device="cpu", log_every=1)
     result = train(cfg, handle_signals=False)
@@ -37,7 +37,7 @@ def test_training_logs_detection_losses(run: dict) -> None:
     first = json.loads(lines[0])
     assert {"loss", "loss_class", "loss_l1", "loss_giou"} <= set(first)
     config = json.loads((run["run"] / "config.json").read_text())
-    assert config["task"] == "detection"
+    assert config["task"]["name"] == "detection"
 
 
 def test_cf_predict_draws_boxes_and_writes_json(run: dict, tmp_path: Path) -> None:
@@ -112,10 +112,10 @@ def test_cf_train_detection_through_the_cli(run: dict, tmp_path: Path) -> None:
     assert code == 0
     assert (out / "checkpoints" / "last.safetensors").is_file()
     config = json.loads((out / "config.json").read_text())
-    assert config["task"] == "detection"
+    assert config["task"]["name"] == "detection"
 
 
 def test_small_images_are_drawn_larger() -> None:
-    from clusterformer.cli.predict_cmd import overlay_scale
+    from clusterformer.tasks.predictions import overlay_scale
 
     assert [overlay_scale(64, 64), overlay_scale(100, 30), overlay_scale(200, 300), overlay_scale(1, 1)] == [4, 3, 1, 256]

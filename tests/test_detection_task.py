@@ -22,13 +22,13 @@ from clusterformer.engine.evaluate import evaluate
 from clusterformer.metrics.coco import (
     CocoDetectionEvaluator,
     coco_bbox_metrics,
-    detections_path_for,
     score_detection_file,
 )
+from clusterformer.metrics.seg_common import predictions_path_for
 from clusterformer.models.detector import build_detector
 from clusterformer.models.registry import preset_config
 from clusterformer.ops.boxes import box_xyxy_to_cxcywh
-from clusterformer.tasks import get_task
+from clusterformer.tasks import build_task, task_spec
 from clusterformer.tasks.detection import DetectionTask, normalised_targets, postprocess_detections
 
 SMALL = {"hidden_dim": 32, "decoder_heads": 2, "decoder_ffn_dim": 64, "num_queries": 10,
@@ -75,11 +75,13 @@ def _batch(shards: Path, batch_size: int, image_size: int = 64) -> dict:
                                   image_size=image_size, train=False)))
 
 
-def test_get_task_and_config_roundtrip() -> None:
-    task = get_task("detection", label_smoothing=0.1, top_k=50)
+def test_build_task_and_config_roundtrip() -> None:
+    task = build_task("detection", 3, top_k=50)
     assert isinstance(task, DetectionTask) and task.primary_metric == "bbox_AP"
-    again = get_task("detection", **task.config())
-    assert again.config() == task.config() and again.top_k == 50
+    again = build_task("detection", 3, **task.config())
+    assert again.config() == task.config() and again.options.top_k == 50
+    with pytest.raises(ValueError, match="label_smoothing: not an option of the detection task"):
+        build_task("detection", 3, label_smoothing=0.1)
 
 
 def test_normalised_targets_drop_crowd_and_use_real_size() -> None:
@@ -93,7 +95,7 @@ def test_normalised_targets_drop_crowd_and_use_real_size() -> None:
 
 def test_loss_falls_on_a_fixed_batch(shapes: dict) -> None:
     batch = _batch(shapes["shards"], 2)
-    model, task = _model(), DetectionTask()
+    model, task = _model(), build_task("detection", 4)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(15):
@@ -108,7 +110,7 @@ def test_loss_falls_on_a_fixed_batch(shapes: dict) -> None:
 
 
 def test_criterion_perfect_boxes_and_empty_images() -> None:
-    task = DetectionTask(num_classes=3)
+    task = build_task("detection", 3)
     boxes = torch.tensor([[8.0, 8.0, 24.0, 40.0]])
     batch = {"targets": [{"boxes": boxes, "labels": torch.tensor([1]), "iscrowd": torch.tensor([False]),
                           "size": (64, 32)},
@@ -155,8 +157,8 @@ def _perfect_outputs(batch: dict, num_queries: int = 12, num_classes: int = 4) -
 @pytest.mark.parametrize("image_size", [64, 50])
 def test_ground_truth_through_postprocess_gives_ap_100(shapes: dict, image_size: int) -> None:
     categories = load_dataset_info(str(shapes["shards"]))["categories"]
-    task = DetectionTask()
-    evaluator = task.evaluator(4, categories)
+    task = build_task("detection", categories)
+    evaluator = task.evaluator()
     for batch in build_loader(str(shapes["shards"]), "detection", batch_size=3,
                               image_size=image_size, train=False):
         evaluator.update(task.postprocess(_perfect_outputs(batch), batch), batch)
@@ -168,21 +170,21 @@ def test_ground_truth_through_postprocess_gives_ap_100(shapes: dict, image_size:
 
 def test_score_file_ground_truth_gives_100_and_results_roundtrip(shapes: dict, tmp_path: Path) -> None:
     assert shapes["num_crowd"] > 0  # crowd regions are in the data and ignored by COCOeval
-    metrics = score_detection_file(shapes["instances"], shapes["shards"])
+    metrics = score_detection_file(shapes["instances"], shapes["shards"], task="detection")
     assert metrics["bbox_AP"] == pytest.approx(100.0)
     coco = json.loads(shapes["instances"].read_text())
     results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
                 "score": 0.9} for a in coco["annotations"] if not a["iscrowd"]]
     results_file = tmp_path / "results.json"
     results_file.write_text(json.dumps(results))
-    assert score_detection_file(results_file, shapes["shards"])["bbox_AP"] == pytest.approx(100.0)
+    assert score_detection_file(results_file, shapes["shards"], task="detection")["bbox_AP"] == pytest.approx(100.0)
     half = results[::2]
     results_file.write_text(json.dumps(half))
-    assert score_detection_file(results_file, shapes["shards"])["bbox_AP"] < 80
+    assert score_detection_file(results_file, shapes["shards"], task="detection")["bbox_AP"] < 80
     bad = [{**results[0], "image_id": 99999}]
     results_file.write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="99999"):
-        score_detection_file(results_file, shapes["shards"])
+        score_detection_file(results_file, shapes["shards"], task="detection")
 
 
 def test_empty_detections_and_metric_keys() -> None:
@@ -190,7 +192,8 @@ def test_empty_detections_and_metric_keys() -> None:
     images = [{"id": 1, "height": 10, "width": 10}]
     anns = [{"image_id": 1, "category_id": 5, "bbox": [1, 1, 4, 4], "area": 16, "iscrowd": 0}]
     assert coco_bbox_metrics(images, anns, [], cats) == {"bbox_AP": 0.0, "bbox_AP50": 0.0, "bbox_AP75": 0.0}
-    assert detections_path_for("out/metrics.json") == Path("out/metrics.detections.json")
+    suffix = task_spec("detection").prediction_suffix
+    assert predictions_path_for("out/metrics.json", suffix) == Path("out/metrics.detections.json")
 
 
 def test_eval_identical_at_batch_size_1_and_4(shapes: dict, tmp_path: Path) -> None:
@@ -201,11 +204,11 @@ def test_eval_identical_at_batch_size_1_and_4(shapes: dict, tmp_path: Path) -> N
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     categories = load_dataset_info(str(shapes["shards"]))["categories"]
     runs = {}
+    task = build_task("detection", categories)
     for bsz in (1, 4):
-        task = DetectionTask(detections_out=str(tmp_path / f"dets{bsz}.json"))
         loader = build_loader(str(shapes["shards"]), "detection", batch_size=bsz, image_size=72, train=False)
-        runs[bsz] = evaluate(model, task, loader, num_classes=4, device=torch.device("cpu"),
-                             categories=categories)
+        runs[bsz] = evaluate(model, task, loader, device=torch.device("cpu"),
+                             predictions_out=tmp_path / f"dets{bsz}.json")
     assert runs[1] == pytest.approx(runs[4], abs=1e-6)
     one, four = (json.loads((tmp_path / f"dets{b}.json").read_text()) for b in (1, 4))
     assert len(one) == len(four) == shapes["num_images"] * 40  # top-100 capped at Q * C
@@ -245,7 +248,7 @@ def test_real_coco128_matches_official_cocoeval(tmp_path: Path) -> None:
     from pycocotools.cocoeval import COCOeval
 
     instances = COCO128 / "annotations" / "instances.json"
-    assert score_detection_file(instances, COCO128)["bbox_AP"] == pytest.approx(100.0)
+    assert score_detection_file(instances, COCO128, task="detection")["bbox_AP"] == pytest.approx(100.0)
     rng = random.Random(0)
     results = [
         {"image_id": a["image_id"], "category_id": a["category_id"], "score": rng.random(),
@@ -261,6 +264,6 @@ def test_real_coco128_matches_official_cocoeval(tmp_path: Path) -> None:
         official.evaluate()
         official.accumulate()
         official.summarize()
-    ours = score_detection_file(path, COCO128)
+    ours = score_detection_file(path, COCO128, task="detection")
     for i, key in enumerate(("bbox_AP", "bbox_AP50", "bbox_AP75")):
         assert ours[key] == pytest.approx(100 * official.stats[i], abs=1e-6)

@@ -54,11 +54,11 @@ def _state(model):
 
 
 def _build():
-    from clusterformer.tasks import get_task
+    from clusterformer.tasks import build_task
 
-    task = get_task("classification", label_smoothing=0.1)
+    task = build_task("classification", 4, label_smoothing=0.1)
     torch.manual_seed(0)
-    return task, task.build_model("clusterformer-nano", 4)
+    return task, task.build_model("clusterformer-nano")
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -95,7 +95,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         for _ in range(STEPS):
             train_step(state, task, [local])
         # Metrics reduce across ranks: rank r sees only its half.
-        evaluator = task.evaluator(4)
+        evaluator = task.evaluator()
         predicted = local["labels"] if rank == 0 else torch.zeros_like(local["labels"])
         evaluator.update(
             torch.nn.functional.one_hot(predicted, 4).float(), {"labels": local["labels"]}
@@ -144,7 +144,7 @@ def test_cf_train_under_torchrun(tmp_path: Path) -> None:
 
     made = make_shapes(tmp_path / "raw", num_images=32, image_size=32, seed=0)
     write_shards(
-        open_source("imagefolder", Path(made["classification"])),
+        open_source("imagefolder", Path(made["classes"])),
         tmp_path / "shards",
         samples_per_shard=8,
     )

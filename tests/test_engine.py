@@ -1,5 +1,5 @@
 """Engine parts: optimizer groups, schedules, the train step (loss falls, accumulation, AMP,
-EMA), classification loss / mixup, top-k metrics, and recipe resolution."""
+EMA), classification loss / mixup, top-k metrics, and config resolution."""
 
 from __future__ import annotations
 
@@ -11,13 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from clusterformer.engine.config import RECIPES, resolve_config
+from clusterformer.engine.config_files import read_recipe, resolve_config
 from clusterformer.engine.evaluate import autocast
+from clusterformer.engine.hooks import EmaHook
 from clusterformer.engine.optim import Schedule, build_optimizer, param_groups
 from clusterformer.engine.step import ModelEma, TrainState, make_scaler, train_step
 from clusterformer.metrics import TopKAccumulator, topk_accuracy, topk_correct
-from clusterformer.tasks import get_task
-from clusterformer.tasks.classification import ClassificationTask, mix_batch, smooth_one_hot
+from clusterformer.tasks import build_task
+from clusterformer.tasks.classification import mix_batch, smooth_one_hot
+
+
+def classifier_task(num_classes: int = 4, **options: object):  # noqa: ANN201
+    return build_task("classification", num_classes, **options)
 
 
 class TinyNet(nn.Module):
@@ -87,8 +92,8 @@ def test_schedule_warmup_cosine_poly() -> None:
 
 def test_loss_falls_on_fixed_batch_real_model() -> None:
     torch.manual_seed(0)
-    task = get_task("classification", label_smoothing=0.0)
-    model = task.build_model("clusterformer-nano", 4)
+    task = classifier_task(label_smoothing=0.0)
+    model = task.build_model("clusterformer-nano")
     state = _state(model, lr=2e-3, grad_clip=1.0)
     batch = _batch(8, 32)
     losses = [train_step(state, task, [batch])["loss"] for _ in range(12)]
@@ -97,7 +102,7 @@ def test_loss_falls_on_fixed_batch_real_model() -> None:
 
 
 def test_accumulation_equals_full_batch() -> None:
-    task = ClassificationTask(label_smoothing=0.1)
+    task = classifier_task(label_smoothing=0.1)
     batch = _batch(8)
     halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
     torch.manual_seed(1)
@@ -114,14 +119,14 @@ def test_accumulation_equals_full_batch() -> None:
 
 
 def test_grad_clip_bounds_update_and_reports_norm() -> None:
-    task = ClassificationTask(label_smoothing=0.0)
+    task = classifier_task(label_smoothing=0.0)
     model = TinyNet()
     out = train_step(_state(model, grad_clip=1e-3), task, [_batch()])
     assert out["grad_norm"] > 1e-3  # reported before clipping
 
 
 def test_amp_bf16_on_cpu_and_fp16_needs_cuda() -> None:
-    task = ClassificationTask()
+    task = classifier_task()
     out = train_step(_state(TinyNet(), amp="bf16"), task, [_batch()])
     assert math.isfinite(out["loss"])
     if not torch.cuda.is_available():
@@ -136,7 +141,8 @@ def test_ema_tracks_weights() -> None:
     ema = ModelEma(model, decay=0.5)
     before = ema.module.head.weight.clone()
     state = _state(model, ema=ema)
-    train_step(state, ClassificationTask(), [_batch()])
+    train_step(state, classifier_task(), [_batch()])
+    EmaHook().after_step(type("Trainer", (), {"state": state})())
     expected = 0.5 * before + 0.5 * model.head.weight.detach()
     torch.testing.assert_close(ema.module.head.weight, expected)
     assert not any(p.requires_grad for p in ema.module.parameters())
@@ -155,7 +161,7 @@ def test_mixup_cutmix_soft_targets() -> None:
         torch.testing.assert_close(soft.sum(1), torch.ones(4))
         assert mixed.shape == images.shape
     torch.testing.assert_close(images, original)  # inputs untouched
-    task = ClassificationTask(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=4)
+    task = classifier_task(mixup_alpha=0.8, cutmix_alpha=1.0)
     batch = task.augment(_batch(4, 8), g)
     loss, logs = task.loss(torch.randn(4, 4), batch)
     assert "soft_labels" in batch and math.isfinite(float(loss)) and "loss" in logs
@@ -185,8 +191,7 @@ def test_topk_monotone_and_matches_sort(n: int, c: int, seed: int) -> None:
 
 
 def test_evaluator_skips_padding_entries() -> None:
-    task = ClassificationTask()
-    ev = task.evaluator(3)
+    ev = classifier_task(3).evaluator()
     logits = torch.tensor([[5.0, 0, 0], [5.0, 0, 0]])
     ev.update(logits, {"labels": torch.tensor([0, 1]), "valid": [True, False]})
     out = ev.compute()
@@ -197,29 +202,53 @@ def test_evaluator_skips_padding_entries() -> None:
 
 
 def test_recipe_resolution_flags_win() -> None:
-    cfg = resolve_config("imagenet-1k", data="d", out="o")
-    assert cfg.epochs == 300 and cfg.warmup_epochs == 20 and cfg.grad_clip == 5.0
-    assert cfg.mixup_alpha == 0.8 and cfg.cutmix_alpha == 1.0 and cfg.lr_base_batch == 1024
-    over = resolve_config("imagenet-1k", data="d", out="o", steps=10, lr=0.01, image_size=None)
-    assert (
-        over.steps == 10 and over.epochs is None and over.lr == 0.01 and over.lr_base_batch is None
-    )
-    assert over.image_size == RECIPES["imagenet-1k"]["image_size"]
-    plain = resolve_config(None, data="d", out="o", steps=3)
-    assert plain.label_smoothing == 0.1 and plain.mixup_alpha == 0.0
+    cfg = resolve_config("imagenet-1k", overrides={"data.train": "d", "runtime.out": "o"})
+    assert cfg.schedule.epochs == 300 and cfg.schedule.warmup_epochs == 20
+    assert cfg.optim.grad_clip == 5.0 and cfg.optim.lr_base_batch == 1024
+    assert cfg.task.name == "classification" and cfg.recipe == "imagenet-1k"
+    assert cfg.task.options.mixup_alpha == 0.8 and cfg.task.options.cutmix_alpha == 1.0
+    over = resolve_config("imagenet-1k", overrides={"schedule.steps": 10, "optim.lr": 0.01,
+                                                    "data.image_size": None})  # fmt: skip
+    assert over.schedule.steps == 10 and over.schedule.epochs is None
+    assert over.optim.lr == 0.01 and over.optim.lr_base_batch is None
+    assert over.data.image_size == read_recipe("imagenet-1k")["data"]["image_size"]
+    plain = resolve_config(overrides={"task.name": "classification", "schedule.steps": 3})
+    assert plain.task.options.label_smoothing == 0.1 and plain.task.options.mixup_alpha == 0.0
     with pytest.raises(ValueError, match="not both"):
-        resolve_config(None, steps=1, epochs=1.0)
+        resolve_config(overrides={"task.name": "classification", "schedule.steps": 1,
+                                  "schedule.epochs": 1.0})  # fmt: skip
     with pytest.raises(ValueError, match="unknown recipe"):
         resolve_config("cifar")
     with pytest.raises(ValueError, match="amp"):
-        resolve_config(None, amp="fp8")
+        resolve_config(overrides={"task.name": "classification", "runtime.amp": "fp8"})
+    with pytest.raises(ValueError, match="no task given"):
+        resolve_config(overrides={"schedule.steps": 3})
 
 
-def test_get_task_errors() -> None:
+def test_set_merges_into_nested_keys() -> None:
+    """--set changes the keys it names; the recipe's other keys of the section stay."""
+    cfg = resolve_config("shapes-panoptic", sets=["model.decoder.num_queries=12",
+                                                  "model.backbone.head_pool=concat",
+                                                  "data.augment.scale_range=[0.5, 1.5]",
+                                                  "task.num_points=256"])  # fmt: skip
+    assert cfg.model.decoder.num_queries == 12 and cfg.model.decoder.query_init == "free"
+    assert cfg.model.backbone.head_pool == "concat"
+    assert cfg.data.augment.scale_range == (0.5, 1.5)
+    assert cfg.task.options.num_points == 256 and cfg.task.options.class_weight == 5.0
+    assert cfg.model_overrides() == {"head_pool": "concat", "num_queries": 12, "query_init": "free"}
+    for bad, message in (("model.decoder.num_querys=3", "model.decoder.num_querys: unknown"),
+                         ("model.decoder.num_queries=many", "expected int"),
+                         ("task.top_k", "KEY=VALUE"),
+                         ("task.label_smoothing=0.1", "not an option of the panoptic task")):
+        with pytest.raises(ValueError, match=message):
+            resolve_config("shapes-panoptic", sets=[bad])
+
+
+def test_task_errors() -> None:
     with pytest.raises(ValueError, match="unknown task"):
-        get_task("depth")
+        build_task("depth", 3)
 
 
 def test_every_task_of_the_paper_is_available() -> None:
     for name in ("classification", "detection", "instance", "semantic", "panoptic"):
-        assert get_task(name).name == name
+        assert build_task(name, 2).name == name

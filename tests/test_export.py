@@ -13,9 +13,10 @@ import torch
 from cli_runner import run_cf as _cf
 
 from clusterformer.data import make_shapes, open_source, write_shards
-from clusterformer.engine.config import resolve_config
+from clusterformer.engine.config_files import resolve_config
 from clusterformer.engine.loop import train
-from clusterformer.export import graph, parity, read_export_metadata
+from clusterformer.export import parity, read_export_metadata
+from clusterformer.tasks import task_spec
 from clusterformer.tasks.detection import postprocess_detections
 
 pytest.importorskip("onnxruntime")
@@ -26,7 +27,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("export")
     made = make_shapes(root / "shapes", num_images=4, image_size=64, seed=0)
     sources = {
-        "classification": open_source("imagefolder", Path(made["classification"])),
+        "classification": open_source("imagefolder", Path(made["classes"])),
         "detection": open_source("coco", made["images"], made["instances"]),
         "panoptic": open_source("coco-panoptic", made["images"], made["panoptic_json"],
                                 made["panoptic_masks"]),
@@ -34,7 +35,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
     for task, source in sources.items():
         write_shards(source, root / f"{task}-shards", samples_per_shard=4)
-        cfg = resolve_config(None, task=task, data=str(root / f"{task}-shards"),
+        cfg = resolve_config(task=task, data=str(root / f"{task}-shards"),
                              out=str(root / task), model="clusterformer-nano", steps=1,
                              batch_size=2, image_size=48, lr=1e-3, device="cpu", log_every=1)
         out[task] = train(cfg, handle_signals=False).run_dir
@@ -57,7 +58,7 @@ def _export_and_check(run: Path, fmt: str, out: Path, task: str, extra: list[str
     assert out.is_file() and not list(out.parent.glob(f".{out.stem}*"))  # no temp left
     meta = read_export_metadata(out)
     ckpt_meta = json.loads((run / "config.json").read_text())
-    assert meta["task"] == task == ckpt_meta["task"]
+    assert meta["task"] == task == ckpt_meta["task"]["name"]
     assert meta["preset"] == "clusterformer-nano"
     things = sorted(c["name"] for c in meta["categories"] if c.get("isthing", True))
     assert things == ["circle", "ellipse", "rectangle", "triangle"]
@@ -171,7 +172,7 @@ def test_detection_topk_matches_task_postprocess() -> None:
     logits = torch.randn(2, 30, 5, generator=generator)
     boxes = torch.rand(2, 30, 4, generator=generator) * 0.6 + 0.2
     images = torch.zeros(2, 3, 40, 70)
-    scores, labels, xyxy = graph.detection_topk((logits, boxes), images)
+    scores, labels, xyxy = task_spec("detection").export.postprocess((logits, boxes), images)
     expected = postprocess_detections(logits, boxes, [(40, 70), (40, 70)], top_k=100)
     for i, exp in enumerate(expected):
         assert torch.equal(scores[i], exp["scores"]) and torch.equal(labels[i], exp["labels"])

@@ -21,7 +21,7 @@ import clusterformer.models.backbone as backbone_module
 import clusterformer.models.mixer as mixer_module
 from clusterformer.models import CENTER_UPDATES, DISPATCHINGS, ClusteringMixer, create_model
 from clusterformer.models.layers import masked_group_norm
-from clusterformer.tasks import get_task
+from clusterformer.tasks import build_task
 
 RTOL = 1e-5  # max |fast - general| / max |general|
 
@@ -201,7 +201,7 @@ class Recorder(nn.Module):
 
 
 def test_task_forward_drops_an_all_true_mask_and_keeps_a_padded_one():
-    task, model = get_task("classification"), Recorder()
+    task, model = build_task("classification", 3), Recorder()
     images = torch.randn(2, 3, 8, 8)
     full = torch.ones(2, 8, 8, dtype=torch.bool)
     padded = full.clone()

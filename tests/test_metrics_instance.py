@@ -54,7 +54,7 @@ def gt_results(root, rng=None, crowd_too=False):
 def test_ground_truth_as_prediction_is_100(shapes, tmp_path):
     path = tmp_path / "res.json"
     path.write_text(json.dumps(gt_results(shapes)))
-    m = score_instance_file(path, shapes)
+    m = score_instance_file(path, shapes, task="instance")
     assert all(m[k] == 100.0 for k in ("segm_AP", "segm_AP50", "segm_AP75", "bbox_AP"))
 
 
@@ -63,7 +63,7 @@ def test_crowd_regions_are_ignored(shapes, tmp_path):
     assert any(a["iscrowd"] for a in doc["annotations"])  # the fixture must hold a crowd region
     path = tmp_path / "res.json"
     path.write_text(json.dumps(gt_results(shapes, crowd_too=True)))
-    assert score_instance_file(path, shapes)["segm_AP"] == 100.0
+    assert score_instance_file(path, shapes, task="instance")["segm_AP"] == 100.0
 
 
 def test_matches_cocoeval_on_source_files(shapes, tmp_path):
@@ -73,7 +73,7 @@ def test_matches_cocoeval_on_source_files(shapes, tmp_path):
     results = gt_results(shapes, np.random.default_rng(0))
     path = tmp_path / "res.json"
     path.write_text(json.dumps(results))
-    ours = score_instance_file(path, shapes)
+    ours = score_instance_file(path, shapes, task="instance")
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         gt = COCO(str(shapes / "instances.json"))
@@ -109,7 +109,7 @@ def test_evaluator_batch_sizes(shapes, tmp_path, image_size):
             ev.update(preds, batch)
         results.append(ev.compute())
         if image_size == 64:  # full size: the loop's GT equals the source's, up to polygon areas
-            rescored = score_instance_file(out, shapes)
+            rescored = score_instance_file(out, shapes, task="instance")
             assert rescored["segm_AP"] == pytest.approx(results[-1]["segm_AP"], abs=1e-9)
     assert results[0] == results[1]
     assert results[0]["segm_AP"] == 100.0  # GT masks (resized back when needed) match themselves
@@ -124,7 +124,7 @@ def test_result_file_errors(shapes, tmp_path):
     wrong = dict(entry, segmentation=encode_masks(np.ones((1, 5, 5), bool))[0])
     bad.write_text(json.dumps([wrong]))
     with pytest.raises(ValueError, match=r"bad.json: entry 0: mask size \[5, 5\]"):
-        score_instance_file(bad, shapes)
+        score_instance_file(bad, shapes, task="instance")
     bad.write_text(json.dumps([dict(entry, category_id=999)]))
     with pytest.raises(ValueError, match="unknown category_id 999"):
-        score_instance_file(bad, shapes)
+        score_instance_file(bad, shapes, task="instance")

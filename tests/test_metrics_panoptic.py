@@ -162,7 +162,7 @@ def shapes(tmp_path_factory) -> Path:
 
 
 def test_ground_truth_as_prediction_is_100(shapes):
-    m = score_panoptic(shapes / "panoptic.json", shapes)
+    m = score_panoptic(shapes / "panoptic.json", shapes, task="panoptic")
     assert (m["PQ"], m["SQ"], m["RQ"], m["PQ_th"], m["PQ_st"]) == (100.0,) * 5
     assert m["num_images"] == 8
 
@@ -174,7 +174,7 @@ def test_matches_panopticapi_on_perturbed_predictions(shapes, tmp_path, seed):
     for gt_root in (shapes, gt):
         pred = tmp_path / f"pred{gt_root.name}.json"
         perturb_panoptic(gt_root / "panoptic.json", gt_root / "panoptic", pred, seed)
-        ours = score_panoptic(pred, gt_root)
+        ours = score_panoptic(pred, gt_root, task="panoptic")
         expected = oracle_pq(gt_root / "panoptic.json", gt_root / "panoptic", pred)
         for key, value in expected.items():
             assert ours[key] == pytest.approx(value, abs=1e-6), key
@@ -203,11 +203,11 @@ def test_evaluator_equals_file_scoring_and_batch_size(shapes, tmp_path):
                 items.append({"panoptic": ids, "segments": segs})
             ev.update(items, batch)
         results.append(ev.compute())
-        rescored = score_panoptic(out, shapes)
+        rescored = score_panoptic(out, shapes, task="panoptic")
         for key in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st"):
             assert results[-1][key] == pytest.approx(rescored[key], abs=1e-9)
     assert results[0] == results[1]
-    assert results[0]["PQ"] == pytest.approx(score_panoptic(pred_json, shapes)["PQ"], abs=1e-9)
+    assert results[0]["PQ"] == pytest.approx(score_panoptic(pred_json, shapes, task="panoptic")["PQ"], abs=1e-9)
 
 
 def test_evaluator_resized_ground_truth_gt_as_prediction(shapes):
@@ -252,10 +252,10 @@ def test_coco_val2017_100_against_panopticapi(tmp_path):
     shutil.copy(root / "annotations/panoptic.json", data / "panoptic.json")
     gt_json, gt_dir = root / "annotations/panoptic.json", root / "panoptic"
     # Ground truth as prediction: the folder beside a copy of the JSON is the PNG folder.
-    m = score_panoptic(data / "panoptic.json", data)
+    m = score_panoptic(data / "panoptic.json", data, task="panoptic")
     assert m["PQ"] == 100.0 and m["num_images"] == 100
     pred = tmp_path / "pred.json"
     perturb_panoptic(gt_json, gt_dir, pred, seed=0)
-    ours = score_panoptic(pred, data)
+    ours = score_panoptic(pred, data, task="panoptic")
     for key, value in oracle_pq(gt_json, gt_dir, pred).items():
         assert ours[key] == pytest.approx(value, abs=1e-6), key

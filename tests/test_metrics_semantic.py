@@ -90,7 +90,7 @@ def shapes(tmp_path_factory):
 
 
 def test_ground_truth_folder_is_100(shapes):
-    m = score_semantic_folder(shapes / "semantic", shapes)
+    m = score_semantic_folder(shapes / "semantic", shapes, task="semantic")
     assert (m["mIoU"], m["aAcc"], m["num_images"]) == (100.0, 100.0, 6.0)
 
 
@@ -112,7 +112,7 @@ def test_perturbed_folder_against_hand_computation(shapes, tmp_path):
     # mmseg's histc drops predictions outside 0..C-1 from area_pred but keeps them in area_label.
     miou, aacc = mmseg_miou([np.where(k, p, -1) for p, k in zip(preds, keep, strict=True)],
                             labels, num_classes)  # fmt: skip
-    m = score_semantic_folder(tmp_path, shapes)
+    m = score_semantic_folder(tmp_path, shapes, task="semantic")
     assert m["mIoU"] == pytest.approx(miou, abs=1e-9) and m["mIoU"] < 100
     assert m["aAcc"] == pytest.approx(aacc, abs=1e-9)
 
@@ -133,7 +133,7 @@ def test_evaluator_batch_sizes_and_written_predictions(shapes, tmp_path, image_s
                 preds.append(torch.where(gt == 255, 0, wrong))
             ev.update(preds, batch)
         results.append(ev.compute())
-        rescored = score_semantic_folder(out, shapes) if image_size == 48 else None
+        rescored = score_semantic_folder(out, shapes, task="semantic") if image_size == 48 else None
         if rescored is not None:
             assert rescored["mIoU"] == pytest.approx(results[-1]["mIoU"], abs=1e-9)
     assert results[0] == results[1] and 0 < results[0]["mIoU"] < 100

@@ -15,10 +15,13 @@ from hypothesis import strategies as st
 from clusterformer.models import (
     CENTER_UPDATES,
     DISPATCHINGS,
+    Architecture,
+    BackboneOptions,
     ClusterFormer,
     create_model,
     list_models,
-    register_task,
+    register_architecture,
+    register_task_model,
     registry,
 )
 
@@ -225,19 +228,27 @@ def test_model_config_rebuilds_the_model() -> None:
     assert isinstance(model, ClusterFormer)
 
 
-def test_task_builders_are_pluggable(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A task without a builder says so; registering one makes create_model use it."""
-    builders = {task: fn for task, fn in registry.TASK_BUILDERS.items() if task != "panoptic"}
-    monkeypatch.setattr(registry, "TASK_BUILDERS", builders)  # restored after the test
-    monkeypatch.setattr(registry, "TASK_OPTIONS", dict(registry.TASK_OPTIONS))
-    with pytest.raises(ValueError, match="panoptic head is not available yet"):
-        create_model("clusterformer-nano", task="panoptic")
-    register_task("panoptic", lambda num_classes, **options: ClusterFormer(
-        num_classes=num_classes + 1, **options))
-    model = create_model("clusterformer-nano", task="panoptic", num_classes=4)
-    assert model.num_classes == 5 and model.model_config["task"] == "panoptic"
-    with pytest.raises(ValueError, match="unknown task"):
-        register_task("captioning", ClusterFormer)
+def test_a_new_task_can_register_its_architecture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """create_model builds a task that registered an architecture; an unknown one is refused."""
+    monkeypatch.setattr(registry, "ARCHITECTURES", dict(registry.ARCHITECTURES))
+    monkeypatch.setattr(registry, "TASK_ARCHITECTURES", dict(registry.TASK_ARCHITECTURES))
+    register_architecture("wide-classifier", Architecture(
+        lambda num_classes, backbone=None, **options: ClusterFormer(num_classes=num_classes + 1,
+                                                                    **options)))
+    register_task_model("counting", "wide-classifier")
+    model = create_model("clusterformer-nano", task="counting", num_classes=4)
+    assert model.num_classes == 5 and model.model_config["task"] == "counting"
+    with pytest.raises(ValueError, match="unknown architecture"):
+        register_task_model("captioning", "transformer-decoder")
+
+
+def test_backbone_options_are_the_backbone_constructors() -> None:
+    """model.backbone in a training config names ClusterFormer's own arguments."""
+    import dataclasses
+    import inspect
+
+    params = set(inspect.signature(ClusterFormer.__init__).parameters)
+    assert {f.name for f in dataclasses.fields(BackboneOptions)} <= params
 
 
 def test_create_model_errors() -> None:

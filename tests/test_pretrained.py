@@ -14,7 +14,7 @@ from clusterformer.engine.checkpoint import (
 )
 from clusterformer.engine.evaluate import checkpoint_metadata
 from clusterformer.models import create_model
-from clusterformer.tasks import get_task
+from clusterformer.tasks import build_task
 from tests.cli_runner import run_cf
 
 SMALL_DECODER = {"hidden_dim": 32, "num_queries": 6, "decoder_layers": 2, "decoder_heads": 2,
@@ -22,7 +22,7 @@ SMALL_DECODER = {"hidden_dim": 32, "num_queries": 6, "decoder_layers": 2, "decod
 
 
 def _save(model: torch.nn.Module, task: str, folder: Path) -> Path:
-    meta = checkpoint_metadata(model, get_task(task), categories=[], image_size=32)
+    meta = checkpoint_metadata(model, build_task(task, model.num_classes), image_size=32)
     return save_checkpoint(folder, weights=model, metadata=meta, state={}, step=1)
 
 
@@ -67,8 +67,8 @@ def test_cli_train_with_pretrained(tmp_path, capsys):
     from clusterformer.data.shapes import make_shapes
     from clusterformer.data.shards import write_shards
 
-    made = make_shapes(tmp_path / "raw", num_images=8, image_size=32, kinds=("classification",))
-    write_shards(open_source("imagefolder", Path(made["classification"])), tmp_path / "shards")
+    made = make_shapes(tmp_path / "raw", num_images=8, image_size=32, kinds=("classes",))
+    write_shards(open_source("imagefolder", Path(made["classes"])), tmp_path / "shards")
     source = create_model("clusterformer-nano", num_classes=4)
     path = _save(source, "classification", tmp_path / "cls")
     common = ["train", "--task", "classification", "--data", str(tmp_path / "shards"), "--steps",

@@ -16,8 +16,8 @@ from PIL import Image, ImageEnhance, ImageOps
 from clusterformer.data import build_loader, make_shapes
 from clusterformer.data import rand_augment as ra
 from clusterformer.data.transforms import make_transform
-from clusterformer.engine.config import resolve_config
-from clusterformer.engine.loop import _transforms_missing, train_augment_options
+from clusterformer.engine.config_files import resolve_config
+from clusterformer.engine.loop import augment_options
 
 
 def _image(h: int = 29, w: int = 37, seed: int = 0) -> torch.Tensor:
@@ -293,34 +293,28 @@ def test_classification_loader_with_both_options(tmp_path: Path) -> None:
 
 
 def test_imagenet_recipe_options_reach_the_loader() -> None:
-    cfg = resolve_config("imagenet-1k", task="classification", data="d", out="o")
-    options = train_augment_options(cfg)
+    cfg = resolve_config("imagenet-1k", data="d", out="o")
+    options, missing = augment_options(cfg, "image")
     assert options == {"rand_augment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.25}
-    assert _transforms_missing(cfg) == []
-    transform = make_transform("classification", cfg.image_size, True, **options)
+    assert missing == []
+    transform = make_transform("classification", cfg.data.image_size, True, **options)
     out = transform(_sample(), torch.Generator().manual_seed(0))
     assert out["image"].shape == (3, 224, 224) and out["image"].dtype == torch.float32
 
-    off = resolve_config("imagenet-1k", task="classification", data="d", out="o",
-                         rand_augment="none", random_erasing=0.0)  # fmt: skip
-    assert train_augment_options(off) == {}
-    dense = resolve_config("imagenet-1k", task="semantic", data="d", out="o")
-    assert train_augment_options(dense) == {}
-    assert _transforms_missing(dense) == ["rand_augment", "random_erasing"]
-    clash = resolve_config("imagenet-1k", task="classification", data="d", out="o",
-                           augment={"random_erasing": 0.5})  # fmt: skip
-    with pytest.raises(ValueError, match="random_erasing is given twice"):
-        train_augment_options(clash)
-    same = resolve_config("imagenet-1k", task="classification", data="d", out="o",
-                          augment={"random_erasing": 0.25, "scale": [0.5, 1.0]})  # fmt: skip
-    assert train_augment_options(same)["scale"] == [0.5, 1.0]
+    off = resolve_config("imagenet-1k", data="d", out="o", rand_augment="none",
+                         random_erasing=0.0)  # fmt: skip
+    assert augment_options(off, "image") == ({"random_erasing": 0.0}, [])
+    # the dense transforms take neither: they are left out, with a note
+    assert augment_options(cfg, "dense") == ({}, ["rand_augment", "random_erasing"])
+    more = resolve_config("imagenet-1k", data="d", out="o", sets=["data.augment.scale=[0.5, 1]"])
+    assert augment_options(more, "image")[0]["scale"] == [0.5, 1.0]
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--rand-augment", "rand-m9-zz1"], "--rand-augment: RandAugment spec"),
-        (["--random-erasing", "1.5"], "--random-erasing must be in [0, 1]"),
+        (["--random-erasing", "1.5"], "data.augment.random_erasing must be in [0, 1]"),
     ],
 )
 def test_cli_rejects_bad_values_in_one_line(

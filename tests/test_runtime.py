@@ -106,7 +106,7 @@ def test_allocator_setting_applies_on_glibc_in_a_child_process():
     code = ("from clusterformer.engine.runtime import tune_cpu_allocator; "
             "print(tune_cpu_allocator())")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
 
@@ -130,7 +130,7 @@ def class_folder(tmp_path_factory) -> Path:
     from clusterformer.data.shapes import make_shapes
 
     made = make_shapes(tmp_path_factory.mktemp("rt") / "raw", num_images=4, image_size=32, seed=0)
-    return Path(made["classification"])
+    return Path(made["classes"])
 
 
 def _cf(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

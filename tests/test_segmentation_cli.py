@@ -13,9 +13,8 @@ from cli_runner import run_cf as _cf
 from PIL import Image
 
 from clusterformer.data import make_shapes, open_source, write_shards
-from clusterformer.engine.config import resolve_config
+from clusterformer.engine.config_files import resolve_config
 from clusterformer.engine.loop import train
-from clusterformer.tasks import get_task
 
 TASKS = ("instance", "semantic", "panoptic")
 SMALL = {"hidden_dim": 32, "decoder_heads": 2, "decoder_ffn_dim": 64, "num_queries": 10,
@@ -35,14 +34,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for task, source in sources.items():
         shards = root / f"shards-{task}"
         write_shards(source, shards, samples_per_shard=4)
-        cfg = resolve_config(None, task=task, data=str(shards), out=str(root / f"run-{task}"),
-                             model="clusterformer-nano", model_overrides=SMALL, steps=2, batch_size=2,
-                             image_size=48, lr=1e-3, device="cpu", log_every=1,
-                             val_data=str(shards))
         # Panoptic keeps every center (threshold 0, saved in the checkpoint's task config) so a
         # 2-step model still writes segments for the eval tests below to compare.
-        seg_task = get_task(task, object_threshold=0.0) if task == "panoptic" else None
-        out[task] = {"run": train(cfg, task=seg_task, handle_signals=False).run_dir, "shards": shards}
+        threshold = ["task.object_threshold=0.0"] if task == "panoptic" else []
+        cfg = resolve_config(task=task, data=str(shards), out=str(root / f"run-{task}"),
+                             model="clusterformer-nano", steps=2, batch_size=2, image_size=48,
+                             lr=1e-3, device="cpu", log_every=1, val_data=str(shards),
+                             sets=threshold, **SMALL)
+        out[task] = {"run": train(cfg, handle_signals=False).run_dir, "shards": shards}
     return out
 
 
@@ -61,7 +60,7 @@ WRITTEN = {"instance": "m.segm.json", "semantic": "m.semantic", "panoptic": "m.p
 def test_training_logs_mask_losses(runs: dict, task: str) -> None:
     first = json.loads((runs[task]["run"] / "metrics.jsonl").read_text().splitlines()[0])
     assert {"loss", "loss_class", "loss_mask", "loss_dice"} <= set(first)
-    assert json.loads((runs[task]["run"] / "config.json").read_text())["task"] == task
+    assert json.loads((runs[task]["run"] / "config.json").read_text())["task"]["name"] == task
 
 
 @pytest.mark.parametrize("task", TASKS)

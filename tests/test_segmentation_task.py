@@ -13,15 +13,9 @@ from PIL import Image
 
 from clusterformer.data import build_loader, make_shapes, open_source, write_shards
 from clusterformer.models import create_model
-from clusterformer.tasks import get_task
-from clusterformer.tasks.segmentation import (
-    MaskCriterion,
-    SegmentationTask,
-    mask_targets,
-    pairwise_dice,
-    pairwise_sigmoid_ce,
-    point_scales,
-)
+from clusterformer.tasks import build_task
+from clusterformer.tasks.criterion import MaskCriterion, pairwise_dice, pairwise_sigmoid_ce
+from clusterformer.tasks.masks import MaskTask, point_scales
 
 SMALL = {"hidden_dim": 32, "decoder_heads": 2, "decoder_ffn_dim": 64, "num_queries": 10,
          "decoder_layers": 3}
@@ -70,24 +64,25 @@ def _batch(path: Path, task: str, batch_size: int, image_size: int = 64) -> dict
     return next(iter(build_loader(str(path), task, batch_size=batch_size, image_size=image_size, train=False)))
 
 
-def test_get_task_names_metrics_and_config_roundtrip() -> None:
+def test_task_names_metrics_and_config_roundtrip() -> None:
     for name, metric in (("instance", "segm_AP"), ("semantic", "mIoU"), ("panoptic", "PQ")):
-        task = get_task(name, label_smoothing=0.1, num_points=64)
-        assert isinstance(task, SegmentationTask) and task.name == name and task.primary_metric == metric
-        assert get_task(name, **task.config()).config() == task.config()
-    with pytest.raises(ValueError, match="unknown segmentation task"):
-        SegmentationTask("detection")
+        task = build_task(name, 3, num_points=64)
+        assert isinstance(task, MaskTask) and task.name == name and task.primary_metric == metric
+        assert build_task(name, 3, **task.config()).config() == task.config()
+        with pytest.raises(ValueError, match=f"label_smoothing: not an option of the {name} task"):
+            build_task(name, 3, label_smoothing=0.1)
 
 
 def test_mask_targets_per_task(shards: dict[str, Path]) -> None:
     sem = _batch(shards["semantic"], "semantic", 2)
-    targets = mask_targets(sem, "semantic", torch.device("cpu"))
+    targets = build_task("semantic", 7).targets(sem, torch.device("cpu"))
     for t, raw in zip(targets, sem["targets"], strict=True):
         assert 255 not in t["labels"].tolist()
         assert t["masks"].shape[1:] == raw["semantic"].shape
         assert t["masks"].sum(0).max() <= 1  # one mask per class, disjoint
     inst = _batch(shards["instance"], "instance", 5)
-    for t, raw in zip(mask_targets(inst, "instance", torch.device("cpu")), inst["targets"], strict=True):
+    inst_targets = build_task("instance", 4).targets(inst, torch.device("cpu"))
+    for t, raw in zip(inst_targets, inst["targets"], strict=True):
         assert len(t["labels"]) == int((~raw["iscrowd"]).sum())
 
 
@@ -129,7 +124,7 @@ def test_criterion_perfect_prediction_and_empty_targets() -> None:
 @pytest.mark.parametrize("task_name", TASKS)
 def test_loss_falls_on_a_fixed_batch(shards: dict[str, Path], task_name: str) -> None:
     num_classes = 4 if task_name == "instance" else 7
-    task = get_task(task_name, num_points=256)
+    task = build_task(task_name, num_classes, num_points=256)
     model = _model(task_name, num_classes)
     batch = _batch(shards[task_name], task_name, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -147,7 +142,7 @@ def test_loss_falls_on_a_fixed_batch(shards: dict[str, Path], task_name: str) ->
 
 @pytest.mark.parametrize("masked_attention", [False, True])
 def test_every_parameter_gets_a_finite_gradient(shards: dict[str, Path], masked_attention: bool) -> None:
-    task = get_task("panoptic", num_points=128)
+    task = build_task("panoptic", 7, num_points=128)
     model = _model("panoptic", 7, masked_attention=masked_attention)
     batch = _batch(shards["panoptic"], "panoptic", 5)
     outputs = task.forward(model, batch)
@@ -168,8 +163,8 @@ def test_predictions_identical_at_batch_size_1_and_4(shards: dict[str, Path], ta
     with torch.no_grad():  # random, non-degenerate heads so masks and scores vary
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    task = get_task(task_name, object_threshold=0.0)
-    task.thing_classes = [True] * 4 + [False] * (num_classes - 4)
+    categories = [{"id": i, "name": str(i), "isthing": i < 4} for i in range(num_classes)]
+    task = build_task(task_name, categories, object_threshold=0.0)
     preds = {}
     for bsz in (1, 4):
         loader = build_loader(str(shards[task_name]), task_name, batch_size=bsz, image_size=72, train=False)

@@ -147,7 +147,7 @@ def test_cli_make_shapes(tmp_path, capsys):
 
 def test_kinds_write_the_same_files_alone_as_together(shapes, tmp_path):
     full = _tree(Path(shapes["root"]))
-    for kind, prefix in (("classification", "classes/"), ("scenes", None)):
+    for kind, prefix in (("classes", "classes/"), ("scenes", None)):
         alone = _tree(Path(make_shapes(tmp_path / kind, num_images=NUM, image_size=SIZE,
                                        kinds=(kind,))["root"]))  # fmt: skip
         expected = {k: v for k, v in full.items()
@@ -161,7 +161,7 @@ def test_cli_only_classification(tmp_path, capsys):
     from clusterformer.cli.app import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["make-shapes", str(tmp_path / "c"), "--num-images", "4", "--only", "classification"])
+        main(["make-shapes", str(tmp_path / "c"), "--num-images", "4", "--only", "classes"])
     assert exit_info.value.code == 0
     assert not (tmp_path / "c" / "images").exists() and len(list((tmp_path / "c").rglob("*.jpg"))) == 4
     with pytest.raises(SystemExit) as exit_info:
