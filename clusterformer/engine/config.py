@@ -262,7 +262,7 @@ def build_config(values: Mapping[str, Any]) -> TrainConfig:
     except ValueError as exc:
         raise ValueError(f"task.name: {exc}") from None
     cfg.task = TaskConfig(name, spec.make_options(task_values))
-    spec.build(1, cfg.task.options)  # the task's own checks (e.g. label smoothing range)
+    spec.build(spec.categories([]), cfg.task.options)  # its own checks (label smoothing range)
     validate(cfg)
     return cfg
 

@@ -135,6 +135,7 @@ def resolve_config(recipe: str | None = None, config: str | Path | None = None,
         raise ValueError("give a --recipe or a --config file, not both")
     layer = read_recipe(recipe) if recipe is not None else (
         read_config_file(config) if config is not None else {})
+    layer.pop("run", None)  # a run's config.json: what the run resolved, not settings
     from clusterformer.engine.config_flags import flag_settings
 
     given = {**dict(overrides or {}), **flag_settings(flags)}
