@@ -27,7 +27,7 @@ BUILTIN_TASK_MODULES: tuple[str, ...] = (
     "clusterformer.tasks.semantic",
     "clusterformer.tasks.panoptic",
 )
-# The task ``create_model`` builds for when none is named (DESIGN: ``task="classification"``).
+# The task ``create_model`` builds for when none is named (its documented default).
 DEFAULT_TASK = "classification"
 ENTRY_POINT_GROUP = "clusterformer.tasks"
 PLUGINS_ENV = "CLUSTERFORMER_PLUGINS"

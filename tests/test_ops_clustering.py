@@ -1,4 +1,5 @@
-"""Invariants of the clustering ops (DESIGN §2), checked as hypothesis properties."""
+"""Invariants of the clustering ops (README, "The clustering ops"), checked as hypothesis
+properties."""
 
 from __future__ import annotations
 
@@ -315,7 +316,7 @@ def test_ops_do_not_write_into_inputs():
 
 
 def dispatch_reference(features, centers, alpha, beta, mlp):
-    """Per-pixel loop straight from the formula in DESIGN §2."""
+    """Per-pixel loop straight from the formula of feature_dispatching's docstring."""
     k = centers.shape[0]
     rows = []
     for f in features:

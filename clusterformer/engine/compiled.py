@@ -8,8 +8,8 @@ by more than a tolerance (relative to the largest eager value: 1e-4 in float32, 
 bf16 autocast, whose rounding differs between fused and unfused kernels).
 
 Inference compiles with inductor's ``freezing``: weights become constants, so it can fold them
-and prepack them for oneDNN (measured 1.46x over eager for clusterformer-tiny at one thread in
-the issue that added this). Freezing applies to graphs traced without gradients only.
+and prepack them for oneDNN (measured 1.46x over eager for clusterformer-tiny at one thread
+when this was added). Freezing applies to graphs traced without gradients only.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Semantic segmentation: mIoU and aAcc from a confusion matrix (mmsegmentation's definition).
 
-Conventions (DESIGN §4): ground truth in train ids with 255 = ignore (ADE20K's label 0 "other"
+Conventions: ground truth in train ids with 255 = ignore (ADE20K's label 0 "other"
 is ignored and labels 1..150 become classes 0..149 when the data is decoded); pixels whose
 ground truth is ignored (or outside 0..C-1) are not counted. A prediction outside 0..C-1
 (e.g. "other" in a prediction PNG) is counted in an extra column: wrong for every class.

@@ -1,4 +1,4 @@
-"""The ClusterFormer backbone (DESIGN §5) with a timm-like classification head.
+"""The ClusterFormer backbone with a timm-like classification head.
 
 Layout: a 4x4/4 stem conv over RGB plus two coordinate channels, four stages of
 :class:`ClusterBlock` with 3x3/2 conv downsampling between them, features at strides

@@ -1,4 +1,5 @@
-"""Named presets, model architectures and ``create_model`` (DESIGN §5 contract).
+"""Named presets, model architectures and ``create_model`` (a public entry point: its name,
+arguments and defaults stay).
 
 A model is ``preset options + overrides`` handed to an *architecture* builder: the classifier,
 the detector or the segmenter here, or one a plugin registers. Which architecture a task uses
