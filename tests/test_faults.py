@@ -261,9 +261,9 @@ def test_resume_with_another_task_names_both_values(fault_run: Path) -> None:
 
 # ----------------------------------------------------------------------------- 6. divergence
 def _poison(how: str) -> object:
-    from clusterformer.engine import loop
+    from clusterformer.engine import trainer
 
-    real = loop.train_step
+    real = trainer.train_step
 
     def poisoned(state, task, group, **kwargs):  # noqa: ANN001, ANN202
         scalars = real(state, task, group, **kwargs)
@@ -283,9 +283,9 @@ def test_a_diverging_run_keeps_the_last_good_checkpoint(
 ) -> None:  # fmt: skip
     """NaN weights, or finite ones so large the outputs overflow: the save of step 3 is refused
     with one line, and ``last`` stays the step-2 checkpoint."""
-    from clusterformer.engine import loop
+    from clusterformer.engine import trainer
 
-    monkeypatch.setattr(loop, "train_step", _poison(how))
+    monkeypatch.setattr(trainer, "train_step", _poison(how))
     run = tmp_path / "run"
     code, err = cf(train_argv(fault_shards, run, 5, "--save-every", "1"), capsys)
     line = error_line(err)

@@ -1,10 +1,5 @@
-"""What the training loop does besides stepping, as hooks (detectron2's ``HookBase``).
-
-The loop (:class:`clusterformer.engine.loop.Trainer`) calls every hook's ``before_train`` in
-order, ``after_step`` in order after each optimizer step, and ``after_train`` in reverse order
-at the end (as nested context managers exit: the last registered finishes first, so the final
-checkpoint is committed before the final evaluation). A hook reads and changes the trainer's
-state; it returns nothing.
+"""What the training loop does besides stepping, as hooks (:class:`~clusterformer.engine.
+trainer.HookBase`; the order they are called in: :mod:`clusterformer.engine.trainer`).
 
 * :class:`EmaHook` -- the exponential moving average of the weights.
 * :class:`LoggingHook` -- training scalars every ``log_every`` steps (mean over ranks, images
@@ -17,8 +12,6 @@ state; it returns nothing.
 from __future__ import annotations
 
 import signal
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,23 +22,11 @@ from clusterformer.engine.distributed import any_rank, gather_objects, mean_acro
 from clusterformer.engine.divergence import TrainingDiverged, unsaveable
 from clusterformer.engine.evaluate import evaluate
 from clusterformer.engine.signals import TrainingInterrupted
+from clusterformer.engine.trainer import HookBase, Saved, diverged_message
 
 if TYPE_CHECKING:
-    from clusterformer.engine.loop import Trainer
     from clusterformer.engine.step import TrainState
-
-
-class HookBase:
-    """A no-op at every point; subclasses override what they need."""
-
-    def before_train(self, trainer: Trainer) -> None:
-        pass
-
-    def after_step(self, trainer: Trainer) -> None:
-        pass
-
-    def after_train(self, trainer: Trainer) -> None:
-        pass
+    from clusterformer.engine.trainer import Trainer
 
 
 class EmaHook(HookBase):
@@ -75,25 +56,6 @@ class LoggingHook(HookBase):
         trainer.log.log_train(step, scalars)
 
 
-class Throughput:
-    """Images per second since the last reading (evaluation time excluded)."""
-
-    def __init__(self) -> None:
-        self.images, self.since = 0, time.perf_counter()
-
-    def add(self, images: int) -> None:
-        self.images += images
-
-    def restart(self) -> None:
-        self.since = time.perf_counter()
-
-    def images_per_second(self) -> float:
-        now = time.perf_counter()
-        rate = self.images / max(now - self.since, 1e-9)
-        self.images, self.since = 0, now
-        return rate
-
-
 class EvalHook(HookBase):
     """Evaluate the (EMA) model on the held-out loader every ``eval_every`` steps before the
     last, and after training; the metrics go to the log and ``trainer.metrics``."""
@@ -118,14 +80,6 @@ class EvalHook(HookBase):
         self.evaluate(trainer)
 
 
-@dataclass
-class Saved:
-    """The last checkpoint known good: where it is and its step."""
-
-    path: Path | None = None
-    step: int = -1
-
-
 def training_state(state: TrainState, env: Any) -> dict[str, Any]:
     """What ``state.pt`` holds: step, data position, optimizer, scaler and every rank's RNG
     (a collective: every rank calls it)."""
@@ -138,16 +92,6 @@ def training_state(state: TrainState, env: Any) -> dict[str, Any]:
     if state.ema is not None:  # the safetensors file then holds the EMA weights
         out["model"] = state.module.state_dict()
     return out
-
-
-def diverged_message(run_dir: Path, problem: str, saved: Saved) -> str:
-    if saved.path is None:
-        keep = "no checkpoint saved"
-    else:
-        where = saved.path.parent if saved.path.name == ckpt.WEIGHTS else saved.path
-        shown = where.relative_to(run_dir) if where.is_relative_to(run_dir) else where
-        keep = f"kept the last good checkpoint {shown}"
-    return f"{run_dir}: training stopped: {problem}; {keep}; lower --lr or set --grad-clip"
 
 
 class CheckpointHook(HookBase):

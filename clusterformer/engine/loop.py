@@ -2,8 +2,9 @@
 
 ``train(cfg)`` builds the task (with the dataset's categories), model, data and optimizer
 from a :class:`~clusterformer.engine.config.TrainConfig`, optionally resumes, then runs a
-:class:`Trainer`: a short loop over :func:`~clusterformer.engine.step.train_step` whose
-logging, evaluation, EMA and checkpoints are hooks (:mod:`clusterformer.engine.hooks`). It
+:class:`~clusterformer.engine.trainer.Trainer`: a short loop over
+:func:`~clusterformer.engine.step.train_step` whose logging, evaluation, EMA and checkpoints
+are hooks (:mod:`clusterformer.engine.hooks`). It
 knows nothing task-specific: the task does. SIGTERM / SIGINT make it save a checkpoint and
 raise :class:`TrainingInterrupted`.
 """
@@ -31,22 +32,13 @@ from clusterformer.engine.distributed import (
     cleanup_distributed,
     setup_distributed,
 )
-from clusterformer.engine.divergence import TrainingDiverged
 from clusterformer.engine.evaluate import checkpoint_metadata, normalisation_of
-from clusterformer.engine.hooks import (
-    CheckpointHook,
-    EmaHook,
-    EvalHook,
-    HookBase,
-    LoggingHook,
-    Saved,
-    Throughput,
-    diverged_message,
-)
+from clusterformer.engine.hooks import CheckpointHook, EmaHook, EvalHook, LoggingHook
 from clusterformer.engine.logging import RunLogger
 from clusterformer.engine.optim import Schedule, build_optimizer
 from clusterformer.engine.signals import StopFlag, TrainingInterrupted
-from clusterformer.engine.step import ModelEma, TrainState, make_scaler, train_step
+from clusterformer.engine.step import ModelEma, TrainState, make_scaler
+from clusterformer.engine.trainer import HookBase, Saved, Trainer
 from clusterformer.tasks import Task, task_spec
 
 __all__ = ["TrainResult", "Trainer", "TrainingInterrupted", "train"]
@@ -58,64 +50,6 @@ class TrainResult:
     step: int
     checkpoint: Path | None
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Trainer:
-    """One run's moving parts; :meth:`run` is the loop. Hooks read and change its fields."""
-
-    task: Task
-    state: TrainState
-    env: DistEnv
-    loader: Any
-    run_dir: Path
-    total_steps: int
-    accum_steps: int
-    log: RunLogger
-    stop: StopFlag
-    saved: Saved
-    hooks: list[HookBase] = field(default_factory=list)
-    scalars: dict[str, float] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    last_batch: dict | None = None
-    meter: Throughput = field(default_factory=Throughput)
-
-    def step(self, group: list[dict]) -> None:
-        """One optimizer step over the micro-batches of ``group``."""
-        try:
-            self.scalars = train_step(self.state, self.task, group)
-        except FloatingPointError as exc:
-            problem = str(exc).split(";")[0]
-            raise TrainingDiverged(diverged_message(self.run_dir, problem, self.saved)) from None
-        self.last_batch = group[-1]
-        self.meter.add(sum(b["images"].shape[0] for b in group) * self.env.world_size)
-
-    def run(self) -> None:
-        state = self.state
-        for hook in self.hooks:
-            hook.before_train(self)
-        self.meter.restart()
-        while state.step < self.total_steps:
-            self.loader.set_epoch(state.epoch)
-            group: list[dict] = []
-            for index, batch in enumerate(self.loader):
-                if index < state.batches_in_epoch:
-                    continue  # resume mid-epoch: skip what the saved run consumed
-                group.append(batch)
-                if len(group) < self.accum_steps:
-                    continue
-                self.step(group)
-                state.batches_in_epoch = index + 1
-                group = []
-                for hook in self.hooks:
-                    hook.after_step(self)
-                if state.step >= self.total_steps:
-                    break
-            else:
-                state.epoch += 1
-                state.batches_in_epoch = 0
-        for hook in reversed(self.hooks):
-            hook.after_train(self)
 
 
 def seed_everything(seed: int) -> None:

@@ -79,7 +79,7 @@ def build_backbone(name: str | None, options: dict[str, Any], *, num_classes: in
         raise ValueError(f"unknown backbone {name!r}; give a preset or {TIMM_PREFIX}<name>")
     from clusterformer.models.timm_backbone import TimmBackbone
 
-    return TimmBackbone(name[len(TIMM_PREFIX):], **options)
+    return TimmBackbone(name[len(TIMM_PREFIX):], FEATURE_STRIDES, **options)
 
 
 class FeatureClassifier(nn.Module):

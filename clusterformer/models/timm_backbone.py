@@ -20,7 +20,6 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clusterformer.models.backbones import FEATURE_STRIDES
 from clusterformer.models.layers import downsample_mask, zero_padding
 from clusterformer.ops.images import IMAGENET_MEAN, IMAGENET_STD
 
@@ -40,11 +39,12 @@ class TimmBackbone(nn.Module):
 
     Args:
         name: a timm model name (``resnet50``, ``convnext_tiny``, ...) whose features include
-            strides 4, 8, 16 and 32.
+            the ``strides`` the heads need.
+        strides: the strides of the maps to give, in order (the backbone contract's).
         options: passed to ``timm.create_model``.
     """
 
-    def __init__(self, name: str, **options: Any) -> None:
+    def __init__(self, name: str, strides: tuple[int, ...], **options: Any) -> None:
         super().__init__()
         try:
             import timm
@@ -56,14 +56,15 @@ class TimmBackbone(nn.Module):
         except RuntimeError as exc:  # timm's "Unknown model" and features_only refusals
             raise ValueError(f"timm/{name}: {exc}") from None
         reductions = [int(r) for r in self.body.feature_info.reduction()]
-        missing = [s for s in FEATURE_STRIDES if s not in reductions]
+        missing = [s for s in strides if s not in reductions]
         if missing:
             raise ValueError(f"timm/{name} has feature maps at strides {reductions}, none at "
-                             f"{missing}; the dense heads need 4, 8, 16 and 32")  # fmt: skip
-        self.picks = [reductions.index(s) for s in FEATURE_STRIDES]
+                             f"{missing}; the heads need {', '.join(map(str, strides))}")  # fmt: skip
+        self.strides = tuple(strides)
+        self.picks = [reductions.index(s) for s in self.strides]
         channels = self.body.feature_info.channels()
         self.feature_info = [{"num_chs": int(channels[i]), "reduction": s, "module": f"body.{i}"}
-                             for i, s in zip(self.picks, FEATURE_STRIDES, strict=True)]  # fmt: skip
+                             for i, s in zip(self.picks, self.strides, strict=True)]  # fmt: skip
         self.channels_last_output = getattr(self.body, "output_fmt", "NCHW") == "NHWC"
         cfg = getattr(self.body, "pretrained_cfg", None) or {}
         self.default_cfg = {"mean": tuple(cfg.get("mean", IMAGENET_MEAN)),
@@ -72,13 +73,13 @@ class TimmBackbone(nn.Module):
     def forward_features(
         self, images: Tensor, pixel_mask: Tensor | None = None, *, return_masks: bool = False
     ) -> list[Tensor] | tuple[list[Tensor], list[Tensor | None]]:
-        """Maps at strides 4, 8, 16, 32 (``(B, C_i, H_i, W_i)``, padded tokens zeroed) and,
+        """Maps at the strides asked for (``(B, C_i, H_i, W_i)``, padded tokens zeroed) and,
         with ``return_masks``, their token masks."""
         if pixel_mask is not None:
             images = zero_padding(images, pixel_mask)
         outputs = self.body(images)
         features, masks = [], []
-        for index, stride in zip(self.picks, FEATURE_STRIDES, strict=True):
+        for index, stride in zip(self.picks, self.strides, strict=True):
             x = outputs[index]
             if self.channels_last_output:
                 x = x.permute(0, 3, 1, 2)
