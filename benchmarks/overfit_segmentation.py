@@ -139,7 +139,7 @@ def _score(evaluate, model, task, loader, shards: Path, stem: Path) -> dict:
 
     written = predictions_path_for(f"{stem}.json", task.spec.prediction_suffix)
     metrics = evaluate(model, task, loader, device=torch.device("cpu"), predictions_out=written)
-    return {**metrics, "full_res": task.spec.score_file(written, shards)}
+    return {**metrics, "full_res": task.spec.score_file(written, shards, task=task.name)}
 
 
 def _sample(batch: dict) -> dict:

@@ -173,7 +173,7 @@ def _score_predictions(
     if spec.score_file is None:
         raise UserError(f"the {task} task has no prediction file format to score; evaluate a "
                         "checkpoint with --ckpt")  # fmt: skip
-    return spec.score_file(predictions, data, num_workers=num_workers)
+    return spec.score_file(predictions, data, task=spec.name, num_workers=num_workers)
 
 
 def _print_table(title: str, metrics: dict[str, Any]) -> None:

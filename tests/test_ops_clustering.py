@@ -230,21 +230,8 @@ def test_centers_invariant_to_pixel_permutation(case):
 def test_recurrent_attn_mask_is_the_step_attn_mask_at_every_iteration(case):
     features, centers = case_tensors(case)
     attn = rand_attn(case["seed"] + 23, *case["lead"], case["k"], case["n"])
-    p = linear_params(case["seed"], case["dim"], case["bias"])
-    heads, dim = case["heads"], case["dim"]
-
-    def split(x):  # (..., L, D) -> (..., h, L, d)
-        return x.unflatten(-1, (heads, dim // heads)).transpose(-3, -2)
-
-    keys, values = split(F.linear(features, p["k_weight"], p["k_bias"])), split(
-        F.linear(features, p["v_weight"], p["v_bias"]))
-    expected = centers
-    for _ in range(case["iters"]):
-        queries = split(F.linear(expected, p["q_weight"], p["q_bias"]))
-        update = cross_attention_clustering_step(queries, keys, values,
-                                                 attn_mask=attn.unsqueeze(-3))
-        expected = expected + update.transpose(-3, -2).flatten(-2)
-    torch.testing.assert_close(run_recurrent(case, features, centers, attn_mask=attn), expected)
+    torch.testing.assert_close(run_recurrent(case, features, centers, attn_mask=attn),
+                               unrolled(case, features, centers, attn_mask=attn.unsqueeze(-3)))
 
 
 @PROPS
@@ -265,10 +252,8 @@ def test_zero_iterations_returns_initial_centers(case):
     assert torch.equal(run_recurrent({**case, "iters": 0}, features, centers), centers)
 
 
-@PROPS
-@given(case=clustering_case())
-def test_recurrent_equals_unrolled_steps_with_shared_weights(case):
-    features, centers = case_tensors(case)
+def unrolled(case, features, centers, **step_kwargs):
+    """``num_iters`` steps with the same projections, written out: what the op must equal."""
     p = linear_params(case["seed"], case["dim"], case["bias"])
     heads, dim = case["heads"], case["dim"]
 
@@ -280,9 +265,17 @@ def test_recurrent_equals_unrolled_steps_with_shared_weights(case):
     expected = centers
     for _ in range(case["iters"]):
         queries = split(F.linear(expected, p["q_weight"], p["q_bias"]))
-        update = cross_attention_clustering_step(queries, keys, values)
+        update = cross_attention_clustering_step(queries, keys, values, **step_kwargs)
         expected = expected + update.transpose(-3, -2).flatten(-2)
-    torch.testing.assert_close(run_recurrent(case, features, centers), expected)
+    return expected
+
+
+@PROPS
+@given(case=clustering_case())
+def test_recurrent_equals_unrolled_steps_with_shared_weights(case):
+    features, centers = case_tensors(case)
+    torch.testing.assert_close(run_recurrent(case, features, centers),
+                               unrolled(case, features, centers))
 
 
 def test_missing_bias_keys_mean_no_bias_and_bad_heads_raise():

@@ -11,10 +11,9 @@ config file's value, else the default, stays.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, get_args, get_origin
+from typing import Any, get_args, get_origin, get_type_hints
 
 from clusterformer.engine.config import default_of, leaves
 
@@ -69,7 +68,7 @@ def _derive_flags(task_names: tuple[str, ...]) -> list[Flag]:
                            f"the task: {', '.join(task_names)}", ["the recipe's"])
     for name in task_names:
         spec = task_spec(name)
-        hints = inspect.get_annotations(spec.options, eval_str=True)
+        hints = get_type_hints(spec.options)
         for f in spec.option_fields().values():
             add(f"task.{f.name}", f, hints[f.name], owner=name)
     return list(flags.values())

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clusterformer.data.sample_spec import SampleSpec
+from clusterformer.metrics.class_predictions import score_class_file
 from clusterformer.metrics.topk import TopKAccumulator
 from clusterformer.tasks.predictions import top_classes
 from clusterformer.tasks.registry import register_task
@@ -122,6 +122,8 @@ class ClassificationEvaluator:
 
 @dataclass
 class ClassificationOptions:
+    """The loss's label smoothing and the batch mixing (mixup / cutmix, timm's)."""
+
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy, in [0, 1)")
     mixup_alpha: float = option(0.0, "mixup alpha (0 = off)", flag="--mixup")
     cutmix_alpha: float = option(0.0, "cutmix alpha (0 = off)", flag="--cutmix")
@@ -172,12 +174,6 @@ def _softmax(raw: tuple[Tensor, ...], images: Tensor) -> tuple[Tensor, ...]:
     return (raw[0].softmax(-1),)
 
 
-def _score_file(predictions: Path, data: Path, *, num_workers: int = 0) -> dict[str, Any]:
-    from clusterformer.metrics.class_predictions import score_class_file
-
-    return score_class_file(predictions, data, task="classification", num_workers=num_workers)
-
-
 SPEC = register_task(TaskSpec(
     name="classification",
     summary="one label per image (ImageFolder); top-1 / top-5 accuracy",
@@ -190,5 +186,5 @@ SPEC = register_task(TaskSpec(
     runtime=ClassificationTask,
     export=ExportHeads((), ("logits",), _softmax, ("probs",)),
     describe=lambda scores, categories, threshold, limit: top_classes(scores, categories),
-    score_file=_score_file,
+    score_file=score_class_file,
 ))

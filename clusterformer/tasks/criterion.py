@@ -14,6 +14,7 @@ the global mean. Only the final and the encoder sets' losses are logged.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +31,16 @@ from clusterformer.ops.losses import (
 )
 from clusterformer.ops.matching import detection_cost, hungarian_match
 from clusterformer.ops.points import importance_points, point_sample, uniform_points
+from clusterformer.tasks.spec import option
+
+
+@dataclass
+class SetOptions:
+    """Options every set-matching task has (its own add the other loss weights)."""
+
+    class_weight: float = option(2.0, "class loss (and matching cost) weight")
+    top_k: int = option(100, "detections / instances kept per image (COCO's maxDets)")
+
 
 Targets = list[dict[str, Tensor]]
 Indices = list[tuple[Tensor, Tensor]]

@@ -24,8 +24,9 @@ import torch
 from torch import Tensor
 
 from clusterformer.data.sample_spec import SampleSpec
+from clusterformer.metrics.coco import score_detection_file
 from clusterformer.ops.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
-from clusterformer.tasks.criterion import BoxCriterion
+from clusterformer.tasks.criterion import BoxCriterion, SetOptions
 from clusterformer.tasks.predictions import detections
 from clusterformer.tasks.registry import register_task
 from clusterformer.tasks.spec import Batch, ExportHeads, Task, TaskSpec, option
@@ -90,13 +91,13 @@ def postprocess_detections(
 
 
 @dataclass
-class DetectionOptions:
-    class_weight: float = option(2.0, "focal class loss (and matching cost) weight")
+class DetectionOptions(SetOptions):
+    """The box criterion's weights (its matching cost uses the same ones)."""
+
     l1_weight: float = option(5.0, "L1 box loss (and cost) weight")
     giou_weight: float = option(2.0, "GIoU box loss (and cost) weight")
     focal_alpha: float = option(0.25, "focal loss alpha")
     focal_gamma: float = option(2.0, "focal loss gamma")
-    top_k: int = option(100, "detections / instances kept per image (COCO's maxDets)")
 
 
 class DetectionTask(Task):
@@ -150,12 +151,6 @@ def detection_topk(raw: tuple[Tensor, ...], images: Tensor,
     return scores, labels, torch.stack([x0, y0, x1, y1], -1)
 
 
-def _score_file(predictions: Path, data: Path, *, num_workers: int = 0) -> dict[str, Any]:
-    from clusterformer.metrics.coco import score_detection_file
-
-    return score_detection_file(predictions, data, task="detection", num_workers=num_workers)
-
-
 SPEC = register_task(TaskSpec(
     name="detection",
     summary="boxes (COCO instances JSON); COCO box AP",
@@ -168,6 +163,6 @@ SPEC = register_task(TaskSpec(
     export=ExportHeads(("pred_logits", "pred_boxes"), ("pred_logits", "pred_boxes"),
                        detection_topk, ("scores", "labels", "boxes")),
     describe=detections,
-    score_file=_score_file,
+    score_file=score_detection_file,
     prediction_suffix=".detections.json",
 ))

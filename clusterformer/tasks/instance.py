@@ -13,11 +13,11 @@ from typing import Any
 from torch import Tensor
 
 from clusterformer.data.sample_spec import SampleSpec
-from clusterformer.tasks.masks import MASK_EXPORT, MaskOptions, MaskTask
+from clusterformer.metrics.instance import score_instance_file
+from clusterformer.tasks.masks import MaskTask, mask_task_spec
 from clusterformer.tasks.predictions import segment
 from clusterformer.tasks.registry import register_task
 from clusterformer.tasks.seg_inference import instance_inference
-from clusterformer.tasks.spec import TaskSpec
 
 
 class InstanceTask(MaskTask):
@@ -41,23 +41,14 @@ def describe(pred: dict, categories: list[dict], threshold: float, limit: int) -
                          for i, (mask, label, score) in enumerate(kept)]}  # fmt: skip
 
 
-def _score_file(predictions: Path, data: Path, *, num_workers: int = 0) -> dict[str, Any]:
-    from clusterformer.metrics.instance import score_instance_file
-
-    return score_instance_file(predictions, data, task="instance", num_workers=num_workers)
-
-
-SPEC = register_task(TaskSpec(
+SPEC = register_task(mask_task_spec(
     name="instance",
     summary="instance masks (COCO instances JSON); COCO segm AP and box AP",
     primary_metric="segm_AP",
     metric_keys=("segm_AP", "segm_AP50", "segm_AP75", "bbox_AP", "bbox_AP50", "bbox_AP75"),
     data=SampleSpec(formats=("coco",), fields=("boxes", "labels", "iscrowd", "masks")),
-    architecture="segmenter",
-    options=MaskOptions,
     runtime=InstanceTask,
-    export=MASK_EXPORT,
     describe=describe,
-    score_file=_score_file,
+    score_file=score_instance_file,
     prediction_suffix=".segm.json",
 ))

@@ -17,23 +17,30 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from clusterformer.tasks.criterion import MaskCriterion
+from clusterformer.tasks.criterion import MaskCriterion, SetOptions
 from clusterformer.tasks.seg_inference import masks_to_original
 from clusterformer.tasks.spec import Batch, ExportHeads, Task, TaskSpec, option
 
 MASK_EXPORT = ExportHeads(("pred_logits", "pred_masks"), ("pred_logits", "pred_masks"))
 
 
+def mask_task_spec(**fields: Any) -> TaskSpec:
+    """The spec of a mask-classification task: the segmenter, :class:`MaskOptions` and the
+    raw mask outputs for export, plus ``fields`` (what differs between them)."""
+    return TaskSpec(architecture="segmenter", options=MaskOptions, export=MASK_EXPORT, **fields)
+
+
 @dataclass
-class MaskOptions:
-    class_weight: float = option(2.0, "class loss (and matching cost) weight")
+class MaskOptions(SetOptions):
+    """The mask criterion's weights and point sampling, and the inference thresholds (the
+    three mask tasks share them; each reads the ones it needs)."""
+
     mask_weight: float = option(5.0, "mask BCE loss (and cost) weight")
     dice_weight: float = option(5.0, "dice loss (and cost) weight")
     no_object_weight: float = option(0.1, "cross-entropy weight of the no-object class")
     num_points: int = option(12544, "points sampled per mask for the mask losses and matching")
     oversample_ratio: float = option(3.0, "importance sampling: candidates per point")
     importance_sample_ratio: float = option(0.75, "importance sampling: share of uncertain points")
-    top_k: int = option(100, "detections / instances kept per image (COCO's maxDets)")
     object_threshold: float = option(0.8, "panoptic: keep centers whose class score exceeds this")
     overlap_threshold: float = option(0.8, "panoptic: drop segments keeping less of their mask")
 

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from clusterformer.data.sample_spec import SampleSpec
-from clusterformer.tasks.masks import MASK_EXPORT, MaskOptions, MaskTask
+from clusterformer.metrics.panoptic import score_panoptic
+from clusterformer.tasks.masks import MaskOptions, MaskTask, mask_task_spec
 from clusterformer.tasks.predictions import segment
 from clusterformer.tasks.registry import register_task
 from clusterformer.tasks.seg_inference import panoptic_inference
@@ -53,24 +54,15 @@ def describe(pred: dict, categories: list[dict], threshold: float, limit: int) -
     return {"segments": segments}
 
 
-def _score_file(predictions: Path, data: Path, *, num_workers: int = 0) -> dict[str, Any]:
-    from clusterformer.metrics.panoptic import score_panoptic
-
-    return score_panoptic(predictions, data, task="panoptic", num_workers=num_workers)
-
-
-SPEC = register_task(TaskSpec(
+SPEC = register_task(mask_task_spec(
     name="panoptic",
     summary="things and stuff (COCO panoptic JSON + PNGs); PQ, SQ, RQ",
     primary_metric="PQ",
     metric_keys=("PQ", "SQ", "RQ", "PQ_th", "PQ_st"),
     data=SampleSpec(formats=("coco-panoptic",),
                     fields=("masks", "labels", "isthing", "iscrowd", "boxes", "segment_ids")),
-    architecture="segmenter",
-    options=MaskOptions,
     runtime=PanopticTask,
-    export=MASK_EXPORT,
     describe=describe,
-    score_file=_score_file,
+    score_file=score_panoptic,
     prediction_suffix=".panoptic.json",
 ))

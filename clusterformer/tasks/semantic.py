@@ -14,11 +14,12 @@ import torch
 from torch import Tensor
 
 from clusterformer.data.sample_spec import SampleSpec
-from clusterformer.tasks.masks import MASK_EXPORT, MaskOptions, MaskTask
+from clusterformer.metrics.semantic import score_semantic_folder
+from clusterformer.tasks.masks import MaskTask, mask_task_spec
 from clusterformer.tasks.predictions import label_map_segments
 from clusterformer.tasks.registry import register_task
 from clusterformer.tasks.seg_inference import semantic_inference
-from clusterformer.tasks.spec import Batch, TaskSpec
+from clusterformer.tasks.spec import Batch
 
 IGNORE_INDEX = 255
 
@@ -45,24 +46,15 @@ class SemanticTask(MaskTask):
         return SemanticEvaluator(self.categories, predictions_out=predictions_out)
 
 
-def _score_file(predictions: Path, data: Path, *, num_workers: int = 0) -> dict[str, Any]:
-    from clusterformer.metrics.semantic import score_semantic_folder
-
-    return score_semantic_folder(predictions, data, task="semantic", num_workers=num_workers)
-
-
-SPEC = register_task(TaskSpec(
+SPEC = register_task(mask_task_spec(
     name="semantic",
     summary="a class per pixel (ADE20K-style label PNGs); mIoU, aAcc",
     primary_metric="mIoU",
     metric_keys=("mIoU", "aAcc"),
     data=SampleSpec(formats=("ade20k",), fields=("semantic",)),
-    architecture="segmenter",
-    options=MaskOptions,
     runtime=SemanticTask,
-    export=MASK_EXPORT,
     describe=lambda label_map, categories, threshold, limit: label_map_segments(label_map,
                                                                                 categories),
-    score_file=_score_file,
+    score_file=score_semantic_folder,
     prediction_suffix=".semantic",
 ))

@@ -82,8 +82,9 @@ class TaskSpec:
         describe: ``describe(prediction, categories, score_threshold, max_objects)`` -> the
             JSON-able record ``cf predict`` writes and draws (``classes``, ``detections`` or
             ``segments``; see :mod:`clusterformer.tasks.predictions`).
-        score_file: ``score_file(predictions_path, data, num_workers=...) -> metrics`` for
-            ``cf eval --predictions``; ``None`` when the task has no prediction file format.
+        score_file: ``score_file(predictions_path, data, task=name, num_workers=...) ->
+            metrics`` for ``cf eval --predictions`` (``data`` read as the task's samples);
+            ``None`` when the task has no prediction file format.
         prediction_suffix: what ``cf eval --out NAME.json`` writes its predictions as
             (``NAME<suffix>``), re-scorable with ``score_file``; ``None`` writes nothing.
         categories: dataset categories -> the task's categories (default: the same).
