@@ -59,13 +59,15 @@ def init_centers(
 def _assign(logits: Tensor, q: Tensor, k: Tensor, assignment: str) -> Tensor:
     """Assignment matrix ``(..., K, N)`` from the E-step logits (see the step docstring)."""
     if assignment == "softmax_centers":
-        # exp(log_softmax) rather than softmax: inductor's attention pattern (torch 2.13)
-        # treats the softmax dimension as a wildcard and rewrites ``softmax(q @ k^T, dim=-2)
-        # @ v`` into scaled_dot_product_attention, whose softmax runs over the LAST dimension:
-        # compiled results were silently wrong whenever no mask multiply broke the chain (see
-        # tests/test_compile_correctness.py). The same numbers up to float rounding, and an
-        # extra pass over a small (K, N) matrix in eager.
-        return torch.log_softmax(logits, dim=-2).exp()
+        if torch.compiler.is_compiling():
+            # exp(log_softmax) when traced: inductor's attention pattern (torch 2.13) treats
+            # the softmax dimension as a wildcard and rewrites ``softmax(q @ k^T, dim=-2) @ v``
+            # into scaled_dot_product_attention, whose softmax runs over the LAST dimension:
+            # compiled results were silently wrong whenever no mask multiply broke the chain
+            # (tests/test_compile_correctness.py). Same numbers up to float rounding; eager
+            # keeps the single softmax kernel.
+            return torch.log_softmax(logits, dim=-2).exp()
+        return torch.softmax(logits, dim=-2)
     if assignment == "softmax_pixels":
         return torch.softmax(logits, dim=-1)
     if assignment == "argmax":
@@ -121,7 +123,8 @@ def cross_attention_clustering_step(
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    logits = scale * (q @ k.transpose(-1, -2))
+    # Scaling the (K, d) queries rather than the (K, N) logits: fewer values, same product.
+    logits = (q * scale) @ k.transpose(-1, -2)
     allowed = None if mask is None else mask.unsqueeze(-2)
     if attn_mask is not None:
         allowed = attn_mask if allowed is None else attn_mask & allowed
@@ -144,12 +147,6 @@ def _split_heads(x: Tensor, num_heads: int) -> Tensor:
     """``(..., L, D)`` -> ``(..., h, L, D / h)``."""
     *lead, length, dim = x.shape
     return x.reshape(*lead, length, num_heads, dim // num_heads).transpose(-3, -2)
-
-
-def _merge_heads(x: Tensor) -> Tensor:
-    """``(..., h, L, d)`` -> ``(..., L, h * d)``."""
-    *lead, heads, length, dim = x.shape
-    return x.transpose(-3, -2).reshape(*lead, length, heads * dim)
 
 
 def _keys_and_values(
@@ -227,7 +224,8 @@ def recurrent_cross_attention_clustering(
             queries, keys, values, scale=scale, mask=head_mask,
             assignment=assignment, m_step=m_step, attn_mask=head_attn,
         )
-        out = out + _merge_heads(update)
+        # Residual add through the heads' view: no separate copy merging the heads.
+        out = (out.unflatten(-1, (num_heads, -1)) + update.transpose(-3, -2)).flatten(-2)
     return out
 
 
