@@ -17,8 +17,8 @@ def register(app: typer.Typer) -> None:
     def benchmark_command(
         models: list[str] = typer.Option(
             ["clusterformer-tiny"], "--model",
-            help="A preset, a preset with overrides (clusterformer-tiny:num_iters=1) or "
-            "timm/<name>; repeat to compare several.",
+            help="A preset, a preset with overrides (clusterformer-tiny:num_iters=1, "
+            "...:grad_checkpointing=true) or timm/<name>; repeat to compare several.",
         ),
         peers: bool = typer.Option(
             False, "--peers",

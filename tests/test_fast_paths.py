@@ -101,16 +101,29 @@ def nano() -> nn.Module:
 
 @pytest.mark.parametrize("size", [(224, 224), (203, 317)], ids=["224-whole", "203x317-padded"])
 def test_backbone_all_true_mask_equals_no_mask(nano, size):
+    # Block by block on one shared input, not end to end: dispatching keeps each pixel's best
+    # center (an argmax), so rounding noise of ~1e-7 (another thread split of a reduction) can
+    # flip a near-tie in one block and move every later stage by ~1e-3.
     torch.manual_seed(1)
     images = torch.randn(1, 3, *size)
+    inputs: dict[str, list[Tensor]] = {"fast": [], "general": []}
+    run = ["fast"]
+    blocks = [block for stage in nano.stages for block in stage]
+    hooks = [b.register_forward_pre_hook(lambda m, a: inputs[run[0]].append(a[0])) for b in blocks]
+    try:
+        with torch.no_grad():
+            nano.forward_features(images)
+            run[0] = "general"
+            nano.forward_features(images, torch.ones(1, *size, dtype=torch.bool))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # Up to the first block (coordinates, stem) nothing is discrete: equal to rounding.
+    assert rel_diff(inputs["fast"][0], inputs["general"][0]) <= RTOL
     with torch.no_grad():
-        fast = nano.forward_features(images)
-        full = torch.ones(1, *size, dtype=torch.bool)
-        general = nano.forward_features(images, full)
-        logits_fast, logits_general = nano(images), nano(images, full)
-    for i, (f, g) in enumerate(zip(fast, general, strict=True)):
-        assert rel_diff(f, g) <= RTOL, f"stage {i + 1}"
-    assert rel_diff(logits_fast, logits_general) <= RTOL
+        for i, (block, x) in enumerate(zip(blocks, inputs["fast"], strict=True)):
+            all_true = torch.ones(x.shape[:-1], dtype=torch.bool)
+            assert rel_diff(block(x), block(x, all_true)) <= RTOL, f"block {i}"
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])

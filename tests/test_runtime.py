@@ -106,7 +106,7 @@ def test_allocator_setting_applies_on_glibc_in_a_child_process():
     code = ("from clusterformer.engine.runtime import tune_cpu_allocator; "
             "print(tune_cpu_allocator())")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
 

@@ -8,7 +8,8 @@ Speeds are medians over rounds; ratios are medians of the per-round ratios again
 model, so they survive drifts that move every model.
 
 Models are named as on the command line: a preset (``clusterformer-tiny``), a preset with
-constructor overrides (``clusterformer-tiny:num_iters=1``), or a timm model
+constructor overrides (``clusterformer-tiny:num_iters=1``; ``grad_checkpointing=true`` turns on
+activation checkpointing), or a timm model
 (``timm/swin_tiny_patch4_window7_224``, needs the optional ``timm`` package: the
 ``clusterformer[bench]`` extra). All are 1000-class classifiers fed a ``(B, 3, S, S)`` batch
 without a pixel mask; the training step is cross-entropy on fixed labels, ``backward`` and one
@@ -99,7 +100,12 @@ def build_model(spec: ModelSpec) -> nn.Module:
         return timm.create_model(spec.name, pretrained=False, num_classes=NUM_CLASSES)
     from clusterformer.models import create_model
 
-    return create_model(spec.name, num_classes=NUM_CLASSES, **spec.overrides)
+    options = dict(spec.overrides)
+    checkpointing = bool(options.pop("grad_checkpointing", False))
+    model = create_model(spec.name, num_classes=NUM_CLASSES, **options)
+    if checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
 
 
 def timm_available() -> bool:

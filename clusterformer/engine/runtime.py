@@ -2,15 +2,16 @@
 
 Threads. ``--threads N`` wins, then ``OMP_NUM_THREADS``, then torch's default (one per core).
 On a loaded machine fewer threads are often faster: a model of many small ops waits on its
-slowest thread at every op (measured in docs/benchmarks.md, "Threads").
+slowest thread at every op (with another job on a 2-core machine, two threads ran
+clusterformer-tiny 5x slower than one).
 
 Allocator. glibc hands every allocation above its mmap threshold (at most 32 MiB) fresh pages
 from the kernel and returns them on free, so each large activation (stage 1's MLP hidden layer
 is 77 MB at batch 8) is paid again in page faults on every forward. :func:`tune_cpu_allocator`
 keeps freed memory in the process for reuse, as PyTorch's CUDA caching allocator does: the
 resident size then stays at its peak instead of shrinking between steps. ``cf`` turns it on for
-its own process (20-27 % faster eager inference of both clusterformer-tiny and timm Swin-T at
-one thread, docs/benchmarks.md); ``CF_CPU_ALLOCATOR=system`` keeps glibc's defaults. The library
+its own process (eager inference at one thread: clusterformer-tiny 17 % and timm Swin-T 9 %
+faster, docs/benchmarks.md); ``CF_CPU_ALLOCATOR=system`` keeps glibc's defaults. The library
 never changes the allocator on import, and this module imports torch only when called.
 """
 
