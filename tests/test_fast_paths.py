@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
@@ -236,8 +236,11 @@ def test_task_forward_drops_an_all_true_mask_and_keeps_a_padded_one():
 @given(shape=st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 6), st.integers(2, 8)),
        permuted=st.booleans(), seed=st.integers(0, 2**16))
 def test_masked_group_norm_without_mask_is_a_layer_norm(shape, permuted, seed):
-    generator = torch.Generator().manual_seed(seed)
     batch, height, width, dim = shape
+    # Groups of 16+ values (a model's have thousands): in a group of two or three near-equal
+    # values the variance is mostly rounding, and the two kernels' rounding differs by ~1e-5.
+    assume(height * width * dim >= 16)
+    generator = torch.Generator().manual_seed(seed)
     if permuted:  # the (B, H, W, C) view of a channels-first tensor
         x = torch.randn(batch, dim, height, width, generator=generator).permute(0, 2, 3, 1)
     else:
