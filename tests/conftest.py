@@ -1,11 +1,17 @@
 """Suite-wide settings: property tests have no per-example deadline (a loaded machine is slow,
-not wrong); explicit ``@settings`` still choose their own example counts."""
+not wrong); explicit ``@settings`` still choose their own example counts.
+
+The default profile draws the same examples on every run, so a CI result can be reproduced
+here; ``HYPOTHESIS_PROFILE=explore`` draws fresh ones (to hunt for new counterexamples)."""
+
+import os
 
 import pytest
 from hypothesis import settings
 
-settings.register_profile("clusterformer", deadline=None)
-settings.load_profile("clusterformer")
+settings.register_profile("clusterformer", deadline=None, derandomize=True)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "clusterformer"))
 
 
 # ----------------------------------------------------------------------------- fault tests
