@@ -178,20 +178,25 @@ def _config(recipe: str, shards: dict[str, Path], run: Path, steps: int | None,
         "runtime.device": device, **more})
 
 
+def _train_stage(step: _Stages, cfg: Any, what: str) -> tuple[Any, dict, float]:
+    """Announce and run one training: (its result, its final metrics, seconds taken)."""
+    step(f"training {cfg.model.name} {what} for {cfg.schedule.steps} steps at "
+         f"{cfg.data.image_size} px")  # fmt: skip
+    t0 = time.perf_counter()
+    result = _train(cfg, step.console)
+    return result, dict(result.metrics), time.perf_counter() - t0
+
+
 def _pretrain(out: Path, step: _Stages, num_train: int, num_val: int, steps: int | None,
               image_size: int | None, seed: int, device: str | None) -> tuple[Path, dict]:  # fmt: skip
     from clusterformer.cli.predict_cmd import predict_images
 
     shards = _shards(out, "pretrain", {"train": num_train, "val": num_val}, seed, step)
     cfg = _config(PRETRAIN_RECIPE, shards, out / "run", steps, image_size, seed, device)
-    step(f"training {cfg.model.name} {cfg.task.name} for {cfg.schedule.steps} steps at "
-         f"{cfg.data.image_size} px")  # fmt: skip
-    t0 = time.perf_counter()
-    result = _train(cfg, step.console)
-    metrics = dict(result.metrics)
+    result, metrics, seconds = _train_stage(step, cfg, cfg.task.name)
     step(f"held-out ({metrics.get('num_samples')} images): top-1 {metrics.get('top1', 0):.2f} %, "
          f"top-5 {metrics.get('top5', 0):.2f} % (4 classes: top-5 = top-4); training "
-         f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
+         f"{seconds:.0f} s")  # fmt: skip
     classes = sorted(p for p in (out / "shapes-val" / "classes").iterdir() if p.is_dir())
     examples = [image for folder in classes for image in sorted(folder.glob("*.jpg"))[:2]]
     predict_images(result.checkpoint, examples, out / "predictions", device=device)
@@ -209,15 +214,10 @@ def _scenes(out: Path, step: _Stages, pretrained: Path, num_scenes: int, num_val
     task = recipe_task(SCENE_RECIPE)
     cfg = _config(SCENE_RECIPE, shards, out / f"{task}-run", steps, image_size, seed, device,
                   **{"model.pretrained": str(pretrained)})  # fmt: skip
-    step(f"training {cfg.model.name} {task} from the pretrained backbone for "
-         f"{cfg.schedule.steps} steps at {cfg.data.image_size} px")  # fmt: skip
-    t0 = time.perf_counter()
-    result = _train(cfg, step.console)
-    m = dict(result.metrics)
+    result, m, seconds = _train_stage(step, cfg, f"{task} from the pretrained backbone")
     step(f"held-out ({m.get('num_images', 0):.0f} scenes): PQ {m.get('PQ', 0):.2f} "
          f"(things {m.get('PQ_th', 0):.2f}, stuff {m.get('PQ_st', 0):.2f}), SQ "
-         f"{m.get('SQ', 0):.2f}, RQ {m.get('RQ', 0):.2f}; training "
-         f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
+         f"{m.get('SQ', 0):.2f}, RQ {m.get('RQ', 0):.2f}; training {seconds:.0f} s")  # fmt: skip
     examples = sorted((out / "scenes-val" / "images").glob("*.jpg"))[:8]
     predict_images(result.checkpoint, examples, out / f"{task}-predictions", device=device)
     step.console.print(f"      segments drawn on {len(examples)} held-out scenes: "

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from clusterformer.data.categories import IGNORE_INDEX, contiguous_categories
-from clusterformer.data.errors import DatasetError, ImageDecodeError, SampleError
+from clusterformer.data.errors import DatasetError, SampleError
 from clusterformer.data.images import decode_label_map
 from clusterformer.data.records import Record
 from clusterformer.data.source import (
@@ -23,6 +23,7 @@ from clusterformer.data.source import (
     non_finite_path,
     read_image,
     read_json,
+    read_label_png,
     require_dir,
     unique_keys,
 )
@@ -59,16 +60,7 @@ def _read_classes(path: Path) -> tuple[list[dict], int]:
 
 def _load(image: Path, label: Path, key: str, index: int, allowed: np.ndarray, root: Path) -> Record:
     data, ext, height, width = read_image(image, key)
-    if not label.is_file():
-        raise SampleError(label, key, "label PNG not found")
-    label_bytes = label.read_bytes()
-    try:
-        values = decode_label_map(label_bytes, str(label))
-    except ImageDecodeError as exc:
-        raise SampleError(label, key, exc.reason) from None
-    if values.shape != (height, width):
-        raise SampleError(label, key, f"label map is {values.shape[1]}x{values.shape[0]}, the image "
-                          f"is {width}x{height}")  # fmt: skip
+    label_bytes, values = read_label_png(label, key, decode_label_map, "label map", (height, width))
     present = np.unique(values)
     in_range = present[(present >= 0) & (present < allowed.size)]
     unknown = sorted(set(present.tolist()) - set(in_range[allowed[in_range]].tolist()))

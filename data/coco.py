@@ -6,25 +6,24 @@ Width and height in the JSON must match the image after EXIF orientation, as in 
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
-from clusterformer.data.categories import contiguous_categories
+from clusterformer.data.coco_index import (
+    annotations_by_image,
+    coco_categories,
+    image_entries,
+    index_images,
+)
 from clusterformer.data.errors import DatasetError, SampleError
 from clusterformer.data.images import exif_orientation
 from clusterformer.data.records import Record
 from clusterformer.data.source import (
-    Entry,
     Source,
     as_int,
-    image_problems,
-    image_stem,
     non_finite_path,
     read_image,
     read_json,
     require_dir,
-    sort_key,
-    unique_keys,
 )
 
 # Polygons traced along pixel edges may touch the far border: allow that much overhang.
@@ -108,6 +107,11 @@ def _load(images_dir: Path, image: dict, anns: list[dict], known: set[int], key:
     return Record(key, ext, data, annotation, path=str(path))
 
 
+def _unnamed_image(ann: dict) -> str:
+    given = f"image_id {str(ann['image_id'])[:40]!r}" if "image_id" in ann else "no image_id"
+    return f"annotation {str(ann.get('id'))[:40]} has {given}"
+
+
 def read_coco(images: str | Path, annotations: str | Path) -> Source:
     """COCO instances JSON + image folder -> Source (one entry per image, negatives kept)."""
     images_dir = require_dir(Path(images), "images")
@@ -126,42 +130,14 @@ def read_coco(images: str | Path, annotations: str | Path) -> Source:
         raise DatasetError(ann_path, "this is a COCO panoptic file (annotations hold "
                            "segments_info); use --format coco-panoptic with --masks "
                            "PNG_FOLDER")  # fmt: skip
-    bad = non_finite_path(coco["categories"], "categories")
-    if bad:
-        raise DatasetError(ann_path, f"{bad}, not a number; fix the categories")
-    try:
-        categories = contiguous_categories(coco["categories"], default_isthing=True)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise DatasetError(ann_path, f"bad categories ({exc})") from None
-    by_image: dict[int, list[dict]] = defaultdict(list)
-    for ann in annotations:
-        image_id = as_int(ann.get("image_id"))
-        if image_id is None:
-            given = (f"image_id {str(ann['image_id'])[:40]!r}" if "image_id" in ann
-                     else "no image_id")  # fmt: skip
-            raise DatasetError(ann_path, f"annotation {str(ann.get('id'))[:40]} has {given}; "
-                               "fix or remove it")  # fmt: skip
-        by_image[image_id].append(ann)
-    image_list = sorted(coco["images"], key=sort_key)
-    problems = image_problems(image_list)
-    orphans = set(by_image) - {as_int(im.get("id")) for im in image_list}
-    if orphans:
-        why = f" ({next(iter(problems.values()))})" if problems else ""
-        raise DatasetError(ann_path, f"annotations refer to unknown image ids "
-                           f"{sorted(orphans)[:5]}{why}; fix the images list")  # fmt: skip
-    keys = unique_keys([image_stem(im, i) for i, im in enumerate(image_list)])
+    categories = coco_categories(ann_path, coco["categories"])
+    by_image = annotations_by_image(ann_path, annotations, _unnamed_image)
+    image_list, problems = index_images(ann_path, coco["images"], by_image)
     known = {c["id"] for c in categories}
-    entries = [
-        Entry(
-            key,
-            str(images_dir / str(im.get("file_name", ""))),
-            lambda im=im, key=key, i=i: _load(
-                images_dir, im, by_image.get(as_int(im.get("id")), []), known, key,
-                problems.get(i),
-            ),
-        )
-        for i, (key, im) in enumerate(zip(keys, image_list, strict=True))
-    ]
+    entries = image_entries(
+        images_dir, image_list, problems, by_image,
+        lambda im, anns, key, problem: _load(images_dir, im, anns, known, key, problem),
+    )
     info = {
         "format": "coco",
         "categories": categories,

@@ -10,22 +10,23 @@ from pathlib import Path
 
 import numpy as np
 
-from clusterformer.data.categories import contiguous_categories
-from clusterformer.data.errors import DatasetError, ImageDecodeError, SampleError
+from clusterformer.data.coco_index import (
+    annotations_by_image,
+    coco_categories,
+    image_entries,
+    index_images,
+)
+from clusterformer.data.errors import DatasetError, SampleError
 from clusterformer.data.images import decode_panoptic_png
 from clusterformer.data.records import Record
 from clusterformer.data.source import (
-    Entry,
     Source,
     as_int,
-    image_problems,
-    image_stem,
     non_finite_path,
     read_image,
     read_json,
+    read_label_png,
     require_dir,
-    sort_key,
-    unique_keys,
 )
 
 
@@ -71,16 +72,7 @@ def _load(images_dir: Path, masks_dir: Path, image: dict, ann: dict | None, know
     if not isinstance(ann.get("segments_info", []), list):
         raise SampleError(path, key, "segments_info is not a list")
     png = masks_dir / str(ann.get("file_name", Path(path).with_suffix(".png").name))
-    if not png.is_file():
-        raise SampleError(png, key, "panoptic PNG not found")
-    label_bytes = png.read_bytes()
-    try:
-        ids = decode_panoptic_png(label_bytes, str(png))
-    except ImageDecodeError as exc:
-        raise SampleError(png, key, exc.reason) from None
-    if ids.shape != (height, width):
-        raise SampleError(png, key, f"panoptic PNG is {ids.shape[1]}x{ids.shape[0]}, the image is "
-                          f"{width}x{height}")  # fmt: skip
+    label_bytes, ids = read_label_png(png, key, decode_panoptic_png, "panoptic PNG", (height, width))
     segments = list(ann.get("segments_info", []))
     _check_segments(png, key, ids, segments, known)
     annotation = {
@@ -93,6 +85,17 @@ def _load(images_dir: Path, masks_dir: Path, image: dict, ann: dict | None, know
         "segments_info": segments,
     }
     return Record(key, ext, data, annotation, label_png=label_bytes, path=str(path))
+
+
+def _unnamed_image(ann: dict) -> str:
+    return (f"annotation for {str(ann.get('file_name'))[:40]} has image_id "
+            f"{str(ann.get('image_id'))[:40]!r}, not an image id")  # fmt: skip
+
+
+def _entered_twice(image: dict, anns: list[dict]) -> str | None:
+    if len(anns) <= 1:
+        return None
+    return f"image id {image.get('id')} has {len(anns)} entries in the annotations; give each image one"
 
 
 def read_panoptic(images: str | Path, annotations: str | Path, masks: str | Path) -> Source:
@@ -111,21 +114,8 @@ def read_panoptic(images: str | Path, annotations: str | Path, masks: str | Path
     if annotations and all("bbox" in a and "segments_info" not in a for a in annotations):
         raise DatasetError(ann_path, "this is a COCO instances file (annotations hold bbox, no "
                            "segments_info); use --format coco")  # fmt: skip
-    bad = non_finite_path(coco["categories"], "categories")
-    if bad:
-        raise DatasetError(ann_path, f"{bad}, not a number; fix the categories")
-    try:
-        categories = contiguous_categories(coco["categories"], default_isthing=True)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise DatasetError(ann_path, f"bad categories ({exc})") from None
-    by_image: dict[int, list[dict]] = {}
-    for a in annotations:
-        image_id = as_int(a.get("image_id"))
-        if image_id is None:
-            raise DatasetError(ann_path, f"annotation for {str(a.get('file_name'))[:40]} has "
-                               f"image_id {str(a.get('image_id'))[:40]!r}, not an image id; fix "
-                               "or remove it")  # fmt: skip
-        by_image.setdefault(image_id, []).append(a)
+    categories = coco_categories(ann_path, coco["categories"])
+    by_image = annotations_by_image(ann_path, annotations, _unnamed_image)
     image_list = coco.get("images")
     if not isinstance(image_list, list):
         # Some exports carry only annotations: derive the image names from the PNG names.
@@ -134,31 +124,13 @@ def read_panoptic(images: str | Path, annotations: str | Path, masks: str | Path
                       for a in annotations]  # fmt: skip
     if not all(isinstance(im, dict) for im in image_list):
         raise DatasetError(ann_path, '"images" is not a list of objects')
-    image_list = sorted(image_list, key=sort_key)
-    problems = image_problems(image_list)
-    for i, im in enumerate(image_list):
-        twice = len(by_image.get(as_int(im.get("id")), [])) > 1
-        if twice and i not in problems:
-            problems[i] = (f"image id {im.get('id')} has {len(by_image[as_int(im['id'])])} entries "
-                           "in the annotations; give each image one")  # fmt: skip
-    orphans = set(by_image) - {as_int(im.get("id")) for im in image_list}
-    if orphans:
-        why = f" ({next(iter(problems.values()))})" if problems else ""
-        raise DatasetError(ann_path, f"annotations refer to unknown image ids "
-                           f"{sorted(orphans)[:5]}{why}; fix the images list")  # fmt: skip
-    keys = unique_keys([image_stem(im, i) for i, im in enumerate(image_list)])
+    image_list, problems = index_images(ann_path, image_list, by_image, _entered_twice)
     known = {c["id"] for c in categories}
-    entries = [
-        Entry(
-            key,
-            str(images_dir / str(im.get("file_name", ""))),
-            lambda im=im, key=key, i=i: _load(
-                images_dir, masks_dir, im, (by_image.get(as_int(im.get("id"))) or [None])[0],
-                known, key, problems.get(i),
-            ),
-        )
-        for i, (key, im) in enumerate(zip(keys, image_list, strict=True))
-    ]
+    entries = image_entries(
+        images_dir, image_list, problems, by_image,
+        lambda im, anns, key, problem: _load(
+            images_dir, masks_dir, im, (anns or [None])[0], known, key, problem),
+    )
     info = {
         "format": "coco-panoptic",
         "categories": categories,

@@ -201,3 +201,24 @@ def read_image(path: Path, key: str) -> tuple[bytes, str, int, int]:
         ext = image_format_extension(data) or "img"
     ext = {"jpeg": "jpg", "tiff": "tif"}.get(ext, ext)
     return data, ext, int(array.shape[0]), int(array.shape[1])
+
+
+def read_label_png(
+    path: Path, key: str, decode: Callable[[bytes, str], object], what: str, size: tuple[int, int]
+) -> tuple[bytes, object]:
+    """Read and decode a label PNG that must match its image: (bytes, decoded ``(H, W)`` array).
+
+    ``what`` names the file in errors ("label map", "panoptic PNG"); ``size`` is the image's
+    ``(height, width)``.
+    """
+    if not path.is_file():
+        raise SampleError(path, key, f"{what} not found")
+    data = path.read_bytes()
+    try:
+        values = decode(data, str(path))
+    except ImageDecodeError as exc:
+        raise SampleError(path, key, exc.reason) from None
+    if values.shape != size:
+        raise SampleError(path, key, f"{what} is {values.shape[1]}x{values.shape[0]}, the image "
+                          f"is {size[1]}x{size[0]}")  # fmt: skip
+    return data, values

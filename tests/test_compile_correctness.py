@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from model_kit import perturb
 from torch import Tensor
 from torch._dynamo.utils import counters
 
@@ -277,19 +278,6 @@ def test_clustering_op_compiles_right_without_mask():
 
 
 # --- models -------------------------------------------------------------------------------------
-
-
-def perturb(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Parameters off their initialisation (zero biases and 1e-5 layer scales hide paths)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name.rsplit(".", 1)[-1] in ("ls1", "ls2"):
-                param.copy_(0.5 + 0.2 * noise)
-            else:
-                param.add_(0.1 * noise)
-    return module
 
 
 MODULE_CASES = [

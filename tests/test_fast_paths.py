@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from model_kit import perturb, rel_diff
 from torch import Tensor, nn
 
 import clusterformer.models.backbone as backbone_module
@@ -24,24 +25,6 @@ from clusterformer.models.layers import masked_group_norm
 from clusterformer.tasks import build_task
 
 RTOL = 1e-5  # max |fast - general| / max |general|
-
-
-def rel_diff(got: Tensor, want: Tensor) -> float:
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
-
-
-def perturb(model: nn.Module, seed: int) -> nn.Module:
-    """Move parameters off their initialisation: zero biases would skip the bias terms and layer
-    scales of 1e-5 would hide the mixer from a block's output."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name.rsplit(".", 1)[-1] in ("ls1", "ls2"):
-                param.copy_(0.5 + 0.2 * noise)
-            else:
-                param.add_(0.1 * noise)
-    return model
 
 
 # --- ClusteringMixer ---------------------------------------------------------------------------
