@@ -20,18 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runner import run_cf
+from cli_runner import run_cf, train_argv  # noqa: F401  (re-exported for the fault tests)
 from safetensors.torch import load_file
 
 from clusterformer.engine import checkpoint as ckpt
 
 MAX_LINE = 300
-
-
-def train_argv(data: Path, run: Path, steps: int, *extra: str) -> list[str]:
-    return ["train", "--task", "classification", "--data", str(data), "--out", str(run),
-            "--steps", str(steps), "--batch-size", "4", "--image-size", "32", "--lr", "1e-3",
-            "--seed", "0", "--log-every", "100", *extra]  # fmt: skip
 
 
 def cf(args: list[object], capsys: pytest.CaptureFixture) -> tuple[int, str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_runner import CF_MODULE, train_argv
 from torch import nn
 from waiting import SAFETY_NET_S, wait_for_path
 
@@ -134,29 +135,7 @@ def test_not_a_checkpoint_errors(tmp_path: Path) -> None:
 
 
 def _train_cmd(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "clusterformer.cli",
-        "train",
-        "--task",
-        "classification",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--steps",
-        str(steps),
-        "--batch-size",
-        "4",
-        "--image-size",
-        "32",
-        "--lr",
-        "1e-3",
-        "--log-every",
-        "1",
-        *extra,
-    ]
+    return [sys.executable, *CF_MODULE, *train_argv(data, out, steps, *extra, log_every=1)]
 
 
 def _env() -> dict[str, str]:

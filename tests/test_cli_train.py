@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import run_cf_child, train_argv
 
 from clusterformer.cli.app import main
 
@@ -36,39 +34,9 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def trained(shards: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("run") / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "clusterformer.cli",
-        "train",
-        "--task",
-        "classification",
-        "--data",
-        str(shards["train"]),
-        "--val-data",
-        str(shards["val"]),
-        "--out",
-        str(run),
-        "--recipe",
-        "shapes",
-        "--steps",
-        "4",
-        "--batch-size",
-        "4",
-        "--image-size",
-        "32",
-        "--save-every",
-        "2",
-        "--eval-every",
-        "2",
-        "--log-every",
-        "1",
-        "--seed",
-        "3",
-    ]
-    done = subprocess.run(
-        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
-    )
+    done = run_cf_child(train_argv(
+        shards["train"], run, 4, "--val-data", str(shards["val"]), "--recipe", "shapes",
+        "--save-every", "2", "--eval-every", "2", seed=3, log_every=1))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "checkpoint" in done.stdout and "top1" in done.stdout
     return run

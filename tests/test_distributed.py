@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from cli_runner import run_cf_child, train_argv
 
 STEPS = 3
 GLOBAL_BATCH = 8
@@ -149,36 +148,9 @@ def test_cf_train_under_torchrun(tmp_path: Path) -> None:
         samples_per_shard=8,
     )
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "clusterformer.cli",
-        "train",
-        "--task",
-        "classification",
-        "--data",
-        str(tmp_path / "shards"),
-        "--val-data",
-        str(tmp_path / "shards"),
-        "--out",
-        str(run),
-        "--steps",
-        "3",
-        "--batch-size",
-        "4",
-        "--image-size",
-        "32",
-        "--log-every",
-        "1",
-    ]
-    done = subprocess.run(
-        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
-    )
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+    done = run_cf_child(train_argv(tmp_path / "shards", run, 3, "--val-data", str(tmp_path / "shards"),
+                                   log_every=1), launcher=torchrun)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     import json
 
