@@ -56,7 +56,7 @@ def main() -> None:
     )
     # The 16 transformed samples, kept once; every epoch batches them in a new order.
     single = build_loader(str(shards), "detection", batch_size=1, image_size=args.image_size, train=False)
-    samples = [_sample(b) for b in single]
+    samples = [batch_as_sample(b) for b in single]
     rng = random.Random(args.seed)
     history, start = [], time.perf_counter()
     while state.step < args.steps:
@@ -82,7 +82,7 @@ def main() -> None:
     (args.out / "overfit.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
-def _sample(batch: dict) -> dict:
+def batch_as_sample(batch: dict) -> dict:
     """A one-image eval batch back to the transformed sample ``collate`` expects."""
     target = batch["targets"][0]
     h, w = target["size"]

@@ -23,6 +23,8 @@ import random
 import time
 from pathlib import Path
 
+from overfit_detection import batch_as_sample  # this folder: the scripts run from it
+
 SOURCES = {"instance": "coco", "panoptic": "coco-panoptic", "semantic": "ade20k"}
 
 
@@ -89,7 +91,7 @@ def overfit(name: str, shards: Path, categories: list[dict], args: argparse.Name
         grad_clip=1.0,
     )
     single = build_loader(str(shards), name, batch_size=1, image_size=args.image_size, train=False)
-    samples = [_sample(b) for b in single]
+    samples = [batch_as_sample(b) for b in single]
     single = build_loader(str(shards), name, batch_size=1,
                           image_size=args.eval_image_size or args.image_size, train=False)
     rng = random.Random(args.seed)
@@ -140,13 +142,6 @@ def _score(evaluate, model, task, loader, shards: Path, stem: Path) -> dict:
     written = predictions_path_for(f"{stem}.json", task.spec.prediction_suffix)
     metrics = evaluate(model, task, loader, device=torch.device("cpu"), predictions_out=written)
     return {**metrics, "full_res": task.spec.score_file(written, shards, task=task.name)}
-
-
-def _sample(batch: dict) -> dict:
-    """A one-image eval batch back to the transformed sample ``collate`` expects."""
-    target = batch["targets"][0]
-    h, w = target["size"]
-    return {**target, "image": batch["images"][0, :, :h, :w]}
 
 
 if __name__ == "__main__":

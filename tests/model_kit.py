@@ -23,3 +23,18 @@ def perturb(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 def rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
     """``max |got - want| / max |want|``."""
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+
+
+def fit_fixed_batch(task, model: torch.nn.Module, batch: dict, steps: int,  # noqa: ANN001
+                    lr: float = 3e-3) -> tuple[list[float], dict]:
+    """``steps`` AdamW steps of ``task``'s loss on one batch: (the loss per step, the last
+    step's scalars)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses, scalars = [], {}
+    for _ in range(steps):
+        loss, scalars = task.loss(task.forward(model, batch), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(scalars["loss"])
+    return losses, scalars

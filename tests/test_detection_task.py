@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_kit import fit_fixed_batch
 from PIL import Image
 
 from clusterformer.data import (
@@ -96,14 +97,7 @@ def test_normalised_targets_drop_crowd_and_use_real_size() -> None:
 def test_loss_falls_on_a_fixed_batch(shapes: dict) -> None:
     batch = _batch(shapes["shards"], 2)
     model, task = _model(), build_task("detection", 4)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(15):
-        loss, scalars = task.loss(task.forward(model, batch), batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(scalars["loss"])
+    losses, scalars = fit_fixed_batch(task, model, batch, 15)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert min(losses[-4:]) < 0.8 * losses[0], losses
     assert {"loss_class", "loss_l1", "loss_giou", "loss_class_enc"} <= set(scalars)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_kit import fit_fixed_batch
 from PIL import Image
 
 from clusterformer.data import build_loader, make_shapes, open_source, write_shards
@@ -127,15 +128,8 @@ def test_loss_falls_on_a_fixed_batch(shards: dict[str, Path], task_name: str) ->
     task = build_task(task_name, num_classes, num_points=256)
     model = _model(task_name, num_classes)
     batch = _batch(shards[task_name], task_name, 2)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     torch.manual_seed(1)
-    losses = []
-    for _ in range(12):
-        loss, scalars = task.loss(task.forward(model, batch), batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(scalars["loss"])
+    losses, scalars = fit_fixed_batch(task, model, batch, 12)
     assert {"loss_class", "loss_mask", "loss_dice", "loss_class_enc"} <= set(scalars)
     assert losses[-1] < 0.85 * losses[0]
 
