@@ -113,26 +113,39 @@ def same_data(cfg: Any) -> bool:
 
 
 def start_details(cfg: Any) -> list[str]:
-    """The start line's second line: task, model, data sizes, steps, batch, run folder."""
+    """The start line's second line: task, model, data sizes, steps, batch, run folder. A part
+    that cannot be known yet (unreadable data, no step count) is left out: training itself
+    then stops with its own one-line error, in its own order."""
     from clusterformer.data import load_dataset_info
     from clusterformer.engine.loop import plan_schedule
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    count = int(load_dataset_info(cfg.data.train, cfg.task.name).get("num_samples") or 0)
-    data = f"data {cfg.data.train} ({count} samples)"
+    def samples(path: str) -> int | None:
+        try:
+            return int(load_dataset_info(path, cfg.task.name).get("num_samples") or 0)
+        except (OSError, ValueError):
+            return None
+
+    count = samples(cfg.data.train)
+    parts = [f"train {cfg.task.name} {cfg.model.name}, {cfg.data.image_size} px",
+             f"data {cfg.data.train}" + (f" ({count} samples)" if count is not None else "")]
     if cfg.data.val is not None:
         if same_data(cfg):
-            data += ", validated on the training data itself (not held out)"
+            parts[-1] += ", validated on the training data itself (not held out)"
         else:
-            val = int(load_dataset_info(cfg.data.val, cfg.task.name).get("num_samples") or 0)
-            data += f", val {cfg.data.val} ({val} samples)"
-    batches = max(count // (cfg.data.batch_size * world), 1)
-    plan = plan_schedule(cfg, batches, world)
-    about = "" if cfg.schedule.steps is not None else "about "
-    epochs = plan["total_steps"] / plan["steps_per_epoch"]
-    return [f"train {cfg.task.name} {cfg.model.name}, {cfg.data.image_size} px; {data}; "
-            f"{about}{plan['total_steps']} steps ({epochs:.3g} epoch(s)) of {plan['global_batch']} "
-            f"images; run folder {cfg.runtime.out}"]  # fmt: skip
+            val = samples(cfg.data.val)
+            parts[-1] += f", val {cfg.data.val}" + (f" ({val} samples)" if val is not None else "")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        plan = plan_schedule(cfg, max((count or 0) // (cfg.data.batch_size * world), 1), world)
+    except ValueError:  # no --steps / --epochs: train() says so
+        plan = None
+    if plan is not None and count is not None:
+        about = "" if cfg.schedule.steps is not None else "about "
+        epochs = plan["total_steps"] / plan["steps_per_epoch"]
+        parts.append(f"{about}{plan['total_steps']} steps ({epochs:.3g} epoch(s)) of "
+                     f"{plan['global_batch']} images")  # fmt: skip
+    parts.append(f"run folder {cfg.runtime.out}")
+    return ["; ".join(parts)]
 
 
 def check_paths(cfg: Any) -> None:

@@ -133,6 +133,14 @@ def test_held_out_data_is_called_held_out(data: dict, tmp_path: Path, capsys) ->
     assert f"val {data['val']} (16 samples)" in out and "held-out, step 1" in out
     assert "not held out" not in out
     assert "━" not in err and "\r" not in err  # no bar drawn into a captured (non-TTY) stream
+    # cf eval --per-class without --out: the run folder gets per_class.json
+    code, out, err = _run(["eval", "--ckpt", tmp_path / "run", "--data", data["val"],
+                           "--per-class"], capsys)  # fmt: skip
+    assert code == 0, err
+    written = json.loads((tmp_path / "run" / "per_class.json").read_text())
+    assert set(written["per_class"]) == {"circle", "ellipse", "rectangle", "triangle"}
+    assert all(set(row) == {"Acc"} for row in written["per_class"].values())
+    assert written["num_samples"] == 16 and "Acc %" in out
 
 
 @pytest.mark.parametrize("argv", [["--patience", "2"], ["--best-metric", "top1"],
@@ -195,3 +203,36 @@ def test_cf_predict_warns_when_nothing_passes_the_threshold(data: dict, tmp_path
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and str(image) in warnings[0] and "highest score 0." in warnings[0]
     assert "warning" not in out  # stdout keeps only what it always printed
+
+
+def test_long_commands_drive_a_progress_bar(data: dict, tmp_path: Path, capsys,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import contextlib
+
+    bars: list[dict] = []
+
+    @contextlib.contextmanager
+    def recording_bar(label: str, total: int | None):
+        bar = {"label": label, "total": total, "done": 0}
+        bars.append(bar)
+
+        def update(advance: int = 1, description: str | None = None,
+                   completed: int | None = None) -> None:  # fmt: skip
+            bar["done"] = completed if completed is not None else bar["done"] + advance
+
+        yield update
+
+    monkeypatch.setattr(progress, "progress_bar", recording_bar)
+    shards = tmp_path / "shards"
+    code, _, err = _run(["shard-dataset", "--format", "imagefolder", "--images",
+                         data["raw"]["classes"], "--out", shards], capsys)  # fmt: skip
+    assert code == 0, err
+    run = tmp_path / "run"
+    assert _run(train_argv(shards, run, 1), capsys)[0] == 0
+    code, _, err = _run(["eval", "--ckpt", run, "--data", shards, "--batch-size", "4"], capsys)
+    assert code == 0, err
+    images = sorted(Path(data["raw"]["classes"]).rglob("*.jpg"))[:3]
+    code, _, err = _run(["predict", "--ckpt", run, *images, "--out", tmp_path / "p"], capsys)
+    assert code == 0, err
+    assert [(b["label"], b["total"], b["done"]) for b in bars] == [
+        ("sharding", 16, 16), ("eval", 4, 4), ("predict", 3, 3)]
