@@ -158,6 +158,32 @@ def test_without_per_class_nothing_per_class_is_written(shapes: dict, tmp_path: 
     assert "per class" not in printed
 
 
+def test_instance_ground_truth_per_class_masks_and_boxes(shapes: dict, tmp_path: Path,
+                                                        capsys) -> None:  # fmt: skip
+    from clusterformer.data.records import segmentation_to_mask
+    from clusterformer.metrics.instance import encode_masks
+
+    doc = json.loads(Path(shapes["instances"]).read_text())
+    sizes = {im["id"]: (im["height"], im["width"]) for im in doc["images"]}
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "score": 1.0,
+                "segmentation": encode_masks(segmentation_to_mask(
+                    a["segmentation"], *sizes[a["image_id"]])[None])[0]}
+               for a in doc["annotations"] if not a["iscrowd"]]  # fmt: skip
+    (tmp_path / "segm.json").write_text(json.dumps(results))
+    out = tmp_path / "m.json"
+    code, _, err = _eval(["eval", "--task", "instance", "--predictions", str(tmp_path / "segm.json"),
+                          "--data", str(shapes["root"]), "--per-class", "--out", str(out)], capsys)  # fmt: skip
+    assert code == 0, err
+    written = json.loads(out.read_text())
+    assert written["segm_AP"] == 100.0 and written["segm_AR100"] == 100.0
+    assert {"segm_APs", "segm_APm", "segm_APl", "bbox_APs", "bbox_AR100"} <= set(written)
+    present = {a["category_id"] for a in doc["annotations"] if not a["iscrowd"]}
+    for cat in doc["categories"]:
+        row = written["per_class"][cat["name"]]
+        assert set(row) == {"segm_AP", "bbox_AP"}
+        assert row["segm_AP"] == (100.0 if cat["id"] in present else -1.0)
+
+
 @pytest.mark.shared_data
 @pytest.mark.skipif(not COCO128.is_dir(), reason="shared COCO-128 sample absent")
 def test_coco128_ground_truth_prints_per_class_ap_100(tmp_path: Path, capsys) -> None:

@@ -190,19 +190,42 @@ def test_empty_prediction_warning_names_the_highest_score() -> None:
     assert empty_prediction_warning("c.png", {"classes": [{"score": 0.9}]}, None, 0.3) is None
 
 
-def test_cf_predict_warns_when_nothing_passes_the_threshold(data: dict, tmp_path: Path,
-                                                            capsys) -> None:  # fmt: skip
-    run = tmp_path / "det"
-    code, _, err = _run(["train", "--task", "detection", "--data", data["det"], "--out", run,
-                         "--steps", "1", "--batch-size", "4", "--image-size", "32"], capsys)  # fmt: skip
-    assert code == 0, err
+@pytest.fixture(scope="module")
+def det_run(data: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-step detection run (its scores are all low: nothing passes a high threshold)."""
+    run = tmp_path_factory.mktemp("detrun") / "run"
+    argv = ["train", "--task", "detection", "--data", data["det"], "--out", run, "--steps", "1",
+            "--batch-size", "4", "--image-size", "32"]  # fmt: skip
+    assert run_cf([str(a) for a in argv]) == 0
+    return run
+
+
+def test_cf_predict_warns_when_nothing_passes_the_threshold(data: dict, det_run: Path,
+                                                            tmp_path: Path, capsys) -> None:  # fmt: skip
     image = sorted(Path(data["raw"]["images"]).glob("*.jpg"))[0]
-    code, out, err = _run(["predict", "--ckpt", run, image, "--out", tmp_path / "p",
+    code, out, err = _run(["predict", "--ckpt", det_run, image, "--out", tmp_path / "p",
                            "--score-threshold", "1.0"], capsys)  # fmt: skip
     assert code == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and str(image) in warnings[0] and "highest score 0." in warnings[0]
     assert "warning" not in out  # stdout keeps only what it always printed
+    code, out, err = _run(["predict", "--ckpt", det_run, image, "--out", tmp_path / "p2",
+                           "--score-threshold", "0.0"], capsys)  # fmt: skip
+    assert code == 0 and "warning" not in err, err
+
+
+def test_checkpoint_eval_per_class_detection(data: dict, det_run: Path, tmp_path: Path,
+                                             capsys) -> None:  # fmt: skip
+    out = tmp_path / "m.json"
+    code, printed, err = _run(["eval", "--ckpt", det_run, "--data", data["det"], "--per-class",
+                               "--batch-size", "8", "--out", out], capsys)  # fmt: skip
+    assert code == 0, err
+    written = json.loads(out.read_text())
+    assert {"bbox_AP", "bbox_APs", "bbox_APm", "bbox_APl", "bbox_AR100", "step"} <= set(written)
+    assert set(written["per_class"]) == {"circle", "ellipse", "rectangle", "triangle"}
+    assert all(set(r) == {"bbox_AP"} for r in written["per_class"].values())
+    assert isinstance(written["num_images"], int) and written["num_images"] == 16
+    assert (tmp_path / "m.detections.json").is_file()  # predictions still written beside
 
 
 def test_long_commands_drive_a_progress_bar(data: dict, tmp_path: Path, capsys,
