@@ -108,7 +108,11 @@ def _evaluate_checkpoint(
     from clusterformer.cli.progress import progress_bar
     from clusterformer.data import build_loader, load_dataset_info
     from clusterformer.engine.distributed import pick_device
-    from clusterformer.engine.evaluate import evaluate, load_model_from_checkpoint
+    from clusterformer.engine.evaluate import (
+        NoPerClassMetrics,
+        evaluate,
+        load_model_from_checkpoint,
+    )
 
     dev = pick_device(device)
     model, task, meta = load_model_from_checkpoint(ckpt, dev)
@@ -146,7 +150,7 @@ def _evaluate_checkpoint(
                                per_class=per_class)  # fmt: skip
         except FloatingPointError as exc:  # a diverged checkpoint: name it
             raise DataError(f"{ckpt}: {exc}") from None
-        except ValueError as exc:  # per-class metrics of a task that has none
+        except NoPerClassMetrics as exc:  # a plugin task without per-class metrics
             raise UserError(f"--per-class: {exc}") from None
     return {**metrics, "step": meta.get("step"), "image_size": size, "_task": task.name}
 
@@ -178,8 +182,15 @@ def _score_predictions(
     if spec.score_file is None:
         raise UserError(f"the {task} task has no prediction file format to score; evaluate a "
                         "checkpoint with --ckpt")  # fmt: skip
-    extra = {"per_class": True} if per_class else {}
-    return spec.score_file(predictions, data, task=spec.name, num_workers=num_workers, **extra)
+    if not per_class:
+        return spec.score_file(predictions, data, task=spec.name, num_workers=num_workers)
+    try:
+        return spec.score_file(predictions, data, task=spec.name, num_workers=num_workers,
+                               per_class=True)  # fmt: skip
+    except TypeError as exc:  # a plugin's score_file without the argument
+        if "per_class" not in str(exc):
+            raise
+        raise UserError(f"--per-class: the {task} task reports no per-class metrics") from None
 
 
 def _run_folder(ckpt: Path) -> Path | None:

@@ -89,6 +89,10 @@ def evaluate(
     return evaluator.compute()
 
 
+class NoPerClassMetrics(ValueError):
+    """Per-class metrics were asked of a task whose evaluator has none."""
+
+
 def make_evaluator(task: Task, predictions_out: str | Path | None, per_class: bool) -> Any:
     """``task.evaluator``; ``per_class`` is passed only when asked, so a plugin task without
     per-class metrics keeps working (and says so when they are asked for)."""
@@ -99,7 +103,7 @@ def make_evaluator(task: Task, predictions_out: str | Path | None, per_class: bo
     except TypeError as exc:
         if "per_class" not in str(exc):
             raise
-        raise ValueError(f"the {task.name} task reports no per-class metrics") from None
+        raise NoPerClassMetrics(f"the {task.name} task reports no per-class metrics") from None
 
 
 def normalisation_of(module: nn.Module) -> dict[str, list[float]]:
