@@ -86,6 +86,20 @@ def test_best_checkpoint_keeps_the_best_and_stops_after_patience(tmp_path: Path)
         BestCheckpoint(tmp_path, _Spec(), "mIoU", None, {}).observe(10, {"top1": 1.0}, weights)
 
 
+def test_a_failed_best_write_is_a_warning_not_a_crash(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from clusterformer.engine import files
+
+    def full(path: Path, data: bytes) -> None:
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(files, "atomic_write_bytes", full)
+    best = BestCheckpoint(tmp_path, _Spec(), "top1", None, {"task": "classification"})
+    note = best.observe(1, {"top1": 5.0}, torch.nn.Linear(2, 2))
+    assert note.startswith("warning: could not write") and "No space left" in note
+    assert not (tmp_path / "best.safetensors").exists() and read_best(tmp_path) is None
+
+
 def test_lower_is_better_metrics_improve_downwards() -> None:
     spec = task_spec("classification")
     assert spec.improves("top1", 2.0, 1.0) and not spec.improves("top1", 1.0, 2.0)

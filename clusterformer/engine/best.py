@@ -65,7 +65,11 @@ class BestCheckpoint:
         if math.isfinite(value) and self.spec.improves(self.metric, value, self.best):
             self.best, self.best_step, self.stale = value, step, 0
             if self.is_main:
-                self._write(step, value, weights)
+                try:
+                    self._write(step, value, weights)
+                except OSError as exc:  # e.g. a full disk: the run and its checkpoints go on
+                    return (f"warning: could not write {self.ckpt_dir / BEST_WEIGHTS} ({exc}); "
+                            "training continues")  # fmt: skip
             return (f"new best {self.metric} {value:.4g} at step {step}: "
                     f"{self.ckpt_dir / BEST_WEIGHTS}")  # fmt: skip
         self.stale += 1
