@@ -47,30 +47,41 @@ def format_value(key: str, value: Any) -> str:
     return f"{value:.{decimals}f}"
 
 
-def summary_table(metrics: Mapping[str, Any]) -> Any:
-    """A rich table: metric, value, unit; its caption says the rates are percent."""
-    from rich.table import Table
+def _note(values: list[Any], unit: str) -> str:
+    note = f"rates in percent (0-100){unit}"
+    return note + ("; n/a: no ground truth" if any(v == -1 for v in values) else "")
 
-    table = Table(caption="rates in percent (0-100); n/a: no ground truth")
+
+def summary_table(metrics: Mapping[str, Any]) -> Any:
+    """A rich renderable: a table of metric, value, unit and a line saying rates are percent
+    (printed under the table, not as its caption, so it never wraps to the table's width)."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("unit")
     for key, value in metrics.items():
         table.add_row(key, format_value(key, value), unit_of(key, value))
-    return table
+    return Group(table, Text(_note(list(metrics.values()), "")))
 
 
 def per_class_table(per_class: Mapping[str, Mapping[str, Any]]) -> Any:
-    """A rich table: one row per class, one column per metric (percent)."""
+    """A rich renderable: one row per class, one column per metric (percent), and its note."""
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     columns: list[str] = []
     for row in per_class.values():
         columns += [m for m in row if m not in columns]
-    table = Table(title="per class (percent, 0-100)", caption="n/a: no ground truth of the class")
+    table = Table(title="per class")
     table.add_column("class")
     for column in columns:
         table.add_column(f"{column} %", justify="right")
     for name, row in per_class.items():
         table.add_row(name, *(format_value(c, row.get(c)) for c in columns))
-    return table
+    values = [v for row in per_class.values() for v in row.values()]
+    return Group(table, Text(_note(values, ", by class")))
