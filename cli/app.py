@@ -17,12 +17,14 @@ from clusterformer.cli import (
     export_cmd,
     models_cmd,
     predict_cmd,
+    progress,
     quickstart_cmd,
     runtime_opts,
     shapes_cmd,
     shard_cmd,
     train_cmd,
 )
+from clusterformer.cli.help_defaults import show_every_default
 
 app = typer.Typer(
     name="cf",
@@ -60,16 +62,23 @@ def _root(
         help="CPU threads for torch (default: OMP_NUM_THREADS, else one per core). On a busy "
         "machine fewer threads are often faster.",
     ),
+    no_progress: bool = typer.Option(
+        False, "--no-progress",
+        help="No live progress bars (they are drawn only when stderr is a terminal anyway; "
+        "CF_NO_PROGRESS=1 does the same).",
+    ),
 ) -> None:
     errors.DEBUG = debug
     runtime_opts.THREADS = threads
+    progress.DISABLED = no_progress
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the app, turning failures into one line on stderr."""
     args = sys.argv[1:] if argv is None else argv
     try:
-        code = app(args=args, prog_name="cf", standalone_mode=False)
+        command = show_every_default(typer.main.get_command(app))
+        code = command.main(args=args, prog_name="cf", standalone_mode=False)
     except KeyboardInterrupt:
         print("cf: interrupted", file=sys.stderr)
         sys.exit(130)

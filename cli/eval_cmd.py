@@ -48,6 +48,13 @@ def register(app: typer.Typer) -> None:
             help="torch.compile the model (inductor with frozen weights); the first batch is "
             "checked against eager and a difference stops the run.",
         ),
+        per_class: bool = typer.Option(
+            False, "--per-class/--no-per-class",
+            help="Also each class's metrics (AP / PQ, SQ, RQ / IoU, Acc / accuracy) and, for "
+            "boxes and masks, AP small/medium/large and AR@100: printed as a table and written "
+            "under \"per_class\" in the --out JSON (without --out, a checkpoint's run folder "
+            "gets per_class.json).",
+        ),
     ) -> None:
         """Evaluate a checkpoint (--ckpt) or a prediction file (--task T --predictions PATH) on --data.
 
@@ -56,7 +63,7 @@ def register(app: typer.Typer) -> None:
         bbox_AP, bbox_AP50, bbox_AP75 by COCOeval; instance segm_AP* + bbox_AP*; semantic mIoU,
         aAcc; panoptic PQ, SQ, RQ, PQ_th, PQ_st) and the predictions beside the metrics,
         re-scorable with --predictions (NAME.detections.json, NAME.segm.json, PNG folder
-        NAME.semantic/, or NAME.panoptic.json + NAME.panoptic/).
+        NAME.semantic/, or NAME.panoptic.json + NAME.panoptic/). Rates are percent (0-100).
         """
         if (ckpt is None) == (predictions is None):
             raise UserError(
@@ -69,23 +76,19 @@ def register(app: typer.Typer) -> None:
         if predictions is not None:
             if task is None:
                 raise UserError("--predictions needs --task")
-            metrics = _score_predictions(task, predictions, data, num_workers)
-            title = f"{task} predictions {predictions}"
+            metrics = _score_predictions(task, predictions, data, num_workers, per_class)
+            title = f"{task} predictions {predictions} on {data}"
         else:
             from clusterformer.cli.runtime_opts import start_compute
 
             start_compute(device)
             metrics = _evaluate_checkpoint(
                 ckpt, data, batch_size, image_size, device, amp, num_workers, task, out,
-                compile_model=compile_model,
+                compile_model=compile_model, per_class=per_class,
             )
-            title = f"{metrics.pop('_task')} checkpoint {ckpt}"
-        _print_table(title, metrics)
-        if out is not None:
-            from clusterformer.engine.files import atomic_write_json
-
-            atomic_write_json(out, metrics)
-            typer.echo(f"wrote {out}")
+            title = f"{metrics.pop('_task')} checkpoint {ckpt} on {data}"
+        report(title, metrics, out=out, per_class=per_class,
+               run_folder=_run_folder(ckpt) if ckpt is not None else None)
 
 
 def _evaluate_checkpoint(
@@ -100,12 +103,16 @@ def _evaluate_checkpoint(
     out: Path | None = None,
     *,
     compile_model: bool = False,
+    per_class: bool = False,
 ) -> dict[str, Any]:
-    from rich.progress import Progress
-
+    from clusterformer.cli.progress import progress_bar
     from clusterformer.data import build_loader, load_dataset_info
     from clusterformer.engine.distributed import pick_device
-    from clusterformer.engine.evaluate import evaluate, load_model_from_checkpoint
+    from clusterformer.engine.evaluate import (
+        NoPerClassMetrics,
+        evaluate,
+        load_model_from_checkpoint,
+    )
 
     dev = pick_device(device)
     model, task, meta = load_model_from_checkpoint(ckpt, dev)
@@ -130,19 +137,21 @@ def _evaluate_checkpoint(
         from clusterformer.engine.compiled import checked_inference_compile
 
         model = checked_inference_compile(model, amp, f"{task.name} model")
-    with Progress(transient=True) as progress:
-        bar = progress.add_task("eval", total=len(loader))
+    with progress_bar("eval", len(loader)) as advance:
 
         def ticks():
             while True:
-                progress.advance(bar)
+                advance()
                 yield None
 
         try:
             metrics = evaluate(model, task, loader, device=dev, amp=amp,
-                               predictions_out=predictions_out, progress=ticks())  # fmt: skip
+                               predictions_out=predictions_out, progress=ticks(),
+                               per_class=per_class)  # fmt: skip
         except FloatingPointError as exc:  # a diverged checkpoint: name it
             raise DataError(f"{ckpt}: {exc}") from None
+        except NoPerClassMetrics as exc:  # a plugin task without per-class metrics
+            raise UserError(f"--per-class: {exc}") from None
     return {**metrics, "step": meta.get("step"), "image_size": size, "_task": task.name}
 
 
@@ -162,7 +171,7 @@ def _check_categories(trained: list[dict], data_cats: list[dict], ckpt: Path, da
 
 
 def _score_predictions(
-    task: str, predictions: Path, data: Path, num_workers: int
+    task: str, predictions: Path, data: Path, num_workers: int, per_class: bool = False
 ) -> dict[str, Any]:
     from clusterformer.tasks import task_spec
 
@@ -173,17 +182,45 @@ def _score_predictions(
     if spec.score_file is None:
         raise UserError(f"the {task} task has no prediction file format to score; evaluate a "
                         "checkpoint with --ckpt")  # fmt: skip
-    return spec.score_file(predictions, data, task=spec.name, num_workers=num_workers)
+    if not per_class:
+        return spec.score_file(predictions, data, task=spec.name, num_workers=num_workers)
+    try:
+        return spec.score_file(predictions, data, task=spec.name, num_workers=num_workers,
+                               per_class=True)  # fmt: skip
+    except TypeError as exc:  # a plugin's score_file without the argument
+        if "per_class" not in str(exc):
+            raise
+        raise UserError(f"--per-class: the {task} task reports no per-class metrics") from None
 
 
-def _print_table(title: str, metrics: dict[str, Any]) -> None:
+def _run_folder(ckpt: Path) -> Path | None:
+    """The run folder of ``--ckpt`` (given as a run folder), where ``per_class.json`` goes
+    without ``--out``; ``None`` for a bare checkpoint file."""
+    return ckpt if ckpt.is_dir() else None
+
+
+def report(title: str, metrics: dict[str, Any], *, out: Path | None, per_class: bool,
+           run_folder: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Print the metric table (and the per-class table), write ``--out``; returns what was
+    written: the summary metrics, with ``per_class`` (class name -> metrics) when asked."""
     from rich.console import Console
-    from rich.table import Table
 
-    Console().print(title)
-    table = Table()
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in metrics.items():
-        table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    from clusterformer.cli.metric_table import per_class_table, summary_table
+    from clusterformer.engine.files import atomic_write_json
+    from clusterformer.metrics.per_class import split_per_class
+
+    summary, classes = split_per_class(metrics)
+    console = Console()
+    console.print(title, soft_wrap=True)
+    console.print(summary_table(summary))
+    document: dict[str, Any] = dict(summary)
+    if per_class:
+        console.print(per_class_table(classes))
+        document["per_class"] = classes
+    if out is not None:
+        atomic_write_json(out, document)
+        typer.echo(f"wrote {out}")
+    elif per_class and run_folder is not None:
+        atomic_write_json(run_folder / "per_class.json", document)
+        typer.echo(f"wrote {run_folder / 'per_class.json'}")
+    return document

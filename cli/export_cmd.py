@@ -8,6 +8,8 @@ import typer
 
 from clusterformer.cli.errors import DataError, UserError
 
+EXPORT_STAGES = 4  # loading, tracing, writing, parity check
+
 
 def register(app: typer.Typer) -> None:
     @app.command("export")
@@ -38,26 +40,29 @@ def register(app: typer.Typer) -> None:
             raise FileNotFoundError(f"{ckpt}: checkpoint not found")
 
         from rich.console import Console
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+        from clusterformer.cli.progress import progress_bar
         from clusterformer.cli.runtime_opts import start_compute
         from clusterformer.export import ParityError, export_checkpoint
 
         start_compute("cpu")
         console = Console()
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      transient=True, console=console) as progress:
-            bar = progress.add_task("export", total=None)
+        # The exporter names its stages (load, trace, write, parity): one bar step each.
+        with progress_bar("export", EXPORT_STAGES) as update:
+            done = iter(range(EXPORT_STAGES))
             try:
                 result = export_checkpoint(
                     ckpt, fmt, out, image_size=image_size, with_postprocess=with_postprocess,
                     opset=opset, tolerance=tolerance,
-                    stage=lambda text: progress.update(bar, description=text),
+                    stage=lambda text: update(completed=next(done, EXPORT_STAGES - 1),
+                                              description=f"export: {text}"),
                 )
+                failure = None
             except ParityError as exc:
-                progress.stop()
-                _print_parity(console, exc.results, tolerance)
-                raise DataError(str(exc)) from exc
+                failure = exc
+        if failure is not None:
+            _print_parity(console, failure.results, tolerance)
+            raise DataError(str(failure)) from failure
         _print_parity(console, result.parity, tolerance)
         shape = "dynamic batch, height and width" if result.dynamic else f"{image_size}x{image_size}, dynamic batch"
         console.print(f"wrote {result.path} ({result.task}, {result.exporter}, {shape}; "

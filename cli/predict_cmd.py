@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import typer
 
 from clusterformer.cli.errors import DataError, UserError
+from clusterformer.cli.prediction_notes import empty_prediction_warning
 
 
 def register(app: typer.Typer) -> None:
@@ -117,8 +119,8 @@ def predict_images(
     """Run checkpoint ``ckpt`` on ``images``; write OUT/<stem>.png overlays, OUT/<stem>.json and
     OUT/predictions.json, and return the per-image records."""
     import torch
-    from rich.progress import Progress
 
+    from clusterformer.cli.progress import progress_bar
     from clusterformer.data import decode_image
     from clusterformer.data.transforms import make_transform
     from clusterformer.engine.distributed import pick_device
@@ -139,8 +141,8 @@ def predict_images(
     names = _unique_stems(images)
     everything = []
     written: list[Path] = []
-    with _removed_on_failure(written), Progress(transient=True) as progress, torch.no_grad():
-        bar = progress.add_task("predict", total=len(images))
+    with _removed_on_failure(written), progress_bar("predict", len(images)) as advance, \
+            torch.no_grad():
         for path, stem in zip(images, names, strict=True):
             image = decode_image(path.read_bytes(), str(path))
             height, width = int(image.shape[1]), int(image.shape[2])
@@ -156,11 +158,14 @@ def predict_images(
             pred = task.postprocess(outputs, batch)[0]
             result = task.spec.describe(pred, categories, score_threshold, max_detections)
             record = {"image": str(path), "height": height, "width": width, "task": task.name, **result}
+            warning = empty_prediction_warning(str(path), record, pred, score_threshold)
+            if warning is not None:
+                print(warning, file=sys.stderr, flush=True)
             written.extend([out / f"{stem}.png", out / f"{stem}.json"])
             _save_png(draw_overlay(image, record), out / f"{stem}.png")
             _write_json(out / f"{stem}.json", record)
             everything.append(record)
-            progress.advance(bar)
+            advance()
         _write_json(out / "predictions.json", everything)
     return everything
 

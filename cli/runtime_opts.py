@@ -6,9 +6,11 @@ from __future__ import annotations
 THREADS: int | None = None
 
 
-def start_compute(device: str | None = None, threads: int | None = None) -> tuple[int, str]:
+def start_compute(device: str | None = None, threads: int | None = None,
+                  details: list[str] | None = None) -> tuple[int, str]:  # fmt: skip
     """Apply ``--threads`` (else ``OMP_NUM_THREADS``) and the CPU allocator setting, and print
-    one line on stdout saying what the command runs on (stderr stays for errors).
+    one line on stdout saying what the command runs on (stderr stays for errors), then one
+    ``cf: <detail>`` line per entry of ``details`` (what the command is about to do).
 
     Returns:
         ``(threads, where the count came from)``.
@@ -19,4 +21,6 @@ def start_compute(device: str | None = None, threads: int | None = None) -> tupl
     tune_cpu_allocator()
     count = configure_threads(threads if threads is not None else THREADS)
     print(f"cf: {runtime_line(pick_device(device), count)}", flush=True)
+    for line in details or []:
+        print(f"cf: {line}", flush=True)
     return count

@@ -43,15 +43,9 @@ def register(app: typer.Typer) -> None:
           cf shard-dataset --format imagefolder --images DIR --out SHARDS
         """
         from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
 
         from clusterformer.cli.errors import UserError
+        from clusterformer.cli.progress import progress_bar
         from clusterformer.data.formats import check_arguments, open_source
         from clusterformer.data.shards import write_shards
 
@@ -61,9 +55,7 @@ def register(app: typer.Typer) -> None:
             raise UserError(str(exc)) from None
         console = Console(stderr=True, soft_wrap=True)
         source = open_source(format.value, images, annotations=annotations, masks=masks)
-        columns = (TextColumn("sharding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=console, transient=True) as bar:
-            task = bar.add_task("shard", total=len(source))
+        with progress_bar("sharding", len(source)) as update:
             info = write_shards(
                 source,
                 out,
@@ -72,7 +64,7 @@ def register(app: typer.Typer) -> None:
                 shuffle=shuffle,
                 seed=seed,
                 on_error=on_error.value,
-                progress=lambda n: bar.update(task, completed=n),
+                progress=lambda n: update(completed=n),
             )
         skipped = f", {info['skipped']} skipped (see {out / 'skipped.jsonl'})" if info["skipped"] else ""
         console.print(

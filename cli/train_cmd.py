@@ -30,6 +30,11 @@ def register(app: typer.Typer) -> None:
     @app.command("train", help=HELP, add_help_option=False,
                  context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
     def train_stub(ctx: typer.Context) -> None:
+        from clusterformer.cli.progress import progress_enabled
+
+        quiet = {"--help", "--print-config"} & set(ctx.args)
+        if progress_enabled() and not quiet:  # a person at a terminal: say something at once
+            print("cf train: loading torch and the model code ...", file=sys.stderr, flush=True)
         code = build_command().main(args=list(ctx.args), prog_name="cf train",
                                     standalone_mode=False)  # fmt: skip
         if code:
@@ -67,7 +72,9 @@ def build_command() -> Any:
     sub = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                       rich_markup_mode="rich")  # fmt: skip
     sub.command("train")(train_command)
-    return typer.main.get_command(sub)
+    from clusterformer.cli.help_defaults import show_every_default
+
+    return show_every_default(typer.main.get_command(sub))
 
 
 def run(values: dict[str, Any]) -> None:
@@ -84,17 +91,61 @@ def run(values: dict[str, Any]) -> None:
         typer.echo(to_yaml(cfg), nl=False)
         return
     check_paths(cfg)
+    from clusterformer.cli.progress import progress_enabled
     from clusterformer.cli.runtime_opts import start_compute
     from clusterformer.engine.loop import TrainingInterrupted, train
 
-    start_compute(cfg.runtime.device)
+    if not progress_enabled():  # cf --no-progress, CF_NO_PROGRESS=1
+        cfg.runtime.progress = False
+    start_compute(cfg.runtime.device, details=start_details(cfg))
     try:
         result = train(cfg)
     except TrainingInterrupted as exc:
         print(f"cf: {exc}", file=sys.stderr)
         raise typer.Exit(exc.exit_code) from None
     if int(os.environ.get("RANK", "0")) == 0:
-        _print_summary(result)
+        _print_summary(result, same_data(cfg))
+
+
+def same_data(cfg: Any) -> bool:
+    """Whether the validation data is the training data (the same resolved path)."""
+    return cfg.data.val is not None and Path(cfg.data.val).resolve() == Path(cfg.data.train).resolve()
+
+
+def start_details(cfg: Any) -> list[str]:
+    """The start line's second line: task, model, data sizes, steps, batch, run folder. A part
+    that cannot be known yet (unreadable data, no step count) is left out: training itself
+    then stops with its own one-line error, in its own order."""
+    from clusterformer.data import load_dataset_info
+    from clusterformer.engine.loop import plan_schedule
+
+    def samples(path: str) -> int | None:
+        try:
+            return int(load_dataset_info(path, cfg.task.name).get("num_samples") or 0)
+        except (OSError, ValueError):
+            return None
+
+    count = samples(cfg.data.train)
+    parts = [f"train {cfg.task.name} {cfg.model.name}, {cfg.data.image_size} px",
+             f"data {cfg.data.train}" + (f" ({count} samples)" if count is not None else "")]
+    if cfg.data.val is not None:
+        if same_data(cfg):
+            parts[-1] += ", validated on the training data itself (not held out)"
+        else:
+            val = samples(cfg.data.val)
+            parts[-1] += f", val {cfg.data.val}" + (f" ({val} samples)" if val is not None else "")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        plan = plan_schedule(cfg, max((count or 0) // (cfg.data.batch_size * world), 1), world)
+    except ValueError:  # no --steps / --epochs: train() says so
+        plan = None
+    if plan is not None and count is not None:
+        about = "" if cfg.schedule.steps is not None else "about "
+        epochs = plan["total_steps"] / plan["steps_per_epoch"]
+        parts.append(f"{about}{plan['total_steps']} steps ({epochs:.3g} epoch(s)) of "
+                     f"{plan['global_batch']} images")  # fmt: skip
+    parts.append(f"run folder {cfg.runtime.out}")
+    return ["; ".join(parts)]
 
 
 def check_paths(cfg: Any) -> None:
@@ -123,17 +174,21 @@ def check_paths(cfg: Any) -> None:
             raise UserError(f"--rand-augment: {exc}") from None
 
 
-def _print_summary(result: Any) -> None:
+def _print_summary(result: Any, on_training_data: bool = False) -> None:
     from rich.console import Console
-    from rich.table import Table
+
+    from clusterformer.cli.metric_table import summary_table
 
     console = Console()
     if result.metrics:
-        table = Table(title=f"held-out, step {result.step}")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for key, value in result.metrics.items():
-            table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
-        console.print(table)
+        where = ("on the training data (--val-data is --data: not held out)" if on_training_data
+                 else "held-out")  # fmt: skip
+        console.print(f"{where}, step {result.step}")
+        console.print(summary_table(result.metrics))
+    if result.best is not None:
+        console.print(f"best {result.best['metric']} {result.best['value']:.4g} at step "
+                      f"{result.best['step']}: {result.run_dir / 'checkpoints' / 'best.safetensors'}")
+    if result.stopped_early:
+        console.print(f"stopped early at step {result.step} (--patience)")
     console.print(f"trained {result.step} steps; checkpoint: {result.checkpoint}")
     console.print(f"run folder: {result.run_dir} (config.yaml, metrics.jsonl, checkpoints/)")

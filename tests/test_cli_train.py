@@ -71,7 +71,8 @@ def test_run_folder_contents(trained: Path) -> None:
     assert [r["step"] for r in val] == [2, 4]
     assert all(0 <= r["top1"] <= r["top5"] <= 100 and r["num_samples"] == 12 for r in val)
     names = sorted(p.name for p in (trained / "checkpoints").iterdir())
-    assert names == ["last", "last.safetensors", "last.state.pt", "step-000002", "step-000004"]
+    assert names == ["best.json", "best.safetensors", "last", "last.safetensors", "last.state.pt",
+                     "step-000002", "step-000004"]
 
 
 def test_eval_checkpoint_matches_training_eval(

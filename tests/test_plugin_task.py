@@ -61,6 +61,10 @@ def test_plugin_task_trains_evaluates_predicts_and_exports(
     out = tmp_path / "m.json"
     assert run_cf(["eval", "--ckpt", str(run), "--data", str(shards["shards"]), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["fg_IoU"] == pytest.approx(val["fg_IoU"])
+    assert (run / "checkpoints" / "best.safetensors").is_file()  # by its primary metric, fg_IoU
+    capsys.readouterr()
+    assert run_cf(["eval", "--ckpt", str(run), "--data", str(shards["shards"]), "--per-class"]) == 2
+    assert "--per-class: the foreground task reports no per-class metrics" in capsys.readouterr().err
 
     pred = tmp_path / "pred"
     assert run_cf(["predict", "--ckpt", str(run), *map(str, shards["images"]), "--out", str(pred),

@@ -25,6 +25,7 @@ _JSON_KEYS = (
     "image_size",
     "step",
     "num_classes",
+    "best_value",
 )
 
 

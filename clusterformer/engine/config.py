@@ -114,6 +114,14 @@ class RuntimeConfig:
     eval_every: int | None = option(None, "evaluate on the val data every this many steps (and "
                                     "at the end)")
     log_every: int = option(10, "log training scalars every this many steps")
+    best_metric: str | None = option(None, "after each evaluation keep checkpoints/"
+                                     "best.safetensors by this metric (default: the task's "
+                                     "headline, e.g. top1, bbox_AP, mIoU, PQ; higher is better "
+                                     "unless the task says otherwise)")
+    patience: int | None = option(None, "stop early after this many evaluations in a row "
+                                  "without a better best_metric (needs --val-data)")
+    progress: bool = option(True, "a live progress bar with ETA when stderr is a terminal "
+                            "(else, or with --no-progress, plain lines)")
     resume: bool = option(False, "continue from the newest complete checkpoint in out (not "
                           "written to config.yaml)")
     restart: bool = option(False, "delete out's previous checkpoints and logs and start at step 0 "
@@ -262,6 +270,10 @@ def build_config(values: Mapping[str, Any]) -> TrainConfig:
     except ValueError as exc:
         raise ValueError(f"task.name: {exc}") from None
     cfg.task = TaskConfig(name, spec.make_options(task_values))
+    best = cfg.runtime.best_metric
+    if best is not None and best not in spec.metric_keys:
+        raise ValueError(f"runtime.best_metric: '{best}' is not a metric of the {name} task "
+                         f"(its metrics: {', '.join(spec.metric_keys)})")  # fmt: skip
     spec.build(spec.categories([]), cfg.task.options)  # its own checks (label smoothing range)
     validate(cfg)
     return cfg
@@ -282,7 +294,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{where} must be >= 1, got {value}")
     for where, value, low in (("schedule.steps", sched.steps, 1), ("runtime.save_every",
                               run.save_every, 1), ("runtime.eval_every", run.eval_every, 1),
-                              ("schedule.warmup_steps", sched.warmup_steps, 0)):  # fmt: skip
+                              ("schedule.warmup_steps", sched.warmup_steps, 0),
+                              ("runtime.patience", run.patience, 1)):  # fmt: skip
         if value is not None and value < low:
             raise ValueError(f"{where} must be >= {low}, got {value}")
     if sched.steps is not None and sched.epochs is not None:
@@ -297,5 +310,8 @@ def validate(cfg: TrainConfig) -> None:
     erasing = cfg.data.augment.random_erasing
     if erasing is not None and not 0.0 <= erasing <= 1.0:
         raise ValueError(f"data.augment.random_erasing must be in [0, 1], got {erasing}")
+    if (run.patience is not None or run.best_metric is not None) and cfg.data.val is None:
+        raise ValueError("runtime.patience and runtime.best_metric need held-out data: give "
+                         "--val-data (data.val)")  # fmt: skip
     if run.resume and run.restart:
         raise ValueError("runtime.resume and runtime.restart exclude each other; give one")

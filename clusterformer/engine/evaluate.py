@@ -54,6 +54,7 @@ def evaluate(
     amp: str = "none",
     predictions_out: str | Path | None = None,
     progress: Iterator | None = None,
+    per_class: bool = False,
 ) -> dict[str, float]:
     """Task metrics of ``model`` over ``batches`` (this rank's share; reduced across ranks).
 
@@ -62,10 +63,12 @@ def evaluate(
             of a dataset with the task's categories.
         predictions_out: where the evaluator also writes the predictions (the task spec's
             ``prediction_suffix`` says what it writes).
+        per_class: also the per-class keys ``<metric>/<class name>``
+            (:func:`clusterformer.metrics.per_class.split_per_class`).
     """
     was_training = model.training
     model.eval()
-    evaluator = task.evaluator(predictions_out)
+    evaluator = make_evaluator(task, predictions_out, per_class)
     try:
         for batch in batches:
             batch = to_device(batch, device)
@@ -84,6 +87,23 @@ def evaluate(
     finally:
         model.train(was_training)
     return evaluator.compute()
+
+
+class NoPerClassMetrics(ValueError):
+    """Per-class metrics were asked of a task whose evaluator has none."""
+
+
+def make_evaluator(task: Task, predictions_out: str | Path | None, per_class: bool) -> Any:
+    """``task.evaluator``; ``per_class`` is passed only when asked, so a plugin task without
+    per-class metrics keeps working (and says so when they are asked for)."""
+    if not per_class:
+        return task.evaluator(predictions_out)
+    try:
+        return task.evaluator(predictions_out, per_class=True)
+    except TypeError as exc:
+        if "per_class" not in str(exc):
+            raise
+        raise NoPerClassMetrics(f"the {task.name} task reports no per-class metrics") from None
 
 
 def normalisation_of(module: nn.Module) -> dict[str, list[float]]:

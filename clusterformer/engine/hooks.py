@@ -4,7 +4,8 @@ trainer.HookBase`; the order they are called in: :mod:`clusterformer.engine.trai
 * :class:`EmaHook` -- the exponential moving average of the weights.
 * :class:`LoggingHook` -- training scalars every ``log_every`` steps (mean over ranks, images
   per second, epoch, peak GPU memory) to ``metrics.jsonl`` and the terminal.
-* :class:`EvalHook` -- held-out metrics every ``eval_every`` steps and at the end.
+* :class:`EvalHook` -- held-out metrics every ``eval_every`` steps and at the end; the best
+  checkpoint and early stopping (:mod:`clusterformer.engine.best`).
 * :class:`CheckpointHook` -- periodic and final checkpoints; on SIGTERM / SIGINT a checkpoint,
   then :class:`TrainingInterrupted`; never a checkpoint of weights that diverged.
 """
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from clusterformer.engine import checkpoint as ckpt
+from clusterformer.engine.best import BestCheckpoint
 from clusterformer.engine.distributed import any_rank, gather_objects, mean_across_ranks
 from clusterformer.engine.divergence import TrainingDiverged, unsaveable
 from clusterformer.engine.evaluate import evaluate
@@ -39,13 +41,21 @@ class EmaHook(HookBase):
 
 
 class LoggingHook(HookBase):
-    """Training scalars every ``log_every`` steps and at the last one."""
+    """Training scalars every ``log_every`` steps and at the last one; the first step of a run
+    is shown on the terminal too (not logged), so a slow first window is not silent."""
 
     def __init__(self, log_every: int) -> None:
         self.log_every = log_every
+        self.first: int | None = None
 
     def after_step(self, trainer: Trainer) -> None:
         step = trainer.state.step
+        if self.first is None:
+            self.first = step
+            if step % self.log_every and step != trainer.total_steps:
+                trainer.log.show(step, {**trainer.scalars,
+                                        "img_per_s": trainer.meter.images_per_second()})  # fmt: skip
+                return
         if step % self.log_every and step != trainer.total_steps:
             return
         scalars = mean_across_ranks(trainer.scalars, trainer.env)
@@ -58,17 +68,26 @@ class LoggingHook(HookBase):
 
 class EvalHook(HookBase):
     """Evaluate the (EMA) model on the held-out loader every ``eval_every`` steps before the
-    last, and after training; the metrics go to the log and ``trainer.metrics``."""
+    last, and after training; the metrics go to the log and ``trainer.metrics``. With ``best``,
+    each evaluation may write the best checkpoint and stop training early."""
 
-    def __init__(self, loader: Any, eval_every: int | None) -> None:
-        self.loader, self.eval_every = loader, eval_every
+    def __init__(self, loader: Any, eval_every: int | None,
+                 best: BestCheckpoint | None = None) -> None:  # fmt: skip
+        self.loader, self.eval_every, self.best = loader, eval_every, best
+        self.evaluated_step: int | None = None
 
     def evaluate(self, trainer: Trainer) -> None:
         state = trainer.state
         model = state.ema.module if state.ema is not None else state.module
         trainer.metrics = evaluate(model, trainer.task, self.loader, device=state.device,
                                    amp=state.amp)  # fmt: skip
+        self.evaluated_step = state.step
         trainer.log.log_eval(state.step, trainer.metrics)
+        if self.best is not None:
+            note = self.best.observe(state.step, trainer.metrics, model)
+            if note is not None:
+                trainer.log.message(note)
+            trainer.stop_early = self.best.should_stop
         trainer.meter.restart()
 
     def after_step(self, trainer: Trainer) -> None:
@@ -77,7 +96,8 @@ class EvalHook(HookBase):
             self.evaluate(trainer)
 
     def after_train(self, trainer: Trainer) -> None:
-        self.evaluate(trainer)
+        if self.evaluated_step != trainer.state.step:  # an early stop has just evaluated
+            self.evaluate(trainer)
 
 
 def training_state(state: TrainState, env: Any) -> dict[str, Any]:

@@ -30,6 +30,7 @@ class RunLogger:
         enabled: False on ranks other than 0 (then every method is a no-op).
         start_step: the step a resumed run starts at.
         stream: where plain lines go (stderr by default); a TTY gets a rich bar.
+        progress: False: plain lines even on a TTY (``--no-progress``).
     """
 
     def __init__(
@@ -41,6 +42,7 @@ class RunLogger:
         start_step: int = 0,
         stream: TextIO | None = None,
         tensorboard: bool = True,
+        progress: bool = True,
     ) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
@@ -62,7 +64,8 @@ class RunLogger:
                 SummaryWriter = None  # noqa: N806
             if SummaryWriter is not None:
                 self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        if self.stream.isatty():
+        if progress and self.stream.isatty():
+            from rich.console import Console
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -78,6 +81,7 @@ class RunLogger:
                 TextColumn("{task.fields[info]}"),
                 TimeRemainingColumn(),
                 transient=False,
+                console=Console(file=self.stream),
             )
             self._progress.start()
             self._task_id = self._progress.add_task(

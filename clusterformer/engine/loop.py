@@ -24,6 +24,7 @@ from torch import nn
 
 from clusterformer.engine import checkpoint as ckpt
 from clusterformer.engine import run_folder
+from clusterformer.engine.best import BestCheckpoint, read_best
 from clusterformer.engine.config import TrainConfig
 from clusterformer.engine.config_files import to_yaml
 from clusterformer.engine.distributed import (
@@ -50,6 +51,8 @@ class TrainResult:
     step: int
     checkpoint: Path | None
     metrics: dict[str, float] = field(default_factory=dict)
+    best: dict[str, Any] | None = None  # RUN/checkpoints/best.json: metric, value, step
+    stopped_early: bool = False
 
 
 def seed_everything(seed: int) -> None:
@@ -88,7 +91,8 @@ def _build_loaders(cfg: TrainConfig, env: DistEnv, task: Task,
     return train_loader, val_loader
 
 
-def _plan(cfg: TrainConfig, batches_per_epoch: int, world_size: int) -> dict[str, Any]:
+def plan_schedule(cfg: TrainConfig, batches_per_epoch: int, world_size: int) -> dict[str, Any]:
+    """Total and warm-up steps, steps per epoch, global batch and effective lr of ``cfg``."""
     sched, optim = cfg.schedule, cfg.optim
     steps_per_epoch = max(batches_per_epoch // optim.accum_steps, 1)
     if sched.steps is not None:
@@ -201,7 +205,7 @@ def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
         module = module.to(env.device)
         normalisation = normalisation_of(module)
         train_loader, val_loader = _build_loaders(cfg, env, task, normalisation)
-        plan = _plan(cfg, len(train_loader), env.world_size)
+        plan = plan_schedule(cfg, len(train_loader), env.world_size)
         optimizer = build_optimizer(module, lr=plan["lr_effective"],
                                     weight_decay=cfg.optim.weight_decay,
                                     backbone_lr_mult=cfg.optim.backbone_lr_mult)  # fmt: skip
@@ -236,20 +240,29 @@ def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
         if handle_signals:
             stop.install()
         total = plan["total_steps"]
-        with RunLogger(run_dir, total, enabled=env.is_main, start_step=state.step) as log:
+        with RunLogger(run_dir, total, enabled=env.is_main, start_step=state.step,
+                       progress=cfg.runtime.progress) as log:  # fmt: skip
             for note in notes:
                 log.message(note)
+            log.message(f"plan: {total} steps of {plan['global_batch']} images "
+                        f"({total / plan['steps_per_epoch']:.3g} epoch(s) of "
+                        f"{plan['steps_per_epoch']} steps), lr {plan['lr_effective']:.3g}, "
+                        f"warm-up {plan['warmup_steps']} steps; run folder {run_dir}")  # fmt: skip
             checkpoints = CheckpointHook(cfg.runtime.save_every, cfg.runtime.keep_last, meta, saved)
             hooks: list[HookBase] = [EmaHook(), LoggingHook(cfg.runtime.log_every)]
             if val_loader is not None:
-                hooks.append(EvalHook(val_loader, cfg.runtime.eval_every))
+                best = BestCheckpoint(run_dir / "checkpoints", spec,
+                                      cfg.runtime.best_metric or spec.primary_metric,
+                                      cfg.runtime.patience, meta, is_main=env.is_main)  # fmt: skip
+                hooks.append(EvalHook(val_loader, cfg.runtime.eval_every, best))
             hooks.append(checkpoints)
             trainer = Trainer(task=task, state=state, env=env, loader=train_loader,
                               run_dir=run_dir, total_steps=total,
                               accum_steps=cfg.optim.accum_steps, log=log, stop=stop,
                               saved=saved, hooks=hooks)  # fmt: skip
             trainer.run()
-        return TrainResult(run_dir, state.step, checkpoints.last, trainer.metrics)
+        return TrainResult(run_dir, state.step, checkpoints.last, trainer.metrics,
+                           read_best(run_dir / "checkpoints"), trainer.stop_early)  # fmt: skip
     finally:
         stop.restore()
         cleanup_distributed(env)

@@ -92,6 +92,7 @@ class Trainer:
     metrics: dict[str, float] = field(default_factory=dict)
     last_batch: dict | None = None
     meter: Throughput = field(default_factory=Throughput)
+    stop_early: bool = False  # set by a hook (early stopping): the loop ends after this step
 
     def step(self, group: list[dict]) -> None:
         """One optimizer step over the micro-batches of ``group``."""
@@ -108,7 +109,7 @@ class Trainer:
         for hook in self.hooks:
             hook.before_train(self)
         self.meter.restart()
-        while state.step < self.total_steps:
+        while state.step < self.total_steps and not self.stop_early:
             self.loader.set_epoch(state.epoch)
             group: list[dict] = []
             for index, batch in enumerate(self.loader):
@@ -122,7 +123,7 @@ class Trainer:
                 group = []
                 for hook in self.hooks:
                     hook.after_step(self)
-                if state.step >= self.total_steps:
+                if state.step >= self.total_steps or self.stop_early:
                     break
             else:
                 state.epoch += 1

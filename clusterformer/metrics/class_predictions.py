@@ -39,7 +39,7 @@ def _ranked_ids(value: Any, key: str, to_train: dict[int, int], by_name: dict[st
 
 
 def score_class_file(predictions: str | os.PathLike, data: str | os.PathLike, *, task: str,
-                     num_workers: int = 0) -> dict[str, Any]:  # fmt: skip
+                     num_workers: int = 0, per_class: bool = False) -> dict[str, Any]:  # fmt: skip
     """``top1``, ``top5`` (and ``num_samples``, ``unmatched_predictions``) of a prediction file
     against ``data`` read as ``task``'s samples."""
     from clusterformer.data import build_loader, load_dataset_info
@@ -51,7 +51,8 @@ def score_class_file(predictions: str | os.PathLike, data: str | os.PathLike, *,
     categories = load_dataset_info(str(data), task)["categories"]
     to_train = {int(c["id"]): int(c["train_id"]) for c in categories}
     by_name = {str(c["name"]): int(c["train_id"]) for c in categories}
-    acc = TopKAccumulator((1, 5), num_classes=len(categories))
+    names = [str(c.get("name", c["id"])) for c in categories] if per_class else None
+    acc = TopKAccumulator((1, 5), num_classes=len(categories), class_names=names)
     # The labels come with the images; a tiny eval size keeps decoding cheap.
     loader = build_loader(str(data), task, batch_size=64, image_size=8, train=False,
                           num_workers=num_workers, rank=0, world_size=1)  # fmt: skip

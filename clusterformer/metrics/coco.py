@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from clusterformer.metrics.coco_detail import cocoeval_detail, empty_detail
 from clusterformer.metrics.seg_common import atomic_write_bytes
 
 METRIC_KEYS: tuple[str, ...] = ("bbox_AP", "bbox_AP50", "bbox_AP75")
@@ -90,8 +91,11 @@ def coco_bbox_metrics(
     annotations: Sequence[dict],
     detections: Sequence[dict],
     categories: Sequence[dict],
+    per_class: bool = False,
 ) -> dict[str, float]:
-    """Run ``COCOeval`` (bbox) and return :data:`METRIC_KEYS` in percent.
+    """Run ``COCOeval`` (bbox) and return :data:`METRIC_KEYS` in percent; with ``per_class``
+    also ``bbox_APs/APm/APl/AR100`` and ``bbox_AP/<class name>``
+    (:func:`~clusterformer.metrics.coco_detail.cocoeval_detail`).
 
     Raises:
         ValueError: duplicate image ids, or detections for an image or category the ground
@@ -121,7 +125,8 @@ def coco_bbox_metrics(
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
         if not detections:
-            return dict.fromkeys(METRIC_KEYS, 0.0 if annotations else -1.0)
+            empty = dict.fromkeys(METRIC_KEYS, 0.0 if annotations else -1.0)
+            return {**empty, **(empty_detail("bbox", categories, annotations) if per_class else {})}
         dt = gt.loadRes([dict(d) for d in detections])
         coco_eval = COCOeval(gt, dt, iouType="bbox")
         coco_eval.params.maxDets = [1, 10, 100]
@@ -129,9 +134,10 @@ def coco_bbox_metrics(
         coco_eval.accumulate()
         coco_eval.summarize()
     stats = coco_eval.stats
-    return {
+    out = {
         key: (float(stats[i]) * 100 if stats[i] >= 0 else -1.0) for i, key in enumerate(METRIC_KEYS)
     }
+    return {**out, **(cocoeval_detail(coco_eval, "bbox", categories) if per_class else {})}
 
 
 class CocoDetectionEvaluator:
@@ -142,12 +148,15 @@ class CocoDetectionEvaluator:
     ground truth and sizes; entries with ``batch["valid"]`` False are evaluation padding and
     skipped). ``compute`` gathers from every rank, evaluates on rank 0 and broadcasts.
     ``detections_out``: when set, rank 0 writes the COCO results JSON there in ``compute``.
+    ``per_class``: also AP by size, AR@100 and the AP of each class.
     """
 
     def __init__(
-        self, categories: Sequence[dict], detections_out: str | os.PathLike | None = None
+        self, categories: Sequence[dict], detections_out: str | os.PathLike | None = None,
+        per_class: bool = False,
     ) -> None:
         self.categories = list(categories)
+        self.per_class = per_class
         self.detections_out = detections_out
         self.images: list[dict] = []
         self.annotations: list[dict] = []
@@ -179,8 +188,9 @@ class CocoDetectionEvaluator:
         rank = dist.get_rank() if distributed else 0
         box: list[Any] = [None]
         if rank == 0:
-            metrics = coco_bbox_metrics(images, annotations, detections, self.categories)
-            metrics["num_images"] = float(len(images))
+            metrics = coco_bbox_metrics(images, annotations, detections, self.categories,
+                                        per_class=self.per_class)  # fmt: skip
+            metrics["num_images"] = len(images)
             if self.detections_out is not None:
                 atomic_write_bytes(Path(self.detections_out), (json.dumps(detections) + "\n").encode())
             box = [metrics]
@@ -246,7 +256,8 @@ def iter_ground_truth(
 
 
 def score_detection_file(
-    predictions: str | os.PathLike, data: str | os.PathLike, *, task: str, num_workers: int = 0
+    predictions: str | os.PathLike, data: str | os.PathLike, *, task: str, num_workers: int = 0,
+    per_class: bool = False,
 ) -> dict[str, float]:
     """``cf eval --task detection --predictions FILE --data DIR``: COCO box AP of a results file
     against ``data`` read as ``task``'s samples.
@@ -264,7 +275,7 @@ def score_detection_file(
         images.append(image)
         annotations.extend(anns)
     try:
-        metrics = coco_bbox_metrics(images, annotations, results, categories)
+        metrics = coco_bbox_metrics(images, annotations, results, categories, per_class=per_class)
     except ValueError as exc:
         raise ValueError(f"{predictions}: {exc} ({data})") from None
-    return {**metrics, "num_images": float(len(images)), "num_detections": float(len(results))}
+    return {**metrics, "num_images": len(images), "num_detections": len(results)}

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from clusterformer.metrics.coco_detail import cocoeval_detail, empty_detail
 from clusterformer.metrics.seg_common import (
     as_numpy,
     atomic_write_bytes,
@@ -48,7 +49,8 @@ def encode_masks(masks: Any) -> list[dict]:
     ]
 
 
-def _run_cocoeval(gt: Any, results: list[dict], iou_type: str) -> list[float]:
+def _run_cocoeval(gt: Any, results: list[dict], iou_type: str, categories: Sequence[dict],
+                  per_class: bool) -> dict[str, float]:  # fmt: skip
     from pycocotools.cocoeval import COCOeval
 
     dt = gt.loadRes(results)
@@ -57,7 +59,9 @@ def _run_cocoeval(gt: Any, results: list[dict], iou_type: str) -> list[float]:
     coco_eval.evaluate()
     coco_eval.accumulate()
     coco_eval.summarize()
-    return [float(s) * 100 if s >= 0 else -1.0 for s in coco_eval.stats[:3]]
+    keys = SEGM_KEYS if iou_type == "segm" else BBOX_KEYS
+    out = {k: float(s) * 100 if s >= 0 else -1.0 for k, s in zip(keys, coco_eval.stats[:3], strict=True)}
+    return {**out, **(cocoeval_detail(coco_eval, iou_type, categories) if per_class else {})}
 
 
 def coco_instance_metrics(
@@ -65,8 +69,11 @@ def coco_instance_metrics(
     annotations: Sequence[dict],
     results: Sequence[dict],
     categories: Sequence[dict],
+    per_class: bool = False,
 ) -> dict[str, float]:
-    """COCOeval segm and bbox on ground-truth annotations (polygons or RLE) and RLE results.
+    """COCOeval segm and bbox on ground-truth annotations (polygons or RLE) and RLE results;
+    with ``per_class`` also AP by size, AR@100 and AP per class for both (``segm_APs``,
+    ``segm_AP/<name>``, ``bbox_APs``, ...).
 
     Args:
         images: ``{"id", "height", "width"}``. annotations: COCO annotations (``image_id``,
@@ -102,7 +109,11 @@ def coco_instance_metrics(
         warnings.simplefilter("ignore", DeprecationWarning)  # pycocotools vs numpy 2
         gt.createIndex()
         if not results:
-            return dict.fromkeys(METRIC_KEYS, 0.0 if annotations else -1.0)
+            empty = dict.fromkeys(METRIC_KEYS, 0.0 if annotations else -1.0)
+            if per_class:
+                for prefix in ("segm", "bbox"):
+                    empty.update(empty_detail(prefix, categories, annotations))
+            return empty
         segm = [{k: v for k, v in r.items() if k not in ("bbox", "area")} for r in results]
         boxes = [{k: v for k, v in r.items() if k not in ("segmentation", "area")} for r in results]
         from pycocotools import mask as mask_utils
@@ -111,8 +122,8 @@ def coco_instance_metrics(
             if "bbox" not in box:
                 rle = dict(res["segmentation"], counts=res["segmentation"]["counts"].encode())
                 box["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
-        values = _run_cocoeval(gt, segm, "segm") + _run_cocoeval(gt, boxes, "bbox")
-    return dict(zip(METRIC_KEYS, values, strict=True))
+        return {**_run_cocoeval(gt, segm, "segm", categories, per_class),
+                **_run_cocoeval(gt, boxes, "bbox", categories, per_class)}  # fmt: skip
 
 
 def _target_ground_truth(target: dict, categories: Sequence[dict]) -> tuple[dict, list[dict]]:
@@ -156,12 +167,15 @@ class InstanceEvaluator:
     ``update(predictions, batch)``: see :func:`prediction_results`; ground truth from the
     targets' masks brought back to ``orig_size`` (nearest-exact) when the loader resized them.
     ``predictions_out``: rank 0 writes the COCO results JSON there in ``compute``.
+    ``per_class``: also AP by size, AR@100 and the AP of each class.
     """
 
     def __init__(
-        self, categories: Sequence[dict], predictions_out: str | os.PathLike | None = None
+        self, categories: Sequence[dict], predictions_out: str | os.PathLike | None = None,
+        per_class: bool = False,
     ) -> None:
         self.categories = list(categories)
+        self.per_class = per_class
         self.predictions_out = Path(predictions_out) if predictions_out is not None else None
         self.images: list[dict] = []
         self.annotations: list[dict] = []
@@ -182,8 +196,9 @@ class InstanceEvaluator:
         annotations, results = gather_lists(self.annotations), gather_lists(self.results)
         metrics = None
         if is_rank0():
-            metrics = coco_instance_metrics(images, annotations, results, self.categories)
-            metrics["num_images"] = float(len(images))
+            metrics = coco_instance_metrics(images, annotations, results, self.categories,
+                                            per_class=self.per_class)  # fmt: skip
+            metrics["num_images"] = len(images)
             if self.predictions_out is not None:
                 atomic_write_bytes(self.predictions_out, (json.dumps(results) + "\n").encode())
         return dict(broadcast_from_rank0(metrics))
@@ -225,7 +240,8 @@ def load_instance_results(path: str | os.PathLike) -> list[dict]:
 
 
 def score_instance_file(
-    results_json: str | os.PathLike, data: str | os.PathLike, *, task: str, num_workers: int = 0
+    results_json: str | os.PathLike, data: str | os.PathLike, *, task: str, num_workers: int = 0,
+    per_class: bool = False,
 ) -> dict[str, float]:
     """``cf eval --task instance --predictions FILE``: segm and box AP of a COCO results JSON.
 
@@ -247,7 +263,8 @@ def score_instance_file(
                 item["area"] = float(ann["bbox"][2] * ann["bbox"][3])
             annotations.append(item)
     try:
-        metrics = coco_instance_metrics(images, annotations, results, info["categories"])
+        metrics = coco_instance_metrics(images, annotations, results, info["categories"],
+                                        per_class=per_class)  # fmt: skip
     except ValueError as exc:
         raise ValueError(f"{results_json}: {exc} ({data})") from None
-    return {**metrics, "num_images": float(len(images)), "num_detections": float(len(results))}
+    return {**metrics, "num_images": len(images), "num_detections": len(results)}

@@ -126,7 +126,8 @@ def pq_metrics(
 ) -> dict[str, float]:
     """PQ/SQ/RQ (all), PQ_th, PQ_st in percent from summed (C, 4) statistics.
 
-    With ``per_class``, adds ``PQ/<name>`` (panopticapi's per-class value; 0 when absent).
+    With ``per_class``, adds ``PQ/<name>``, ``SQ/<name>``, ``RQ/<name>`` (panopticapi's
+    per-class values; 0 when the class is in neither ground truth nor prediction, as there).
     """
     out: dict[str, float] = {}
     per: dict[str, float] = {}
@@ -143,14 +144,18 @@ def pq_metrics(
             values = (iou / denom, iou / tp if tp else 0.0, tp / denom)
             totals += values
             if want is None:
-                per[f"PQ/{cat.get('name', cat['id'])}"] = values[0] * 100
+                name = cat.get("name", cat["id"])
+                per.update({f"{key}/{name}": float(v) * 100
+                            for key, v in zip(("PQ", "SQ", "RQ"), values, strict=True)})  # fmt: skip
         result = totals / n * 100 if n else np.full(3, -1.0)
         if group == "":
             out.update(PQ=float(result[0]), SQ=float(result[1]), RQ=float(result[2]))
         else:
             out[f"PQ{group}"] = float(result[0])
     if per_class:
-        out.update({f"PQ/{c.get('name', c['id'])}": 0.0 for c in categories} | per)
+        absent = {f"{key}/{c.get('name', c['id'])}": 0.0 for c in categories
+                  for key in ("PQ", "SQ", "RQ")}  # fmt: skip
+        out.update(absent | per)
     return out
 
 
@@ -195,9 +200,11 @@ class PanopticEvaluator:
     """
 
     def __init__(
-        self, categories: Sequence[dict], predictions_out: str | os.PathLike | None = None
+        self, categories: Sequence[dict], predictions_out: str | os.PathLike | None = None,
+        per_class: bool = False,
     ) -> None:
         self.categories = list(categories)
+        self.per_class = per_class
         self.predictions_out = Path(predictions_out) if predictions_out is not None else None
         self.stats = np.zeros((len(self.categories), 4), dtype=np.float64)
         self.num_images = 0
@@ -245,7 +252,8 @@ class PanopticEvaluator:
         if self.predictions_out is not None and is_rank0():
             doc = {"annotations": written, "categories": self.categories}
             atomic_write_bytes(self.predictions_out, (json.dumps(doc) + "\n").encode())
-        return {**pq_metrics(stats, self.categories), "num_images": float(count)}
+        return {**pq_metrics(stats, self.categories, per_class=self.per_class),
+                "num_images": int(count)}  # fmt: skip
 
 
 def build_evaluator(
@@ -320,4 +328,4 @@ def score_panoptic(
         except ValueError as exc:
             raise ValueError(f"{png}: {exc}") from None
         count += 1
-    return {**pq_metrics(stats, categories, per_class=per_class), "num_images": float(count)}
+    return {**pq_metrics(stats, categories, per_class=per_class), "num_images": count}

@@ -62,7 +62,8 @@ def semantic_metrics(
     """``mIoU`` and ``aAcc`` (percent) of a (C, C + 1) confusion matrix.
 
     With ``per_class``, adds ``IoU/<name>`` for each class (``nan``-free: ``-1`` where the class
-    is absent from both ground truth and prediction).
+    is absent from both ground truth and prediction) and ``Acc/<name>`` (its pixels labelled
+    right, mmsegmentation's per-class Acc; ``-1`` where it has no ground-truth pixel).
     """
     conf = np.asarray(conf, dtype=np.float64)
     num_classes = conf.shape[0]
@@ -77,8 +78,10 @@ def semantic_metrics(
     }
     if per_class:
         labels = list(names) if names is not None else [str(c) for c in range(num_classes)]
+        gt_pixels = conf.sum(1)
         for c, name in enumerate(labels):
             out[f"IoU/{name}"] = float(iou[c] * 100) if present[c] else -1.0
+            out[f"Acc/{name}"] = float(tp[c] / gt_pixels[c] * 100) if gt_pixels[c] > 0 else -1.0
     return out
 
 
@@ -108,8 +111,10 @@ class SemanticEvaluator:
         categories: Sequence[dict],
         ignore_index: int = IGNORE_INDEX,
         predictions_out: str | os.PathLike | None = None,
+        per_class: bool = False,
     ) -> None:
         self.categories = list(categories)
+        self.per_class = per_class
         self.num_classes = len(self.categories)
         self.ignore_index = ignore_index
         self.predictions_out = Path(predictions_out) if predictions_out is not None else None
@@ -141,7 +146,8 @@ class SemanticEvaluator:
             flat = torch.from_numpy(np.append(conf.ravel(), count))
             torch.distributed.all_reduce(flat)
             conf, count = flat[:-1].numpy().reshape(conf.shape), int(flat[-1])
-        return {**semantic_metrics(conf), "num_images": float(count)}
+        names = [str(c.get("name", c["id"])) for c in self.categories]
+        return {**semantic_metrics(conf, names, per_class=self.per_class), "num_images": int(count)}
 
 
 def build_evaluator(
@@ -152,7 +158,8 @@ def build_evaluator(
 
 
 def score_semantic_folder(
-    pred_dir: str | os.PathLike, data: str | os.PathLike, *, task: str, num_workers: int = 0
+    pred_dir: str | os.PathLike, data: str | os.PathLike, *, task: str, num_workers: int = 0,
+    per_class: bool = False,
 ) -> dict[str, float]:
     """``cf eval --task semantic --predictions DIR``: mIoU/aAcc of a folder of label PNGs.
 
@@ -198,4 +205,5 @@ def score_semantic_folder(
         lut = semantic_lut(categories, max(int(pred.max(initial=0)), 255))
         conf += confusion_matrix(lut[pred], gt, num_classes)
         count += 1
-    return {**semantic_metrics(conf), "num_images": float(count)}
+    names = [str(c.get("name", c["id"])) for c in categories]
+    return {**semantic_metrics(conf, names, per_class=per_class), "num_images": count}

@@ -75,41 +75,64 @@ class TopKAccumulator:
     """Running top-k counts over batches; ``compute`` sums across distributed ranks.
 
     Use ``update(logits, labels)`` with raw scores or ``update_ranked(ranked, labels)`` with
-    ranked class ids; ``compute()`` returns ``{"top1": %, "top5": %, "num_samples": n}``.
+    ranked class ids; ``compute()`` returns ``{"top1": %, "top5": %, "num_samples": n}``, and
+    with ``class_names`` (one per class id) also ``Acc/<name>``: the top-1 accuracy over the
+    samples of that class (``-1`` for a class without samples).
     """
 
-    def __init__(self, ks: Sequence[int] = (1, 5), num_classes: int | None = None) -> None:
+    def __init__(self, ks: Sequence[int] = (1, 5), num_classes: int | None = None,
+                 class_names: Sequence[str] | None = None) -> None:  # fmt: skip
         self.ks = tuple(ks)
         self.num_classes = num_classes
         self.correct = torch.zeros(len(self.ks), dtype=torch.float64)
         self.count = torch.zeros((), dtype=torch.float64)
+        self.class_names = list(class_names) if class_names is not None else None
+        width = len(self.class_names) if self.class_names is not None else 0
+        self.class_hits = torch.zeros(width, dtype=torch.float64)  # top-1 right, by true class
+        self.class_count = torch.zeros(width, dtype=torch.float64)
 
     def update(self, logits: Tensor, labels: Tensor) -> None:
-        counts = topk_correct(logits.detach().float().cpu(), labels.cpu(), self.ks)
+        logits, labels = logits.detach().float().cpu(), labels.cpu()
+        counts = topk_correct(logits, labels, self.ks)
         self._add(counts, labels.shape[0])
+        if labels.numel():
+            self._add_per_class(logits.argmax(1), labels)
 
     def update_ranked(self, ranked: Tensor, labels: Tensor) -> None:
-        counts = ranked_topk_correct(
-            ranked.cpu(), labels.cpu(), self.ks, num_classes=self.num_classes
-        )
+        ranked, labels = ranked.cpu(), labels.cpu()
+        counts = ranked_topk_correct(ranked, labels, self.ks, num_classes=self.num_classes)
         self._add(counts, labels.shape[0])
+        if labels.numel():
+            self._add_per_class(ranked[:, 0], labels)
 
     def _add(self, counts: dict[int, Tensor], n: int) -> None:
         self.correct = self.correct + torch.stack([counts[k].double() for k in self.ks])
         self.count = self.count + n
 
+    def _add_per_class(self, top1: Tensor, labels: Tensor) -> None:
+        if self.class_names is None:
+            return
+        width = len(self.class_names)
+        self.class_count += torch.bincount(labels, minlength=width).double()
+        self.class_hits += torch.bincount(labels[top1 == labels], minlength=width).double()
+
     def compute(self) -> dict[str, float]:
-        totals = torch.cat([self.correct, self.count[None]])
+        totals = torch.cat([self.correct, self.count[None], self.class_hits, self.class_count])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             device = _reduce_device()
             totals = totals.to(device)
             torch.distributed.all_reduce(totals)
             totals = totals.cpu()
-        n = totals[-1].item()
+        width = self.class_hits.numel()
+        hits, count = totals[len(self.ks) + 1:].split([width, width])
+        n = totals[len(self.ks)].item()
         if n == 0:
             raise ValueError("no samples were evaluated (empty dataset?)")
         result = {f"top{k}": 100.0 * totals[i].item() / n for i, k in enumerate(self.ks)}
         result["num_samples"] = int(n)
+        for name, right, seen in zip(self.class_names or [], hits.tolist(), count.tolist(),
+                                     strict=True):  # fmt: skip
+            result[f"Acc/{name}"] = 100.0 * right / seen if seen else -1.0
         return result
 
 

@@ -98,10 +98,11 @@ def _beta(alpha: float, generator: torch.Generator | None) -> float:
 
 
 class ClassificationEvaluator:
-    """Top-1 / top-5 in percent over every rank (top-5 is top-min(5, C))."""
+    """Top-1 / top-5 in percent over every rank (top-5 is top-min(5, C)); with ``class_names``
+    also each class's top-1 accuracy (``Acc/<name>``)."""
 
-    def __init__(self, num_classes: int) -> None:
-        self.acc = TopKAccumulator((1, 5), num_classes=num_classes)
+    def __init__(self, num_classes: int, class_names: list[str] | None = None) -> None:
+        self.acc = TopKAccumulator((1, 5), num_classes=num_classes, class_names=class_names)
 
     def update(self, predictions: Tensor, batch: Batch) -> None:
         """predictions: ``(B, C)`` scores; batch["labels"]: ``(B,)``.
@@ -165,8 +166,10 @@ class ClassificationTask(Task):
         """Scores ``(B, C)`` in float32 (softmax is monotonic, so logits rank the same)."""
         return outputs.detach().float()
 
-    def evaluator(self, predictions_out: Path | str | None = None) -> ClassificationEvaluator:
-        return ClassificationEvaluator(self.num_classes)
+    def evaluator(self, predictions_out: Path | str | None = None,
+                  per_class: bool = False) -> ClassificationEvaluator:  # fmt: skip
+        names = [str(c.get("name", c["id"])) for c in self.categories] if per_class else None
+        return ClassificationEvaluator(self.num_classes, names)
 
 
 def _softmax(raw: tuple[Tensor, ...], images: Tensor) -> tuple[Tensor, ...]:

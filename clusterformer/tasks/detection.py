@@ -120,10 +120,11 @@ class DetectionTask(Task):
             outputs["pred_logits"], outputs["pred_boxes"], sizes, top_k=self.options.top_k
         )
 
-    def evaluator(self, predictions_out: Path | str | None = None) -> Any:
+    def evaluator(self, predictions_out: Path | str | None = None, per_class: bool = False) -> Any:
         from clusterformer.metrics.coco import CocoDetectionEvaluator
 
-        return CocoDetectionEvaluator(self.categories, detections_out=predictions_out)
+        return CocoDetectionEvaluator(self.categories, detections_out=predictions_out,
+                                      per_class=per_class)  # fmt: skip
 
 
 def detection_topk(raw: tuple[Tensor, ...], images: Tensor,

@@ -26,10 +26,11 @@ class InstanceTask(MaskTask):
         pred = instance_inference(class_logits, mask_logits, top_k=self.options.top_k)
         return {k: v.cpu() for k, v in pred.items()}
 
-    def evaluator(self, predictions_out: Path | str | None = None) -> Any:
+    def evaluator(self, predictions_out: Path | str | None = None, per_class: bool = False) -> Any:
         from clusterformer.metrics.instance import InstanceEvaluator
 
-        return InstanceEvaluator(self.categories, predictions_out=predictions_out)
+        return InstanceEvaluator(self.categories, predictions_out=predictions_out,
+                                 per_class=per_class)  # fmt: skip
 
 
 def describe(pred: dict, categories: list[dict], threshold: float, limit: int) -> dict[str, Any]:

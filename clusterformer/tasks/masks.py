@@ -102,5 +102,5 @@ class MaskTask(Task):
             results.append(self.infer(outputs["pred_logits"][b], masks))
         return results
 
-    def evaluator(self, predictions_out: Path | str | None = None) -> Any:
+    def evaluator(self, predictions_out: Path | str | None = None, per_class: bool = False) -> Any:
         raise NotImplementedError

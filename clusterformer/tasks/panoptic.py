@@ -38,10 +38,11 @@ class PanopticTask(MaskTask):
         )
         return {"panoptic": pred["panoptic"].cpu(), "segments": pred["segments"]}
 
-    def evaluator(self, predictions_out: Path | str | None = None) -> Any:
+    def evaluator(self, predictions_out: Path | str | None = None, per_class: bool = False) -> Any:
         from clusterformer.metrics.panoptic import PanopticEvaluator
 
-        return PanopticEvaluator(self.categories, predictions_out=predictions_out)
+        return PanopticEvaluator(self.categories, predictions_out=predictions_out,
+                                 per_class=per_class)  # fmt: skip
 
 
 def describe(pred: dict, categories: list[dict], threshold: float, limit: int) -> dict[str, Any]:

@@ -40,10 +40,11 @@ class SemanticTask(MaskTask):
         """``(H, W)`` int64 train ids."""
         return semantic_inference(class_logits, mask_logits).argmax(0).cpu()
 
-    def evaluator(self, predictions_out: Path | str | None = None) -> Any:
+    def evaluator(self, predictions_out: Path | str | None = None, per_class: bool = False) -> Any:
         from clusterformer.metrics.semantic import SemanticEvaluator
 
-        return SemanticEvaluator(self.categories, predictions_out=predictions_out)
+        return SemanticEvaluator(self.categories, predictions_out=predictions_out,
+                                 per_class=per_class)  # fmt: skip
 
 
 SPEC = register_task(mask_task_spec(

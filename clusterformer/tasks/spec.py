@@ -82,9 +82,11 @@ class TaskSpec:
         describe: ``describe(prediction, categories, score_threshold, max_objects)`` -> the
             JSON-able record ``cf predict`` writes and draws (``classes``, ``detections`` or
             ``segments``; see :mod:`clusterformer.tasks.predictions`).
-        score_file: ``score_file(predictions_path, data, task=name, num_workers=...) ->
-            metrics`` for ``cf eval --predictions`` (``data`` read as the task's samples);
-            ``None`` when the task has no prediction file format.
+        score_file: ``score_file(predictions_path, data, task=name, num_workers=...[,
+            per_class=True]) -> metrics`` for ``cf eval --predictions`` (``data`` read as the
+            task's samples); ``None`` when the task has no prediction file format.
+        lower_is_better: metric keys where a smaller value is better (the others: larger);
+            ``--best-metric`` reads the direction here.
         prediction_suffix: what ``cf eval --out NAME.json`` writes its predictions as
             (``NAME<suffix>``), re-scorable with ``score_file``; ``None`` writes nothing.
         categories: dataset categories -> the task's categories (default: the same).
@@ -103,6 +105,13 @@ class TaskSpec:
     score_file: Callable[..., dict[str, Any]] | None = None
     prediction_suffix: str | None = None
     categories: Callable[[list[dict]], list[dict]] = lambda categories: categories
+    lower_is_better: tuple[str, ...] = ()
+
+    def improves(self, key: str, value: float, best: float | None) -> bool:
+        """Whether ``value`` of metric ``key`` beats ``best`` (``None``: nothing yet)."""
+        if best is None:
+            return True
+        return value < best if key in self.lower_is_better else value > best
 
     def option_fields(self) -> dict[str, Any]:
         """The option dataclass's fields by name."""
@@ -195,9 +204,13 @@ class Task:
         """Raw model outputs -> predictions in the form the evaluator accepts."""
         raise NotImplementedError
 
-    def evaluator(self, predictions_out: Path | str | None = None) -> Evaluator:
+    def evaluator(self, predictions_out: Path | str | None = None,
+                  per_class: bool = False) -> Evaluator:  # fmt: skip
         """A fresh evaluator for one pass over a dataset of this task's categories; with
-        ``predictions_out`` it also writes the predictions there (``spec.prediction_suffix``)."""
+        ``predictions_out`` it also writes the predictions there (``spec.prediction_suffix``).
+        With ``per_class`` its metrics also hold one key ``<metric>/<class name>`` per class
+        and metric (:func:`clusterformer.metrics.per_class.split_per_class` groups them); a
+        task without per-class metrics may leave the argument out of its signature."""
         raise NotImplementedError
 
     def config(self) -> dict[str, Any]:
