@@ -48,6 +48,11 @@ def register(app: typer.Typer) -> None:
             help="torch.compile the model (inductor with frozen weights); the first batch is "
             "checked against eager and a difference stops the run.",
         ),
+        plots: Path | None = typer.Option(
+            None, "--plots", help="Also write PNGs into this folder: confusion_matrix.png "
+            "(when the task's evaluator keeps one) and per_class_<metric>.png bar charts "
+            "(needs the plot extra: matplotlib).",
+        ),
     ) -> None:
         """Evaluate a checkpoint (--ckpt) or a prediction file (--task T --predictions PATH) on --data.
 
@@ -66,6 +71,10 @@ def register(app: typer.Typer) -> None:
             raise FileNotFoundError(f"{data}: evaluation data not found")
         if batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+        if plots is not None:  # before a long evaluation, not after it
+            from clusterformer.cli.plots import require_matplotlib
+
+            require_matplotlib("cf eval --plots")
         if predictions is not None:
             if task is None:
                 raise UserError("--predictions needs --task")
@@ -77,9 +86,11 @@ def register(app: typer.Typer) -> None:
             start_compute(device)
             metrics = _evaluate_checkpoint(
                 ckpt, data, batch_size, image_size, device, amp, num_workers, task, out,
-                compile_model=compile_model,
+                compile_model=compile_model, plots=plots,
             )
             title = f"{metrics.pop('_task')} checkpoint {ckpt}"
+        if predictions is not None and plots is not None:
+            _write_plots(plots, metrics, None)
         _print_table(title, metrics)
         if out is not None:
             from clusterformer.engine.files import atomic_write_json
@@ -100,6 +111,7 @@ def _evaluate_checkpoint(
     out: Path | None = None,
     *,
     compile_model: bool = False,
+    plots: Path | None = None,
 ) -> dict[str, Any]:
     from rich.progress import Progress
 
@@ -138,12 +150,24 @@ def _evaluate_checkpoint(
                 progress.advance(bar)
                 yield None
 
+        evaluator = task.evaluator(predictions_out)
         try:
-            metrics = evaluate(model, task, loader, device=dev, amp=amp,
+            metrics = evaluate(model, task, loader, device=dev, amp=amp, evaluator=evaluator,
                                predictions_out=predictions_out, progress=ticks())  # fmt: skip
         except FloatingPointError as exc:  # a diverged checkpoint: name it
             raise DataError(f"{ckpt}: {exc}") from None
+    if plots is not None:
+        _write_plots(plots, metrics, evaluator)
     return {**metrics, "step": meta.get("step"), "image_size": size, "_task": task.name}
+
+
+def _write_plots(folder: Path, metrics: dict[str, Any], evaluator: Any) -> None:
+    from clusterformer.cli.plots import write_eval_plots
+
+    written = write_eval_plots(folder, metrics, evaluator)
+    typer.echo(f"wrote {len(written)} plot(s) to {folder}: {', '.join(p.name for p in written)}"
+               if written else "--plots: nothing to draw (no confusion matrix or per-class "
+               "metric for this task)")  # fmt: skip
 
 
 def _check_categories(trained: list[dict], data_cats: list[dict], ckpt: Path, data: Path) -> None:

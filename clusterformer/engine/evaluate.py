@@ -54,6 +54,7 @@ def evaluate(
     amp: str = "none",
     predictions_out: str | Path | None = None,
     progress: Iterator | None = None,
+    evaluator: Any = None,
 ) -> dict[str, float]:
     """Task metrics of ``model`` over ``batches`` (this rank's share; reduced across ranks).
 
@@ -62,10 +63,12 @@ def evaluate(
             of a dataset with the task's categories.
         predictions_out: where the evaluator also writes the predictions (the task spec's
             ``prediction_suffix`` says what it writes).
+        evaluator: the evaluator to fill (default ``task.evaluator(predictions_out)``); the
+            caller keeps it to read more than the metrics (a confusion matrix, per class).
     """
     was_training = model.training
     model.eval()
-    evaluator = task.evaluator(predictions_out)
+    evaluator = evaluator if evaluator is not None else task.evaluator(predictions_out)
     try:
         for batch in batches:
             batch = to_device(batch, device)

@@ -247,6 +247,14 @@ class PanopticEvaluator:
             atomic_write_bytes(self.predictions_out, (json.dumps(doc) + "\n").encode())
         return {**pq_metrics(stats, self.categories), "num_images": float(count)}
 
+    def per_class_metrics(self) -> dict[str, float]:
+        """``PQ/<class>`` in percent of each class in the ground truth or the predictions
+        (this process's images)."""
+        seen = self.stats[:, 1:].sum(1) > 0  # tp + fp + fn
+        values = pq_metrics(self.stats, self.categories, per_class=True)
+        return {f"PQ/{c.get('name', c['id'])}": values[f"PQ/{c.get('name', c['id'])}"]
+                for c, present in zip(self.categories, seen, strict=True) if present}  # fmt: skip
+
 
 def build_evaluator(
     categories: Sequence[dict], predictions_out: str | os.PathLike | None = None

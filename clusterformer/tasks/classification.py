@@ -98,10 +98,14 @@ def _beta(alpha: float, generator: torch.Generator | None) -> float:
 
 
 class ClassificationEvaluator:
-    """Top-1 / top-5 in percent over every rank (top-5 is top-min(5, C))."""
+    """Top-1 / top-5 in percent over every rank (top-5 is top-min(5, C)); also counts (true
+    class, top-1 class) pairs for the confusion matrix and per-class accuracy (this
+    process's samples: ``cf eval`` runs one)."""
 
-    def __init__(self, num_classes: int) -> None:
-        self.acc = TopKAccumulator((1, 5), num_classes=num_classes)
+    def __init__(self, categories: list[dict]) -> None:
+        self.names = [str(c.get("name", c["id"])) for c in categories]
+        self.acc = TopKAccumulator((1, 5), num_classes=len(categories))
+        self.conf = np.zeros((len(categories), len(categories)), dtype=np.int64)
 
     def update(self, predictions: Tensor, batch: Batch) -> None:
         """predictions: ``(B, C)`` scores; batch["labels"]: ``(B,)``.
@@ -115,9 +119,21 @@ class ClassificationEvaluator:
             keep = torch.as_tensor(valid, dtype=torch.bool, device=predictions.device)
             predictions, labels = predictions[keep], labels.to(keep.device)[keep]
         self.acc.update(predictions, labels)
+        pairs = labels.cpu().long() * len(self.names) + predictions.argmax(-1).cpu().long()
+        self.conf += np.bincount(pairs.numpy(), minlength=self.conf.size).reshape(self.conf.shape)
 
     def compute(self) -> dict[str, float]:
         return self.acc.compute()
+
+    def confusion_matrix(self) -> tuple[np.ndarray, list[str]]:
+        """(C, C) counts, rows the true class, columns the top-1 class; the class names."""
+        return self.conf.copy(), list(self.names)
+
+    def per_class_metrics(self) -> dict[str, float]:
+        """``top1/<class>``: top-1 accuracy (recall) in percent of each class with samples."""
+        seen = self.conf.sum(1)
+        return {f"top1/{name}": 100.0 * float(self.conf[c, c]) / float(seen[c])
+                for c, name in enumerate(self.names) if seen[c] > 0}  # fmt: skip
 
 
 @dataclass
@@ -166,7 +182,7 @@ class ClassificationTask(Task):
         return outputs.detach().float()
 
     def evaluator(self, predictions_out: Path | str | None = None) -> ClassificationEvaluator:
-        return ClassificationEvaluator(self.num_classes)
+        return ClassificationEvaluator(self.categories)
 
 
 def _softmax(raw: tuple[Tensor, ...], images: Tensor) -> tuple[Tensor, ...]:
