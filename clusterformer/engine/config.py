@@ -22,6 +22,7 @@ from clusterformer.tasks.spec import option
 
 AMP_MODES: tuple[str, ...] = ("bf16", "fp16", "none")
 SCHEDULES: tuple[str, ...] = ("cosine", "poly", "constant")
+LOGGERS: tuple[str, ...] = ("tensorboard", "mlflow", "wandb")
 
 
 def section(kind: type) -> Any:
@@ -114,6 +115,12 @@ class RuntimeConfig:
     eval_every: int | None = option(None, "evaluate on the val data every this many steps (and "
                                     "at the end)")
     log_every: int = option(10, "log training scalars every this many steps")
+    loggers: tuple[str, ...] | None = option(None, "also log the config and scalars to: "
+                                             "tensorboard (RUN/tensorboard), mlflow (file store "
+                                             "RUN/mlruns), wandb (offline, RUN/wandb), "
+                                             "comma-separated, each an extra of that name; none "
+                                             "= metrics.jsonl only (default: tensorboard when "
+                                             "installed)", flag="--logger")
     resume: bool = option(False, "continue from the newest complete checkpoint in out (not "
                           "written to config.yaml)")
     restart: bool = option(False, "delete out's previous checkpoints and logs and start at step 0 "
@@ -297,5 +304,9 @@ def validate(cfg: TrainConfig) -> None:
     erasing = cfg.data.augment.random_erasing
     if erasing is not None and not 0.0 <= erasing <= 1.0:
         raise ValueError(f"data.augment.random_erasing must be in [0, 1], got {erasing}")
+    unknown = sorted(set(run.loggers or ()) - {*LOGGERS, "none"})
+    if unknown or ("none" in (run.loggers or ()) and len(run.loggers) > 1):
+        raise ValueError(f"runtime.loggers takes {', '.join(LOGGERS)} or none alone, got "
+                         f"{','.join(run.loggers)}")  # fmt: skip
     if run.resume and run.restart:
         raise ValueError("runtime.resume and runtime.restart exclude each other; give one")
