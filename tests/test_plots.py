@@ -121,6 +121,16 @@ def test_eval_plots_write_confusion_and_bars(tmp_path):
         assert 200 < width < 4500 and 100 < height < 4500
 
 
+def test_a_150_class_confusion_matrix_stays_a_readable_size(tmp_path):
+    pytest.importorskip("matplotlib")
+    from clusterformer.cli.plots import draw_confusion
+
+    counts = np.random.default_rng(0).integers(0, 50, (150, 150))
+    path = draw_confusion(counts, [f"class {i}" for i in range(150)], tmp_path / "c.png", "t")
+    width, height = _png_size(path)
+    assert 2000 < width < 4500 and 2000 < height < 4500  # capped at 40 inches, 100 dpi
+
+
 def test_eval_plots_of_an_evaluator_without_either_write_nothing(tmp_path):
     pytest.importorskip("matplotlib")
     assert write_eval_plots(tmp_path, {"PQ": 3.0}, object()) == []
