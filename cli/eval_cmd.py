@@ -48,10 +48,13 @@ def register(app: typer.Typer) -> None:
             help="torch.compile the model (inductor with frozen weights); the first batch is "
             "checked against eager and a difference stops the run.",
         ),
-        plots: Path | None = typer.Option(
-            None, "--plots", help="Also write PNGs into this folder: confusion_matrix.png "
-            "(when the task's evaluator keeps one) and per_class_<metric>.png bar charts "
-            "(needs the plot extra: matplotlib).",
+        plots: bool = typer.Option(
+            False, "--plots", help="Also draw PNGs (the plot extra: matplotlib): "
+            "confusion_matrix.png when the task's evaluator keeps one, per_class_<metric>.png "
+            "bar charts; next to --out as NAME.<plot>.png, else in ./plots/.",
+        ),
+        plots_dir: Path | None = typer.Option(
+            None, "--plots-dir", help="Draw the --plots PNGs into this folder instead.",
         ),
     ) -> None:
         """Evaluate a checkpoint (--ckpt) or a prediction file (--task T --predictions PATH) on --data.
@@ -71,10 +74,9 @@ def register(app: typer.Typer) -> None:
             raise FileNotFoundError(f"{data}: evaluation data not found")
         if batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-        if plots is not None:  # before a long evaluation, not after it
-            from clusterformer.cli.plots import require_matplotlib
+        from clusterformer.cli.plots import plots_target
 
-            require_matplotlib("cf eval --plots")
+        target = plots_target(plots, plots_dir, out)  # checks matplotlib before a long run
         if predictions is not None:
             if task is None:
                 raise UserError("--predictions needs --task")
@@ -86,11 +88,11 @@ def register(app: typer.Typer) -> None:
             start_compute(device)
             metrics = _evaluate_checkpoint(
                 ckpt, data, batch_size, image_size, device, amp, num_workers, task, out,
-                compile_model=compile_model, plots=plots,
+                compile_model=compile_model, plots=target,
             )
             title = f"{metrics.pop('_task')} checkpoint {ckpt}"
-        if predictions is not None and plots is not None:
-            _write_plots(plots, metrics, None)
+        if predictions is not None and target is not None:
+            _write_plots(target, metrics, None)
         _print_table(title, metrics)
         if out is not None:
             from clusterformer.engine.files import atomic_write_json
@@ -111,7 +113,7 @@ def _evaluate_checkpoint(
     out: Path | None = None,
     *,
     compile_model: bool = False,
-    plots: Path | None = None,
+    plots: tuple[Path, str] | None = None,
 ) -> dict[str, Any]:
     from rich.progress import Progress
 
@@ -161,13 +163,13 @@ def _evaluate_checkpoint(
     return {**metrics, "step": meta.get("step"), "image_size": size, "_task": task.name}
 
 
-def _write_plots(folder: Path, metrics: dict[str, Any], evaluator: Any) -> None:
+def _write_plots(target: tuple[Path, str], metrics: dict[str, Any], evaluator: Any) -> None:
     from clusterformer.cli.plots import write_eval_plots
 
-    written = write_eval_plots(folder, metrics, evaluator)
-    typer.echo(f"wrote {len(written)} plot(s) to {folder}: {', '.join(p.name for p in written)}"
-               if written else "--plots: nothing to draw (no confusion matrix or per-class "
-               "metric for this task)")  # fmt: skip
+    written = write_eval_plots(*target, metrics, evaluator)
+    typer.echo(f"wrote {len(written)} plot(s) to {target[0]}: "
+               f"{', '.join(p.name for p in written)}" if written else "--plots: nothing to "
+               "draw (no confusion matrix or per-class metric for this task)")  # fmt: skip
 
 
 def _check_categories(trained: list[dict], data_cats: list[dict], ckpt: Path, data: Path) -> None:

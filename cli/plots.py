@@ -146,19 +146,35 @@ def file_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text).strip("_") or "plot"
 
 
-def write_eval_plots(folder: Path, metrics: Mapping[str, Any], evaluator: Any = None) -> list[Path]:
+def plots_target(plots: bool, folder: Path | None, out: Path | None) -> tuple[Path, str] | None:
+    """Where ``cf eval --plots`` draws: ``(folder, file name prefix)``, None for no plots.
+    ``--plots-dir`` names the folder; else beside ``--out NAME.json`` as ``NAME.<plot>.png``;
+    else ``./plots/``. Checks that matplotlib is there (before a long evaluation)."""
+    if not plots and folder is None:
+        return None
+    require_matplotlib("cf eval --plots")
+    if folder is not None:
+        return folder, ""
+    if out is not None:
+        return out.parent, f"{out.name.removesuffix('.json')}."
+    return Path("plots"), ""
+
+
+def write_eval_plots(folder: Path, prefix: str, metrics: Mapping[str, Any],
+                     evaluator: Any = None) -> list[Path]:  # fmt: skip
     """``confusion_matrix.png`` when the evaluator keeps one and ``per_class_<metric>.png`` for
-    every per-class metric of the evaluator or of ``metrics``; returns the files written."""
+    every per-class metric of the evaluator or of ``metrics``, their names after ``prefix``;
+    returns the files written."""
     written = []
     confusion = getattr(evaluator, "confusion_matrix", None)
     if confusion is not None:
         matrix, names = confusion()
-        written.append(draw_confusion(matrix, names, folder / "confusion_matrix.png",
+        written.append(draw_confusion(matrix, names, folder / f"{prefix}confusion_matrix.png",
                                       f"confusion matrix ({int(matrix.sum())} counted)"))  # fmt: skip
     from_evaluator = getattr(evaluator, "per_class_metrics", None)
     values = {**(from_evaluator() if from_evaluator is not None else {}), **metrics}
     for metric, per_class in per_class_groups(values).items():
         if per_class:
-            written.append(draw_per_class(metric, per_class,
-                                          folder / f"per_class_{file_name(metric)}.png"))  # fmt: skip
+            path = folder / f"{prefix}per_class_{file_name(metric)}.png"
+            written.append(draw_per_class(metric, per_class, path))
     return written

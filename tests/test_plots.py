@@ -114,7 +114,7 @@ def test_panoptic_evaluator_per_class_pq_of_present_classes():
 # ----------------------------------------------------------------------------- PNGs
 def test_eval_plots_write_confusion_and_bars(tmp_path):
     pytest.importorskip("matplotlib")
-    written = write_eval_plots(tmp_path / "plots", {"mIoU": 75.0}, _semantic_evaluator())
+    written = write_eval_plots(tmp_path / "plots", "", {"mIoU": 75.0}, _semantic_evaluator())
     assert [p.name for p in written] == ["confusion_matrix.png", "per_class_IoU.png"]
     for path in written:
         width, height = _png_size(path)
@@ -133,7 +133,7 @@ def test_a_150_class_confusion_matrix_stays_a_readable_size(tmp_path):
 
 def test_eval_plots_of_an_evaluator_without_either_write_nothing(tmp_path):
     pytest.importorskip("matplotlib")
-    assert write_eval_plots(tmp_path, {"PQ": 3.0}, object()) == []
+    assert write_eval_plots(tmp_path, "", {"PQ": 3.0}, object()) == []
     assert list(tmp_path.iterdir()) == []
 
 
@@ -181,7 +181,7 @@ def test_without_matplotlib_one_line_names_the_extra(tmp_path, monkeypatch, caps
     assert len(err) == 1 and INSTALL_LINE in err[0]
     data = tmp_path / "no-data"
     data.mkdir()
-    assert run_cf(["eval", "--ckpt", str(run), "--data", str(data), "--plots", str(tmp_path)]) == 1
+    assert run_cf(["eval", "--ckpt", str(run), "--data", str(data), "--plots"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and INSTALL_LINE in err[0]
 
@@ -207,9 +207,29 @@ def test_cf_eval_plots_of_a_checkpoint(small_run, fault_shards, tmp_path, capsys
     pytest.importorskip("matplotlib")
     out = tmp_path / "plots"
     assert run_cf(["eval", "--ckpt", str(small_run), "--data", str(fault_shards),
-                   "--plots", str(out), "--out", str(tmp_path / "m.json")]) == 0  # fmt: skip
+                   "--plots-dir", str(out)]) == 0  # fmt: skip
     assert "wrote 2 plot(s)" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.png", "per_class_top1.png"]
     for path in out.iterdir():
         width, height = _png_size(path)
         assert width > 300 and height > 150
+
+
+def test_cf_eval_plots_go_next_to_out(small_run, fault_shards, tmp_path):
+    pytest.importorskip("matplotlib")
+    assert run_cf(["eval", "--ckpt", str(small_run), "--data", str(fault_shards), "--plots",
+                   "--out", str(tmp_path / "m.json")]) == 0  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m.confusion_matrix.png", "m.json", "m.per_class_top1.png"]
+    matrix = json.loads((tmp_path / "m.json").read_text())
+    assert matrix["num_samples"] == 16
+
+
+def test_plots_target():
+    pytest.importorskip("matplotlib")
+    from clusterformer.cli.plots import plots_target
+
+    assert plots_target(False, None, Path("r/m.json")) is None
+    assert plots_target(True, None, Path("r/m.json")) == (Path("r"), "m.")
+    assert plots_target(True, None, None) == (Path("plots"), "")
+    assert plots_target(False, Path("d"), Path("r/m.json")) == (Path("d"), "")
