@@ -121,20 +121,41 @@ def draw_per_class(metric: str, values: Mapping[str, float], path: Path) -> Path
     return _save(fig, path)
 
 
+def _pairs(value: Any, keys: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], float]]:
+    """The numbers inside nested dicts / lists of rows, each with its path of keys (a flat
+    ``"IoU/<class>"`` key is two keys; a row ``{"name": "cat", "AP": 3}`` is keyed "cat")."""
+    if _is_number(value):
+        return [(keys, float(value))]
+    if isinstance(value, Mapping):
+        return [pair for k, v in value.items()
+                for pair in _pairs(v, (*keys, *str(k).split("/", 1)))]  # fmt: skip
+    if isinstance(value, list | tuple):
+        out = []
+        for row in value:
+            label = next((v for v in row.values() if isinstance(v, str)), None) if isinstance(
+                row, Mapping) else None  # fmt: skip
+            if label is not None:
+                out += _pairs({k: v for k, v in row.items() if not isinstance(v, str)},
+                              (*keys, label))  # fmt: skip
+        return out
+    return []
+
+
 def per_class_groups(metrics: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """``{metric: {class: value}}`` from a metrics dict: flat ``"IoU/<class>"`` keys and nested
-    ``{"AP": {class: value}}`` dicts (a value below 0 marks a class with nothing to score)."""
+    """``{metric: {class: value}}`` from a metrics dict, whatever way it nests them: flat
+    ``"IoU/<class>"`` keys, ``{"AP": {class: value}}``, ``{class: {"AP": value}}`` (under any
+    key, e.g. ``"per_class"``) or lists of rows naming their class. Of the last two keys of each
+    number, the one with fewer distinct values is the metric. A value below 0 marks a class
+    with nothing to score and is left out."""
+    pairs = [(path[-2], path[-1], v) for path, v in _pairs(metrics) if len(path) >= 2]
+    firsts, seconds = {a for a, _, _ in pairs}, {b for _, b, _ in pairs}
+    metric_first = len(firsts) <= len(seconds)
     groups: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        if isinstance(value, Mapping):
-            for name, number in value.items():
-                if _is_number(number):
-                    groups.setdefault(str(key), {})[str(name)] = float(number)
-        elif "/" in key and _is_number(value):
-            metric, name = key.split("/", 1)
-            groups.setdefault(metric, {})[name] = float(value)
-    return {metric: {name: v for name, v in values.items() if math.isfinite(v) and v >= 0}
-            for metric, values in groups.items()}  # fmt: skip
+    for a, b, value in pairs:
+        metric, name = (a, b) if metric_first else (b, a)
+        if math.isfinite(value) and value >= 0:
+            groups.setdefault(metric, {})[name] = value
+    return groups
 
 
 def _is_number(value: Any) -> bool:
@@ -172,8 +193,9 @@ def write_eval_plots(folder: Path, prefix: str, metrics: Mapping[str, Any],
         written.append(draw_confusion(matrix, names, folder / f"{prefix}confusion_matrix.png",
                                       f"confusion matrix ({int(matrix.sum())} counted)"))  # fmt: skip
     from_evaluator = getattr(evaluator, "per_class_metrics", None)
-    values = {**(from_evaluator() if from_evaluator is not None else {}), **metrics}
-    for metric, per_class in per_class_groups(values).items():
+    groups = per_class_groups(from_evaluator() if from_evaluator is not None else {})
+    groups.update(per_class_groups(metrics))  # read apart: each may nest its own way
+    for metric, per_class in groups.items():
         if per_class:
             path = folder / f"{prefix}per_class_{file_name(metric)}.png"
             written.append(draw_per_class(metric, per_class, path))

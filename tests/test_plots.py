@@ -68,9 +68,22 @@ def test_run_labels_use_the_path_when_names_clash(tmp_path):
 
 
 def test_per_class_groups_read_flat_and_nested_keys():
-    metrics = {"mIoU": 50.0, "IoU/sky": 80.0, "IoU/water": -1.0, "AP": {"cat": 12.0, "dog": 3.0},
-               "num_images": 4.0}  # fmt: skip
-    assert per_class_groups(metrics) == {"IoU": {"sky": 80.0}, "AP": {"cat": 12.0, "dog": 3.0}}
+    metrics = {"mIoU": 50.0, "IoU/sky": 80.0, "IoU/sea": 7.0, "IoU/water": -1.0,
+               "AP": {"cat": 12.0, "dog": 3.0, "eel": 1.0}, "num_images": 4.0}  # fmt: skip
+    assert per_class_groups(metrics) == {"IoU": {"sky": 80.0, "sea": 7.0},
+                                         "AP": {"cat": 12.0, "dog": 3.0, "eel": 1.0}}  # fmt: skip
+
+
+@pytest.mark.parametrize("per_class", [
+    {"AP": {"cat": 100.0, "dog": 50.0, "eel": 0.0}, "AP50": {"cat": 100.0, "dog": 60.0}},
+    {"cat": {"AP": 100.0, "AP50": 100.0}, "dog": {"AP": 50.0, "AP50": 60.0}, "eel": {"AP": 0.0}},
+    [{"name": "cat", "AP": 100.0, "AP50": 100.0}, {"name": "dog", "AP": 50.0, "AP50": 60.0},
+     {"name": "eel", "AP": 0.0}],
+])
+def test_per_class_groups_read_any_nesting_under_per_class(per_class):
+    groups = per_class_groups({"bbox_AP": 50.0, "per_class": per_class})
+    assert groups == {"AP": {"cat": 100.0, "dog": 50.0, "eel": 0.0},
+                      "AP50": {"cat": 100.0, "dog": 60.0}}  # fmt: skip
 
 
 def test_class_evaluator_counts_true_and_top1_pairs():
