@@ -123,12 +123,15 @@ def draw_per_class(metric: str, values: Mapping[str, float], path: Path) -> Path
 
 def _pairs(value: Any, keys: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], float]]:
     """The numbers inside nested dicts / lists of rows, each with its path of keys (a flat
-    ``"IoU/<class>"`` key is two keys; a row ``{"name": "cat", "AP": 3}`` is keyed "cat")."""
+    ``"IoU/<class>"`` key is two keys; a row ``{"name": "cat", "AP": 3}`` is keyed "cat").
+    Keys split at their first ``/`` at the top (where ``mIoU`` sits beside ``IoU/<class>``)
+    and in dicts whose every key has one, so ``{"AP": {"wall/brick": 1}}`` keeps its class."""
     if _is_number(value):
         return [(keys, float(value))]
     if isinstance(value, Mapping):
+        split = not keys or all("/" in str(k) for k in value)
         return [pair for k, v in value.items()
-                for pair in _pairs(v, (*keys, *str(k).split("/", 1)))]  # fmt: skip
+                for pair in _pairs(v, (*keys, *(str(k).split("/", 1) if split else [str(k)])))]
     if isinstance(value, list | tuple):
         out = []
         for row in value:

@@ -74,8 +74,14 @@ def test_per_class_groups_read_flat_and_nested_keys():
                                          "AP": {"cat": 12.0, "dog": 3.0, "eel": 1.0}}  # fmt: skip
 
 
+def test_class_names_with_a_slash_stay_whole():
+    groups = per_class_groups({"IoU/wall/brick": 5.0, "per_class": {"AP": {"a/b": 1.0, "c": 2.0}}})
+    assert groups == {"IoU": {"wall/brick": 5.0}, "AP": {"a/b": 1.0, "c": 2.0}}
+
+
 @pytest.mark.parametrize("per_class", [
     {"AP": {"cat": 100.0, "dog": 50.0, "eel": 0.0}, "AP50": {"cat": 100.0, "dog": 60.0}},
+    {"AP/cat": 100.0, "AP/dog": 50.0, "AP/eel": 0.0, "AP50/cat": 100.0, "AP50/dog": 60.0},
     {"cat": {"AP": 100.0, "AP50": 100.0}, "dog": {"AP": 50.0, "AP50": 60.0}, "eel": {"AP": 0.0}},
     [{"name": "cat", "AP": 100.0, "AP50": 100.0}, {"name": "dog", "AP": 50.0, "AP50": 60.0},
      {"name": "eel", "AP": 0.0}],
