@@ -4,6 +4,7 @@ stops the run with one line before training."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
 import sys
@@ -19,10 +20,19 @@ from clusterformer.engine.loggers import HOOKS, chosen_loggers, flat_config, sca
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 
 
-def _train(shards: Path, run: Path, logger: str) -> None:
-    argv = train_argv(shards, run, 3, "--val-data", str(shards), "--eval-every", "2",
-                      "--log-every", "1", "--logger", logger)  # fmt: skip
-    assert run_cf(argv) == 0
+@pytest.fixture(scope="module")
+def logged_run(fault_shards, tmp_path_factory):  # noqa: ANN001, ANN201
+    """One 3-step run (evaluated at steps 2 and 3) logged to every logger installed here."""
+    installed = [name for name in LOGGERS if importlib.util.find_spec(PACKAGES[name])]
+    if not installed:
+        pytest.skip("none of tensorboard, mlflow, wandb is installed")
+    run = tmp_path_factory.mktemp("loggers") / "run"
+    argv = train_argv(fault_shards, run, 3, "--val-data", str(fault_shards), "--eval-every", "2",
+                      "--log-every", "1", "--logger", ",".join(installed))  # fmt: skip
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "online")  # offline all the same: the hook says so
+        assert run_cf(argv) == 0
+    return run
 
 
 def _jsonl_series(run: Path, split: str, key: str) -> dict[int, float]:
@@ -77,12 +87,11 @@ def test_a_missing_package_stops_before_training(logger, fault_shards, tmp_path,
 
 
 # ----------------------------------------------------------------------------- read back
-def test_tensorboard_event_files_hold_the_scalars(fault_shards, tmp_path):
+def test_tensorboard_event_files_hold_the_scalars(logged_run):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run = tmp_path / "run"
-    _train(fault_shards, run, "tensorboard")
+    run = logged_run
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0})
     events.Reload()
     loss = {e.step: e.value for e in events.Scalars("train/loss")}
@@ -93,12 +102,11 @@ def test_tensorboard_event_files_hold_the_scalars(fault_shards, tmp_path):
     assert "config" in "".join(events.Tags()["tensors"])  # the config as text
 
 
-def test_mlflow_file_store_holds_the_scalars_and_config(fault_shards, tmp_path):
+def test_mlflow_file_store_holds_the_scalars_and_config(logged_run):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    run = tmp_path / "run"
-    _train(fault_shards, run, "mlflow")
+    run = logged_run
     client = MlflowClient(tracking_uri=(run / "mlruns").resolve().as_uri())
     experiment = client.get_experiment_by_name("clusterformer")
     (found,) = client.search_runs([experiment.experiment_id])
@@ -150,11 +158,9 @@ def _wandb_rows(run_file: Path, kind: str) -> list[dict]:
     return rows
 
 
-def test_wandb_offline_run_holds_the_scalars(fault_shards, tmp_path, monkeypatch):
+def test_wandb_offline_run_holds_the_scalars(logged_run):
     pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "online")  # offline all the same: the hook says so
-    run = tmp_path / "run"
-    _train(fault_shards, run, "wandb")
+    run = logged_run
     (folder,) = (run / "wandb").glob("offline-run-*")
     run_file = next(folder.glob("run-*.wandb"))
     rows = _wandb_rows(run_file, "history")
