@@ -16,7 +16,8 @@ NOT_CURVES = frozenset({"step", "split", "epoch", "num_images", "num_samples", "
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """The JSON lines of a ``metrics.jsonl``; a bad line names the file and line."""
+    """The JSON lines of a ``metrics.jsonl``; a bad line names the file and line. A last line
+    without its newline is one being written (a run in progress) and is left out."""
     records = []
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
@@ -25,6 +26,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
+                if not line.endswith("\n"):
+                    break
                 raise DataError(f"{path}:{number}: not a JSON line ({exc.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise DataError(f"{path}:{number}: expected an object with an integer 'step'")

@@ -186,6 +186,15 @@ def test_cf_plot_names_a_bad_line(tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_line_being_written_is_left_out(tmp_path):
+    from clusterformer.cli.plot_cmd import read_records
+
+    run = _write_run(tmp_path / "run", [2.0, 1.0], 50.0)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "split": "tra')  # a run in progress, mid-write
+    assert [r["step"] for r in read_records(run / "metrics.jsonl")] == [1, 2, 2]
+
+
 def test_cf_plot_without_a_run_folder(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert run_cf(["plot", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 1
