@@ -170,3 +170,14 @@ def test_wandb_offline_run_holds_the_scalars(logged_run):
     assert top1 == pytest.approx(_jsonl_series(run, "val", "top1"))
     config = {k: v for row in _wandb_rows(run_file, "run") for k, v in row.items()}
     assert config["optim"]["lr"] == _config(run)["optim"]["lr"]
+
+
+def test_restart_removes_the_logger_folders(tmp_path):
+    from clusterformer.engine.run_folder import restart
+
+    for name in ("tensorboard", "mlruns", "wandb"):
+        (tmp_path / name / "x").mkdir(parents=True)
+    (tmp_path / "keep.txt").write_text("not a log")
+    notes = restart(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+    assert "mlruns, wandb" in notes[0]
