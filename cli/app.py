@@ -16,6 +16,7 @@ from clusterformer.cli import (
     eval_cmd,
     export_cmd,
     models_cmd,
+    plot_cmd,
     predict_cmd,
     progress,
     quickstart_cmd,
@@ -37,7 +38,7 @@ app = typer.Typer(
 )
 
 for _module in (models_cmd, shapes_cmd, shard_cmd, train_cmd, eval_cmd, predict_cmd, export_cmd,
-                benchmark_cmd, quickstart_cmd):
+                plot_cmd, benchmark_cmd, quickstart_cmd):
     _module.register(app)
 
 

@@ -55,6 +55,14 @@ def register(app: typer.Typer) -> None:
             "under \"per_class\" in the --out JSON (without --out, a checkpoint's run folder "
             "gets per_class.json).",
         ),
+        plots: bool = typer.Option(
+            False, "--plots", help="Also draw PNGs (the plot extra: matplotlib): "
+            "confusion_matrix.png when the task's evaluator keeps one, per_class_<metric>.png "
+            "bar charts; next to --out as NAME.<plot>.png, else in ./plots/.",
+        ),
+        plots_dir: Path | None = typer.Option(
+            None, "--plots-dir", help="Draw the --plots PNGs into this folder instead.",
+        ),
     ) -> None:
         """Evaluate a checkpoint (--ckpt) or a prediction file (--task T --predictions PATH) on --data.
 
@@ -73,10 +81,18 @@ def register(app: typer.Typer) -> None:
             raise FileNotFoundError(f"{data}: evaluation data not found")
         if batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+        from clusterformer.cli.plots import plots_target
+
+        target = plots_target(plots, plots_dir, out)  # checks matplotlib before a long run
+        # The bar charts draw the per-class metrics: --plots computes them (printed and
+        # written only with --per-class).
+        classes = per_class or target is not None
         if predictions is not None:
             if task is None:
                 raise UserError("--predictions needs --task")
-            metrics = _score_predictions(task, predictions, data, num_workers, per_class)
+            metrics = _score_predictions(task, predictions, data, num_workers, classes)
+            if target is not None:
+                _write_plots(target, metrics, None)
             title = f"{task} predictions {predictions} on {data}"
         else:
             from clusterformer.cli.runtime_opts import start_compute
@@ -84,7 +100,7 @@ def register(app: typer.Typer) -> None:
             start_compute(device)
             metrics = _evaluate_checkpoint(
                 ckpt, data, batch_size, image_size, device, amp, num_workers, task, out,
-                compile_model=compile_model, per_class=per_class,
+                compile_model=compile_model, per_class=classes, plots=target,
             )
             title = f"{metrics.pop('_task')} checkpoint {ckpt} on {data}"
         report(title, metrics, out=out, per_class=per_class,
@@ -104,6 +120,7 @@ def _evaluate_checkpoint(
     *,
     compile_model: bool = False,
     per_class: bool = False,
+    plots: tuple[Path, str] | None = None,
 ) -> dict[str, Any]:
     from clusterformer.cli.progress import progress_bar
     from clusterformer.data import build_loader, load_dataset_info
@@ -112,6 +129,7 @@ def _evaluate_checkpoint(
         NoPerClassMetrics,
         evaluate,
         load_model_from_checkpoint,
+        make_evaluator,
     )
 
     dev = pick_device(device)
@@ -145,13 +163,15 @@ def _evaluate_checkpoint(
                 yield None
 
         try:
-            metrics = evaluate(model, task, loader, device=dev, amp=amp,
-                               predictions_out=predictions_out, progress=ticks(),
-                               per_class=per_class)  # fmt: skip
+            evaluator = make_evaluator(task, predictions_out, per_class)
+            metrics = evaluate(model, task, loader, device=dev, amp=amp, evaluator=evaluator,
+                               predictions_out=predictions_out, progress=ticks())  # fmt: skip
         except FloatingPointError as exc:  # a diverged checkpoint: name it
             raise DataError(f"{ckpt}: {exc}") from None
         except NoPerClassMetrics as exc:  # a plugin task without per-class metrics
             raise UserError(f"--per-class: {exc}") from None
+    if plots is not None:
+        _write_plots(plots, metrics, evaluator)
     return {**metrics, "step": meta.get("step"), "image_size": size, "_task": task.name}
 
 
@@ -224,3 +244,12 @@ def report(title: str, metrics: dict[str, Any], *, out: Path | None, per_class: 
         atomic_write_json(run_folder / "per_class.json", document)
         typer.echo(f"wrote {run_folder / 'per_class.json'}")
     return document
+
+
+def _write_plots(target: tuple[Path, str], metrics: dict[str, Any], evaluator: Any) -> None:
+    from clusterformer.cli.plots import write_eval_plots
+
+    written = write_eval_plots(*target, metrics, evaluator)
+    typer.echo(f"wrote {len(written)} plot(s) to {target[0]}: "
+               f"{', '.join(p.name for p in written)}" if written else "--plots: nothing to "
+               "draw (no confusion matrix or per-class metric for this task)")  # fmt: skip

@@ -22,6 +22,7 @@ from clusterformer.tasks.spec import option
 
 AMP_MODES: tuple[str, ...] = ("bf16", "fp16", "none")
 SCHEDULES: tuple[str, ...] = ("cosine", "poly", "constant")
+LOGGERS: tuple[str, ...] = ("tensorboard", "mlflow", "wandb")
 
 
 def section(kind: type) -> Any:
@@ -122,6 +123,12 @@ class RuntimeConfig:
                                   "without a better best_metric (needs --val-data)")
     progress: bool = option(True, "a live progress bar with ETA when stderr is a terminal "
                             "(else, or with --no-progress, plain lines)")
+    loggers: tuple[str, ...] | None = option(None, "also log the config and scalars to: "
+                                             "tensorboard (RUN/tensorboard), mlflow (file store "
+                                             "RUN/mlruns), wandb (offline, RUN/wandb), "
+                                             "comma-separated, each an extra of that name; none "
+                                             "= metrics.jsonl only (default: tensorboard when "
+                                             "installed)", flag="--logger")
     resume: bool = option(False, "continue from the newest complete checkpoint in out (not "
                           "written to config.yaml)")
     restart: bool = option(False, "delete out's previous checkpoints and logs and start at step 0 "
@@ -313,5 +320,9 @@ def validate(cfg: TrainConfig) -> None:
     if (run.patience is not None or run.best_metric is not None) and cfg.data.val is None:
         raise ValueError("runtime.patience and runtime.best_metric need held-out data: give "
                          "--val-data (data.val)")  # fmt: skip
+    unknown = sorted(set(run.loggers or ()) - {*LOGGERS, "none"})
+    if unknown or ("none" in (run.loggers or ()) and len(run.loggers) > 1):
+        raise ValueError(f"runtime.loggers takes {', '.join(LOGGERS)} or none alone, got "
+                         f"{','.join(run.loggers)}")  # fmt: skip
     if run.resume and run.restart:
         raise ValueError("runtime.resume and runtime.restart exclude each other; give one")

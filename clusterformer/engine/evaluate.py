@@ -55,6 +55,7 @@ def evaluate(
     predictions_out: str | Path | None = None,
     progress: Iterator | None = None,
     per_class: bool = False,
+    evaluator: Any = None,
 ) -> dict[str, float]:
     """Task metrics of ``model`` over ``batches`` (this rank's share; reduced across ranks).
 
@@ -65,10 +66,13 @@ def evaluate(
             ``prediction_suffix`` says what it writes).
         per_class: also the per-class keys ``<metric>/<class name>``
             (:func:`clusterformer.metrics.per_class.split_per_class`).
+        evaluator: the evaluator to fill (default: the task's, see :func:`make_evaluator`);
+            the caller keeps it to read more than the metrics (a confusion matrix).
     """
     was_training = model.training
     model.eval()
-    evaluator = make_evaluator(task, predictions_out, per_class)
+    if evaluator is None:
+        evaluator = make_evaluator(task, predictions_out, per_class)
     try:
         for batch in batches:
             batch = to_device(batch, device)

@@ -1,8 +1,9 @@
-"""Run logging: RUN/metrics.jsonl, optional TensorBoard, and progress on the terminal.
+"""Run logging: RUN/metrics.jsonl, the experiment loggers, and progress on the terminal.
 
 Only rank 0 logs. On a TTY a rich progress bar shows step, loss, lr, img/s and ETA;
-otherwise (CI, files, pipes) plain lines are printed every ``log_every`` steps.
-TensorBoard scalars are written only when ``torch.utils.tensorboard`` imports.
+otherwise (CI, files, pipes) plain lines are printed every ``log_every`` steps. Every record
+written to metrics.jsonl also goes to each listener (the ``--logger`` hooks of
+:mod:`clusterformer.engine.loggers`: TensorBoard, MLflow, W&B), closed with the log.
 """
 
 from __future__ import annotations
@@ -41,14 +42,13 @@ class RunLogger:
         enabled: bool = True,
         start_step: int = 0,
         stream: TextIO | None = None,
-        tensorboard: bool = True,
         progress: bool = True,
     ) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
         self.stream = stream or sys.stderr
         self._file = None
-        self._tb = None
+        self._listeners: list[Any] = []
         self._progress = None
         self._task_id = None
         self._t0 = time.perf_counter()
@@ -57,13 +57,6 @@ class RunLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self._file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
-                SummaryWriter = None  # noqa: N806
-            if SummaryWriter is not None:
-                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         if progress and self.stream.isatty():
             from rich.console import Console
             from rich.progress import (
@@ -94,8 +87,13 @@ class RunLogger:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def add_listener(self, listener: Any) -> None:
+        """Also hand every record to ``listener.write(record)``; ``listener.close()`` is called
+        when the log closes (also when training fails)."""
+        self._listeners.append(listener)
+
     def write(self, record: dict[str, Any]) -> None:
-        """Append one JSON line (must contain ``step``) and mirror numbers to TensorBoard."""
+        """Append one JSON line (must contain ``step``) and hand the record to the listeners."""
         if not self.enabled or self._file is None:
             return
         clean = {k: _jsonable(v) for k, v in record.items()}
@@ -104,11 +102,8 @@ class RunLogger:
             self._file.flush()
         except OSError as exc:  # e.g. a full disk: name the log (a write error names no file)
             raise OSError(exc.errno, exc.strerror, self._file.name) from None
-        if self._tb is not None:
-            prefix = "val" if record.get("split") == "val" else "train"
-            for key, value in record.items():
-                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
-                    self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+        for listener in self._listeners:
+            listener.write(record)
 
     def log_train(self, step: int, scalars: dict[str, float], *, show: bool = True) -> None:
         """Record training scalars at ``step`` and update the bar or print a line."""
@@ -153,9 +148,9 @@ class RunLogger:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            listener.close()
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -35,6 +35,7 @@ from clusterformer.engine.distributed import (
 )
 from clusterformer.engine.evaluate import checkpoint_metadata, normalisation_of
 from clusterformer.engine.hooks import CheckpointHook, EmaHook, EvalHook, LoggingHook
+from clusterformer.engine.loggers import build_logger_hooks
 from clusterformer.engine.logging import RunLogger
 from clusterformer.engine.optim import Schedule, build_optimizer
 from clusterformer.engine.signals import StopFlag, TrainingInterrupted
@@ -173,6 +174,7 @@ def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
     from clusterformer.data import load_dataset_info
 
     run_dir = Path(cfg.runtime.out)
+    loggers = build_logger_hooks(cfg.runtime.loggers, cfg.to_dict())  # a missing extra: now
     env = setup_distributed(cfg.runtime.device)
     stop = StopFlag()
     try:
@@ -249,7 +251,7 @@ def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
                         f"{plan['steps_per_epoch']} steps), lr {plan['lr_effective']:.3g}, "
                         f"warm-up {plan['warmup_steps']} steps; run folder {run_dir}")  # fmt: skip
             checkpoints = CheckpointHook(cfg.runtime.save_every, cfg.runtime.keep_last, meta, saved)
-            hooks: list[HookBase] = [EmaHook(), LoggingHook(cfg.runtime.log_every)]
+            hooks: list[HookBase] = [*loggers, EmaHook(), LoggingHook(cfg.runtime.log_every)]
             if val_loader is not None:
                 best = BestCheckpoint(run_dir / "checkpoints", spec,
                                       cfg.runtime.best_metric or spec.primary_metric,

@@ -48,7 +48,8 @@ def tidy(run_dir: Path) -> list[str]:
 def restart(run_dir: Path) -> list[str]:
     """Main rank, once everything else is checked (just before step 1, so a mistake in the
     flags or the data loses nothing): delete the previous run's checkpoints and logs."""
-    previous = (run_dir / "checkpoints", run_dir / "metrics.jsonl", run_dir / "tensorboard")
+    previous = [run_dir / name for name in ("checkpoints", "metrics.jsonl", "tensorboard",
+                                            "mlruns", "wandb")]  # the --logger folders too
     old = [p for p in previous if p.exists()]
     tag = files.temp_tag()
     for p in old:  # renamed away first: a kill mid-delete leaves no half checkpoint behind

@@ -255,6 +255,14 @@ class PanopticEvaluator:
         return {**pq_metrics(stats, self.categories, per_class=self.per_class),
                 "num_images": int(count)}  # fmt: skip
 
+    def per_class_metrics(self) -> dict[str, float]:
+        """``PQ/<class>`` in percent of each class in the ground truth or the predictions
+        (this process's images)."""
+        seen = self.stats[:, 1:].sum(1) > 0  # tp + fp + fn
+        values = pq_metrics(self.stats, self.categories, per_class=True)
+        return {f"PQ/{c.get('name', c['id'])}": values[f"PQ/{c.get('name', c['id'])}"]
+                for c, present in zip(self.categories, seen, strict=True) if present}  # fmt: skip
+
 
 def build_evaluator(
     categories: Sequence[dict], predictions_out: str | os.PathLike | None = None

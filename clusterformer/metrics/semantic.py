@@ -149,6 +149,19 @@ class SemanticEvaluator:
         names = [str(c.get("name", c["id"])) for c in self.categories]
         return {**semantic_metrics(conf, names, per_class=self.per_class), "num_images": int(count)}
 
+    def class_names(self) -> list[str]:
+        return [str(c.get("name", c["id"])) for c in self.categories]
+
+    def confusion_matrix(self) -> tuple[np.ndarray, list[str]]:
+        """(C, C) pixel counts of this process, rows ground truth, columns prediction (the
+        count of predictions outside the classes, never made by a model, left out); names."""
+        return self.conf[:, : self.num_classes].copy(), self.class_names()
+
+    def per_class_metrics(self) -> dict[str, float]:
+        """``IoU/<class>`` in percent of each class in the ground truth or the predictions."""
+        values = semantic_metrics(self.conf, self.class_names(), per_class=True)
+        return {k: v for k, v in values.items() if k.startswith("IoU/") and v >= 0}
+
 
 def build_evaluator(
     categories: Sequence[dict], predictions_out: str | os.PathLike | None = None

@@ -98,11 +98,15 @@ def _beta(alpha: float, generator: torch.Generator | None) -> float:
 
 
 class ClassificationEvaluator:
-    """Top-1 / top-5 in percent over every rank (top-5 is top-min(5, C)); with ``class_names``
-    also each class's top-1 accuracy (``Acc/<name>``)."""
+    """Top-1 / top-5 in percent over every rank (top-5 is top-min(5, C)); with ``per_class``
+    also each class's top-1 accuracy (``Acc/<name>``). It also counts (true class, top-1 class)
+    pairs for the confusion matrix (this process's samples: ``cf eval`` runs one)."""
 
-    def __init__(self, num_classes: int, class_names: list[str] | None = None) -> None:
-        self.acc = TopKAccumulator((1, 5), num_classes=num_classes, class_names=class_names)
+    def __init__(self, categories: list[dict], per_class: bool = False) -> None:
+        self.names = [str(c.get("name", c["id"])) for c in categories]
+        self.acc = TopKAccumulator((1, 5), num_classes=len(categories),
+                                   class_names=self.names if per_class else None)  # fmt: skip
+        self.conf = np.zeros((len(categories), len(categories)), dtype=np.int64)
 
     def update(self, predictions: Tensor, batch: Batch) -> None:
         """predictions: ``(B, C)`` scores; batch["labels"]: ``(B,)``.
@@ -116,9 +120,22 @@ class ClassificationEvaluator:
             keep = torch.as_tensor(valid, dtype=torch.bool, device=predictions.device)
             predictions, labels = predictions[keep], labels.to(keep.device)[keep]
         self.acc.update(predictions, labels)
+        pairs = labels.cpu().long() * len(self.names) + predictions.argmax(-1).cpu().long()
+        self.conf += np.bincount(pairs.numpy(), minlength=self.conf.size).reshape(self.conf.shape)
 
     def compute(self) -> dict[str, float]:
         return self.acc.compute()
+
+    def confusion_matrix(self) -> tuple[np.ndarray, list[str]]:
+        """(C, C) counts, rows the true class, columns the top-1 class; the class names."""
+        return self.conf.copy(), list(self.names)
+
+    def per_class_metrics(self) -> dict[str, float]:
+        """``Acc/<class>``: top-1 accuracy (recall) in percent of each class with samples (the
+        names ``--per-class`` uses)."""
+        seen = self.conf.sum(1)
+        return {f"Acc/{name}": 100.0 * float(self.conf[c, c]) / float(seen[c])
+                for c, name in enumerate(self.names) if seen[c] > 0}  # fmt: skip
 
 
 @dataclass
@@ -168,8 +185,7 @@ class ClassificationTask(Task):
 
     def evaluator(self, predictions_out: Path | str | None = None,
                   per_class: bool = False) -> ClassificationEvaluator:  # fmt: skip
-        names = [str(c.get("name", c["id"])) for c in self.categories] if per_class else None
-        return ClassificationEvaluator(self.num_classes, names)
+        return ClassificationEvaluator(self.categories, per_class)
 
 
 def _softmax(raw: tuple[Tensor, ...], images: Tensor) -> tuple[Tensor, ...]:

@@ -30,7 +30,12 @@ def option(default: Any, help: str, flag: str | None = None) -> Any:  # noqa: A0
 
 
 class Evaluator(Protocol):
-    """Accumulates predictions batch by batch; ``compute`` reduces across ranks."""
+    """Accumulates predictions batch by batch; ``compute`` reduces across ranks.
+
+    Optional, read by ``cf eval --plots`` when present: ``confusion_matrix() -> ((C, C)
+    counts, rows true and columns predicted; class names)`` and ``per_class_metrics() ->
+    {"<metric>/<class>": percent}``.
+    """
 
     def update(self, predictions: Any, batch: Batch) -> None: ...
 
