@@ -187,7 +187,7 @@ def test_run_logger_without_progress_prints_plain_lines_on_a_tty(tmp_path: Path)
             return True
 
     stream = Tty()
-    with RunLogger(tmp_path, 4, stream=stream, tensorboard=False, progress=False) as log:
+    with RunLogger(tmp_path, 4, stream=stream, progress=False) as log:
         log.log_train(1, {"loss": 1.5, "lr": 1e-3})
     assert stream.getvalue().startswith("step 1/4  loss 1.5  lr 1.00e-03")
 

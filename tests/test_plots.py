@@ -237,7 +237,7 @@ def test_cf_eval_plots_of_a_checkpoint(small_run, fault_shards, tmp_path, capsys
     assert run_cf(["eval", "--ckpt", str(small_run), "--data", str(fault_shards),
                    "--plots-dir", str(out)]) == 0  # fmt: skip
     assert "wrote 2 plot(s)" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.png", "per_class_top1.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.png", "per_class_Acc.png"]
     for path in out.iterdir():
         width, height = _png_size(path)
         assert width > 300 and height > 150
@@ -248,7 +248,7 @@ def test_cf_eval_plots_go_next_to_out(small_run, fault_shards, tmp_path):
     assert run_cf(["eval", "--ckpt", str(small_run), "--data", str(fault_shards), "--plots",
                    "--out", str(tmp_path / "m.json")]) == 0  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "m.confusion_matrix.png", "m.json", "m.per_class_top1.png"]
+        "m.confusion_matrix.png", "m.json", "m.per_class_Acc.png"]
     matrix = json.loads((tmp_path / "m.json").read_text())
     assert matrix["num_samples"] == 16
 
