@@ -31,7 +31,7 @@ def test_windows_start_every_stride_and_the_last_ends_at_the_border() -> None:
     assert slide_windows(3, 5, 8, 4) == [(0, 0, 3, 5)]
     # stride == window on a multiple: a tiling without overlap
     tiles = slide_windows(12, 12, 4, 4)
-    assert len(tiles) == 9 and {(t, l) for t, l, _, _ in tiles} == {(a, b) for a in (0, 4, 8) for b in (0, 4, 8)}
+    assert len(tiles) == 9 and {(top, left) for top, left, _, _ in tiles} == {(a, b) for a in (0, 4, 8) for b in (0, 4, 8)}
     with pytest.raises(ValueError, match="stride"):
         slide_windows(8, 8, 4, 0)
 
@@ -175,3 +175,17 @@ def test_which_tasks_take_which_strategy_is_the_registry() -> None:
     assert task_spec("classification").test_time == {"tta"}
     assert task_spec("detection").test_time == {"tta"}
     assert task_spec("panoptic").test_time == frozenset()
+
+
+def test_plans_ask_the_registry_what_a_task_supports() -> None:
+    from clusterformer.tasks.test_time import make_plan
+
+    plan = make_plan(task_spec("semantic"), (64, 32), "flip,1.5")
+    assert plan == InferencePlan(slide=(64, 32), flip=True, scales=(1.0, 1.5)) and plan.active
+    assert not make_plan(task_spec("panoptic"), None, None).active
+    with pytest.raises(ValueError, match=r"--slide: the detection task does not support it \(tasks that do: semantic\)"):
+        make_plan(task_spec("detection"), (64, 32), None)
+    with pytest.raises(ValueError, match="--tta: the panoptic task"):
+        make_plan(task_spec("panoptic"), None, "flip")
+    with pytest.raises(ValueError, match="WINDOW >= STRIDE"):
+        make_plan(task_spec("semantic"), (32, 64), None)

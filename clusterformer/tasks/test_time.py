@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clusterformer.tasks.spec import Batch, Task
+from clusterformer.tasks.spec import Batch, Task, TaskSpec
 
 Check = Callable[[Any], None]
 
@@ -52,6 +52,29 @@ class InferencePlan:
         """Every (scale, mirrored) pass, the plain one first."""
         flips = (False, True) if self.flip else (False,)
         return [(scale, flip) for scale in self.scales for flip in flips]
+
+
+def make_plan(spec: TaskSpec, slide: tuple[int, int] | None, tta: str | None) -> InferencePlan:
+    """The plan for ``--slide WINDOW STRIDE`` and ``--tta SPEC`` on a task, checked against
+    what the task's spec supports.
+
+    Raises:
+        ValueError: a strategy the task lacks (naming the tasks that have it), a bad window.
+    """
+    from clusterformer.tasks.registry import task_names, task_spec
+
+    flip, scales = parse_tta(tta)
+    plan = InferencePlan(slide=tuple(slide) if slide else None, flip=flip, scales=scales)
+    wanted = {"slide": plan.slide is not None, "tta": flip or scales != (1.0,)}
+    for strategy, flag in (("slide", "--slide"), ("tta", "--tta")):
+        if wanted[strategy] and strategy not in spec.test_time:
+            having = [n for n in task_names() if strategy in task_spec(n).test_time]
+            raise ValueError(f"{flag}: the {spec.name} task does not support it (tasks that do: "
+                             f"{', '.join(having) or 'none'})")  # fmt: skip
+    if plan.slide is not None and not (plan.slide[0] >= 1 and 1 <= plan.slide[1] <= plan.slide[0]):
+        raise ValueError(f"--slide WINDOW STRIDE: need WINDOW >= STRIDE >= 1 px, got "
+                         f"{plan.slide[0]} {plan.slide[1]}")  # fmt: skip
+    return plan
 
 
 def parse_tta(text: str | None) -> tuple[bool, tuple[float, ...]]:
