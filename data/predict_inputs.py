@@ -4,7 +4,7 @@ transform, collated into padded batches that keep the decoded images for drawing
 
 A sample: ``image`` (3, h, w) normalised, ``size`` (h, w) after the transform, ``orig_size``
 (H, W), ``raw`` the decoded uint8 (3, H, W), ``source`` (the file), ``frame`` (video frame
-number or None), ``index`` (position in the run). A file that does not decode gives a sample
+number or None), ``index`` (the file's position among the run's inputs). A file that does not decode gives a sample
 with only ``error`` (one line naming the file), so a worker never dies on it and the caller
 decides what to do.
 """
@@ -30,7 +30,7 @@ def _sample(raw: torch.Tensor, transform: Transform, source: str, frame: int | N
             index: int) -> dict[str, Any]:  # fmt: skip
     height, width = int(raw.shape[1]), int(raw.shape[2])
     key = source if frame is None else f"{source}#{frame}"
-    out = transform({"key": key, "image": raw, "image_id": index, "orig_size": (height, width)})
+    out = transform({"key": key, "image": raw, "image_id": 0, "orig_size": (height, width)})
     return {"image": out["image"], "size": tuple(int(v) for v in out["size"]),
             "orig_size": (height, width), "raw": raw, "source": source, "frame": frame,
             "index": index}  # fmt: skip
@@ -65,7 +65,7 @@ class VideoFrames(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for number, frame in enumerate(video_frames(self.path)):
             raw = torch.from_numpy(frame).permute(2, 0, 1).contiguous()
-            yield _sample(raw, self.transform, str(self.path), number, self.first_index + number)
+            yield _sample(raw, self.transform, str(self.path), number, self.first_index)
 
 
 def collate_inputs(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
