@@ -48,6 +48,15 @@ def register(app: typer.Typer) -> None:
             help="torch.compile the model (inductor with frozen weights); the first batch is "
             "checked against eager and a difference stops the run.",
         ),
+        slide: tuple[int, int] | None = typer.Option(
+            None, "--slide", metavar="WINDOW STRIDE",
+            help="Sliding-window inference (tasks that support it, e.g. semantic), as cf predict "
+            "--slide: windows of WINDOW px every STRIDE px over each image at --image-size.",
+        ),
+        tta: str | None = typer.Option(
+            None, "--tta",
+            help="Test-time augmentation as cf predict --tta: 'flip', scales '0.75,1.25' or both.",
+        ),
     ) -> None:
         """Evaluate a checkpoint (--ckpt) or a prediction file (--task T --predictions PATH) on --data.
 
@@ -77,7 +86,7 @@ def register(app: typer.Typer) -> None:
             start_compute(device)
             metrics = _evaluate_checkpoint(
                 ckpt, data, batch_size, image_size, device, amp, num_workers, task, out,
-                compile_model=compile_model,
+                compile_model=compile_model, slide=slide, tta=tta,
             )
             title = f"{metrics.pop('_task')} checkpoint {ckpt}"
         _print_table(title, metrics)
@@ -100,6 +109,8 @@ def _evaluate_checkpoint(
     out: Path | None = None,
     *,
     compile_model: bool = False,
+    slide: tuple[int, int] | None = None,
+    tta: str | None = None,
 ) -> dict[str, Any]:
     from rich.progress import Progress
 
@@ -111,6 +122,12 @@ def _evaluate_checkpoint(
     model, task, meta = load_model_from_checkpoint(ckpt, dev)
     if task_flag is not None and task_flag != task.name:
         raise UserError(f"--task {task_flag} does not match the checkpoint's task '{task.name}'")
+    from clusterformer.tasks.test_time import make_plan
+
+    try:
+        plan = make_plan(task.spec, slide, tta)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     predictions_out = None
     if task.spec.prediction_suffix is not None and out is not None:
         from clusterformer.metrics.seg_common import predictions_path_for
@@ -140,10 +157,13 @@ def _evaluate_checkpoint(
 
         try:
             metrics = evaluate(model, task, loader, device=dev, amp=amp,
-                               predictions_out=predictions_out, progress=ticks())  # fmt: skip
+                               predictions_out=predictions_out, progress=ticks(),
+                               plan=plan)  # fmt: skip
         except FloatingPointError as exc:  # a diverged checkpoint: name it
             raise DataError(f"{ckpt}: {exc}") from None
-    return {**metrics, "step": meta.get("step"), "image_size": size, "_task": task.name}
+    plan_keys = {"slide": list(plan.slide) if plan.slide else None,
+                 "tta": tta} if plan.active else {}  # fmt: skip
+    return {**metrics, "step": meta.get("step"), "image_size": size, **plan_keys, "_task": task.name}
 
 
 def _check_categories(trained: list[dict], data_cats: list[dict], ckpt: Path, data: Path) -> None:

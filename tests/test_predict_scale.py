@@ -177,3 +177,19 @@ def test_slide_and_tta_through_the_cli(runs: dict, tmp_path: Path, capsys: pytes
     assert _cf(["predict", "--ckpt", str(runs["classification"]), str(image), "--out", str(tmp_path / "t"),
                 "--tta", "flip,1.25", "--max-dets", "3"]) == 0
     assert _records(tmp_path / "t")[0]["classes"]
+
+
+def test_eval_takes_slide_and_tta(runs: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    shards = runs["root"] / "shards-semantic"
+    plain, slid = tmp_path / "plain.json", tmp_path / "slid.json"
+    assert _cf(["eval", "--ckpt", str(runs["semantic"]), "--data", str(shards), "--out", str(plain),
+                "--image-size", "64", "--batch-size", "4"]) == 0
+    assert _cf(["eval", "--ckpt", str(runs["semantic"]), "--data", str(shards), "--out", str(slid),
+                "--image-size", "64", "--batch-size", "4", "--slide", "32", "16", "--tta", "flip"]) == 0
+    first, second = json.loads(plain.read_text()), json.loads(slid.read_text())
+    assert 0.0 <= second["mIoU"] <= 100.0 and second["num_images"] == first["num_images"] == 9
+    assert second["slide"] == [32, 16] and second["tta"] == "flip" and "slide" not in first
+    code = _cf(["eval", "--ckpt", str(runs["classification"]), "--data", str(runs["root"] / "shards-classification"),
+                "--slide", "16", "16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "--slide: the classification task does not support it" in err[-1]

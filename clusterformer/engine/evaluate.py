@@ -18,6 +18,7 @@ from clusterformer.engine.checkpoint import (
 )
 from clusterformer.engine.finite import describe_output, non_finite_output
 from clusterformer.tasks import Task, task_spec
+from clusterformer.tasks.test_time import InferencePlan, predict_batch
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -54,6 +55,7 @@ def evaluate(
     amp: str = "none",
     predictions_out: str | Path | None = None,
     progress: Iterator | None = None,
+    plan: InferencePlan | None = None,
 ) -> dict[str, float]:
     """Task metrics of ``model`` over ``batches`` (this rank's share; reduced across ranks).
 
@@ -62,6 +64,8 @@ def evaluate(
             of a dataset with the task's categories.
         predictions_out: where the evaluator also writes the predictions (the task spec's
             ``prediction_suffix`` says what it writes).
+        plan: sliding-window inference and / or TTA (:mod:`clusterformer.tasks.test_time`);
+            None or an inactive plan is one plain pass per batch.
     """
     was_training = model.training
     model.eval()
@@ -69,21 +73,31 @@ def evaluate(
     try:
         for batch in batches:
             batch = to_device(batch, device)
-            with autocast(amp, device):
-                outputs = task.forward(model, batch)
-            bad = non_finite_output(outputs)
-            if bad is not None:  # scores of NaN would be ranked and written as if real
-                keys = batch.get("keys") or ["?"]
-                raise FloatingPointError(
-                    f"model {describe_output(bad)} is NaN or infinite (batch with sample "
-                    f"{keys[0]}): the weights are unusable; use an earlier checkpoint"
-                )
-            evaluator.update(task.postprocess(outputs, batch), batch)
+            if plan is not None and plan.active:  # sliding windows / TTA: several passes
+                with autocast(amp, device):
+                    predictions = predict_batch(task, model, batch, plan,
+                                                check=lambda o, b=batch: _check_finite(o, b))
+                evaluator.update(predictions, batch)
+            else:
+                with autocast(amp, device):
+                    outputs = task.forward(model, batch)
+                _check_finite(outputs, batch)
+                evaluator.update(task.postprocess(outputs, batch), batch)
             if progress is not None:
                 next(progress, None)
     finally:
         model.train(was_training)
     return evaluator.compute()
+
+
+def _check_finite(outputs: Any, batch: dict[str, Any]) -> None:
+    bad = non_finite_output(outputs)
+    if bad is not None:  # scores of NaN would be ranked and written as if real
+        keys = batch.get("keys") or ["?"]
+        raise FloatingPointError(
+            f"model {describe_output(bad)} is NaN or infinite (batch with sample "
+            f"{keys[0]}): the weights are unusable; use an earlier checkpoint"
+        )
 
 
 def normalisation_of(module: nn.Module) -> dict[str, list[float]]:
