@@ -4,7 +4,6 @@ a DataLoader; overlay PNGs and JSON (or JSON Lines) out."""
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ def register(app: typer.Typer) -> None:
         max_detections: int = typer.Option(100, "--max-detections", "--max-dets", help="Detection / instance: at most this many objects per image."),
         image_size: int | None = typer.Option(None, "--image-size", help="Inference size (default: the checkpoint's training size); with --slide, set it above the training size."),
         batch_size: int = typer.Option(8, "--batch-size", help="Images (or video frames) per model call."),
-        workers: int = typer.Option(0, "--workers", help="DataLoader processes decoding images (0 = decode in this process; videos are always read in order by this process)."),
+        workers: int = typer.Option(0, "--workers", help="DataLoader processes decoding images, and threads writing overlays (0 = all in this process, in order; videos are always read in order by this process)."),
         jsonl: Path | None = typer.Option(None, "--jsonl", help="Write one JSON record per image / video frame to this JSON Lines file instead of <image>.json files and predictions.json (default for videos and for more than 1000 images: OUT/predictions.jsonl)."),
         slide: tuple[int, int] | None = typer.Option(None, "--slide", metavar="WINDOW STRIDE", help="Sliding-window inference (tasks that support it, e.g. semantic): windows of WINDOW px every STRIDE px over the image at --image-size, scores averaged where windows overlap (mmsegmentation's)."),
         tta: str | None = typer.Option(None, "--tta", help="Test-time augmentation: 'flip', scales such as '0.75,1.25', or both ('flip,0.75,1.25'); the plain pass is always one of the views. Classification and semantic average probabilities; detection merges the boxes by class-aware NMS (IoU 0.5)."),
@@ -167,34 +166,6 @@ def _check_outputs(outputs: Any, ckpt: Path, sources: list[str]) -> None:
                         "the weights are unusable; use an earlier checkpoint")  # fmt: skip
 
 
-class _Records:
-    """Writes the records: a JSON file per image plus predictions.json at the end, or one
-    JSON line per image / frame as they come (``stream``)."""
-
-    def __init__(self, out: Path, stream: Path | None, written: list[Path]) -> None:
-        self.out, self.stream, self.written, self.everything = out, stream, written, []
-        self.handle = None
-        if stream is not None:
-            stream.parent.mkdir(parents=True, exist_ok=True)
-            written.append(stream)
-            self.handle = stream.open("w", encoding="utf-8")
-
-    def add(self, record: dict[str, Any], stem: str) -> None:
-        self.everything.append(record)
-        if self.handle is not None:
-            self.handle.write(json.dumps(record) + "\n")
-        else:
-            self.written.append(self.out / f"{stem}.json")
-            _write_json(self.out / f"{stem}.json", record)
-
-    def close(self, complete: bool) -> None:
-        if self.handle is not None:
-            self.handle.close()
-        elif complete:
-            self.written.append(self.out / "predictions.json")
-            _write_json(self.out / "predictions.json", self.everything)
-
-
 def predict_images(
     ckpt: Path,
     images: list[Path],
@@ -218,10 +189,10 @@ def predict_images(
     import torch
     from rich.progress import Progress
 
+    from clusterformer.cli.predict_outputs import PredictionWriter
     from clusterformer.data.video import VideoExtraMissing, is_video, video_backend
     from clusterformer.engine.distributed import pick_device
     from clusterformer.engine.evaluate import autocast, load_model_from_checkpoint
-    from clusterformer.tasks.predictions import draw_overlay
     from clusterformer.tasks.test_time import make_plan, predict_batch
 
     videos = [p for p in images if is_video(p)]
@@ -242,7 +213,7 @@ def predict_images(
     names = _unique_stems(images)
     written: list[Path] = []
     out.mkdir(parents=True, exist_ok=True)
-    records = _Records(out, records_file(images, out, jsonl), written)
+    writer = PredictionWriter(out, records_file(images, out, jsonl), written, threads=workers)
     complete = False
     with _removed_on_failure(written), Progress(transient=True) as progress, torch.no_grad():
         bar = progress.add_task("predict", total=None if videos else len(images))
@@ -262,18 +233,12 @@ def predict_images(
                         record = {"image": batch["source"][i], **({} if frame is None else {"frame": frame}),
                                   "height": int(raw.shape[1]), "width": int(raw.shape[2]),
                                   "task": task.name, **result}  # fmt: skip
-                        png = out / f"{stem}.png" if frame is None else out / stem / f"{frame:06d}.png"
-                        if frame is not None and not png.parent.exists():
-                            png.parent.mkdir()
-                            written.append(png.parent)
-                        written.append(png)
-                        _save_png(draw_overlay(raw, record), png)
-                        records.add(record, stem)
+                        writer.add(record, raw, stem, frame)
                         progress.advance(bar)
             complete = True
         finally:
-            records.close(complete)
-    return records.everything
+            writer.close(complete)
+    return writer.everything
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:
@@ -284,19 +249,3 @@ def _unique_stems(paths: list[Path]) -> list[str]:
         seen[path.stem] = count + 1
         out.append(path.stem if count == 0 else f"{path.stem}-{count}")
     return out
-
-
-def _save_png(canvas: Any, path: Path) -> None:
-    import io
-
-    from clusterformer.engine.files import atomic_write_bytes
-
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    from clusterformer.engine.files import atomic_write_json
-
-    atomic_write_json(path, obj)
