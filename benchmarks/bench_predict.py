@@ -1,5 +1,6 @@
 """`cf predict FOLDER` throughput: batched (DataLoader, --batch-size B --workers W) against one
-image at a time (--batch-size 1 --workers 0, what cf predict did before), interleaved A B A B
+image at a time (--batch-size 1 --workers 0, what cf predict did before) and batched without workers,
+interleaved A B C A B C
 in one process so the machine's drift hits both; img/s counts the whole predict_images call
 (checkpoint load, decode, model, overlays and JSON written).
 
@@ -27,7 +28,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     images = expand_images([args.images])
-    settings = {"one-at-a-time": (1, 0), "batched": (args.batch_size, args.workers)}
+    settings = {"one-at-a-time": (1, 0), "batched": (args.batch_size, args.workers),
+                "batched, no workers": (args.batch_size, 0)}  # what batching alone gives
     rates: dict[str, list[float]] = {name: [] for name in settings}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
@@ -37,11 +39,12 @@ def main() -> None:
                                image_size=args.image_size, batch_size=batch, workers=workers)
                 rates[name].append(len(images) / (time.perf_counter() - start))
                 print(f"round {round_} {name}: {rates[name][-1]:.1f} img/s", flush=True)
-    ratios = [b / a for a, b in zip(rates["one-at-a-time"], rates["batched"], strict=True)]
     for name, values in rates.items():
         print(f"{name}: median {statistics.median(values):.1f} img/s ({len(images)} images)")
-    print(f"batched / one-at-a-time: median {statistics.median(ratios):.2f}x "
-          f"(per round {', '.join(f'{r:.2f}' for r in ratios)})")
+    for name in ("batched", "batched, no workers"):
+        ratios = [b / a for a, b in zip(rates["one-at-a-time"], rates[name], strict=True)]
+        print(f"{name} / one-at-a-time: median {statistics.median(ratios):.2f}x "
+              f"(per round {', '.join(f'{r:.2f}' for r in ratios)})")
 
 
 if __name__ == "__main__":
