@@ -18,7 +18,7 @@ from clusterformer.metrics.semantic import score_semantic_folder
 from clusterformer.tasks.masks import MaskTask, mask_task_spec
 from clusterformer.tasks.predictions import label_map_segments
 from clusterformer.tasks.registry import register_task
-from clusterformer.tasks.seg_inference import masks_to_original, semantic_inference
+from clusterformer.tasks.seg_inference import semantic_inference
 from clusterformer.tasks.spec import Batch
 from clusterformer.tasks.test_time import normalise_scores
 
@@ -44,13 +44,8 @@ class SemanticTask(MaskTask):
     # TTA and sliding windows: a view is an image's (C, H, W) class probabilities at its
     # original size (the inference scores normalised per pixel); views are averaged.
     def view_scores(self, outputs: Any, batch: Batch) -> list[Tensor]:
-        out = []
-        for b, target in enumerate(batch["targets"]):
-            size = tuple(int(v) for v in target["size"])
-            orig = tuple(int(v) for v in target["orig_size"])
-            masks = masks_to_original(outputs["pred_masks"][b], size, orig)
-            out.append(normalise_scores(semantic_inference(outputs["pred_logits"][b], masks)))
-        return out
+        return [normalise_scores(semantic_inference(logits, masks))
+                for logits, masks in self.original_masks(outputs, batch)]  # fmt: skip
 
     def unflip_view(self, view: Tensor, orig_size: tuple[int, int] | None) -> Tensor:
         return view.flip(-1)
@@ -62,12 +57,9 @@ class SemanticTask(MaskTask):
         return [scores.argmax(0).cpu() for scores in combined]
 
     def window_scores(self, outputs: Any, batch: Batch) -> Tensor:
-        scores = []
-        for b, target in enumerate(batch["targets"]):
-            size = tuple(int(v) for v in target["size"])
-            masks = masks_to_original(outputs["pred_masks"][b], size, size)
-            scores.append(semantic_inference(outputs["pred_logits"][b], masks))
-        return torch.stack(scores)
+        # Windows come with orig_size == size: the masks at the window's own size.
+        return torch.stack([semantic_inference(logits, masks)
+                            for logits, masks in self.original_masks(outputs, batch)])  # fmt: skip
 
     def evaluator(self, predictions_out: Path | str | None = None) -> Any:
         from clusterformer.metrics.semantic import SemanticEvaluator
