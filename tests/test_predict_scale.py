@@ -193,3 +193,17 @@ def test_eval_takes_slide_and_tta(runs: dict, tmp_path: Path, capsys: pytest.Cap
                 "--slide", "16", "16"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "--slide: the classification task does not support it" in err[-1]
+
+
+def test_imageio_reads_the_same_frames_as_pyav(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("imageio")
+    import clusterformer.data.video as video
+
+    clip = tmp_path / "clip.mp4"
+    _tiny_video(clip, 5)
+    by_av = list(video.video_frames(clip))
+    monkeypatch.setattr(video, "video_backend", lambda: "imageio")
+    by_imageio = list(video.video_frames(clip))
+    assert len(by_av) == len(by_imageio) == 5
+    assert all(a.shape == b.shape == (32, 48, 3) and b.dtype == np.uint8 for a, b in zip(by_av, by_imageio, strict=True))
+    assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 2 for a, b in zip(by_av, by_imageio, strict=True))
