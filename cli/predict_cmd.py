@@ -224,9 +224,8 @@ def predict_images(
                         raise DataError(batch["errors"][0])
                     inputs = {**batch, "images": batch["images"].to(dev),
                               "pixel_mask": batch["pixel_mask"].to(dev)}  # fmt: skip
-                    with autocast(amp, dev):
-                        preds = predict_batch(task, model, inputs, plan,
-                                              check=lambda o, s=batch["source"]: _check_outputs(o, ckpt, s))  # fmt: skip
+                    preds = predict_batch(task, model, inputs, plan, context=lambda: autocast(amp, dev),
+                                          check=lambda o, s=batch["source"]: _check_outputs(o, ckpt, s))  # fmt: skip
                     for i, pred in enumerate(preds):
                         raw, frame, stem = batch["raw"][i], batch["frame"][i], names[batch["index"][i]]
                         result = task.spec.describe(pred, task.categories, score_threshold, max_detections)

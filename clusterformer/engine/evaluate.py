@@ -74,9 +74,9 @@ def evaluate(
         for batch in batches:
             batch = to_device(batch, device)
             if plan is not None and plan.active:  # sliding windows / TTA: several passes
-                with autocast(amp, device):
-                    predictions = predict_batch(task, model, batch, plan,
-                                                check=lambda o, b=batch: _check_finite(o, b))
+                predictions = predict_batch(task, model, batch, plan,
+                                            check=lambda o, b=batch: _check_finite(o, b),
+                                            context=lambda: autocast(amp, device))
                 evaluator.update(predictions, batch)
             else:
                 with autocast(amp, device):

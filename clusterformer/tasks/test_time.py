@@ -17,6 +17,7 @@ class probabilities ``(C, H, W)`` and that gives window scores (``Task.window_sc
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from torch import Tensor
 from clusterformer.tasks.spec import Batch, Task, TaskSpec
 
 Check = Callable[[Any], None]
+Context = Callable[[], contextlib.AbstractContextManager]
 
 
 @dataclass(frozen=True)
@@ -193,15 +195,17 @@ def view_batch(batch: Batch, scale: float, flip: bool) -> Batch:
     return new
 
 
-def _forward(task: Task, model: torch.nn.Module, batch: Batch, check: Check | None) -> Any:
-    outputs = task.forward(model, batch)
+def _forward(task: Task, model: torch.nn.Module, batch: Batch, check: Check | None,
+             context: Context | None = None) -> Any:  # fmt: skip
+    with context() if context is not None else contextlib.nullcontext():
+        outputs = task.forward(model, batch)
     if check is not None:
         check(outputs)
     return outputs
 
 
 def slide_view(task: Task, model: torch.nn.Module, batch: Batch, window: int, stride: int,
-               check: Check | None = None) -> list[Tensor]:  # fmt: skip
+               check: Check | None = None, context: Context | None = None) -> list[Tensor]:  # fmt: skip
     """Per image: ``(C, H, W)`` class probabilities at its original size from sliding windows
     over its real region at the batch's input size (scores bilinearly resized to the original
     size, then normalised to sum 1 per pixel)."""
@@ -210,7 +214,7 @@ def slide_view(task: Task, model: torch.nn.Module, batch: Batch, window: int, st
         size = tuple(int(v) for v in crops.shape[-2:])
         windows = {"images": crops, "pixel_mask": None,
                    "targets": [{"size": size, "orig_size": size}] * crops.shape[0]}
-        return task.window_scores(_forward(task, model, windows, check), windows)
+        return task.window_scores(_forward(task, model, windows, check, context), windows)
 
     out = []
     for i, target in enumerate(batch["targets"]):
@@ -229,24 +233,25 @@ def normalise_scores(scores: Tensor) -> Tensor:
 
 
 def predict_batch(task: Task, model: torch.nn.Module, batch: Batch, test_time: InferencePlan | None = None,
-                  check: Check | None = None) -> Any:  # fmt: skip
+                  check: Check | None = None, context: Context | None = None) -> Any:  # fmt: skip
     """The task's predictions for ``batch`` (the form ``task.postprocess`` returns).
 
     Without an active ``test_time`` this is one pass: ``task.postprocess(task.forward(...))``.
     Otherwise every view (scale x flip) is predicted -- with sliding windows when
     ``test_time.slide`` is set -- mirrored back, and merged by the task. ``check`` sees every
-    raw model output (the callers' NaN check).
+    raw model output (the callers' NaN check); ``context()`` wraps every model call (the
+    callers' autocast), never the post-processing.
     """
     if test_time is None or not test_time.active:
-        return task.postprocess(_forward(task, model, batch, check), batch)
+        return task.postprocess(_forward(task, model, batch, check, context), batch)
     combined: list[Any] | None = None
     views = test_time.views()
     for scale, flip in views:
         view = view_batch(batch, scale, flip)
         if test_time.slide is not None:
-            scores = slide_view(task, model, view, *test_time.slide, check=check)
+            scores = slide_view(task, model, view, *test_time.slide, check=check, context=context)
         else:
-            scores = task.view_scores(_forward(task, model, view, check), view)
+            scores = task.view_scores(_forward(task, model, view, check, context), view)
         if flip:
             targets = batch.get("targets") or [{}] * len(scores)
             scores = [task.unflip_view(s, t.get("orig_size")) for s, t in zip(scores, targets, strict=True)]
