@@ -50,8 +50,8 @@ def register(app: typer.Typer) -> None:
         ),
         slide: tuple[int, int] | None = typer.Option(
             None, "--slide", metavar="WINDOW STRIDE",
-            help="Sliding-window inference (tasks that support it, e.g. semantic), as cf predict "
-            "--slide: windows of WINDOW px every STRIDE px over each image at --image-size.",
+            help="Sliding-window inference, as cf predict --slide (for the tasks whose spec has it): "
+            "windows of WINDOW px every STRIDE px over each image at --image-size.",
         ),
         tta: str | None = typer.Option(
             None, "--tta",
