@@ -207,3 +207,15 @@ def test_imageio_reads_the_same_frames_as_pyav(tmp_path: Path, monkeypatch: pyte
     assert len(by_av) == len(by_imageio) == 5
     assert all(a.shape == b.shape == (32, 48, 3) and b.dtype == np.uint8 for a, b in zip(by_av, by_imageio, strict=True))
     assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 2 for a, b in zip(by_av, by_imageio, strict=True))
+
+
+def test_a_large_set_streams_json_lines(runs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import clusterformer.cli.predict_cmd as predict_cmd
+
+    monkeypatch.setattr(predict_cmd, "LARGE_SET", 3)  # as if the folder held more than 1000
+    folder = Path(runs["made"]["images"]).parent / "classes"
+    out = tmp_path / "p"
+    assert _cf(["predict", "--ckpt", str(runs["classification"]), str(folder), "--out", str(out)]) == 0
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 9 and not (out / "predictions.json").exists() and not list(out.glob("*.json"))
+    assert len(list(out.glob("*.png"))) == 9
