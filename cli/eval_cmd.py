@@ -76,6 +76,8 @@ def register(app: typer.Typer) -> None:
         if batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
         if predictions is not None:
+            if slide is not None or tta is not None:
+                raise UserError("--slide and --tta run a model: use them with --ckpt, not --predictions")
             if task is None:
                 raise UserError("--predictions needs --task")
             metrics = _score_predictions(task, predictions, data, num_workers)
