@@ -12,13 +12,11 @@ import numpy as np
 import pytest
 from cli_runner import run_cf as _cf
 from PIL import Image
+from test_slide_tta import SMALL  # the small decoder every segmentation test trains
 
 from clusterformer.data import make_shapes, open_source, write_shards
 from clusterformer.engine.config_files import resolve_config
 from clusterformer.engine.loop import train
-
-SMALL = {"hidden_dim": 32, "decoder_heads": 2, "decoder_ffn_dim": 64, "num_queries": 10,
-         "decoder_layers": 3}
 
 
 @pytest.fixture(scope="module")
