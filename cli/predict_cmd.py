@@ -219,6 +219,7 @@ def predict_images(
         bar = progress.add_task("predict", total=None if videos else len(images))
         try:
             for loader in _loaders(images, transform, batch_size, workers):
+                writer.drain()
                 for batch in loader:
                     if batch["errors"]:
                         raise DataError(batch["errors"][0])

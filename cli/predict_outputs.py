@@ -50,6 +50,12 @@ class PredictionWriter:
         while len(self.pending) > MAX_PENDING or (self.pending and self.pending[0].done()):
             self.pending.pop(0).result()  # a failed write stops the run here
 
+    def drain(self) -> None:
+        """Wait for the writes in flight (raising the first failure): DataLoader workers fork
+        after this, with no writer thread holding a lock the children could need."""
+        while self.pending:
+            self.pending.pop(0).result()
+
     def close(self, complete: bool) -> None:
         """Wait for every write (raising the first failure when ``complete``); write
         predictions.json when the run completed without a JSON Lines stream."""
