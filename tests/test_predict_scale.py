@@ -103,13 +103,14 @@ def _tiny_video(path: Path, frames: int) -> None:
 def test_a_video_gives_one_overlay_and_record_per_frame(runs: dict, tmp_path: Path) -> None:
     video = tmp_path / "clip.mp4"
     _tiny_video(video, 10)
-    image = sorted(Path(runs["made"]["images"]).glob("*.jpg"))[0]
+    image, after = sorted(Path(runs["made"]["images"]).glob("*.jpg"))[:2]
     out = tmp_path / "pred"
-    assert _cf(["predict", "--ckpt", str(runs["semantic"]), str(image), str(video), "--out", str(out),
-                "--batch-size", "4"]) == 0
+    assert _cf(["predict", "--ckpt", str(runs["semantic"]), str(image), str(video), str(after),
+                "--out", str(out), "--batch-size", "4", "--workers", "2"]) == 0
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert len(records) == 11 and records[0]["image"] == str(image) and "frame" not in records[0]
-    frames = records[1:]
+    assert len(records) == 12 and records[0]["image"] == str(image) and "frame" not in records[0]
+    assert records[-1]["image"] == str(after) and (out / f"{after.stem}.png").is_file()
+    frames = records[1:-1]
     assert [r["frame"] for r in frames] == list(range(10))
     assert all(r["image"] == str(video) and (r["height"], r["width"]) == (32, 48) for r in frames)
     overlays = sorted((out / "clip").glob("*.png"))
