@@ -63,6 +63,15 @@ def register(app: typer.Typer) -> None:
         plots_dir: Path | None = typer.Option(
             None, "--plots-dir", help="Draw the --plots PNGs into this folder instead.",
         ),
+        slide: tuple[int, int] | None = typer.Option(
+            None, "--slide", metavar="WINDOW STRIDE",
+            help="Sliding-window inference, as cf predict --slide (for the tasks whose spec has it): "
+            "windows of WINDOW px every STRIDE px over each image at --image-size.",
+        ),
+        tta: str | None = typer.Option(
+            None, "--tta",
+            help="Test-time augmentation as cf predict --tta: 'flip', scales '0.75,1.25' or both.",
+        ),
     ) -> None:
         """Evaluate a checkpoint (--ckpt) or a prediction file (--task T --predictions PATH) on --data.
 
@@ -88,6 +97,8 @@ def register(app: typer.Typer) -> None:
         # written only with --per-class).
         classes = per_class or target is not None
         if predictions is not None:
+            if slide is not None or tta is not None:
+                raise UserError("--slide and --tta run a model: use them with --ckpt, not --predictions")
             if task is None:
                 raise UserError("--predictions needs --task")
             metrics = _score_predictions(task, predictions, data, num_workers, classes)
@@ -100,7 +111,8 @@ def register(app: typer.Typer) -> None:
             start_compute(device)
             metrics = _evaluate_checkpoint(
                 ckpt, data, batch_size, image_size, device, amp, num_workers, task, out,
-                compile_model=compile_model, per_class=classes, plots=target,
+                compile_model=compile_model, per_class=classes, plots=target, slide=slide,
+                tta=tta,
             )
             title = f"{metrics.pop('_task')} checkpoint {ckpt} on {data}"
         report(title, metrics, out=out, per_class=per_class,
@@ -121,6 +133,8 @@ def _evaluate_checkpoint(
     compile_model: bool = False,
     per_class: bool = False,
     plots: tuple[Path, str] | None = None,
+    slide: tuple[int, int] | None = None,
+    tta: str | None = None,
 ) -> dict[str, Any]:
     from clusterformer.cli.progress import progress_bar
     from clusterformer.data import build_loader, load_dataset_info
@@ -136,6 +150,12 @@ def _evaluate_checkpoint(
     model, task, meta = load_model_from_checkpoint(ckpt, dev)
     if task_flag is not None and task_flag != task.name:
         raise UserError(f"--task {task_flag} does not match the checkpoint's task '{task.name}'")
+    from clusterformer.tasks.test_time import make_plan
+
+    try:
+        plan = make_plan(task.spec, slide, tta)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     predictions_out = None
     if task.spec.prediction_suffix is not None and out is not None:
         from clusterformer.metrics.seg_common import predictions_path_for
@@ -165,14 +185,17 @@ def _evaluate_checkpoint(
         try:
             evaluator = make_evaluator(task, predictions_out, per_class)
             metrics = evaluate(model, task, loader, device=dev, amp=amp, evaluator=evaluator,
-                               predictions_out=predictions_out, progress=ticks())  # fmt: skip
+                               predictions_out=predictions_out, progress=ticks(),
+                               plan=plan)  # fmt: skip
         except FloatingPointError as exc:  # a diverged checkpoint: name it
             raise DataError(f"{ckpt}: {exc}") from None
         except NoPerClassMetrics as exc:  # a plugin task without per-class metrics
             raise UserError(f"--per-class: {exc}") from None
     if plots is not None:
         _write_plots(plots, metrics, evaluator)
-    return {**metrics, "step": meta.get("step"), "image_size": size, "_task": task.name}
+    plan_keys = {"slide": list(plan.slide) if plan.slide else None,
+                 "tta": tta} if plan.active else {}  # fmt: skip
+    return {**metrics, "step": meta.get("step"), "image_size": size, **plan_keys, "_task": task.name}
 
 
 def _check_categories(trained: list[dict], data_cats: list[dict], ckpt: Path, data: Path) -> None:

@@ -1,4 +1,5 @@
-"""``cf predict``: run a checkpoint on image files; overlay PNGs and JSON out."""
+"""``cf predict``: run a checkpoint on image files, folders, globs and videos, batched through
+a DataLoader; overlay PNGs and JSON (or JSON Lines) out."""
 
 from __future__ import annotations
 
@@ -13,42 +14,64 @@ import typer
 from clusterformer.cli.errors import DataError, UserError
 from clusterformer.cli.prediction_notes import empty_prediction_warning
 
+# Above this many images (or with any video) the records go to OUT/predictions.jsonl, one line
+# each as they are made, instead of a JSON file per image plus predictions.json held in memory.
+LARGE_SET = 1000
+
 
 def register(app: typer.Typer) -> None:
     @app.command("predict")
     def predict_command(
-        images: list[Path] = typer.Argument(..., help="Image files, folders (searched recursively) or quoted glob patterns to run the model on (jpg, png, ...)."),
+        images: list[Path] = typer.Argument(..., help="Image files, folders (searched recursively for images), quoted glob patterns or video files (mp4, mov, avi, mkv, webm, ...; frames read with the video extra: PyAV or imageio[ffmpeg])."),
         ckpt: Path = typer.Option(..., "--ckpt", help="A run folder or a .safetensors checkpoint."),
-        out: Path = typer.Option(..., "--out", help="Folder for <image>.png overlays, <image>.json and predictions.json."),
+        out: Path = typer.Option(..., "--out", help="Folder for <image>.png overlays (<video>/<frame>.png for videos), <image>.json and predictions.json (or predictions.jsonl)."),
         score_threshold: float = typer.Option(0.3, "--score-threshold", help="Detection / instance: keep objects scoring at least this (0-1)."),
-        max_detections: int = typer.Option(100, "--max-detections", help="Detection / instance: at most this many objects per image."),
-        image_size: int | None = typer.Option(None, "--image-size", help="Inference size (default: the checkpoint's training size)."),
+        max_detections: int = typer.Option(100, "--max-detections", "--max-dets", help="Detection / instance: at most this many objects per image."),
+        image_size: int | None = typer.Option(None, "--image-size", help="Inference size (default: the checkpoint's training size); with --slide, set it above the training size."),
+        batch_size: int = typer.Option(8, "--batch-size", help="Images (or video frames) per model call."),
+        workers: int = typer.Option(0, "--workers", help="DataLoader processes decoding images, and threads writing overlays (0 = all in this process, in order; videos are always read in order by this process)."),
+        jsonl: Path | None = typer.Option(None, "--jsonl", help="Write one JSON record per image / video frame to this JSON Lines file instead of <image>.json files and predictions.json (default for videos and for more than 1000 images: OUT/predictions.jsonl)."),
+        slide: tuple[int, int] | None = typer.Option(None, "--slide", metavar="WINDOW STRIDE", help="Sliding-window inference, for the tasks whose spec has it (a task without it names those that do): windows of WINDOW px every STRIDE px over the image at --image-size, scores averaged where windows overlap (mmsegmentation's)."),
+        tta: str | None = typer.Option(None, "--tta", help="Test-time augmentation: 'flip', scales such as '0.75,1.25', or both ('flip,0.75,1.25'); the plain pass is always one of the views. Each task merges its views: class probabilities (per image or per pixel) averaged, boxes pooled then class-aware NMS at IoU 0.5 (README: Prediction at scale)."),
         device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA when available)."),
         amp: str = typer.Option("none", "--amp", help="Mixed precision for inference: bf16, fp16 (CUDA) or none."),
         compile_model: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model (inductor with frozen weights); the first image is checked against eager."),
     ) -> None:
-        """Predict on IMAGE files with a trained model: draws what the task predicts (boxes,
-        coloured masks or the top class, with names and scores) on each image (OUT/<stem>.png)
-        and writes OUT/<stem>.json (masks as COCO RLE) plus OUT/predictions.json with every
-        image's results."""
+        """Predict on images and videos with a trained model: draws what the task predicts
+        (boxes, coloured masks or the top class, with names and scores) on each image
+        (OUT/<stem>.png; OUT/<video stem>/<frame>.png per video frame) and writes one JSON
+        record per image (OUT/<stem>.json, masks as COCO RLE, plus OUT/predictions.json with
+        every image's), or per image and frame into a JSON Lines file (--jsonl, videos,
+        large sets)."""
         if not 0.0 <= score_threshold <= 1.0:
             raise UserError(f"--score-threshold must be in [0, 1], got {score_threshold}")
         if max_detections < 1:
             raise UserError(f"--max-detections must be >= 1, got {max_detections}")
         if amp not in ("bf16", "fp16", "none"):
             raise UserError(f"--amp must be one of bf16, fp16, none, got '{amp}'")
+        if batch_size < 1 or workers < 0:
+            raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size} "
+                            f"and {workers}")  # fmt: skip
         images = expand_images(images)
         from clusterformer.cli.runtime_opts import start_compute
 
         start_compute(device)
         everything = predict_images(ckpt, images, out, score_threshold=score_threshold,
                                     max_detections=max_detections, image_size=image_size,
-                                    device=device, amp=amp, compile_model=compile_model)
-        typer.echo(f"wrote {len(everything)} overlay(s) and predictions.json to {out}")
+                                    device=device, amp=amp, compile_model=compile_model,
+                                    batch_size=batch_size, workers=workers, jsonl=jsonl,
+                                    slide=slide, tta=tta)  # fmt: skip
+        stream = records_file(images, out, jsonl)
+        if stream is None:
+            typer.echo(f"wrote {len(everything)} overlay(s) and predictions.json to {out}")
+        else:
+            typer.echo(f"wrote {len(everything)} overlay(s) to {out} and {len(everything)} "
+                       f"record(s) to {stream}")  # fmt: skip
 
 
 def expand_images(paths: list[Path]) -> list[Path]:
-    """Image files, the image files under folders (recursively, sorted) and glob matches."""
+    """Image and video files, the image files under folders (recursively, sorted) and glob
+    matches."""
     import glob
 
     from clusterformer.data.images import IMAGE_EXTENSIONS
@@ -75,32 +98,73 @@ def expand_images(paths: list[Path]) -> list[Path]:
     return out
 
 
-def _check_images(images: list[Path]) -> None:
-    """Decode every image once before anything is written: a bad one stops the run with
-    nothing written (one line naming the file)."""
-    from clusterformer.data.images import decode_image_array
+def records_file(images: list[Path], out: Path, jsonl: Path | None) -> Path | None:
+    """Where the records stream as JSON Lines: ``jsonl``, else OUT/predictions.jsonl for videos
+    and large sets, else None (a JSON file per image and predictions.json)."""
+    from clusterformer.data.video import is_video
 
-    for path in images:
-        decode_image_array(path.read_bytes(), str(path))
+    if jsonl is not None:
+        return jsonl
+    if len(images) > LARGE_SET or any(is_video(p) for p in images):
+        return out / "predictions.jsonl"
+    return None
+
+
+def eval_preprocessing(task: Any, meta: dict[str, Any], size: int) -> Any:
+    """The one eval transform every input goes through (the checkpoint's normalisation at
+    ``size``): change how a checkpoint's preprocessing is read here alone."""
+    from clusterformer.data.transforms import make_transform
+
+    return make_transform(task.name, size, train=False, **meta["normalisation"])
+
+
+def _loaders(images: list[Path], transform: Any, batch_size: int, workers: int) -> Iterator[Any]:
+    """One DataLoader per run of consecutive image files (decoded by ``workers`` processes)
+    and one per video (frames in order), in input order."""
+    from torch.utils.data import DataLoader
+
+    from clusterformer.data.predict_inputs import ImageFiles, VideoFrames, collate_inputs
+    from clusterformer.data.video import is_video
+
+    start = 0
+    while start < len(images):
+        if is_video(images[start]):
+            yield DataLoader(VideoFrames(images[start], transform, start), batch_size=batch_size,
+                             collate_fn=collate_inputs)  # fmt: skip
+            start += 1
+            continue
+        end = start
+        while end < len(images) and not is_video(images[end]):
+            end += 1
+        files = ImageFiles(images[start:end], transform, start)
+        yield DataLoader(files, batch_size=batch_size, num_workers=min(workers, len(files)),
+                         collate_fn=collate_inputs)  # fmt: skip
+        start = end
 
 
 @contextlib.contextmanager
 def _removed_on_failure(written: list[Path]) -> Iterator[None]:
-    """A failed run (diverged weights, full disk) leaves no partial set of outputs behind."""
+    """A failed run (a bad image, diverged weights, full disk) leaves no partial set of
+    outputs behind (files, then the folders made for video frames)."""
     try:
         yield
     except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
+        for path in reversed(written):
+            if path.is_dir():
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
         raise
 
 
-def _check_outputs(outputs: Any, ckpt: Path, path: Path) -> None:
+def _check_outputs(outputs: Any, ckpt: Path, sources: list[str]) -> None:
     from clusterformer.engine.finite import describe_output, non_finite_output
 
     bad = non_finite_output(outputs)
     if bad is not None:  # NaN scores are no prediction (and not JSON)
-        raise DataError(f"{ckpt}: model {describe_output(bad)} is NaN or infinite on {path}: "
+        where = sources[0] if len(sources) == 1 else f"a batch from {sources[0]}"
+        raise DataError(f"{ckpt}: model {describe_output(bad)} is NaN or infinite on {where}: "
                         "the weights are unusable; use an earlier checkpoint")  # fmt: skip
 
 
@@ -115,59 +179,72 @@ def predict_images(
     device: str | None = None,
     amp: str = "none",
     compile_model: bool = False,
+    batch_size: int = 8,
+    workers: int = 0,
+    jsonl: Path | None = None,
+    slide: tuple[int, int] | None = None,
+    tta: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Run checkpoint ``ckpt`` on ``images``; write OUT/<stem>.png overlays, OUT/<stem>.json and
-    OUT/predictions.json, and return the per-image records."""
+    """Run checkpoint ``ckpt`` on ``images`` (image and video files) in batches; write the
+    overlays and records (see ``cf predict --help``) and return the records in input order
+    (video frames in frame order)."""
     import torch
 
+    from clusterformer.cli.predict_outputs import PredictionWriter
     from clusterformer.cli.progress import progress_bar
-    from clusterformer.data import decode_image
-    from clusterformer.data.transforms import make_transform
+    from clusterformer.data.video import VideoExtraMissing, is_video, video_backend
     from clusterformer.engine.distributed import pick_device
     from clusterformer.engine.evaluate import autocast, load_model_from_checkpoint
-    from clusterformer.tasks.predictions import draw_overlay
+    from clusterformer.tasks.test_time import make_plan, predict_batch
 
+    videos = [p for p in images if is_video(p)]
+    if videos and video_backend() is None:
+        raise DataError(str(VideoExtraMissing(videos[0])))
     dev = pick_device(device)
     model, task, meta = load_model_from_checkpoint(ckpt, dev)
+    try:
+        plan = make_plan(task.spec, slide, tta)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     if compile_model:
         from clusterformer.engine.compiled import checked_inference_compile
 
         model = checked_inference_compile(model, amp, f"{task.name} model")
-    categories = task.categories
     size = image_size or int(meta.get("image_size") or 224)
-    transform = make_transform(task.name, size, train=False, **meta["normalisation"])
-    _check_images(images)
-    out.mkdir(parents=True, exist_ok=True)
+    transform = eval_preprocessing(task, meta, size)
     names = _unique_stems(images)
-    everything = []
     written: list[Path] = []
-    with _removed_on_failure(written), progress_bar("predict", len(images)) as advance, \
-            torch.no_grad():
-        for path, stem in zip(images, names, strict=True):
-            image = decode_image(path.read_bytes(), str(path))
-            height, width = int(image.shape[1]), int(image.shape[2])
-            sample = transform({"key": stem, "image": image, "image_id": 0, "orig_size": (height, width)})
-            batch = {
-                "images": sample["image"].unsqueeze(0).to(dev),
-                "pixel_mask": torch.ones(1, *sample["image"].shape[1:], dtype=torch.bool, device=dev),
-                "targets": [{"orig_size": (height, width), "size": tuple(sample["size"])}],
-            }
-            with autocast(amp, dev):
-                outputs = task.forward(model, batch)
-            _check_outputs(outputs, ckpt, path)
-            pred = task.postprocess(outputs, batch)[0]
-            result = task.spec.describe(pred, categories, score_threshold, max_detections)
-            record = {"image": str(path), "height": height, "width": width, "task": task.name, **result}
-            warning = empty_prediction_warning(str(path), record, pred, score_threshold)
-            if warning is not None:
-                print(warning, file=sys.stderr, flush=True)
-            written.extend([out / f"{stem}.png", out / f"{stem}.json"])
-            _save_png(draw_overlay(image, record), out / f"{stem}.png")
-            _write_json(out / f"{stem}.json", record)
-            everything.append(record)
-            advance()
-        _write_json(out / "predictions.json", everything)
-    return everything
+    out.mkdir(parents=True, exist_ok=True)
+    writer = PredictionWriter(out, records_file(images, out, jsonl), written, threads=workers)
+    complete = False
+    total = None if videos else len(images)
+    with _removed_on_failure(written), progress_bar("predict", total) as advance, torch.no_grad():
+        try:
+            for loader in _loaders(images, transform, batch_size, workers):
+                writer.drain()
+                for batch in loader:
+                    if batch["errors"]:
+                        raise DataError(batch["errors"][0])
+                    inputs = {**batch, "images": batch["images"].to(dev),
+                              "pixel_mask": batch["pixel_mask"].to(dev)}  # fmt: skip
+                    preds = predict_batch(task, model, inputs, plan, context=lambda: autocast(amp, dev),
+                                          check=lambda o, s=batch["source"]: _check_outputs(o, ckpt, s))  # fmt: skip
+                    for i, pred in enumerate(preds):
+                        raw, frame, stem = batch["raw"][i], batch["frame"][i], names[batch["index"][i]]
+                        result = task.spec.describe(pred, task.categories, score_threshold, max_detections)
+                        record = {"image": batch["source"][i], **({} if frame is None else {"frame": frame}),
+                                  "height": int(raw.shape[1]), "width": int(raw.shape[2]),
+                                  "task": task.name, **result}  # fmt: skip
+                        warning = empty_prediction_warning(record["image"], record, pred,
+                                                           score_threshold)  # fmt: skip
+                        if warning is not None:
+                            print(warning, file=sys.stderr, flush=True)
+                        writer.add(record, raw, stem, frame)
+                        advance()
+            complete = True
+        finally:
+            writer.close(complete)
+    return writer.everything
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:
@@ -178,19 +255,3 @@ def _unique_stems(paths: list[Path]) -> list[str]:
         seen[path.stem] = count + 1
         out.append(path.stem if count == 0 else f"{path.stem}-{count}")
     return out
-
-
-def _save_png(canvas: Any, path: Path) -> None:
-    import io
-
-    from clusterformer.engine.files import atomic_write_bytes
-
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    from clusterformer.engine.files import atomic_write_json
-
-    atomic_write_json(path, obj)

@@ -112,15 +112,16 @@ def test_export_names_a_disk_that_fills_while_writing(
     assert list(tmp_path.glob("*.pt2")) == [] and dotfiles(tmp_path) == []
 
 
+@pytest.mark.parametrize("workers", ["0", "2"])  # overlays written inline / on threads
 @pytest.mark.parametrize("kind", DISKS)
 def test_predict_onto_a_full_disk_leaves_nothing_behind(
     fault_run: Path, fault_raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-    monkeypatch: pytest.MonkeyPatch, kind: str,
+    monkeypatch: pytest.MonkeyPatch, kind: str, workers: str,
 ) -> None:  # fmt: skip
     with small_disk(tmp_path / "disk", "96k", kind, monkeypatch) as disk:
         out = disk / "pred"
-        code, err = cf(["predict", "--ckpt", fault_run, fault_raw / "classes", "--out", out],
-                       capsys)  # fmt: skip
+        code, err = cf(["predict", "--ckpt", fault_run, fault_raw / "classes", "--out", out,
+                        "--workers", workers], capsys)  # fmt: skip
         line = error_line(err)
         assert code == 1 and str(out) in line and "no space left" in line, line
         assert list(out.iterdir()) == []  # no overlay, JSON or temporary of the failed run

@@ -18,6 +18,7 @@ from clusterformer.engine.checkpoint import (
 )
 from clusterformer.engine.finite import describe_output, non_finite_output
 from clusterformer.tasks import Task, task_spec
+from clusterformer.tasks.test_time import InferencePlan, predict_batch
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -56,6 +57,7 @@ def evaluate(
     progress: Iterator | None = None,
     per_class: bool = False,
     evaluator: Any = None,
+    plan: InferencePlan | None = None,
 ) -> dict[str, float]:
     """Task metrics of ``model`` over ``batches`` (this rank's share; reduced across ranks).
 
@@ -68,6 +70,8 @@ def evaluate(
             (:func:`clusterformer.metrics.per_class.split_per_class`).
         evaluator: the evaluator to fill (default: the task's, see :func:`make_evaluator`);
             the caller keeps it to read more than the metrics (a confusion matrix).
+        plan: sliding-window inference and / or TTA (:mod:`clusterformer.tasks.test_time`);
+            None or an inactive plan is one plain pass per batch.
     """
     was_training = model.training
     model.eval()
@@ -76,16 +80,16 @@ def evaluate(
     try:
         for batch in batches:
             batch = to_device(batch, device)
-            with autocast(amp, device):
-                outputs = task.forward(model, batch)
-            bad = non_finite_output(outputs)
-            if bad is not None:  # scores of NaN would be ranked and written as if real
-                keys = batch.get("keys") or ["?"]
-                raise FloatingPointError(
-                    f"model {describe_output(bad)} is NaN or infinite (batch with sample "
-                    f"{keys[0]}): the weights are unusable; use an earlier checkpoint"
-                )
-            evaluator.update(task.postprocess(outputs, batch), batch)
+            if plan is not None and plan.active:  # sliding windows / TTA: several passes
+                predictions = predict_batch(task, model, batch, plan,
+                                            check=lambda o, b=batch: _check_finite(o, b),
+                                            context=lambda: autocast(amp, device))
+                evaluator.update(predictions, batch)
+            else:
+                with autocast(amp, device):
+                    outputs = task.forward(model, batch)
+                _check_finite(outputs, batch)
+                evaluator.update(task.postprocess(outputs, batch), batch)
             if progress is not None:
                 next(progress, None)
     finally:
@@ -108,6 +112,14 @@ def make_evaluator(task: Task, predictions_out: str | Path | None, per_class: bo
         if "per_class" not in str(exc):
             raise
         raise NoPerClassMetrics(f"the {task.name} task reports no per-class metrics") from None
+def _check_finite(outputs: Any, batch: dict[str, Any]) -> None:
+    bad = non_finite_output(outputs)
+    if bad is not None:  # scores of NaN would be ranked and written as if real
+        keys = batch.get("keys") or ["?"]
+        raise FloatingPointError(
+            f"model {describe_output(bad)} is NaN or infinite (batch with sample "
+            f"{keys[0]}): the weights are unusable; use an earlier checkpoint"
+        )
 
 
 def normalisation_of(module: nn.Module) -> dict[str, list[float]]:

@@ -183,6 +183,20 @@ class ClassificationTask(Task):
         """Scores ``(B, C)`` in float32 (softmax is monotonic, so logits rank the same)."""
         return outputs.detach().float()
 
+    # TTA: a view is an image's class probabilities (C,); views are averaged and returned as
+    # their log, so the result ranks, and softmaxes (cf predict's records), as the average.
+    def view_scores(self, outputs: Tensor, batch: Batch) -> list[Tensor]:
+        return list(outputs.detach().float().softmax(-1))
+
+    def unflip_view(self, view: Tensor, orig_size: tuple[int, int] | None) -> Tensor:
+        return view
+
+    def combine_views(self, a: Tensor, b: Tensor) -> Tensor:
+        return a + b
+
+    def finish_views(self, combined: list[Tensor], count: int) -> Tensor:
+        return (torch.stack(combined) / count).clamp_min(1e-12).log()
+
     def evaluator(self, predictions_out: Path | str | None = None,
                   per_class: bool = False) -> ClassificationEvaluator:  # fmt: skip
         return ClassificationEvaluator(self.categories, per_class)
@@ -206,4 +220,5 @@ SPEC = register_task(TaskSpec(
     export=ExportHeads((), ("logits",), _softmax, ("probs",)),
     describe=lambda scores, categories, threshold, limit: top_classes(scores, categories),
     score_file=score_class_file,
+    test_time=frozenset({"tta"}),
 ))

@@ -20,18 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from clusterformer.data.sample_spec import SampleSpec
 from clusterformer.metrics.coco import score_detection_file
-from clusterformer.ops.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from clusterformer.ops.boxes import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh
 from clusterformer.tasks.criterion import BoxCriterion, SetOptions
 from clusterformer.tasks.predictions import detections
 from clusterformer.tasks.registry import register_task
 from clusterformer.tasks.spec import Batch, ExportHeads, Task, TaskSpec, option
 
 DETECTION_TOP_K = 100
+# TTA merges the passes' boxes by class-aware NMS at this IoU (mmdetection's DetTTAModel
+# default), rather than weighted box fusion: the kept boxes are real predictions and scores
+# stay calibrated as a single pass's.
+TTA_NMS_IOU = 0.5
 
 
 def normalised_targets(batch: Batch, device: torch.device) -> list[dict[str, Tensor]]:
@@ -90,6 +95,27 @@ def postprocess_detections(
     return out
 
 
+def class_aware_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy non-maximum suppression within each class.
+
+    Args:
+        boxes: ``(n, 4)`` xyxy; scores, labels: ``(n,)``.
+
+    Returns:
+        ``(m,)`` int64 indices of the kept boxes, best score first: a box is dropped when a
+        higher-scoring kept box of its class overlaps it by IoU > ``iou_threshold``.
+    """
+    order = scores.argsort(descending=True, stable=True)
+    overlap = box_iou(boxes[order].float(), boxes[order].float()) > iou_threshold
+    overlap &= labels[order].view(-1, 1) == labels[order].view(1, -1)
+    suppress = overlap.cpu().numpy()
+    alive = np.ones(len(order), dtype=bool)
+    for i in range(len(order)):
+        if alive[i]:
+            alive[i + 1:] &= ~suppress[i, i + 1:]
+    return order[torch.from_numpy(alive).to(order.device)]
+
+
 @dataclass
 class DetectionOptions(SetOptions):
     """The box criterion's weights (its matching cost uses the same ones)."""
@@ -119,6 +145,28 @@ class DetectionTask(Task):
         return postprocess_detections(
             outputs["pred_logits"], outputs["pred_boxes"], sizes, top_k=self.options.top_k
         )
+
+    # TTA: a view is an image's top-k detections in original pixels; views are concatenated,
+    # then class-aware NMS keeps the best top_k.
+    def view_scores(self, outputs: Any, batch: Batch) -> list[dict[str, Tensor]]:
+        return self.postprocess(outputs, batch)
+
+    def unflip_view(self, view: dict[str, Tensor], orig_size: tuple[int, int] | None) -> dict[str, Tensor]:
+        assert orig_size is not None, "detection batches carry each image's orig_size"
+        x0, y0, x1, y1 = view["boxes"].unbind(-1)
+        width = float(orig_size[1])
+        return {**view, "boxes": torch.stack([width - x1, y0, width - x0, y1], -1)}
+
+    def combine_views(self, a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: torch.cat([a[k], b[k]]) for k in ("scores", "labels", "boxes")}
+
+    def finish_views(self, combined: list[dict[str, Tensor]], count: int) -> list[dict[str, Tensor]]:
+        out = []
+        for dets in combined:
+            keep = class_aware_nms(dets["boxes"], dets["scores"], dets["labels"], TTA_NMS_IOU)
+            keep = keep[: self.options.top_k]
+            out.append({k: dets[k][keep] for k in ("scores", "labels", "boxes")})
+        return out
 
     def evaluator(self, predictions_out: Path | str | None = None, per_class: bool = False) -> Any:
         from clusterformer.metrics.coco import CocoDetectionEvaluator
@@ -166,4 +214,5 @@ SPEC = register_task(TaskSpec(
     describe=detections,
     score_file=score_detection_file,
     prediction_suffix=".detections.json",
+    test_time=frozenset({"tta"}),
 ))

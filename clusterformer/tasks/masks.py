@@ -10,6 +10,7 @@ depend on batch size or padding.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,15 +93,17 @@ class MaskTask(Task):
         scales = point_scales(batch, tuple(outputs["pred_masks"].shape[-2:]), device)
         return self.criterion(outputs, self.targets(batch, device), scales)
 
-    def postprocess(self, outputs: Any, batch: Batch) -> list[Any]:
-        """Per image, at its original size, what :meth:`infer` gives (on the CPU)."""
-        results = []
+    def original_masks(self, outputs: Any, batch: Batch) -> Iterator[tuple[Tensor, Tensor]]:
+        """Per image: its ``(Q, C + 1)`` class logits and ``(Q, H, W)`` mask logits at its
+        original size (``orig_size``)."""
         for b, target in enumerate(batch["targets"]):
             size = tuple(int(v) for v in target["size"])
             orig = tuple(int(v) for v in target["orig_size"])
-            masks = masks_to_original(outputs["pred_masks"][b], size, orig)
-            results.append(self.infer(outputs["pred_logits"][b], masks))
-        return results
+            yield outputs["pred_logits"][b], masks_to_original(outputs["pred_masks"][b], size, orig)
+
+    def postprocess(self, outputs: Any, batch: Batch) -> list[Any]:
+        """Per image, at its original size, what :meth:`infer` gives (on the CPU)."""
+        return [self.infer(logits, masks) for logits, masks in self.original_masks(outputs, batch)]
 
     def evaluator(self, predictions_out: Path | str | None = None, per_class: bool = False) -> Any:
         raise NotImplementedError

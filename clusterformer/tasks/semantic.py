@@ -20,6 +20,7 @@ from clusterformer.tasks.predictions import label_map_segments
 from clusterformer.tasks.registry import register_task
 from clusterformer.tasks.seg_inference import semantic_inference
 from clusterformer.tasks.spec import Batch
+from clusterformer.tasks.test_time import normalise_scores
 
 IGNORE_INDEX = 255
 
@@ -40,6 +41,26 @@ class SemanticTask(MaskTask):
         """``(H, W)`` int64 train ids."""
         return semantic_inference(class_logits, mask_logits).argmax(0).cpu()
 
+    # TTA and sliding windows: a view is an image's (C, H, W) class probabilities at its
+    # original size (the inference scores normalised per pixel); views are averaged.
+    def view_scores(self, outputs: Any, batch: Batch) -> list[Tensor]:
+        return [normalise_scores(semantic_inference(logits, masks))
+                for logits, masks in self.original_masks(outputs, batch)]  # fmt: skip
+
+    def unflip_view(self, view: Tensor, orig_size: tuple[int, int] | None) -> Tensor:
+        return view.flip(-1)
+
+    def combine_views(self, a: Tensor, b: Tensor) -> Tensor:
+        return a + b
+
+    def finish_views(self, combined: list[Tensor], count: int) -> list[Tensor]:
+        return [scores.argmax(0).cpu() for scores in combined]
+
+    def window_scores(self, outputs: Any, batch: Batch) -> Tensor:
+        # Windows come with orig_size == size: the masks at the window's own size.
+        return torch.stack([semantic_inference(logits, masks)
+                            for logits, masks in self.original_masks(outputs, batch)])  # fmt: skip
+
     def evaluator(self, predictions_out: Path | str | None = None, per_class: bool = False) -> Any:
         from clusterformer.metrics.semantic import SemanticEvaluator
 
@@ -58,4 +79,5 @@ SPEC = register_task(mask_task_spec(
                                                                                 categories),
     score_file=score_semantic_folder,
     prediction_suffix=".semantic",
+    test_time=frozenset({"tta", "slide"}),
 ))

@@ -95,6 +95,10 @@ class TaskSpec:
         prediction_suffix: what ``cf eval --out NAME.json`` writes its predictions as
             (``NAME<suffix>``), re-scorable with ``score_file``; ``None`` writes nothing.
         categories: dataset categories -> the task's categories (default: the same).
+        test_time: the test-time strategies the task implements (``"tta"``: flip / multi-scale
+            views merged by its ``Task.view_scores`` ... ``finish_views``; ``"slide"``:
+            sliding windows, its views being per-pixel class probabilities and
+            ``Task.window_scores`` given); see :mod:`clusterformer.tasks.test_time`.
     """
 
     name: str
@@ -111,6 +115,7 @@ class TaskSpec:
     prediction_suffix: str | None = None
     categories: Callable[[list[dict]], list[dict]] = lambda categories: categories
     lower_is_better: tuple[str, ...] = ()
+    test_time: frozenset[str] = frozenset()
 
     def improves(self, key: str, value: float, best: float | None) -> bool:
         """Whether ``value`` of metric ``key`` beats ``best`` (``None``: nothing yet)."""
@@ -208,6 +213,31 @@ class Task:
     def postprocess(self, outputs: Any, batch: Batch) -> Any:
         """Raw model outputs -> predictions in the form the evaluator accepts."""
         raise NotImplementedError
+
+    # Test-time augmentation and sliding windows (clusterformer.tasks.test_time), for the tasks
+    # whose spec lists them in ``test_time``. A view is one pass's per-image result at the
+    # original image size, in a form that can be mirrored back and combined with others.
+    def view_scores(self, outputs: Any, batch: Batch) -> list[Any]:
+        """One pass's per-image view (at each image's ``orig_size``)."""
+        raise NotImplementedError(f"the {self.name} task has no test-time augmentation")
+
+    def unflip_view(self, view: Any, orig_size: tuple[int, int] | None) -> Any:
+        """The view of a left-right mirrored image, mirrored back."""
+        raise NotImplementedError(f"the {self.name} task has no test-time augmentation")
+
+    def combine_views(self, a: Any, b: Any) -> Any:
+        """Two views (or combinations) of one image -> one combination."""
+        raise NotImplementedError(f"the {self.name} task has no test-time augmentation")
+
+    def finish_views(self, combined: list[Any], count: int) -> Any:
+        """Per-image combinations of ``count`` views -> predictions as :meth:`postprocess`
+        returns them."""
+        raise NotImplementedError(f"the {self.name} task has no test-time augmentation")
+
+    def window_scores(self, outputs: Any, batch: Batch) -> Tensor:
+        """Sliding windows: ``(B, C, h, w)`` per-pixel class scores at the input size of a batch
+        of unpadded windows (summed over windows, so scores, not argmaxes)."""
+        raise NotImplementedError(f"the {self.name} task has no sliding-window inference")
 
     def evaluator(self, predictions_out: Path | str | None = None,
                   per_class: bool = False) -> Evaluator:  # fmt: skip
