@@ -120,9 +120,9 @@ def predict_images(
     from rich.progress import Progress
 
     from clusterformer.data import decode_image
-    from clusterformer.data.transforms import make_transform
+    from clusterformer.data.preprocess import eval_transform
     from clusterformer.engine.distributed import pick_device
-    from clusterformer.engine.evaluate import autocast, load_model_from_checkpoint
+    from clusterformer.engine.evaluate import autocast, eval_preprocess, load_model_from_checkpoint
     from clusterformer.tasks.predictions import draw_overlay
 
     dev = pick_device(device)
@@ -132,8 +132,7 @@ def predict_images(
 
         model = checked_inference_compile(model, amp, f"{task.name} model")
     categories = task.categories
-    size = image_size or int(meta.get("image_size") or 224)
-    transform = make_transform(task.name, size, train=False, **meta["normalisation"])
+    transform = eval_transform(eval_preprocess(meta, image_size))  # the checkpoint's record
     _check_images(images)
     out.mkdir(parents=True, exist_ok=True)
     names = _unique_stems(images)
