@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 # Set by the root callback from ``cf --threads N``; commands with their own --threads pass it.
 THREADS: int | None = None
 
 
-def start_compute(device: str | None = None, threads: int | None = None) -> tuple[int, str]:
+def start_compute(device: str | None = None, threads: int | None = None,
+                  extra: str = "") -> tuple[int, str]:
     """Apply ``--threads`` (else ``OMP_NUM_THREADS``) and the CPU allocator setting, and print
-    one line on stdout saying what the command runs on (stderr stays for errors).
+    one line on stdout saying what the command runs on (stderr stays for errors), ending
+    with ``extra`` when given.
 
     Returns:
         ``(threads, where the count came from)``.
@@ -18,5 +22,17 @@ def start_compute(device: str | None = None, threads: int | None = None) -> tupl
 
     tune_cpu_allocator()
     count = configure_threads(threads if threads is not None else THREADS)
-    print(f"cf: {runtime_line(pick_device(device), count)}", flush=True)
+    tail = f"; {extra}" if extra else ""
+    print(f"cf: {runtime_line(pick_device(device), count)}{tail}", flush=True)
     return count
+
+
+def augmentation_part(cfg: Any) -> str:
+    """``cf train``'s start-line part naming the augmentation and eval preprocessing the run
+    uses (chosen from the data: :func:`clusterformer.engine.augment_plan.plan_augmentation`)."""
+    from clusterformer.engine.augment_plan import plan_augmentation
+
+    try:
+        return plan_augmentation(cfg).describe()
+    except (ValueError, OSError):  # unreadable data: training reports it by name
+        return ""

@@ -84,10 +84,10 @@ def run(values: dict[str, Any]) -> None:
         typer.echo(to_yaml(cfg), nl=False)
         return
     check_paths(cfg)
-    from clusterformer.cli.runtime_opts import start_compute
+    from clusterformer.cli.runtime_opts import augmentation_part, start_compute
     from clusterformer.engine.loop import TrainingInterrupted, train
 
-    start_compute(cfg.runtime.device)
+    start_compute(cfg.runtime.device, extra=augmentation_part(cfg))
     try:
         result = train(cfg)
     except TrainingInterrupted as exc:
