@@ -7,7 +7,8 @@ model sees at inference are the ones it was evaluated on. A deployment outside P
 it with PIL and numpy (README, "Export and deployment"):
 
 1. decode to RGB uint8, ``H x W``;
-2. resize (bilinear with antialias, PIL's ``Image.BILINEAR``) by ``resize``:
+2. resize with PIL's ``Image.BILINEAR`` (antialiased; the library resizes with Pillow here
+   too, so the pixels are identical) by ``resize``:
 
    * ``"short_side"``: the short side to ``resize_to``, the long side to
      ``max(resize_to, round(long * resize_to / short))``;
@@ -156,7 +157,7 @@ def apply_preprocess(pre: EvalPreprocess, sample: Sample) -> Sample:
         if side > min(nh, nw):
             raise ValueError(f"centre crop {side} is larger than the resized image {nh}x{nw}")
         window = ((nh - side) // 2, (nw - side) // 2, side, side)
-    return finish(resize(sample, (nh, nw), window), pre.mean, pre.std)
+    return finish(resize(sample, (nh, nw), window, pil=True), pre.mean, pre.std)
 
 
 def as_record(pre: EvalPreprocess | dict[str, Any]) -> EvalPreprocess:
