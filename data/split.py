@@ -39,7 +39,9 @@ def write_split_shards(
 ) -> dict[str, dict]:  # fmt: skip
     """Write ``out/train`` and ``out/val`` (see the module docstring); returns their
     dataset.json dicts by split name. ``origin`` names the source in the record; ``options``
-    go to :func:`write_shards` (its ``seed`` is this split's seed too)."""
+    go to :func:`write_shards` (its ``seed`` is this split's seed too). The record's
+    ``counts`` are the entries assigned to each split; with ``on_error="skip"`` a folder's
+    ``num_samples`` can be lower (its ``skipped`` says by how many)."""
     train, val = split_entries(source.entries, val_fraction, seed)
     counts = {"train": len(train), "val": len(val)}
     infos: dict[str, dict] = {}
