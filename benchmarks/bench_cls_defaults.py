@@ -11,7 +11,7 @@ Datasets (written as ImageFolder PNGs, then split by ``cf shard-dataset --val-fr
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/bench_cls_defaults.py WORKDIR DATASET EPOCHS
 [IMAGE_SIZE] [extra cf train flags...]``; prints one JSON line. Needs scikit-learn (the
-baseline) besides the package.
+baseline; the ``bench`` extra) besides the package.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def cf(*args: str) -> str:
 def raw_pixels(shards: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Every image of a shard folder resized to size x size, flattened, and its label."""
     from clusterformer.data import build_loader
-    from clusterformer.data.preprocess import EvalPreprocess, eval_transform
+    from clusterformer.data.preprocess import EvalPreprocess
 
     pre = EvalPreprocess("square", size, None, (0.0,) * 3, (1.0,) * 3, size)
     loader = build_loader(str(shards), "classification", batch_size=64, image_size=size,
@@ -96,7 +96,6 @@ def raw_pixels(shards: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
             images, labels = images[keep], labels[keep]
         xs.append(images.flatten(1).numpy())
         ys.append(labels.numpy())
-    del eval_transform
     return np.concatenate(xs), np.concatenate(ys)
 
 
