@@ -141,6 +141,7 @@ def _evaluate_checkpoint(
     from clusterformer.engine.distributed import pick_device
     from clusterformer.engine.evaluate import (
         NoPerClassMetrics,
+        eval_preprocess,
         evaluate,
         load_model_from_checkpoint,
         make_evaluator,
@@ -167,10 +168,11 @@ def _evaluate_checkpoint(
     _check_categories(meta.get("categories") or [], data_categories, ckpt, data)
     if data_categories:  # scored against the dataset's own ids (and thing / stuff split)
         task = task.spec.build(data_categories, task.options)
-    size = image_size or int(meta.get("image_size") or 224)
+    preprocess = eval_preprocess(meta, image_size)  # the checkpoint's record
+    size = preprocess.size
     loader = build_loader(str(data), task.name, batch_size=batch_size, image_size=size,
                           train=False, num_workers=num_workers, rank=0, world_size=1,
-                          normalisation=meta["normalisation"])  # fmt: skip
+                          preprocess=preprocess)  # fmt: skip
     if compile_model:
         from clusterformer.engine.compiled import checked_inference_compile
 

@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         fmt: str = typer.Option(..., "--format", help="onnx (torch.onnx, dynamo exporter; needs the 'export' extra) or pt2 (torch.export ExportedProgram)."),
         out: Path = typer.Option(..., "--out", help="Output file, ending in .onnx or .pt2 to match --format."),
         image_size: int | None = typer.Option(None, "--image-size", help="Static S x S input (batch stays dynamic). Default: dynamic height and width (32-4096)."),
-        with_postprocess: bool = typer.Option(False, "--with-postprocess", help="Put post-processing in the graph: classification softmax ('probs'); detection sigmoid + top-100 over queries x classes ('scores', 'labels', 'boxes' xyxy in input pixels). Default: raw head outputs."),
+        with_postprocess: bool = typer.Option(False, "--with-postprocess", help="Put post-processing in the graph: classification softmax ('probs'); detection sigmoid + top-100 over queries x classes ('scores', 'labels', 'boxes' xyxy in input pixels); semantic per-pixel argmax at the input size ('label_map', 'label_scores', 'label_margins'). Default: raw head outputs."),
         opset: int = typer.Option(18, "--opset", help="ONNX opset version (>= 17)."),
         tolerance: float = typer.Option(1e-4, "--tolerance", help="Parity tolerance: max|exported - eager| / max|eager| per output."),
     ) -> None:
@@ -27,7 +27,8 @@ def register(app: typer.Typer) -> None:
         The graph takes `images` (B, 3, H, W) float32 normalised with the checkpoint's mean/std
         and returns named outputs (classification `logits`; detection `pred_logits`,
         `pred_boxes`; segmentation `pred_logits`, `pred_masks`). The checkpoint's task, classes,
-        preset and normalisation travel in the file's metadata. After writing, the file is run
+        preset, normalisation and evaluation preprocessing record (resize rule, crop, mean/std:
+        what cf predict applies) travel in the file's metadata. After writing, the file is run
         (onnxruntime / torch.export.load) on a random and a synthetic-scene input at the export
         size and at a second size, and compared with the eager model; beyond tolerance the
         command fails and keeps the file as <stem>.parity-failed<suffix>."""

@@ -110,14 +110,6 @@ def records_file(images: list[Path], out: Path, jsonl: Path | None) -> Path | No
     return None
 
 
-def eval_preprocessing(task: Any, meta: dict[str, Any], size: int) -> Any:
-    """The one eval transform every input goes through (the checkpoint's normalisation at
-    ``size``): change how a checkpoint's preprocessing is read here alone."""
-    from clusterformer.data.transforms import make_transform
-
-    return make_transform(task.name, size, train=False, **meta["normalisation"])
-
-
 def _loaders(images: list[Path], transform: Any, batch_size: int, workers: int) -> Iterator[Any]:
     """One DataLoader per run of consecutive image files (decoded by ``workers`` processes)
     and one per video (frames in order), in input order."""
@@ -192,9 +184,10 @@ def predict_images(
 
     from clusterformer.cli.predict_outputs import PredictionWriter
     from clusterformer.cli.progress import progress_bar
+    from clusterformer.data.preprocess import eval_transform
     from clusterformer.data.video import VideoExtraMissing, is_video, video_backend
     from clusterformer.engine.distributed import pick_device
-    from clusterformer.engine.evaluate import autocast, load_model_from_checkpoint
+    from clusterformer.engine.evaluate import autocast, eval_preprocess, load_model_from_checkpoint
     from clusterformer.tasks.test_time import make_plan, predict_batch
 
     videos = [p for p in images if is_video(p)]
@@ -210,8 +203,7 @@ def predict_images(
         from clusterformer.engine.compiled import checked_inference_compile
 
         model = checked_inference_compile(model, amp, f"{task.name} model")
-    size = image_size or int(meta.get("image_size") or 224)
-    transform = eval_preprocessing(task, meta, size)
+    transform = eval_transform(eval_preprocess(meta, image_size))  # the checkpoint's record
     names = _unique_stems(images)
     written: list[Path] = []
     out.mkdir(parents=True, exist_ok=True)

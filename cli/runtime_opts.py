@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 # Set by the root callback from ``cf --threads N``; commands with their own --threads pass it.
 THREADS: int | None = None
 
@@ -24,3 +26,14 @@ def start_compute(device: str | None = None, threads: int | None = None,
     for line in details or []:
         print(f"cf: {line}", flush=True)
     return count
+
+
+def augmentation_part(cfg: Any) -> str:
+    """``cf train``'s start-line part naming the augmentation and eval preprocessing the run
+    uses (chosen from the data: :func:`clusterformer.engine.augment_plan.plan_augmentation`)."""
+    from clusterformer.engine.augment_plan import plan_augmentation
+
+    try:
+        return plan_augmentation(cfg).describe()
+    except (ValueError, OSError):  # unreadable data: training reports it by name
+        return ""

@@ -92,12 +92,14 @@ def run(values: dict[str, Any]) -> None:
         return
     check_paths(cfg)
     from clusterformer.cli.progress import progress_enabled
-    from clusterformer.cli.runtime_opts import start_compute
+    from clusterformer.cli.runtime_opts import augmentation_part, start_compute
     from clusterformer.engine.loop import TrainingInterrupted, train
 
     if not progress_enabled():  # cf --no-progress, CF_NO_PROGRESS=1
         cfg.runtime.progress = False
-    start_compute(cfg.runtime.device, details=start_details(cfg))
+    augmentation = augmentation_part(cfg)
+    start_compute(cfg.runtime.device,
+                  details=[*start_details(cfg), *([augmentation] if augmentation else [])])
     try:
         result = train(cfg)
     except TrainingInterrupted as exc:

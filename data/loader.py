@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .collate import collate
 from .errors import SampleError
+from .preprocess import EvalPreprocess, as_record, eval_transform
 from .sample_spec import SampleSpec, sample_spec
 from .streams import (
     RawSource,
@@ -184,12 +185,16 @@ class StreamDataset(IterableDataset):
     def __init__(self, source: Any, task: SampleSpec, *, batch_size: int, image_size: int,
                  train: bool, num_workers: int, seed: int, rank: int, world_size: int,
                  shuffle_buffer: int, drop_last: bool, on_error: str, augment: dict[str, Any],
-                 normalisation: dict[str, Any]) -> None:  # fmt: skip
+                 normalisation: dict[str, Any],
+                 preprocess: EvalPreprocess | None = None) -> None:  # fmt: skip
         self.source, self.task, self.batch_size, self.train = source, task, batch_size, train
         self.image_size, self.num_workers, self.seed = image_size, max(1, num_workers), seed
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
         self.drop_last, self.on_error, self.epoch = drop_last, on_error, 0
-        self.transform = make_transform(task, image_size, train, **normalisation, **augment)
+        if preprocess is not None and not train:  # a checkpoint's record: its exact pixels
+            self.transform = eval_transform(preprocess)
+        else:
+            self.transform = make_transform(task, image_size, train, **normalisation, **augment)
         self.fields = set(task.fields) | {"key", "image", "image_id", "orig_size"}
 
     def plans(self) -> list[WorkerPlan]:
@@ -364,6 +369,7 @@ def build_loader(
     info: dict | None = None,
     augment: dict[str, Any] | None = None,
     normalisation: dict[str, Any] | None = None,
+    preprocess: EvalPreprocess | dict[str, Any] | None = None,
 ) -> Loader:
     """Loader of batch dicts (layout: ``clusterformer.data.collate``) for one rank.
 
@@ -373,7 +379,9 @@ def build_loader(
     sample naming its key and file, "skip" warns and goes on (training refills from other
     samples; evaluation keeps its batch count with padding). ``augment``: training
     augmentation options (see ``transforms.make_transform``). ``normalisation``: the model's
-    ``{"mean", "std"}`` (default ImageNet's). Images (B, 3, H, W) float32.
+    ``{"mean", "std"}`` (default ImageNet's). ``preprocess``: an evaluation record
+    (:class:`~clusterformer.data.preprocess.EvalPreprocess`, e.g. a checkpoint's) that replaces
+    ``image_size`` and ``normalisation`` for evaluation. Images (B, 3, H, W) float32.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -398,5 +406,6 @@ def build_loader(
                             train=train, num_workers=num_workers, seed=seed, rank=rank,
                             world_size=world_size, shuffle_buffer=shuffle_buffer,
                             drop_last=drop_last, on_error=on_error,
-                            augment=dict(augment or {}), normalisation=norm)  # fmt: skip
+                            augment=dict(augment or {}), normalisation=norm,
+                            preprocess=None if preprocess is None else as_record(preprocess))  # fmt: skip
     return Loader(dataset, num_workers, source.info)

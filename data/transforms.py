@@ -47,10 +47,25 @@ def image_size_of(sample: Sample) -> tuple[int, int]:
     return int(sample["image"].shape[-2]), int(sample["image"].shape[-1])
 
 
-def _resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(3, H, W) uint8 or float -> (3, h, w) same dtype; bilinear with antialias."""
+def _pil_resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, h, w) uint8 by Pillow's antialiased bilinear resize: the exact
+    pixels a PIL-and-numpy deployment computes (torch's kernel differs by 1 in ~0.3 % of
+    them, which moves scores by ~1e-4)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy()))
+    out = np.asarray(pixels.resize((int(size[1]), int(size[0])), Image.BILINEAR))
+    return torch.from_numpy(out.transpose(2, 0, 1).copy())
+
+
+def _resize_image(image: torch.Tensor, size: tuple[int, int], pil: bool = False) -> torch.Tensor:
+    """(3, H, W) uint8 or float -> (3, h, w) same dtype; bilinear with antialias (Pillow's for
+    a uint8 image with ``pil``)."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
+    if pil and image.dtype == torch.uint8:
+        return _pil_resize(image, size)
     # The uint8 antialias kernel is exact to within rounding and several times faster than float.
     out = F.interpolate(
         image[None], size=size, mode="bilinear", antialias=True, align_corners=False
@@ -106,9 +121,13 @@ def _clip_instances(out: Sample, top: int, left: int, height: int, width: int) -
 
 
 def resize(
-    sample: Sample, size: tuple[int, int], window: tuple[int, int, int, int] | None = None
+    sample: Sample, size: tuple[int, int], window: tuple[int, int, int, int] | None = None,
+    *, pil: bool = False,
 ) -> Sample:
     """Resize image (antialiased bilinear) and targets (nearest) to ``size`` = (h, w); boxes scaled.
+
+    ``pil``: resize a uint8 image with Pillow (the evaluation path: what a deployment with PIL
+    computes, pixel for pixel).
 
     With ``window`` = (top, left, height, width) in the resized frame, the result equals
     ``crop(resize(sample, size), *window)`` but masks and maps are only ever built at window size
@@ -120,7 +139,7 @@ def resize(
     if not (0 <= top and 0 <= left and top + ch <= h and left + cw <= w and ch > 0 and cw > 0):
         raise ValueError(f"crop window {(top, left, ch, cw)} outside image of size {(h, w)}")
     out = dict(sample)
-    out["image"] = _resize_image(sample["image"], (h, w))[:, top : top + ch, left : left + cw]
+    out["image"] = _resize_image(sample["image"], (h, w), pil)[:, top : top + ch, left : left + cw]
     rows = _nearest_index(h0, h, top, ch)
     cols = _nearest_index(w0, w, left, cw)
     if "masks" in sample:
@@ -199,11 +218,14 @@ def random_resized_crop_params(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _maybe_flip(sample: Sample, generator: torch.Generator | None) -> Sample:
-    return hflip(sample) if float(torch.rand((), generator=generator)) < 0.5 else sample
+def _maybe_flip(sample: Sample, generator: torch.Generator | None, flip: bool = True) -> Sample:
+    # The coin is drawn even with flip off, so --no-flip changes nothing else of a seeded run.
+    heads = float(torch.rand((), generator=generator)) < 0.5
+    return hflip(sample) if heads and flip else sample
 
 
-def _finish(sample: Sample, mean: Norm, std: Norm) -> Sample:
+def finish(sample: Sample, mean: Norm, std: Norm) -> Sample:
+    """Normalise the image with ``mean`` / ``std`` and record its ``size`` (the last step)."""
     out = dict(sample)
     out["image"] = normalize_image(sample["image"], mean, std)
     out["size"] = image_size_of(sample)
@@ -218,22 +240,24 @@ def classification_train(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     rand_augment: str | RandAugmentPolicy | None = None,
     random_erasing: float = 0.0,
+    flip: bool = True,
     *,
     mean: Norm = IMAGENET_MEAN,
     std: Norm = IMAGENET_STD,
 ) -> Sample:
     """Random-resized crop (area ``scale``, aspect ``ratio``; ImageNet's 0.08-1 and 3/4-4/3 by
-    default) to image_size^2, h-flip, RandAugment (timm policy string such as
+    default) to image_size^2, h-flip (unless ``flip`` is False), RandAugment (timm policy string such as
     ``rand-m9-mstd0.5-inc1``, or a parsed policy; None = off) on the uint8 image, normalise
     with ``mean`` / ``std``, then random erasing with probability ``random_erasing`` (timm's, per-pixel noise)."""
     h, w = image_size_of(sample)
     top, left, ch, cw = random_resized_crop_params(
         h, w, scale=tuple(scale), ratio=tuple(ratio), generator=generator)
-    out = _maybe_flip(resize(crop(sample, top, left, ch, cw), (image_size, image_size)), generator)
+    out = _maybe_flip(resize(crop(sample, top, left, ch, cw), (image_size, image_size)),
+                      generator, flip)
     if rand_augment is not None:
         policy = parse_rand_augment(rand_augment) if isinstance(rand_augment, str) else rand_augment
         out = dict(out, image=apply_rand_augment(out["image"], policy, generator))
-    out = _finish(out, mean, std)
+    out = finish(out, mean, std)
     if random_erasing > 0:
         out["image"] = erase(out["image"], random_erasing, generator)
     return out
@@ -243,13 +267,12 @@ def classification_eval(
     sample: Sample, image_size: int, generator: torch.Generator | None = None, *,
     mean: Norm = IMAGENET_MEAN, std: Norm = IMAGENET_STD,
 ) -> Sample:
-    """Resize the short side to round(image_size*256/224), centre-crop image_size^2, normalise."""
-    h, w = image_size_of(sample)
-    short = max(round(image_size * 256 / 224), image_size)
-    s = short / min(h, w)
-    nh, nw = (short, max(short, round(w * s))) if h <= w else (max(short, round(h * s)), short)
-    window = ((nh - image_size) // 2, (nw - image_size) // 2, image_size, image_size)
-    return _finish(resize(sample, (nh, nw), window), mean, std)
+    """Resize the short side to round(image_size*256/224), centre-crop image_size^2, normalise
+    (the default ``"image"`` record of :mod:`.preprocess`)."""
+    from .preprocess import apply_preprocess, default_eval_preprocess
+
+    pre = default_eval_preprocess("image", image_size, mean=mean, std=std)
+    return apply_preprocess(pre, sample)
 
 
 def _long_side_size(sample: Sample, long_side: float) -> tuple[int, int]:
@@ -263,16 +286,18 @@ def dense_train(
     image_size: int,
     generator: torch.Generator | None = None,
     scale_range: tuple[float, float] = (0.5, 2.0),
+    flip: bool = True,
     *,
     mean: Norm = IMAGENET_MEAN,
     std: Norm = IMAGENET_STD,
 ) -> Sample:
     """Scale jitter (long side in scale_range x image_size), random crop to at most
-    image_size x image_size, h-flip, normalise. Targets follow every step."""
+    image_size x image_size, h-flip (unless ``flip`` is False), normalise. Targets follow
+    every step."""
     h, w = _long_side_size(sample, image_size * _uniform(*scale_range, generator))
     ch, cw = min(h, image_size), min(w, image_size)
     window = (_randint(h - ch, generator), _randint(w - cw, generator), ch, cw)
-    return _finish(_maybe_flip(resize(sample, (h, w), window), generator), mean, std)
+    return finish(_maybe_flip(resize(sample, (h, w), window), generator, flip), mean, std)
 
 
 def dense_eval(sample: Sample, image_size: int, generator: torch.Generator | None = None, *,
@@ -281,12 +306,12 @@ def dense_eval(sample: Sample, image_size: int, generator: torch.Generator | Non
 
     Predictions at ``size`` map back to ``orig_size`` by one resize, since nothing was cropped.
     """
-    return _finish(resize(sample, _long_side_size(sample, image_size)), mean, std)
+    return finish(resize(sample, _long_side_size(sample, image_size)), mean, std)
 
 
 TRAIN_OPTIONS: dict[str, tuple[str, ...]] = {
-    "image": ("scale", "ratio", "rand_augment", "random_erasing"),
-    "dense": ("scale_range",),
+    "image": ("scale", "ratio", "rand_augment", "random_erasing", "flip"),
+    "dense": ("scale_range", "flip"),
 }
 TRANSFORMS = {"image": (classification_train, classification_eval),
               "dense": (dense_train, dense_eval)}  # fmt: skip
@@ -303,7 +328,8 @@ def make_transform(task: str | SampleSpec, image_size: int, train: bool, *,
     augmentation (ignored for evaluation): ``"image"`` ``scale`` and ``ratio`` of the
     random-resized crop, ``rand_augment`` (timm policy string, None = off) and
     ``random_erasing`` (probability, 0 = off); ``"dense"`` ``scale_range`` of the scale
-    jitter. Unknown or malformed options raise ``ValueError``.
+    jitter; both ``flip`` (False: no horizontal flip). Evaluation is
+    :func:`.preprocess.eval_transform` of the default record. Unknown or malformed options raise ``ValueError``.
     """
     kind = sample_spec(task).transform
     if image_size <= 0:
@@ -312,8 +338,12 @@ def make_transform(task: str | SampleSpec, image_size: int, train: bool, *,
     if unknown:
         raise ValueError(f"unknown {kind} augmentation option(s) {', '.join(unknown)}; "
                          f"accepted: {', '.join(TRAIN_OPTIONS[kind])}")
-    fn = TRANSFORMS[kind][0 if train else 1]
-    kwargs = dict(options) if train else {}
+    if not train:  # one record, one builder: the same path cf eval / predict / export read
+        from .preprocess import default_eval_preprocess, eval_transform
+
+        return eval_transform(default_eval_preprocess(kind, image_size, mean=mean, std=std))
+    fn = TRANSFORMS[kind][0]
+    kwargs = dict(options)
     if isinstance(kwargs.get("rand_augment"), str):  # parse once, and fail before any sample
         spec = kwargs["rand_augment"].strip()
         kwargs["rand_augment"] = None if spec.lower() == "none" else parse_rand_augment(spec)

@@ -22,6 +22,7 @@ _JSON_KEYS = (
     "task_config",
     "categories",
     "normalisation",
+    "preprocess",
     "image_size",
     "step",
     "num_classes",

@@ -75,7 +75,8 @@ class ScheduleConfig:
 @dataclass
 class AugmentConfig:
     scale: tuple[float, ...] | None = option(None, "image tasks: random-resized-crop area range "
-                                             "(default 0.08,1)")
+                                             "(default by the data: 0.35,1 below 64 px, 0.25,1 "
+                                             "under 5000 images, else ImageNet's 0.08,1)")
     ratio: tuple[float, ...] | None = option(None, "image tasks: crop aspect range "
                                              "(default 0.75,1.333)")
     scale_range: tuple[float, ...] | None = option(None, "dense tasks: scale jitter of the long "
@@ -84,6 +85,8 @@ class AugmentConfig:
                                       "e.g. rand-m9-mstd0.5-inc1; none = off")
     random_erasing: float | None = option(None, "image tasks: probability (0-1) of erasing one "
                                           "random rectangle with noise (timm's RandomErasing)")
+    flip: bool | None = option(None, "random horizontal flip (default on); --no-flip for data "
+                               "where a mirror image changes the class (digits, text)")
 
 
 @dataclass

@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from clusterformer.data.preprocess import EvalPreprocess, default_eval_preprocess
 from clusterformer.engine.checkpoint import (
+    CheckpointError,
     check_finite,
     load_weights,
     read_metadata,
@@ -131,21 +133,28 @@ def normalisation_of(module: nn.Module) -> dict[str, list[float]]:
 
 
 def checkpoint_metadata(
-    module: nn.Module, task: Task, *, image_size: int, extra: dict[str, Any] | None = None
+    module: nn.Module, task: Task, *, image_size: int, extra: dict[str, Any] | None = None,
+    preprocess: EvalPreprocess | None = None,
 ) -> dict[str, Any]:
     """What ``cf eval`` / ``cf predict`` / ``cf export`` need to rebuild and run the model from
-    weights alone: its config, the task with its options and categories, the input size and
-    the normalisation (the one mean/std source every later reader uses)."""
+    weights alone: its config, the task with its options and categories, the input size, the
+    normalisation and the evaluation preprocessing record (``preprocess``: the one record every
+    later reader builds its eval transform from; default: the task's default for
+    ``image_size``)."""
     model_config = getattr(module, "model_config", None)
     if model_config is None:
         raise ValueError(f"{type(module).__name__} has no model_config; cannot checkpoint it")
+    norm = normalisation_of(module)
+    if preprocess is None:
+        preprocess = default_eval_preprocess(task.spec.data.transform, image_size, **norm)
     return {
         "model_config": model_config,
         "task": task.name,
         "task_config": task.config(),
         "categories": task.categories,
         "image_size": image_size,
-        "normalisation": normalisation_of(module),
+        "normalisation": norm,
+        "preprocess": preprocess.to_dict(),
         **(extra or {}),
     }
 
@@ -158,7 +167,9 @@ def load_model_from_checkpoint(
     Returns:
         (model in eval mode on ``device``, the task built with the checkpoint's categories and
         options, decoded metadata). The metadata's ``normalisation`` is the checkpoint's (for a
-        checkpoint written before it was stored: the model's own default).
+        checkpoint written before it was stored: the model's own default), and so is its
+        ``preprocess`` record (older checkpoints: the task's default for their image size and
+        normalisation, i.e. what they were always evaluated with).
     Raises:
         CheckpointError (ValueError): unreadable, not fitting, or NaN / infinite weights.
     """
@@ -178,4 +189,21 @@ def load_model_from_checkpoint(
     task = spec.build(meta.get("categories") or int(meta["model_config"].get("num_classes", 0)),
                       options)  # fmt: skip
     meta["normalisation"] = meta.get("normalisation") or normalisation_of(model)
+    if not meta.get("preprocess"):
+        meta["preprocess"] = default_eval_preprocess(
+            spec.data.transform, int(meta.get("image_size") or 224),
+            **meta["normalisation"]).to_dict()
+    try:  # a damaged record fails here, naming the file, not per image
+        EvalPreprocess.from_dict(meta["preprocess"])
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{weights}: unusable preprocess record ({exc}); re-save the "
+                              "checkpoint with cf train") from None
     return model.to(device).eval(), task, meta
+
+
+def eval_preprocess(meta: dict[str, Any], image_size: int | None = None) -> EvalPreprocess:
+    """The evaluation preprocessing of a loaded checkpoint's metadata (see
+    :func:`load_model_from_checkpoint`), at ``image_size`` when one is asked for (the same
+    rule, every side scaled)."""
+    record = EvalPreprocess.from_dict(meta["preprocess"])
+    return record.at_size(image_size) if image_size else record

@@ -24,6 +24,11 @@ from torch import nn
 
 from clusterformer.engine import checkpoint as ckpt
 from clusterformer.engine import run_folder
+from clusterformer.engine.augment_plan import (  # augment_options: re-exported, tests use it
+    AugmentPlan,
+    augment_options,  # noqa: F401
+    plan_augmentation,
+)
 from clusterformer.engine.best import BestCheckpoint, read_best
 from clusterformer.engine.config import TrainConfig
 from clusterformer.engine.config_files import to_yaml
@@ -63,32 +68,22 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def augment_options(cfg: TrainConfig, kind: str) -> tuple[dict[str, Any], list[str]]:
-    """The train transform's options from ``data.augment`` and the set ones that do not apply
-    to the task's transform ``kind`` (they are left out, with a note)."""
-    from clusterformer.data.transforms import TRAIN_OPTIONS
-
-    given = {k: v for k, v in cfg.to_dict()["data"]["augment"].items() if v is not None}
-    if str(given.get("rand_augment", "")).strip().lower() == "none":
-        given.pop("rand_augment")
-    applies = set(TRAIN_OPTIONS[kind])
-    return ({k: v for k, v in given.items() if k in applies},
-            [k for k in given if k not in applies])  # fmt: skip
-
-
-def _build_loaders(cfg: TrainConfig, env: DistEnv, task: Task,
-                   normalisation: dict[str, Any]) -> tuple[Any, Any | None]:  # fmt: skip
+def _build_loaders(cfg: TrainConfig, env: DistEnv, task: Task, normalisation: dict[str, Any],
+                   plan: AugmentPlan) -> tuple[Any, Any | None]:  # fmt: skip
     from clusterformer.data import build_loader
 
     common = {"rank": env.rank, "world_size": env.world_size, "num_workers": cfg.data.num_workers,
               "batch_size": cfg.data.batch_size, "image_size": cfg.data.image_size,
               "seed": cfg.runtime.seed, "normalisation": normalisation}  # fmt: skip
-    augment, _ = augment_options(cfg, task.spec.data.transform)
-    train_loader = build_loader(cfg.data.train, task.name, train=True, augment=augment, **common)
+    train_loader = build_loader(cfg.data.train, task.name, train=True, augment=plan.train,
+                                **common)  # fmt: skip
     if len(train_loader) == 0:
         raise ValueError(f"{cfg.data.train}: fewer samples than one batch of "
                          f"{cfg.data.batch_size} per process")  # fmt: skip
-    val_loader = build_loader(cfg.data.val, task.name, train=False, **common) if cfg.data.val else None
+    val_loader = None
+    if cfg.data.val:  # evaluated with the record the checkpoint stores
+        val_loader = build_loader(cfg.data.val, task.name, train=False,
+                                  preprocess=plan.eval_record(normalisation), **common)  # fmt: skip
     return train_loader, val_loader
 
 
@@ -206,7 +201,8 @@ def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
             init_notes.append(f"backbone weights from {cfg.model.backbone.weights} ({count} tensors)")
         module = module.to(env.device)
         normalisation = normalisation_of(module)
-        train_loader, val_loader = _build_loaders(cfg, env, task, normalisation)
+        augment = plan_augmentation(cfg, int(info.get("num_samples") or 0))
+        train_loader, val_loader = _build_loaders(cfg, env, task, normalisation, augment)
         plan = plan_schedule(cfg, len(train_loader), env.world_size)
         optimizer = build_optimizer(module, lr=plan["lr_effective"],
                                     weight_decay=cfg.optim.weight_decay,
@@ -224,8 +220,9 @@ def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
         state.model = _wrap(module, cfg, env, amp)
         meta = checkpoint_metadata(module, task, image_size=cfg.data.image_size,
                                    extra={"model_name": cfg.model.name,
-                                          "num_classes": task.num_classes})  # fmt: skip
-        _, missing = augment_options(cfg, spec.data.transform)
+                                          "num_classes": task.num_classes},
+                                   preprocess=augment.eval_record(normalisation))  # fmt: skip
+        missing = augment.missing
         if missing:
             notes.append(f"note: {', '.join(missing)} do not apply to {task.name}'s "
                          f"{spec.data.transform} transforms; training without them")  # fmt: skip
@@ -238,6 +235,7 @@ def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
             _write_config(run_dir, cfg, {
                 **plan, "amp": amp, "world_size": env.world_size, "device": str(env.device),
                 "num_classes": task.num_classes, "transforms_missing": missing,
+                "augment": augment.describe(),
                 "resumed_from_step": state.step if resumed else None})
         if handle_signals:
             stop.install()

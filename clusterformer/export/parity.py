@@ -14,7 +14,9 @@ Integer outputs (``labels``) are compared the same way, so any mismatch fails.
 Post-processed detection outputs are ranked by score: two (query, class) pairs whose scores
 differ by less than the tolerance may legitimately swap places, so ``labels`` and ``boxes``
 are compared only at ranks whose score is separated from both neighbours by more than
-``tolerance * max score``; ``scores`` (sorted) are compared everywhere.
+``tolerance * max score``; ``scores`` (sorted) are compared everywhere. Likewise a semantic
+``label_map`` is compared only at pixels whose winning class leads the runner-up by more
+than ``tolerance * max score`` (``label_margins``); the scores and margins everywhere.
 """
 
 from __future__ import annotations
@@ -142,12 +144,18 @@ def check_parity(
             expected = list(eager(images))
         got = run(images)
         keep = None
-        if "scores" in output_names and "labels" in output_names:
-            keep = unambiguous_ranks(expected[list(output_names).index("scores")], tolerance)
+        names = list(output_names)
+        if "scores" in names and "labels" in names:
+            keep = unambiguous_ranks(expected[names.index("scores")], tolerance)
+        if "label_map" in names and "label_margins" in names:  # pixels no rounding can flip
+            gap = tolerance * float(expected[names.index("label_scores")].abs().max().clamp_min(EPS))
+            keep = expected[names.index("label_margins")] > gap
         size = (int(images.shape[-2]), int(images.shape[-1]))
         for name, g, e in zip(output_names, got, expected, strict=True):
             mask = None
-            if keep is not None and name in ("labels", "boxes"):
+            if keep is not None and name == "label_map":
+                mask = keep
+            elif keep is not None and name in ("labels", "boxes"):
                 mask = keep if name == "labels" else keep.unsqueeze(-1).expand_as(e)
             max_abs, max_rel, ok = compare(name, g, e, tolerance, mask)
             results.append(ParityResult(label, size, name, max_abs, max_rel, ok))

@@ -7,7 +7,7 @@ to be 1 in the example (e.g. one window per side in the last stage).
 
 Metadata (see :func:`export_metadata`) travels inside the file: ONNX ``metadata_props``
 (the whole record as JSON under ``"clusterformer"`` plus flat ``task``, ``classes``,
-``mean``, ``std``, ``image_size``, ``preset`` keys) and, for ``.pt2``, the ``extra_files``
+``mean``, ``std``, ``image_size``, ``preprocess``, ``preset`` keys) and, for ``.pt2``, the ``extra_files``
 entry ``"clusterformer.json"`` of ``torch.export.save``. :func:`read_export_metadata` reads
 either.
 """
@@ -112,6 +112,7 @@ def write_onnx_metadata(path: Path, metadata: dict[str, Any]) -> None:
         "mean": json.dumps(metadata["normalisation"]["mean"]),
         "std": json.dumps(metadata["normalisation"]["std"]),
         "image_size": json.dumps(metadata["image_size"]),
+        "preprocess": json.dumps(metadata["preprocess"]),
         "preset": str(metadata["preset"]),
     }
     existing = {p.key: p for p in model.metadata_props}
@@ -191,10 +192,16 @@ def export_metadata(
     """Everything a consumer needs besides the graph: task, classes, preset, normalisation,
     input convention, output names and how they were produced."""
     from clusterformer import __version__
+    from clusterformer.engine.evaluate import eval_preprocess
 
     model_config = dict(meta["model_config"])
     normalisation = meta["normalisation"]  # the checkpoint's (load_model_from_checkpoint)
     side = static_size if static_size is not None else "dynamic"
+    # The checkpoint's own record (README: how to apply it with PIL and numpy); a static
+    # square input fixes the size its crop / square resize produces.
+    record = eval_preprocess(meta)
+    if static_size is not None and (record.crop is not None or record.resize == "square"):
+        record = record.at_size(static_size)
     return {
         "format": EXPORT_FORMAT,
         "task": meta["task"],
@@ -205,9 +212,11 @@ def export_metadata(
         "task_config": meta.get("task_config") or {},
         "normalisation": {"mean": list(normalisation["mean"]), "std": list(normalisation["std"])},
         "image_size": meta.get("image_size"),
+        "preprocess": record.to_dict(),
         "input": {
             "name": "images", "dtype": "float32", "layout": "NCHW RGB",
-            "preprocess": "pixels / 255, then (x - mean) / std per channel",
+            "preprocess": f"{record.describe()} (bilinear, antialiased), pixels / 255, then "
+                          "(x - mean) / std per channel; the 'preprocess' record",
             "batch": "dynamic", "height": side, "width": side,
             "min_side": MIN_SIDE if static_size is None else static_size,
             "max_side": MAX_SIDE if static_size is None else static_size,

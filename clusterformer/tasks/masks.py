@@ -26,9 +26,10 @@ MASK_EXPORT = ExportHeads(("pred_logits", "pred_masks"), ("pred_logits", "pred_m
 
 
 def mask_task_spec(**fields: Any) -> TaskSpec:
-    """The spec of a mask-classification task: the segmenter, :class:`MaskOptions` and the
-    raw mask outputs for export, plus ``fields`` (what differs between them)."""
-    return TaskSpec(architecture="segmenter", options=MaskOptions, export=MASK_EXPORT, **fields)
+    """The spec of a mask-classification task: the segmenter, :class:`MaskOptions` and (unless
+    ``fields`` gives its own ``export``) the raw mask outputs for export, plus ``fields``."""
+    fields.setdefault("export", MASK_EXPORT)
+    return TaskSpec(architecture="segmenter", options=MaskOptions, **fields)
 
 
 @dataclass

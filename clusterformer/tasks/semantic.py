@@ -11,15 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from clusterformer.data.sample_spec import SampleSpec
 from clusterformer.metrics.semantic import score_semantic_folder
-from clusterformer.tasks.masks import MaskTask, mask_task_spec
+from clusterformer.tasks.masks import MASK_EXPORT, MaskTask, mask_task_spec
 from clusterformer.tasks.predictions import label_map_segments
 from clusterformer.tasks.registry import register_task
 from clusterformer.tasks.seg_inference import semantic_inference
-from clusterformer.tasks.spec import Batch
+from clusterformer.tasks.spec import Batch, ExportHeads
 from clusterformer.tasks.test_time import normalise_scores
 
 IGNORE_INDEX = 255
@@ -68,6 +69,32 @@ class SemanticTask(MaskTask):
                                  per_class=per_class)  # fmt: skip
 
 
+def semantic_label_map(raw: tuple[Tensor, ...], images: Tensor) -> tuple[Tensor, ...]:
+    """The exported graph's post-processing: the label map at the input's size, as
+    :meth:`SemanticTask.infer` computes it for an unpadded image.
+
+    Args:
+        raw: ``pred_logits (B, Q, C + 1)``, ``pred_masks (B, Q, H/4, W/4)``.
+        images: the graph input ``(B, 3, H, W)``.
+
+    Returns:
+        ``label_map (B, H, W)`` int64 train ids, ``label_scores (B, H, W)`` the winning class's
+        score and ``label_margins (B, H, W)`` its lead over the runner-up (a pixel with a
+        margin near 0 may flip between runtimes; the parity check skips those).
+    """
+    class_logits, mask_logits = raw
+    height, width = images.shape[-2], images.shape[-1]
+    masks = F.interpolate(mask_logits.float(), scale_factor=4.0, mode="bilinear",
+                          align_corners=False)[..., :height, :width]  # fmt: skip
+    probs = class_logits.float().softmax(-1)[..., :-1]
+    scores = torch.einsum("bqc,bqhw->bchw", probs, masks.sigmoid())
+    if scores.shape[1] == 1:  # one class: its runner-up is "nothing" (score 0)
+        scores = torch.cat([scores, torch.zeros_like(scores)], 1)
+    top = scores.topk(2, dim=1)
+    best = top.values[:, 0]
+    return top.indices[:, 0], best, best - top.values[:, 1]
+
+
 SPEC = register_task(mask_task_spec(
     name="semantic",
     summary="a class per pixel (ADE20K-style label PNGs); mIoU, aAcc",
@@ -80,4 +107,6 @@ SPEC = register_task(mask_task_spec(
     score_file=score_semantic_folder,
     prediction_suffix=".semantic",
     test_time=frozenset({"tta", "slide"}),
+    export=ExportHeads(MASK_EXPORT.raw_keys, MASK_EXPORT.raw_names, semantic_label_map,
+                       ("label_map", "label_scores", "label_margins")),
 ))
