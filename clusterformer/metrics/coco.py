@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from clusterformer.metrics.coco_detail import cocoeval_detail, empty_detail
-from clusterformer.metrics.seg_common import atomic_write_bytes
+from clusterformer.metrics.seg_common import atomic_write_bytes, real_images
 
 METRIC_KEYS: tuple[str, ...] = ("bbox_AP", "bbox_AP50", "bbox_AP75")
 
@@ -163,10 +163,7 @@ class CocoDetectionEvaluator:
         self.detections: list[dict] = []
 
     def update(self, predictions: Sequence[dict], batch: dict) -> None:
-        valid = batch.get("valid")
-        for i, (pred, target) in enumerate(zip(predictions, batch["targets"], strict=True)):
-            if valid is not None and not bool(valid[i]):
-                continue
+        for _, pred, target in real_images(predictions, batch):
             image, anns = target_ground_truth(target, self.categories)
             self.images.append(image)
             self.annotations.extend(anns)

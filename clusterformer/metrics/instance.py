@@ -30,6 +30,7 @@ from clusterformer.metrics.seg_common import (
     is_rank0,
     iter_label_records,
     read_json_file,
+    real_images,
     to_original_size,
 )
 
@@ -182,10 +183,7 @@ class InstanceEvaluator:
         self.results: list[dict] = []
 
     def update(self, predictions: Sequence[dict], batch: dict) -> None:
-        valid = batch.get("valid")
-        for i, (pred, target) in enumerate(zip(predictions, batch["targets"], strict=True)):
-            if valid is not None and not bool(valid[i]):
-                continue
+        for _, pred, target in real_images(predictions, batch):
             image, anns = _target_ground_truth(target, self.categories)
             self.images.append(image)
             self.annotations.extend(anns)

@@ -30,6 +30,7 @@ from clusterformer.metrics.seg_common import (
     is_rank0,
     iter_label_records,
     read_json_file,
+    real_images,
     to_original_size,
 )
 
@@ -211,10 +212,7 @@ class PanopticEvaluator:
         self.written: list[dict] = []
 
     def update(self, predictions: Sequence[dict], batch: dict) -> None:
-        valid = batch.get("valid")
-        for i, (pred, target) in enumerate(zip(predictions, batch["targets"], strict=True)):
-            if valid is not None and not bool(valid[i]):
-                continue
+        for i, pred, target in real_images(predictions, batch):
             gt_ids, gt_segments = _target_ground_truth(target, self.categories)
             pred_ids = as_numpy(pred["panoptic"]).astype(np.int64)
             present = set(np.unique(pred_ids).tolist())

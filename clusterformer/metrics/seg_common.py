@@ -114,6 +114,16 @@ def broadcast_from_rank0(value: Any) -> Any:
     return box[0]
 
 
+def real_images(predictions: Any, batch: dict) -> Iterator[tuple[int, Any, dict]]:
+    """``(index in the batch, prediction, target)`` of each image of a batch, without those whose
+    ``batch["valid"]`` flag is False (the loader's distributed padding): every image counts
+    exactly once over all ranks."""
+    valid = batch.get("valid")
+    for i, (pred, target) in enumerate(zip(predictions, batch["targets"], strict=True)):
+        if valid is None or bool(valid[i]):
+            yield i, pred, target
+
+
 def is_rank0() -> bool:
     return not distributed() or torch.distributed.get_rank() == 0
 

@@ -25,6 +25,7 @@ from clusterformer.metrics.seg_common import (
     atomic_write_bytes,
     distributed,
     iter_label_records,
+    real_images,
     stem_of,
     to_original_size,
 )
@@ -123,10 +124,7 @@ class SemanticEvaluator:
         self.to_dataset = np.array([int(c["id"]) for c in self.categories], dtype=np.int64)
 
     def update(self, predictions: Sequence[Any], batch: dict) -> None:
-        valid = batch.get("valid")
-        for i, (pred, target) in enumerate(zip(predictions, batch["targets"], strict=True)):
-            if valid is not None and not bool(valid[i]):
-                continue
+        for i, pred, target in real_images(predictions, batch):
             gt = to_original_size(torch.as_tensor(target["semantic"]), target["orig_size"])
             pred_np = as_numpy(pred).astype(np.int64)
             try:
