@@ -155,7 +155,7 @@ def test_cf_train_under_torchrun(tmp_path: Path) -> None:
     import json
 
     config = json.loads((run / "config.json").read_text())
-    assert config["world_size"] == 2 and config["global_batch"] == 8
+    assert config["run"]["world_size"] == 2 and config["run"]["global_batch"] == 8
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]
     val = [r for r in records if r["split"] == "val"]
