@@ -43,8 +43,7 @@ def fault_shards(fault_raw):  # noqa: ANN001, ANN201
 def fault_warm(fault_shards, tmp_path_factory):  # noqa: ANN001, ANN201
     """One training step in this process: children forked later start warm (imports,
     kernels), 0.6 s a run instead of 2."""
-    from cli_runner import run_cf
-    from fault_kit import train_argv
+    from cli_runner import run_cf, train_argv
 
     assert run_cf(train_argv(fault_shards, tmp_path_factory.mktemp("warm") / "run", 1)) == 0
 
@@ -52,7 +51,7 @@ def fault_warm(fault_shards, tmp_path_factory):  # noqa: ANN001, ANN201
 @pytest.fixture(scope="session")
 def fault_run(fault_shards, fault_warm, tmp_path_factory):  # noqa: ANN001, ANN201
     """A 2-step classification run (checkpoints at steps 1 and 2); tests work on copies."""
-    from fault_kit import train_argv
+    from cli_runner import train_argv
     from kill_points import in_child
 
     from clusterformer.cli.app import main

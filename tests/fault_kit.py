@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runner import run_cf, train_argv  # noqa: F401  (re-exported for the fault tests)
+from cli_runner import run_cf
 from safetensors.torch import load_file
 
 from clusterformer.engine import checkpoint as ckpt

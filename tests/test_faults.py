@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import train_argv
 from fault_kit import (
     assert_same_weights,
     cf,
@@ -38,7 +39,6 @@ from fault_kit import (
     error_line,
     snapshot,
     strict_json,
-    train_argv,
     weights_of,
 )
 from kill_points import WHEN, FileOps, count_ops, in_child

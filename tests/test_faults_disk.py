@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cli_runner import train_argv
 from fault_kit import (
     DISKS,
     cf,
@@ -18,7 +19,6 @@ from fault_kit import (
     error_line,
     mount_tmpfs,
     small_disk,
-    train_argv,
 )
 
 from clusterformer.engine import checkpoint as ckpt

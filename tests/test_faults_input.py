@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import train_argv
 from fault_kit import (
     DISKS,
     Payload,
@@ -29,7 +30,6 @@ from fault_kit import (
     evil_torch_file,
     small_disk,
     snapshot,
-    train_argv,
 )
 
 from clusterformer.data import build_loader
