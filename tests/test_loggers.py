@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_runner import run_cf
-from fault_kit import error_line, train_argv
+from cli_runner import run_cf, train_argv
+from fault_kit import error_line
 
 from clusterformer.engine.config import LOGGERS
 from clusterformer.engine.loggers import HOOKS, chosen_loggers, flat_config, scalars_of

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runner import run_cf
-from fault_kit import train_argv
+from cli_runner import run_cf, train_argv
 
 from clusterformer.cli import progress
 from clusterformer.cli.metric_table import format_value, unit_of

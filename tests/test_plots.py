@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_runner import run_cf
-from fault_kit import train_argv
+from cli_runner import run_cf, train_argv
 
 from clusterformer.cli.plot_cmd import curves_of, panel_order, run_labels
 from clusterformer.cli.plots import per_class_groups, write_eval_plots
