@@ -138,10 +138,11 @@ def main() -> None:
                             "--out", str(run / "val.json"), "--device", "cpu")
                          and (run / "val.json").read_text())
     start_line = next((line for line in out.splitlines() if line.startswith("cf: ")), "")
+    augment = json.loads((run / "config.json").read_text())["run"]["augment"]
     print(json.dumps({"dataset": dataset, "epochs": float(epochs), "image_size": size,
                       "extra": extra, "train_seconds": round(seconds, 1),
                       "top1": metrics["top1"], "logreg_top1": round(baseline, 2),
-                      "start_line": start_line}))
+                      "start_line": start_line, "augment": augment}))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from clusterformer.data.augment_policy import choose_image_augment, peek_image_sizes
+from clusterformer.data.augment_policy import choose_image_augment, peek_images
 from clusterformer.data.preprocess import EvalPreprocess, default_eval_preprocess
 from clusterformer.engine.config import TrainConfig
 from clusterformer.tasks import task_spec
@@ -66,20 +66,22 @@ def augment_options(cfg: TrainConfig, kind: str) -> tuple[dict[str, Any], list[s
 
 def plan_augmentation(cfg: TrainConfig, num_samples: int | None = None) -> AugmentPlan:
     """What ``cfg`` trains with: the options it sets, and for ``"image"`` transforms the crop
-    scale (unless set) and the eval rule chosen from the training images' size and count
+    scale and flip (unless set) and the eval rule chosen from the training images' size, count
+    and mirror asymmetry
     (``num_samples``: the training set's size, read from its dataset.json when None)."""
     spec = task_spec(cfg.task.name)
     kind, size = spec.data.transform, cfg.data.image_size
     options, missing = augment_options(cfg, kind)
     if kind != "image" or cfg.data.train is None:
         return AugmentPlan(kind, size, options, missing)
-    sizes = peek_image_sizes(cfg.data.train, spec.name)
-    if not sizes:  # nothing decodes: the loader reports the bad sample by name
+    peek = peek_images(cfg.data.train, spec.name)
+    if not peek.sizes:  # nothing decodes: the loader reports the bad sample by name
         return AugmentPlan(kind, size, options, missing)
     if num_samples is None:
         from clusterformer.data import load_dataset_info
 
         num_samples = int(load_dataset_info(cfg.data.train, spec.name).get("num_samples") or 0)
-    choice = choose_image_augment(sizes, num_samples, size)
-    options = {"scale": list(choice.scale), **options}
+    asymmetry = peek.mirror_asymmetry if cfg.data.augment.flip is None else None  # set: kept
+    choice = choose_image_augment(peek.sizes, num_samples, size, asymmetry)
+    options = {"scale": list(choice.scale), "flip": choice.flip, **options}
     return AugmentPlan(kind, size, options, missing, choice.native, choice.why)

@@ -85,8 +85,9 @@ class AugmentConfig:
                                       "e.g. rand-m9-mstd0.5-inc1; none = off")
     random_erasing: float | None = option(None, "image tasks: probability (0-1) of erasing one "
                                           "random rectangle with noise (timm's RandomErasing)")
-    flip: bool | None = option(None, "random horizontal flip (default on); --no-flip for data "
-                               "where a mirror image changes the class (digits, text)")
+    flip: bool | None = option(None, "random horizontal flip (default: on, off for classification "
+                               "images with a handedness such as digits or text, measured on "
+                               "the data); --no-flip / --flip decide")
 
 
 @dataclass
