@@ -1,6 +1,6 @@
-"""`cf predict FOLDER` throughput: batched (DataLoader, --batch-size B --workers W) against one
-image at a time (--batch-size 1 --workers 0, what cf predict did before) and batched without workers,
-interleaved A B C A B C
+"""`cf predict FOLDER` throughput: batched (DataLoader, --batch-size B --workers W; by default
+cf predict's own defaults, 8 and 2) against one image at a time (--batch-size 1 --workers 0,
+what cf predict did before) and batched without workers, interleaved A B C A B C
 in one process so the machine's drift hits both; img/s counts the whole predict_images call
 (checkpoint load, decode, model, overlays and JSON written).
 
@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--ckpt", type=Path, required=True)
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()

@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
         max_detections: int = typer.Option(100, "--max-detections", "--max-dets", help="Detection / instance: at most this many objects per image."),
         image_size: int | None = typer.Option(None, "--image-size", help="Inference size (default: the checkpoint's training size); with --slide, set it above the training size."),
         batch_size: int = typer.Option(8, "--batch-size", help="Images (or video frames) per model call."),
-        workers: int = typer.Option(0, "--workers", help="DataLoader processes decoding images, and threads writing overlays (0 = all in this process, in order; videos are always read in order by this process)."),
+        workers: int = typer.Option(2, "--workers", help="DataLoader processes decoding images (when there is more than one batch of them), and threads writing overlays (0 = all in this process, in order; videos are always read in order by this process)."),
         jsonl: Path | None = typer.Option(None, "--jsonl", help="Write one JSON record per image / video frame to this JSON Lines file instead of <image>.json files and predictions.json (default for videos and for more than 1000 images: OUT/predictions.jsonl)."),
         slide: tuple[int, int] | None = typer.Option(None, "--slide", metavar="WINDOW STRIDE", help="Sliding-window inference, for the tasks whose spec has it (a task without it names those that do): windows of WINDOW px every STRIDE px over the image at --image-size, scores averaged where windows overlap (mmsegmentation's)."),
         tta: str | None = typer.Option(None, "--tta", help="Test-time augmentation: 'flip', scales such as '0.75,1.25', or both ('flip,0.75,1.25'); the plain pass is always one of the views. Each task merges its views: class probabilities (per image or per pixel) averaged, boxes pooled then class-aware NMS at IoU 0.5 (README: Prediction at scale)."),
@@ -129,7 +129,9 @@ def _loaders(images: list[Path], transform: Any, batch_size: int, workers: int) 
         while end < len(images) and not is_video(images[end]):
             end += 1
         files = ImageFiles(images[start:end], transform, start)
-        yield DataLoader(files, batch_size=batch_size, num_workers=min(workers, len(files)),
+        # One batch or less: starting processes costs more than decoding it here.
+        decoders = min(workers, len(files)) if len(files) > batch_size else 0
+        yield DataLoader(files, batch_size=batch_size, num_workers=decoders,
                          collate_fn=collate_inputs)  # fmt: skip
         start = end
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cli_runner import run_cf as _cf
 from PIL import Image
 from test_slide_tta import SMALL  # the small decoder every segmentation test trains
@@ -218,3 +220,25 @@ def test_a_large_set_streams_json_lines(runs: dict, tmp_path: Path, monkeypatch:
     lines = (out / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 9 and not (out / "predictions.json").exists() and not list(out.glob("*.json"))
     assert len(list(out.glob("*.png"))) == 9
+
+
+@settings(max_examples=30, deadline=None)
+@given(height=st.integers(1, 40), width=st.integers(1, 40), seed=st.integers(0, 2**16),
+       level=st.integers(0, 9))  # fmt: skip
+def test_overlay_png_encoder_is_lossless(height: int, width: int, seed: int, level: int) -> None:
+    import io
+
+    from clusterformer.cli.predict_outputs import encode_rgb_png
+
+    rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    decoded = Image.open(io.BytesIO(encode_rgb_png(rgb, level)))
+    decoded.load()  # a wrong CRC or a short IDAT raises here
+    assert decoded.mode == "RGB" and np.array_equal(np.asarray(decoded), rgb)
+
+
+def test_overlay_png_encoder_names_a_wrong_shape() -> None:
+    from clusterformer.cli.predict_outputs import encode_rgb_png
+
+    for bad in (np.zeros((4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8), np.zeros((0, 4, 3), np.uint8)):
+        with pytest.raises(ValueError, match="expected a non-empty"):
+            encode_rgb_png(bad)

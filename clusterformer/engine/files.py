@@ -46,8 +46,9 @@ def make_dir(path: Path) -> None:
         raise _named(exc, path) from None
 
 
-def write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Create ``path`` (which must not exist), write ``data``, fsync it; partial files removed."""
+def write_bytes(path: Path, data: bytes | memoryview, sync: bool = True) -> None:
+    """Create ``path`` (which must not exist), write ``data``, fsync it (when ``sync``);
+    partial files removed."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~_UMASK)
     except OSError as exc:
@@ -56,7 +57,8 @@ def write_bytes(path: Path, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     except OSError as exc:
         os.close(fd)
         Path(path).unlink(missing_ok=True)
@@ -137,9 +139,14 @@ def remove_dead_temps(folder: Path, legacy: re.Pattern | None = None) -> list[Pa
     return removed
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None], durable: bool = True) -> None:
     """Call ``write(tmp)`` on a temp file beside ``path``, fsync it, then ``os.replace`` it to
-    ``path``. On any failure the temp file is removed and ``path`` is untouched."""
+    ``path``. On any failure the temp file is removed and ``path`` is untouched.
+
+    ``durable=False`` leaves out the fsyncs (of the file and of the folder after the rename):
+    the file still appears only whole, and a crashed process leaves no part of it under its
+    name, but a power cut may lose it. For outputs a rerun recreates (prediction overlays),
+    where three fsyncs per file cost more than drawing it."""
     path = Path(path)
     make_dir(path.parent)
     try:
@@ -150,8 +157,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        if durable:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     except OSError as exc:
@@ -160,19 +168,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     def put(tmp: Path) -> None:
         tmp.unlink()
-        write_bytes(tmp, data)
+        write_bytes(tmp, data, sync=False)  # atomic_write syncs it when durable
 
-    atomic_write(path, put)
+    atomic_write(path, put, durable)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), durable)
 
 
 def json_safe(value: Any) -> Any:
@@ -191,8 +200,8 @@ def dumps_json(obj: Any, **kwargs: Any) -> str:
     return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
 
 
-def atomic_write_json(path: Path, obj: Any, indent: int | None = 2) -> None:
-    atomic_write_text(path, dumps_json(obj, indent=indent) + "\n")
+def atomic_write_json(path: Path, obj: Any, indent: int | None = 2, durable: bool = True) -> None:
+    atomic_write_text(path, dumps_json(obj, indent=indent) + "\n", durable)
 
 
 def free_bytes(folder: Path) -> int:
