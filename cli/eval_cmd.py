@@ -102,8 +102,7 @@ def register(app: typer.Typer) -> None:
             if task is None:
                 raise UserError("--predictions needs --task")
             metrics = _score_predictions(task, predictions, data, num_workers, classes)
-            if target is not None:
-                _write_plots(target, metrics, None)
+            evaluator = None
             title = f"{task} predictions {predictions} on {data}"
         else:
             from clusterformer.cli.runtime_opts import start_compute
@@ -111,12 +110,14 @@ def register(app: typer.Typer) -> None:
             start_compute(device)
             metrics = _evaluate_checkpoint(
                 ckpt, data, batch_size, image_size, device, amp, num_workers, task, out,
-                compile_model=compile_model, per_class=classes, plots=target, slide=slide,
-                tta=tta,
+                compile_model=compile_model, per_class=classes, slide=slide, tta=tta,
             )
+            evaluator = metrics.pop("_evaluator")
             title = f"{metrics.pop('_task')} checkpoint {ckpt} on {data}"
         report(title, metrics, out=out, per_class=per_class,
                run_folder=_run_folder(ckpt) if ckpt is not None else None)
+        if target is not None:  # after the table, so the last line says where the plots are
+            _write_plots(target, metrics, evaluator)
 
 
 def _evaluate_checkpoint(
@@ -132,7 +133,6 @@ def _evaluate_checkpoint(
     *,
     compile_model: bool = False,
     per_class: bool = False,
-    plots: tuple[Path, str] | None = None,
     slide: tuple[int, int] | None = None,
     tta: str | None = None,
 ) -> dict[str, Any]:
@@ -193,11 +193,10 @@ def _evaluate_checkpoint(
             raise DataError(f"{ckpt}: {exc}") from None
         except NoPerClassMetrics as exc:  # a plugin task without per-class metrics
             raise UserError(f"--per-class: {exc}") from None
-    if plots is not None:
-        _write_plots(plots, metrics, evaluator)
     plan_keys = {"slide": list(plan.slide) if plan.slide else None,
                  "tta": tta} if plan.active else {}  # fmt: skip
-    return {**metrics, "step": meta.get("step"), "image_size": size, **plan_keys, "_task": task.name}
+    return {**metrics, "step": meta.get("step"), "image_size": size, **plan_keys,
+            "_task": task.name, "_evaluator": evaluator}  # fmt: skip
 
 
 def _check_categories(trained: list[dict], data_cats: list[dict], ckpt: Path, data: Path) -> None:

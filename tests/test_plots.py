@@ -235,7 +235,9 @@ def test_cf_eval_plots_of_a_checkpoint(small_run, fault_shards, tmp_path, capsys
     out = tmp_path / "plots"
     assert run_cf(["eval", "--ckpt", str(small_run), "--data", str(fault_shards),
                    "--plots-dir", str(out)]) == 0  # fmt: skip
-    assert "wrote 2 plot(s)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote 2 plot(s)" in printed
+    assert printed.index("top1") < printed.index("wrote 2 plot(s)")  # the table, then where the plots are
     assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.png", "per_class_Acc.png"]
     for path in out.iterdir():
         width, height = _png_size(path)
