@@ -115,12 +115,12 @@ def handed_glyphs(count: int, seed: int, mirrored: bool = False) -> list[tuple[t
 @given(seed=st.integers(0, 2**16), count=st.integers(16, 48))
 def test_mirror_asymmetry_separates_handed_from_mirror_closed_data(seed: int, count: int) -> None:
     handed = handed_glyphs(count, seed)
-    assert mirror_asymmetry(*zip(*handed)) >= MIRROR_ASYMMETRY
+    assert mirror_asymmetry(*zip(*handed, strict=True)) >= MIRROR_ASYMMETRY
     # With each image's mirror in the same class the left-right differences cancel exactly:
     # what is left is minus the noise correction.
     closed = handed + [(image.flip(-1), label) for image, label in handed]
-    assert mirror_asymmetry(*zip(*closed)) <= 1e-9
-    assert mirror_asymmetry(*zip(*handed_glyphs(count, seed, mirrored=True))) < MIRROR_ASYMMETRY
+    assert mirror_asymmetry(*zip(*closed, strict=True)) <= 1e-9
+    assert mirror_asymmetry(*zip(*handed_glyphs(count, seed, mirrored=True), strict=True)) < MIRROR_ASYMMETRY
 
 
 @settings(max_examples=20, deadline=None)

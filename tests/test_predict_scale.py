@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runner import run_cf as _cf
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from cli_runner import run_cf as _cf
 from PIL import Image
 from test_slide_tta import SMALL  # the small decoder every segmentation test trains
 
