@@ -295,7 +295,8 @@ def test_classification_loader_with_both_options(tmp_path: Path) -> None:
 def test_imagenet_recipe_options_reach_the_loader() -> None:
     cfg = resolve_config("imagenet-1k", data="d", out="o")
     options, missing = augment_options(cfg, "image")
-    assert options == {"rand_augment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.25}
+    # the recipe sets the flip: ImageNet photos need no handedness check
+    assert options == {"rand_augment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.25, "flip": True}
     assert missing == []
     transform = make_transform("classification", cfg.data.image_size, True, **options)
     out = transform(_sample(), torch.Generator().manual_seed(0))
