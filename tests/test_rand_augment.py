@@ -304,9 +304,9 @@ def test_imagenet_recipe_options_reach_the_loader() -> None:
 
     off = resolve_config("imagenet-1k", data="d", out="o", rand_augment="none",
                          random_erasing=0.0)  # fmt: skip
-    assert augment_options(off, "image") == ({"random_erasing": 0.0}, [])
+    assert augment_options(off, "image") == ({"random_erasing": 0.0, "flip": True}, [])
     # the dense transforms take neither: they are left out, with a note
-    assert augment_options(cfg, "dense") == ({}, ["rand_augment", "random_erasing"])
+    assert augment_options(cfg, "dense") == ({"flip": True}, ["rand_augment", "random_erasing"])
     more = resolve_config("imagenet-1k", data="d", out="o", sets=["data.augment.scale=[0.5, 1]"])
     assert augment_options(more, "image")[0]["scale"] == [0.5, 1.0]
 
