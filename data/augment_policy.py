@@ -191,10 +191,3 @@ def peek_images(
     peek = DataPeek(sizes, mirror_asymmetry(images, labels) if images else None)
     _PEEKED[cache_key] = peek
     return peek
-
-
-def peek_image_sizes(
-    path: str | os.PathLike | Sequence[str], task: str | SampleSpec, limit: int = PEEK
-) -> list[tuple[int, int]]:
-    """``(H, W)`` of the images :func:`peek_images` reads."""
-    return peek_images(path, task, limit).sizes

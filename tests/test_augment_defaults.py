@@ -19,7 +19,6 @@ from clusterformer.data.augment_policy import (
     MIRROR_ASYMMETRY,
     choose_image_augment,
     mirror_asymmetry,
-    peek_image_sizes,
     peek_images,
 )
 from clusterformer.data.transforms import make_transform
@@ -67,7 +66,7 @@ def low_res(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_peek_reads_shards_and_raw_folders(low_res: Path) -> None:
-    assert peek_image_sizes(low_res, "classification", limit=5) == [(32, 32)] * 5
+    assert peek_images(low_res, "classification", limit=5).sizes == [(32, 32)] * 5
 
 
 def test_train_start_line_and_checkpoint_record(low_res: Path, tmp_path: Path) -> None:
