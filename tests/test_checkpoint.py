@@ -208,3 +208,17 @@ def test_sigterm_saves_a_loadable_checkpoint(shards: Path, tmp_path: Path) -> No
     state = ckpt.load_state(run)
     assert meta["step"] == state["step"] >= 1 and task.name == "classification"
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_atomic_write_syncs_only_when_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool) -> None:
+    from clusterformer.engine import files
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    target = tmp_path / "out" / "a.json"
+    files.atomic_write_json(target, {"x": 1}, durable=durable)
+    assert json.loads(target.read_text()) == {"x": 1}
+    assert [p.name for p in target.parent.iterdir()] == ["a.json"]  # no temporary left
+    assert (len(synced) == 2) if durable else not synced  # the file, then its folder
