@@ -108,11 +108,10 @@ def register(app: typer.Typer) -> None:
             from clusterformer.cli.runtime_opts import start_compute
 
             start_compute(device)
-            metrics = _evaluate_checkpoint(
+            metrics, evaluator = _evaluate_checkpoint(
                 ckpt, data, batch_size, image_size, device, amp, num_workers, task, out,
                 compile_model=compile_model, per_class=classes, slide=slide, tta=tta,
             )
-            evaluator = metrics.pop("_evaluator")
             title = f"{metrics.pop('_task')} checkpoint {ckpt} on {data}"
         report(title, metrics, out=out, per_class=per_class,
                run_folder=_run_folder(ckpt) if ckpt is not None else None)
@@ -135,7 +134,9 @@ def _evaluate_checkpoint(
     per_class: bool = False,
     slide: tuple[int, int] | None = None,
     tta: str | None = None,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Any]:
+    """The checkpoint's metrics on ``data`` (with ``_task``, its task name) and the evaluator
+    that computed them (its confusion matrix feeds ``--plots``)."""
     from clusterformer.cli.progress import progress_bar
     from clusterformer.data import build_loader, load_dataset_info
     from clusterformer.engine.distributed import pick_device
@@ -195,8 +196,8 @@ def _evaluate_checkpoint(
             raise UserError(f"--per-class: {exc}") from None
     plan_keys = {"slide": list(plan.slide) if plan.slide else None,
                  "tta": tta} if plan.active else {}  # fmt: skip
-    return {**metrics, "step": meta.get("step"), "image_size": size, **plan_keys,
-            "_task": task.name, "_evaluator": evaluator}  # fmt: skip
+    summary = {**metrics, "step": meta.get("step"), "image_size": size, **plan_keys, "_task": task.name}
+    return summary, evaluator
 
 
 def _check_categories(trained: list[dict], data_cats: list[dict], ckpt: Path, data: Path) -> None:

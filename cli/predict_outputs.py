@@ -82,20 +82,12 @@ def _write_one(record: dict[str, Any], raw: Any, png: Path, json_path: Path | No
 
 
 def save_png(canvas: Any, path: Path) -> None:
-    """Write a PIL image as PNG: RGB through :func:`encode_rgb_png`, other modes by Pillow."""
-    import io
-
+    """Write an RGB PIL image (what ``draw_overlay`` draws) as PNG."""
     import numpy as np
 
     from clusterformer.engine.files import atomic_write_bytes
 
-    if canvas.mode == "RGB":
-        data = encode_rgb_png(np.asarray(canvas))
-    else:
-        buffer = io.BytesIO()
-        canvas.save(buffer, format="PNG", compress_level=1)
-        data = buffer.getvalue()
-    atomic_write_bytes(path, data, durable=False)
+    atomic_write_bytes(path, encode_rgb_png(np.asarray(canvas)), durable=False)
 
 
 def _chunk(tag: bytes, data: bytes) -> bytes:
