@@ -26,7 +26,8 @@ needs_onednn = pytest.mark.skipif(not ONEDNN, reason="torch built without oneDNN
 # makes it an absolute 1e-6 for outputs below 0.1: oneDNN's fused GELU is off by ~4e-7
 # absolute, which is 1.5e-5 of an output of 0.03.
 RTOL = 1e-5
-LARGE_ROWS = linear_module._ONEDNN_MIN_ROWS_FOR_TRANSPOSE
+# Above this many rows the weight gradient is BLAS's, up to it oneDNN's.
+LARGE_ROWS = linear_module._ONEDNN_MAX_ROWS_FOR_WEIGHT_GRAD
 
 
 def rel_diff(got: Tensor, want: Tensor) -> float:
@@ -132,9 +133,9 @@ def test_unknown_activation_raises_value_error():
 
 
 GRAD_CASES = [
-    # (leading shape, rows of the input gradient, oneDNN calls: forward + input gradient)
-    pytest.param((3, 5), 1, id="small-rows-blas-input-grad"),
-    pytest.param((2, LARGE_ROWS // 2 + 3), 2, id="large-rows-onednn-input-grad"),
+    # (leading shape, oneDNN calls: forward + input gradient [+ weight gradient])
+    pytest.param((3, 5), 3, id="few-rows-onednn-weight-grad"),
+    pytest.param((2, LARGE_ROWS // 2 + 3), 2, id="many-rows-blas-weight-grad"),
 ]
 
 
@@ -142,8 +143,9 @@ GRAD_CASES = [
 @pytest.mark.parametrize(("lead", "onednn_kernels"), GRAD_CASES)
 @pytest.mark.parametrize("activation", ["none", "gelu"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_gradients_equal_f_linear(lead, onednn_kernels, activation, bias):
-    in_dim, out_dim = 12, 10
+# Both orientations of the oneDNN weight gradient: fewer outputs than inputs, and more.
+@pytest.mark.parametrize(("in_dim", "out_dim"), [(12, 10), (6, 14)], ids=["narrow-out", "wide-out"])
+def test_gradients_equal_f_linear(lead, onednn_kernels, activation, bias, in_dim, out_dim):
     x = rand(0, *lead, in_dim).requires_grad_()
     weight = rand(1, out_dim, in_dim).requires_grad_()
     b = rand(2, out_dim).requires_grad_() if bias else None

@@ -168,7 +168,10 @@ def _keys_and_values(
     *lead, length, width = kv.shape
     kv = kv.reshape(*lead, length, 2, num_heads, width // (2 * num_heads))
     kv = kv.movedim(-3, 0).movedim(-2, -3).contiguous()  # (2, ..., h, N, d)
-    return kv[0], kv[1]
+    # unbind, not kv[0] and kv[1]: its backward stacks the two gradients in one copy, where
+    # two selects each wrote a zero-filled (2, ..., h, N, d) gradient and then summed them.
+    keys, values = kv.unbind(0)
+    return keys, values
 
 
 def recurrent_cross_attention_clustering(

@@ -11,8 +11,10 @@ at the backbone's shapes (``docs/benchmarks.md``, "Eager fast paths").
 
 The fused kernel has no autograd formula of its own. Where a gradient is needed, the product
 (without the activation, whose backward needs the pre-activation) runs through a small autograd
-function: oneDNN for the forward and for the input gradient, BLAS for the weight gradient
-(a long reduction that oneDNN would need transposed copies for). Everything else is plain
+function: oneDNN for the forward and for the input gradient (handed the transposed weight as a
+view: oneDNN packs every weight into its own blocked layout anyway, so no copy is made), and
+for the weight gradient oneDNN up to 2048 rows, BLAS above (the long reductions of early
+stages, where oneDNN ran 1.1-1.5x slower). Everything else is plain
 ``F.linear`` (+ ``F.gelu``): while ``torch.compile``, ``torch.export`` or ONNX export trace the
 model (they fuse on their own), under ``vmap``/``grad`` (no batching rule), under Python
 dispatch modes such as ``FlopCounterMode`` (they expect standard aten ops), and for anything
@@ -40,10 +42,10 @@ def _onednn_available() -> bool:
 
 _ONEDNN = _onednn_available()
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
-# Below this many rows the input gradient is a BLAS mm: copying the transposed weight for
-# oneDNN costs more than oneDNN saves. (The copy costs about what oneDNN saves on 60 rows;
-# stage 3 of tiny at batch 8 has 1568 rows, where oneDNN is 94 GFLOP/s against BLAS's 72.)
-_ONEDNN_MIN_ROWS_FOR_TRANSPOSE = 256
+# Up to this many rows the weight gradient ``grad^T @ x`` is oneDNN's; above it BLAS's. Timed
+# A/B at one thread (torch 2.13, tiny's shapes at batch 8): oneDNN took 0.81-0.95x BLAS's time
+# at 392 and 1568 rows (stages 3-4) and 1.0-1.5x at 4608-25088 rows (stages 1-2).
+_ONEDNN_MAX_ROWS_FOR_WEIGHT_GRAD = 2048
 
 
 def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
@@ -76,6 +78,17 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, attr: str = "
     )
 
 
+def _onednn_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
+    """``grad^T @ x``, ``(out, in)``, for ``grad (rows, out)`` and ``x (rows, in)``, by oneDNN.
+
+    The narrower side is the product's rows and the wider one its packed weight: of the two
+    orientations that one ran faster at every shape timed.
+    """
+    if grad.shape[1] <= x.shape[1]:
+        return _onednn_linear(grad.t(), x.t(), None)
+    return _onednn_linear(x.t(), grad.t(), None).t()
+
+
 class _OneDnnLinear(torch.autograd.Function):
     """``x @ weight^T + bias`` by oneDNN, with its gradients (differentiable again when the
     backward runs with ``create_graph``)."""
@@ -99,13 +112,18 @@ class _OneDnnLinear(torch.autograd.Function):
         # differentiable aten op, never oneDNN's.
         onednn = not torch.is_grad_enabled()
         if ctx.needs_input_grad[0]:
-            # oneDNN needs the transposed weight as a copy: worth it only for many rows.
-            if onednn and rows.shape[0] >= _ONEDNN_MIN_ROWS_FOR_TRANSPOSE:
-                grad_x = _onednn_linear(grad, weight.t().contiguous(), None)
+            if onednn:
+                # 0.73-0.94x BLAS's time from 72 to 4608 rows; a contiguous copy of the
+                # transposed weight made it slower than BLAS below ~1000 rows.
+                grad_x = _onednn_linear(grad, weight.t(), None)
             else:
                 grad_x = (rows @ weight).reshape(*grad.shape[:-1], weight.shape[1])
         if ctx.needs_input_grad[1]:
-            grad_w = rows.t() @ x.reshape(-1, x.shape[-1])
+            inputs = x.reshape(-1, x.shape[-1])
+            if onednn and rows.shape[0] <= _ONEDNN_MAX_ROWS_FOR_WEIGHT_GRAD:
+                grad_w = _onednn_weight_grad(rows, inputs)
+            else:
+                grad_w = rows.t() @ inputs
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = rows.sum(0)
         return grad_x, grad_w, grad_b
