@@ -14,7 +14,7 @@ The fused kernel has no autograd formula of its own. Where a gradient is needed,
 function: oneDNN for the forward and for the input gradient (handed the transposed weight as a
 view: oneDNN packs every weight into its own blocked layout anyway, so no copy is made), and
 for the weight gradient oneDNN up to 2048 rows, BLAS above (the long reductions of early
-stages, where oneDNN ran 1.1-1.5x slower). Everything else is plain
+stages, where oneDNN took 1.0-1.5x BLAS's time). Everything else is plain
 ``F.linear`` (+ ``F.gelu``): while ``torch.compile``, ``torch.export`` or ONNX export trace the
 model (they fuse on their own), under ``vmap``/``grad`` (no batching rule), under Python
 dispatch modes such as ``FlopCounterMode`` (they expect standard aten ops), and for anything
@@ -82,7 +82,7 @@ def _onednn_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     """``grad^T @ x``, ``(out, in)``, for ``grad (rows, out)`` and ``x (rows, in)``, by oneDNN.
 
     The narrower side is the product's rows and the wider one its packed weight: of the two
-    orientations that one ran faster at every shape timed.
+    orientations that one was faster, or within 1 %, at every shape timed.
     """
     if grad.shape[1] <= x.shape[1]:
         return _onednn_linear(grad.t(), x.t(), None)
@@ -114,7 +114,7 @@ class _OneDnnLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if onednn:
                 # 0.73-0.94x BLAS's time from 72 to 4608 rows; a contiguous copy of the
-                # transposed weight made it slower than BLAS below ~1000 rows.
+                # transposed weight made it slower than BLAS up to at least 392 rows.
                 grad_x = _onednn_linear(grad, weight.t(), None)
             else:
                 grad_x = (rows @ weight).reshape(*grad.shape[:-1], weight.shape[1])
