@@ -20,11 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
-from clusterformer.engine.benchmark import BenchConfig, _Runner, count_gflops, parse_model
+from clusterformer.engine.benchmark import (
+    BenchConfig,
+    _rotations,
+    _Runner,
+    count_gflops,
+    parse_model,
+)
 from clusterformer.engine.runtime import tune_cpu_allocator
 
 MODELS = ("clusterformer-tiny", "timm/swin_tiny_patch4_window7_224")
@@ -72,13 +77,10 @@ def main() -> None:
             runner.call()
     wall = {key: [] for key in runners}
     products = {key: [] for key in runners}
-    for round_index in range(args.rounds):
-        keys = list(runners)
-        keys = keys[round_index % len(keys):] + keys[:round_index % len(keys)]
+    # _rotations never ends: zip stops it after --rounds.
+    for round_index, keys in zip(range(args.rounds), _rotations(list(runners)), strict=False):
         for key in keys:
-            start = time.perf_counter()
-            runners[key].call()
-            wall[key].append(time.perf_counter() - start)
+            wall[key].append(runners[key].timed_call())
             products[key].append(product_seconds(runners[key]))
         print(f"round {round_index + 1}/{args.rounds} done", flush=True)
     gflops = {name: count_gflops(parse_model(name), 224) for name in MODELS}

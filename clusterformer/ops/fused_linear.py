@@ -12,7 +12,7 @@ at the backbone's shapes (``docs/benchmarks.md``, "Eager fast paths").
 The fused kernel has no autograd formula of its own. Where a gradient is needed, the product
 (without the activation, whose backward needs the pre-activation) runs through a small autograd
 function: oneDNN for the forward and for the input gradient (handed the transposed weight as a
-view: oneDNN packs every weight into its own blocked layout anyway, so no copy is made), and
+view: oneDNN packs every weight into its own blocked layout anyway, so we make no copy), and
 for the weight gradient oneDNN up to 2048 rows, BLAS above (the long reductions of early
 stages, where oneDNN took 1.0-1.5x BLAS's time). Everything else is plain
 ``F.linear`` (+ ``F.gelu``): while ``torch.compile``, ``torch.export`` or ONNX export trace the
@@ -45,6 +45,7 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 # Up to this many rows the weight gradient ``grad^T @ x`` is oneDNN's; above it BLAS's. Timed
 # A/B at one thread (torch 2.13, tiny's shapes at batch 8): oneDNN took 0.81-0.95x BLAS's time
 # at 392 and 1568 rows (stages 3-4) and 1.0-1.5x at 4608-25088 rows (stages 1-2).
+# benchmarks/bench_linear_backward.py times both gradients at tiny's shapes.
 _ONEDNN_MAX_ROWS_FOR_WEIGHT_GRAD = 2048
 
 
