@@ -18,6 +18,7 @@ from clusterformer.data.coco_index import (
 )
 from clusterformer.data.errors import DatasetError, SampleError
 from clusterformer.data.images import decode_panoptic_png
+from clusterformer.data.paths import name_problem
 from clusterformer.data.records import Record
 from clusterformer.data.source import (
     Source,
@@ -71,7 +72,11 @@ def _load(images_dir: Path, masks_dir: Path, image: dict, ann: dict | None, know
         raise SampleError(path, key, "image has no entry in the panoptic annotations")
     if not isinstance(ann.get("segments_info", []), list):
         raise SampleError(path, key, "segments_info is not a list")
-    png = masks_dir / str(ann.get("file_name", Path(path).with_suffix(".png").name))
+    png_name = ann.get("file_name", Path(path).with_suffix(".png").name)
+    if name_problem(png_name):  # "../../x" would read outside --masks
+        raise SampleError(masks_dir, key, f"panoptic file_name {str(png_name)[:80]!r} "
+                          f"{name_problem(png_name)}")  # fmt: skip
+    png = masks_dir / png_name
     label_bytes, ids = read_label_png(png, key, decode_panoptic_png, "panoptic PNG", (height, width))
     segments = list(ann.get("segments_info", []))
     _check_segments(png, key, ids, segments, known)

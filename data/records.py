@@ -36,6 +36,7 @@ from clusterformer.data.images import (
     decode_label_map,
     decode_panoptic_png,
 )
+from clusterformer.data.paths import check_name
 
 FORMATS = ("coco", "coco-panoptic", "ade20k", "imagefolder")
 LABEL_SUFFIX = "label.png"
@@ -200,8 +201,14 @@ def decode_record(members: dict, info: dict) -> dict:
     import torch
 
     plain = _suffix_members(members)
-    annotation = json.loads(_as_bytes(plain["json"]).decode("utf-8"))
-    key = str(annotation.get("key", members.get("__key__", "")))
+    try:
+        annotation = json.loads(_as_bytes(plain["json"]).decode("utf-8"))
+    except RecursionError:
+        raise ValueError("annotation JSON is nested too deeply") from None
+    if not isinstance(annotation, dict):
+        raise ValueError(f"annotation JSON is a {type(annotation).__name__}, not an object")
+    # Evaluation names prediction files after the key: it must be a name inside a folder.
+    key = check_name(annotation.get("key", members.get("__key__", "")), "sample key")
     image = decode_image_array(_image_member(plain, annotation), f"sample {key}")
     h, w = image.shape[:2]
     sample = {

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from clusterformer.data.errors import DatasetError, ImageDecodeError, SampleError
 from clusterformer.data.images import IMAGE_EXTENSIONS, decode_image_array, image_format_extension
+from clusterformer.data.paths import name_problem
 from clusterformer.data.records import Record, decode_record, encode_record
 
 ON_ERROR = ("stop", "skip")
@@ -99,6 +100,8 @@ def read_json(path: Path, what: str) -> object:
         raise DatasetError(path, f"{what} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise DatasetError(path, f"invalid JSON in {what} (line {exc.lineno}: {exc.msg})") from None
+    except RecursionError:
+        raise DatasetError(path, f"{what} is JSON nested too deeply to be read") from None
 
 
 def as_int(value: object) -> int | None:
@@ -148,6 +151,8 @@ def image_problems(images: list[dict]) -> dict[int, str]:
             problems[i] = "image entry has no id"
         elif not isinstance(image.get("file_name"), str) or not image["file_name"]:
             problems[i] = "image entry has no file_name"
+        elif name_problem(image["file_name"]):  # "../../x" would read outside --images
+            problems[i] = f"file_name {image['file_name'][:80]!r} {name_problem(image['file_name'])}"
         elif image_id is None:
             problems[i] = f"image id {str(image.get('id'))[:40]!r} is not an integer"
         elif bad:

@@ -62,7 +62,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = decode_metadata(f.metadata())
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, RecursionError) as exc:
         raise _unreadable(path, exc) from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a clusterformer checkpoint (metadata has no "

@@ -174,6 +174,8 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
         meta = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{p}: clusterformer metadata is not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{p}: clusterformer metadata is JSON nested too deeply") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{p}: clusterformer metadata is not a JSON object")
     return meta

@@ -205,6 +205,8 @@ def load_results(path: str | os.PathLike) -> list[dict]:
         results = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to be a results file") from None
     if isinstance(results, dict) and "annotations" in results:
         results = results["annotations"]  # a COCO ground-truth file used as predictions
     if not isinstance(results, list):

@@ -29,6 +29,7 @@ from clusterformer.metrics.seg_common import (
     gather_lists,
     is_rank0,
     iter_label_records,
+    prediction_file,
     read_json_file,
     real_images,
     to_original_size,
@@ -232,11 +233,12 @@ class PanopticEvaluator:
                 raise ValueError(f"image {target.get('key', i)}: {exc}") from None
             self.num_images += 1
             if self.predictions_out is not None:
-                name = f"{target.get('key', i)}.png"
                 folder = self.predictions_out.with_name(
                     self.predictions_out.name.removesuffix(".json")
                 )
-                atomic_write_bytes(folder / name, _png_bytes(pred_ids))
+                png = prediction_file(folder, target.get("key", i))
+                name = png.relative_to(folder).as_posix()
+                atomic_write_bytes(png, _png_bytes(pred_ids))
                 self.written.append({"image_id": int(target["image_id"]), "file_name": name,
                                      "segments_info": segments})  # fmt: skip
 
@@ -304,6 +306,7 @@ def score_panoptic(
     """
     from clusterformer.data.errors import ImageDecodeError
     from clusterformer.data.images import decode_panoptic_png
+    from clusterformer.data.paths import join_inside
 
     pred_json = Path(pred_json)
     by_image = _load_prediction_index(pred_json)
@@ -322,7 +325,8 @@ def score_panoptic(
             raise ValueError(f"{pred_json}: no prediction for image id {image_id} "
                              f"('{annotation.get('file_name', annotation.get('key'))}')")  # fmt: skip
         pred = by_image[image_id]
-        png = folder / str(pred["file_name"])
+        png = join_inside(folder, pred["file_name"], f"{pred_json}: image {image_id}: "
+                          "file_name")  # a crafted JSON must not read outside its PNG folder
         if not png.is_file():
             raise FileNotFoundError(f"{png}: prediction PNG for image id {image_id} not found")
         try:

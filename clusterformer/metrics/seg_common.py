@@ -55,12 +55,29 @@ def iter_label_records(
             for _, members in source.read(unit, lambda _pos: True):
                 if "__entry__" in members:  # raw folder: the reader loads the record
                     members = encode_record(members["__entry__"].load())
-                annotation = json.loads(bytes(members["json"]).decode("utf-8"))
+                where = f"{members.get('__url__', data)} (sample {members.get('__key__')})"
+                try:
+                    annotation = json.loads(bytes(members["json"]).decode("utf-8"))
+                except (ValueError, RecursionError) as exc:  # JSON, UTF-8, nesting
+                    raise ValueError(f"{where}: unreadable annotation JSON "
+                                     f"({type(exc).__name__})") from None  # fmt: skip
+                if not isinstance(annotation, dict):
+                    raise ValueError(f"{where}: the annotation JSON is not an object")
                 annotation.setdefault("key", str(members.get("__key__", "")))
                 label = members.get(LABEL_SUFFIX)
                 yield annotation, (bytes(label) if label is not None else None)
 
     return source.info, records()
+
+
+def prediction_file(folder: Path, key: object) -> Path:
+    """``folder/<key>.png``, the prediction file of the sample ``key``; UnsafeNameError
+    (ValueError) when the key is no name inside ``folder`` (``../x``, ``/abs/x``; see
+    :mod:`clusterformer.data.paths`)."""
+    from clusterformer.data.paths import check_name, join_inside
+
+    name = check_name(str(key), "sample key")
+    return join_inside(folder, f"{name}.png", "sample key")
 
 
 def stem_of(annotation: dict) -> str:
@@ -154,3 +171,5 @@ def read_json_file(path: Path, what: str) -> Any:
         raise ValueError(f"{path}: {what} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: {what} is JSON nested too deeply to be read") from None

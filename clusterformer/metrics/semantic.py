@@ -25,6 +25,7 @@ from clusterformer.metrics.seg_common import (
     atomic_write_bytes,
     distributed,
     iter_label_records,
+    prediction_file,
     real_images,
     stem_of,
     to_original_size,
@@ -135,7 +136,7 @@ class SemanticEvaluator:
             if self.predictions_out is not None:
                 ok = (pred_np >= 0) & (pred_np < self.num_classes)
                 values = np.where(ok, self.to_dataset[np.clip(pred_np, 0, self.num_classes - 1)], 0)
-                path = self.predictions_out / f"{target.get('key', i)}.png"
+                path = prediction_file(self.predictions_out, target.get("key", i))
                 atomic_write_bytes(path, _label_png(values))
 
     def compute(self) -> dict[str, float]:
@@ -195,10 +196,8 @@ def score_semantic_folder(
     for annotation, label_png in records:
         raw = decode_label_map(label_png or b"", f"sample {annotation.get('key')} label")
         gt = semantic_lut(categories, max(int(raw.max(initial=0)), 255))[raw]
-        candidates = [
-            pred_dir / f"{stem_of(annotation)}.png",
-            pred_dir / f"{annotation['key']}.png",
-        ]
+        candidates = [prediction_file(pred_dir, stem_of(annotation)),
+                      prediction_file(pred_dir, annotation["key"])]
         path = next((p for p in candidates if p.is_file()), None)
         if path is None:
             raise FileNotFoundError(f"{candidates[0]}: prediction PNG not found for image "
