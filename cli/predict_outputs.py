@@ -7,17 +7,81 @@ written in order, inline. Every path is listed in ``written`` before it is writt
 run can remove what it left (after the threads have finished). Each file appears whole or not
 at all (temporary name, rename) but is not fsynced: a rerun recreates it, and the three fsyncs
 per file took longer than the model on 640x480 photos.
+
+Where each input's outputs go is :func:`output_names`: ``OUT/<name>.png`` and
+``OUT/<name>.json`` (a video: the folder ``OUT/<name>/``), ``<name>`` the input's stem, made
+unique so that no two inputs share an output, none takes the combined records' names and none
+replaces an input that lives in OUT.
 """
 
 from __future__ import annotations
 
 import json
+import unicodedata
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 # Writes waiting at most: beyond this the oldest is waited for (bounds the images held).
 MAX_PENDING = 64
+# What the run as a whole writes in OUT (one or the other); no input's outputs take these.
+COMBINED = ("predictions.json", "predictions.jsonl")
+
+
+def fold(name: str) -> str:
+    """``name`` as a case-insensitive file system compares it: macOS and Windows would take
+    ``A.png`` and ``a.png`` (or two Unicode spellings of an accent) for one file."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def output_entries(name: str, video: bool) -> tuple[str, ...]:
+    """What an input called ``name`` creates directly in OUT."""
+    return (name,) if video else (f"{name}.png", f"{name}.json")
+
+
+def entry_in(out: Path, path: Path) -> str | None:
+    """The folded name of the entry of folder ``out`` that ``path`` is or lies under (both
+    absolute), or None when ``path`` is not inside ``out``."""
+    parts, base = [fold(p) for p in path.parts], [fold(p) for p in out.parts]
+    if len(parts) > len(base) and parts[: len(base)] == base:
+        return parts[len(base)]
+    return None
+
+
+def output_names(
+    images: Sequence[Path], out: Path, inputs: Iterable[Path] = (),
+    reserved: Iterable[str] = COMBINED,
+) -> list[str]:  # fmt: skip
+    """The name each of ``images`` writes its outputs under, in input order: its stem, or the
+    stem with ``-2``, ``-3``, ... appended (the first not taken) when one of its outputs
+    (:func:`output_entries`) would be an entry already taken, compared case-insensitively:
+    an earlier input's output, a name in ``reserved``, or the entry of OUT that one of
+    ``inputs`` is or lies in. ``out`` and ``inputs`` are absolute paths (the caller resolves
+    them): this only compares names, so the same arguments always give the same names."""
+    from clusterformer.data.video import is_video
+
+    # "." and ".." are OUT and the folder above it: a video "...mp4" would write its frames there.
+    taken = {".", "..", *(fold(name) for name in reserved)}
+    taken.update(e for path in inputs if (e := entry_in(out, path)) is not None)
+    # Per folded stem (and kind) the suffix to try first: every smaller one is taken for good,
+    # so a thousand files called 000000.jpg cost a thousand tries, not half a million.
+    first: dict[tuple[str, bool], int] = {}
+    names = []
+    for image in images:
+        stem, video = image.stem, is_video(image)
+        key = (fold(stem), video)
+        k = first.get(key, 1)
+        while True:
+            name = stem if k == 1 else f"{stem}-{k}"
+            entries = [fold(e) for e in output_entries(name, video)]
+            if taken.isdisjoint(entries):
+                break
+            k += 1
+        first[key] = k + 1
+        taken.update(entries)
+        names.append(name)
+    return names
 
 
 class PredictionWriter:
@@ -31,13 +95,14 @@ class PredictionWriter:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="overlay") if threads > 0 else None
         self.pending: list[Future] = []
 
-    def add(self, record: dict[str, Any], raw: Any, stem: str, frame: int | None) -> None:
-        """One image's (or video frame's) record and the decoded ``raw`` (3, H, W) uint8 image."""
+    def add(self, record: dict[str, Any], raw: Any, name: str, frame: int | None) -> None:
+        """One image's (or video frame's) record and the decoded ``raw`` (3, H, W) uint8 image,
+        written under the input's ``name`` (:func:`output_names`)."""
         self.everything.append(record)
         if frame is None:
-            png, json_path = self.out / f"{stem}.png", self.out / f"{stem}.json"
+            png, json_path = self.out / f"{name}.png", self.out / f"{name}.json"
         else:
-            png, json_path = self.out / stem / f"{frame:06d}.png", None
+            png, json_path = self.out / name / f"{frame:06d}.png", None
             if not png.parent.exists():
                 png.parent.mkdir()
                 self.written.append(png.parent)
