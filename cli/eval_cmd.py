@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -96,27 +97,33 @@ def register(app: typer.Typer) -> None:
         # The bar charts draw the per-class metrics: --plots computes them (printed and
         # written only with --per-class).
         classes = per_class or target is not None
-        if predictions is not None:
-            if slide is not None or tta is not None:
-                raise UserError("--slide and --tta run a model: use them with --ckpt, not --predictions")
-            if task is None:
-                raise UserError("--predictions needs --task")
-            metrics = _score_predictions(task, predictions, data, num_workers, classes)
-            evaluator = None
-            title = f"{task} predictions {predictions} on {data}"
-        else:
-            from clusterformer.cli.runtime_opts import start_compute
+        from clusterformer.data.output_lock import hold_output
 
-            start_compute(device)
-            metrics, evaluator = _evaluate_checkpoint(
-                ckpt, data, batch_size, image_size, device, amp, num_workers, task, out,
-                compile_model=compile_model, per_class=classes, slide=slide, tta=tta,
-            )
-            title = f"{metrics.pop('_task')} checkpoint {ckpt} on {data}"
-        report(title, metrics, out=out, per_class=per_class,
-               run_folder=_run_folder(ckpt) if ckpt is not None else None)
-        if target is not None:  # after the table, so the last line says where the plots are
-            _write_plots(target, metrics, evaluator)
+        # --out and the predictions named after it (NAME.semantic/, NAME.panoptic/): one writer
+        guard = (hold_output(out, "cf eval", is_file=True) if out is not None
+                 else contextlib.nullcontext())  # fmt: skip
+        with guard:
+            if predictions is not None:
+                if slide is not None or tta is not None:
+                    raise UserError("--slide and --tta run a model: use them with --ckpt, not --predictions")
+                if task is None:
+                    raise UserError("--predictions needs --task")
+                metrics = _score_predictions(task, predictions, data, num_workers, classes)
+                evaluator = None
+                title = f"{task} predictions {predictions} on {data}"
+            else:
+                from clusterformer.cli.runtime_opts import start_compute
+
+                start_compute(device)
+                metrics, evaluator = _evaluate_checkpoint(
+                    ckpt, data, batch_size, image_size, device, amp, num_workers, task, out,
+                    compile_model=compile_model, per_class=classes, slide=slide, tta=tta,
+                )
+                title = f"{metrics.pop('_task')} checkpoint {ckpt} on {data}"
+            report(title, metrics, out=out, per_class=per_class,
+                   run_folder=_run_folder(ckpt) if ckpt is not None else None)
+            if target is not None:  # after the table, so the last line says where the plots are
+                _write_plots(target, metrics, evaluator)
 
 
 def _evaluate_checkpoint(

@@ -44,12 +44,14 @@ def register(app: typer.Typer) -> None:
 
         from clusterformer.cli.progress import progress_bar
         from clusterformer.cli.runtime_opts import start_compute
+        from clusterformer.data.output_lock import hold_output
         from clusterformer.export import ParityError, export_checkpoint
 
         start_compute("cpu")
         console = Console()
         # The exporter names its stages (load, trace, write, parity): one bar step each.
-        with progress_bar("export", EXPORT_STAGES) as update:
+        with hold_output(out, "cf export", is_file=True), \
+                progress_bar("export", EXPORT_STAGES) as update:
             done = iter(range(EXPORT_STAGES))
             try:
                 result = export_checkpoint(

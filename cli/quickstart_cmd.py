@@ -86,19 +86,22 @@ def register(app: typer.Typer) -> None:
                 raise DataError(
                     f"{run_dir} already holds a trained model; remove it or choose another --out"
                 )
+        from clusterformer.data.output_lock import hold_output
+        from clusterformer.engine.files import atomic_write_json
+
         console = Console()
         t0 = time.perf_counter()
         step = _Stages(console, 6 if both else 3)
         metrics: dict[str, Any] = {}
-        ckpt, metrics[first] = _pretrain(out, step, num_train, num_val,
-                                         pretrain_steps if both else steps,
-                                         None if both else image_size, seed, device)  # fmt: skip
-        if both:
-            ckpt, metrics[scenes] = _scenes(out, step, ckpt, num_scenes, max(num_val // 4, 4),
-                                            steps, image_size, seed, device)  # fmt: skip
-        from clusterformer.engine.files import atomic_write_json
-
-        atomic_write_json(out / "metrics.json", metrics if both else metrics[first])
+        with hold_output(out, "cf quickstart"):  # its steps lock their own folders inside
+            ckpt, metrics[first] = _pretrain(out, step, num_train, num_val,
+                                             pretrain_steps if both else steps,
+                                             None if both else image_size, seed, device)  # fmt: skip
+            if both:
+                ckpt, metrics[scenes] = _scenes(out, step, ckpt, num_scenes,
+                                                max(num_val // 4, 4), steps, image_size, seed,
+                                                device)  # fmt: skip
+            atomic_write_json(out / "metrics.json", metrics if both else metrics[first])
         last_run = run_dirs[-1]
         console.print(f"done in {time.perf_counter() - t0:.0f} s; checkpoint: {ckpt}")
         shards = out / ("scene-shards-val" if both else "shards-val")

@@ -5,9 +5,12 @@ Guarantees:
 * Deterministic: entries are sorted by key, optionally shuffled with ``random.Random(seed)``,
   and tar headers carry fixed mtime/uid/gid/names, so the same input + seed gives
   byte-identical shards.
+* One writer at a time: ``write_shards`` holds ``out``'s lock
+  (:mod:`clusterformer.data.output_lock`) from start to end; a second writer is refused with
+  one line naming the holder, and the dataset there is untouched.
 * Nothing half-written looks whole: shards, skipped.jsonl and dataset.json are first written
-  completely under temporary names (``.shard-NNNNNN.tar.tmp``, ...), fsynced; dataset.json is
-  the last file moved into place.
+  completely under temporary names (``.shard-NNNNNN.tar.tmp-<pid>``, ...), fsynced;
+  dataset.json is the last file moved into place.
 * A dataset already in ``out`` is replaced only once the new one is complete: until then it
   stays readable, and a failure (bad sample, full disk) leaves it untouched. The swap removes
   its dataset.json first (the folder stops claiming to be a dataset), renames the new shards
@@ -28,6 +31,7 @@ import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
+from clusterformer.data.output_lock import hold_output
 from clusterformer.data.records import Record, encode_record
 from clusterformer.data.source import ON_ERROR, Source, iter_records
 
@@ -41,22 +45,20 @@ def shard_name(index: int) -> str:
 
 
 def _tmp_name(name: str) -> str:
-    return f".{name}.tmp"
+    return f".{name}.tmp-{os.getpid()}"  # this process's own: no other writer can clash
 
 
-def _is_ours(path: Path) -> bool:
+def _is_temporary(path: Path) -> bool:
     name = path.name
-    if name in (INDEX_NAME, SKIPPED_NAME) or name.startswith((f".{INDEX_NAME}", f".{SKIPPED_NAME}")):
-        return True
-    return (name.startswith("shard-") and name.endswith(".tar")) or (
-        name.startswith(".shard-") and name.endswith(".tmp")
-    )
+    ours = (f".{INDEX_NAME}.tmp", f".{SKIPPED_NAME}.tmp", ".shard-")
+    return name.startswith(ours) and ".tmp" in name
 
 
 def _remove_temporaries(out: Path) -> None:
-    """Temporaries a killed run left behind (never a finished dataset's files)."""
+    """Temporaries a killed run left behind (never a finished dataset's files). Called while
+    holding ``out``'s lock, so no live writer owns any of them."""
     for path in sorted(out.iterdir()):
-        if path.is_file() and path.name.startswith(".") and _is_ours(path):
+        if path.is_file() and _is_temporary(path):
             path.unlink()
 
 
@@ -172,11 +174,19 @@ def write_shards(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _named(exc, out) from None
+    with hold_output(out, "cf shard-dataset"):
+        return _write_locked(source, out, samples_per_shard=samples_per_shard,
+                             max_bytes=int(max_shard_mb * 1024 * 1024), shuffle=shuffle,
+                             seed=seed, on_error=on_error, progress=progress)  # fmt: skip
+
+
+def _write_locked(source: Source, out: Path, *, samples_per_shard: int, max_bytes: int,
+                  shuffle: bool, seed: int, on_error: str,
+                  progress: Callable[[int], None] | None) -> dict:  # fmt: skip
     _remove_temporaries(out)
     entries = sorted(source.entries, key=lambda e: e.key)
     if shuffle:
         random.Random(seed).shuffle(entries)
-    max_bytes = int(max_shard_mb * 1024 * 1024)
     done: list[_ShardTar] = []
     current: _ShardTar | None = None
     skipped: list = []

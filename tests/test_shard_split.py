@@ -42,7 +42,7 @@ def test_split_keeps_every_byte_once_and_records_itself(root, tmp_path, capsys) 
                                  "counts": {"train": 15, "val": 5},
                                  "source": str(root / "images")}  # fmt: skip
         assert info["categories"] and info["format"] == "coco"
-    assert not list((tmp_path / "split").rglob(".*.tmp"))  # nothing half-written left
+    assert not list((tmp_path / "split").rglob(".*.tmp*"))  # nothing half-written left
 
 
 def test_split_is_deterministic_by_seed(root, tmp_path, capsys) -> None:

@@ -11,6 +11,7 @@ raise :class:`TrainingInterrupted`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import random
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from clusterformer.data.output_lock import hold_output
 from clusterformer.engine import checkpoint as ckpt
 from clusterformer.engine import run_folder
 from clusterformer.engine.augment_plan import (  # augment_options: re-exported, tests use it
@@ -116,7 +118,12 @@ def _resume(state: TrainState, env: DistEnv, found: run_folder.Resumable) -> boo
         if "model" not in saved:
             raise ValueError(f"{weights}: saved without EMA; resume it without EMA")
         state.module.load_state_dict(saved["model"])
+    # The saved groups carry the old run's peak lr and weight decay; the settings of this
+    # command win from the resumed step on (what changed is noted and recorded).
+    settings = [(g["initial_lr"], g["weight_decay"]) for g in state.optimizer.param_groups]
     state.optimizer.load_state_dict(saved["optimizer"])
+    for group, (lr, decay) in zip(state.optimizer.param_groups, settings, strict=True):
+        group["initial_lr"], group["lr"], group["weight_decay"] = lr, lr, decay
     if state.scaler is not None and saved.get("scaler"):
         state.scaler.load_state_dict(saved["scaler"])
     state.step, state.epoch = int(saved["step"]), int(saved["epoch"])
@@ -149,13 +156,42 @@ def _wrap(module: nn.Module, cfg: TrainConfig, env: DistEnv, amp: str) -> nn.Mod
     return model
 
 
-def _write_config(run_dir: Path, cfg: TrainConfig, facts: dict[str, Any]) -> None:
+def _previous_config(run_dir: Path) -> dict[str, Any]:
+    """The settings the run folder's last start recorded (config.json), {} when none."""
+    try:
+        return json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+
+
+def resume_changes(before: dict[str, Any], cfg: TrainConfig) -> dict[str, list[Any]]:
+    """The optimizer and schedule settings (``optim.*``, ``schedule.*``) that differ between
+    the recorded config ``before`` and ``cfg``: dotted key -> [before, now]."""
+    now = cfg.to_dict()
+    changed = {}
+    for section in ("optim", "schedule"):
+        old, new = before.get(section) or {}, now[section]
+        for key in sorted(new):
+            if key in old and old[key] != new[key]:
+                changed[f"{section}.{key}"] = [old[key], new[key]]
+    return changed
+
+
+def _write_config(run_dir: Path, cfg: TrainConfig, facts: dict[str, Any],
+                  previous: dict[str, Any] | None = None) -> None:  # fmt: skip
     """``config.yaml`` (the settings, enough to repeat the run) and ``config.json`` (the
-    settings and what the run resolved: steps, effective lr, device, versions, ...)."""
+    settings and what the run resolved: steps, effective lr, device, versions, ...; after a
+    ``--resume`` that changed optimizer or schedule settings, ``run.resume_changes`` lists
+    each such resume: its step and the changes, over the run's whole history)."""
     ckpt.atomic_write_text(run_dir / "config.yaml", "# cf train --config config.yaml --out NEW "
                            "repeats this run\n" + to_yaml(cfg))  # fmt: skip
-    resolved = {**cfg.to_dict(), "run": {**facts, "torch_version": torch.__version__,
-                                         "python_version": platform.python_version()}}  # fmt: skip
+    history = list(((previous or {}).get("run") or {}).get("resume_changes") or [])
+    if facts.get("resume_changes"):
+        history.append({"step": facts["resumed_from_step"], "changes": facts["resume_changes"]})
+    facts = {k: v for k, v in facts.items() if k != "resume_changes"}
+    run = {**facts, **({"resume_changes": history} if history else {}),
+           "torch_version": torch.__version__, "python_version": platform.python_version()}
+    resolved = {**cfg.to_dict(), "run": run}
     ckpt.atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=2) + "\n")
 
 
@@ -172,7 +208,10 @@ def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
     loggers = build_logger_hooks(cfg.runtime.loggers, cfg.to_dict())  # a missing extra: now
     env = setup_distributed(cfg.runtime.device)
     stop = StopFlag()
+    lock = contextlib.ExitStack()
     try:
+        if env.is_main:  # the one writer of the run folder: a second cf train on it is refused
+            lock.enter_context(hold_output(run_dir, "cf train"))
         seed_everything(cfg.runtime.seed)  # same init on every rank
         amp = cfg.runtime.amp or ("bf16" if env.device.type == "cuda" else "none")
         make_scaler(amp, env.device)  # fail early with a clear message (fp16 on CPU)
@@ -228,6 +267,10 @@ def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
                          f"{spec.data.transform} transforms; training without them")  # fmt: skip
         notes += [f"resumed {run_dir} at step {state.step} (epoch {state.epoch}, batch "
                   f"{state.batches_in_epoch})"] if resumed else init_notes  # fmt: skip
+        previous = _previous_config(run_dir)
+        changes = resume_changes(previous, cfg) if resumed else {}
+        notes += [f"--resume: {key} {old} -> {new}, applied from step {state.step}"
+                  for key, (old, new) in changes.items()]  # fmt: skip
         if env.is_main:
             if cfg.runtime.restart:
                 notes += run_folder.restart(run_dir)
@@ -236,7 +279,8 @@ def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
                 **plan, "amp": amp, "world_size": env.world_size, "device": str(env.device),
                 "num_classes": task.num_classes, "transforms_missing": missing,
                 "augment": augment.describe(),
-                "resumed_from_step": state.step if resumed else None})
+                "resumed_from_step": state.step if resumed else None,
+                "resume_changes": changes}, previous)
         if handle_signals:
             stop.install()
         total = plan["total_steps"]
@@ -265,4 +309,5 @@ def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
                            read_best(run_dir / "checkpoints"), trainer.stop_early)  # fmt: skip
     finally:
         stop.restore()
+        lock.close()
         cleanup_distributed(env)
