@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .collate import collate
-from .errors import SampleError
+from .errors import DatasetError, SampleError
 from .preprocess import EvalPreprocess, as_record, eval_transform
 from .sample_spec import SampleSpec, sample_spec
 from .streams import (
@@ -210,12 +210,19 @@ class StreamDataset(IterableDataset):
     def _members(self, plan: WorkerPlan, rng: random.Random) -> Iterator[dict]:
         units = list(zip(plan.units, plan.starts, strict=True))
         while True:
+            read = 0
             for unit, start in units:
                 keep = lambda pos, start=start: (start + pos) % plan.stride == plan.offset  # noqa: E731
-                for _, members in self.source.read(unit, keep):
-                    yield members
-            if not self.train or plan.num_samples == 0:
-                return
+                try:
+                    for _, members in self.source.read(unit, keep):
+                        read += 1
+                        yield members
+                except DatasetError as exc:  # a damaged shard, or one the index miscounts
+                    if self.on_error == "stop":
+                        raise
+                    warnings.warn(f"skipped the rest of a shard: {exc}", stacklevel=2)
+            if not self.train or plan.num_samples == 0 or read == 0:
+                return  # read == 0: every unit failed; wrapping around would spin forever
             rng.shuffle(units)  # wrap around, in a new order
 
     def _samples(self, members: Iterator[dict], gen: torch.Generator) -> Iterator[dict]:
@@ -311,7 +318,28 @@ class Loader:
                             # Own generator: iterating must not advance the global torch RNG.
                             generator=torch.Generator().manual_seed(self.dataset.seed),
                             prefetch_factor=4 if self.num_workers else None)  # fmt: skip
-        return iter(loader)
+        return _worker_errors(iter(loader)) if self.num_workers else iter(loader)
+
+
+def _worker_errors(batches: Iterator[dict]) -> Iterator[dict]:
+    """``batches``, with an error raised in a worker process given back as the one line it
+    said (DataLoader re-raises it as a RuntimeError holding the worker's whole traceback)."""
+    try:
+        yield from batches
+    except RuntimeError as exc:
+        text = str(exc)
+        if not text.startswith("Caught ") or "Original Traceback" not in text:
+            raise
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        kind, _, message = last.partition(": ")
+        if not message or kind.rpartition(".")[2] not in _DATA_ERRORS:
+            raise  # not a data error: keep the worker's traceback for --debug
+        raise ValueError(message) from None
+
+
+# What a bad dataset raises in a worker (data/errors.py, data/paths.py, and a stale index).
+_DATA_ERRORS = {"SampleError", "DatasetError", "ImageDecodeError", "UnsafeNameError",
+                "ValueError"}
 
 
 def _as_is(batch: dict) -> dict:
@@ -400,7 +428,8 @@ def build_loader(
     total = sum(source.counts)
     if train and batches_per_rank(total, world_size, batch_size, True, drop_last) == 0:
         raise ValueError(f"{path}: {total} samples are fewer than world_size x batch_size = "
-                         f"{world_size * batch_size}; lower the batch size or set drop_last=False")  # fmt: skip
+                         f"{world_size} x {batch_size} = {world_size * batch_size}, one "
+                         "training batch; lower --batch-size (or use fewer processes)")  # fmt: skip
     norm = {k: tuple(v) for k, v in (normalisation or {}).items() if k in ("mean", "std")}
     dataset = StreamDataset(source, spec, batch_size=batch_size, image_size=image_size,
                             train=train, num_workers=num_workers, seed=seed, rank=rank,

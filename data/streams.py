@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import DatasetError
 from .records import decode_record, encode_record
 from .sample_spec import SampleSpec, sample_spec
 
@@ -32,32 +34,55 @@ def _open_stream(url: str):
     return open(url.removeprefix("file://"), "rb")  # noqa: SIM115 - closed by the caller
 
 
-def iter_tar(url: str, keep: Callable[[int], bool]) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_tar(
+    url: str, keep: Callable[[int], bool], expected: int | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """(position, members) of the samples in one tar whose position passes ``keep``.
 
     Members follow webdataset: ``<key>.<suffix>``, key = name up to the first dot of the file
     name, consecutive members with the same key form one sample. Unkept samples are not read.
+    A tar that does not read to its end, a sample with two members of one suffix (two samples
+    sharing a key) and, with ``expected`` (dataset.json's count), a tar holding another number
+    of samples raise :class:`~clusterformer.data.errors.DatasetError` naming the tar.
     """
-    with _open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-        key, pos, members, wanted = None, -1, {}, False
-        for member in tar:
-            if not member.isreg():
-                continue
-            folder, _, name = member.name.rpartition("/")
-            stem, _, suffix = name.partition(".")
-            if name.startswith("__") or not suffix:
-                continue
-            prefix = f"{folder}/{stem}" if folder else stem
-            if prefix != key:
+    try:
+        with _open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            key, pos, members, seen, wanted = None, -1, {}, set(), False
+            keys: set[str] = set()
+            for member in tar:
+                if not member.isreg():
+                    continue
+                folder, _, name = member.name.rpartition("/")
+                stem, _, suffix = name.partition(".")
+                if name.startswith("__") or not suffix:
+                    continue
+                prefix = f"{folder}/{stem}" if folder else stem
+                if prefix != key:
+                    if prefix in keys:
+                        raise DatasetError(url, f"two samples share the key {prefix[:80]!r}; "
+                                           "rewrite the shards")  # fmt: skip
+                    keys.add(prefix)
+                    if wanted:
+                        yield pos, members
+                    key, pos, seen = prefix, pos + 1, set()
+                    wanted = keep(pos)
+                    members = {"__key__": prefix, "__url__": url}
+                if suffix.lower() in seen:
+                    raise DatasetError(url, f"sample {prefix[:80]!r} has two {suffix!r} members "
+                                       "(two samples share one key); rewrite the shards")  # fmt: skip
+                seen.add(suffix.lower())
                 if wanted:
-                    yield pos, members
-                key, pos = prefix, pos + 1
-                wanted = keep(pos)
-                members = {"__key__": prefix, "__url__": url}
+                    members[suffix.lower()] = tar.extractfile(member).read()
             if wanted:
-                members[suffix.lower()] = tar.extractfile(member).read()
-        if wanted:
-            yield pos, members
+                yield pos, members
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DatasetError(url, f"unreadable tar ({reason}); the shard is damaged or "
+                           "truncated: rewrite it (cf shard-dataset)") from None  # fmt: skip
+    if expected is not None and pos + 1 != expected:
+        raise DatasetError(url, f"holds {pos + 1} samples, dataset.json lists {expected}; the "
+                           "index is stale or the shard damaged: rewrite the shards "
+                           "(cf shard-dataset)")  # fmt: skip
 
 
 class ShardSource:
@@ -70,7 +95,7 @@ class ShardSource:
         return self.urls[unit]
 
     def read(self, unit: int, keep: Callable[[int], bool]) -> Iterator[tuple[int, dict]]:
-        return iter_tar(self.urls[unit], keep)
+        return iter_tar(self.urls[unit], keep, self.counts[unit])
 
     def decode(self, members: dict) -> dict:
         return decode_record(members, self.info)
@@ -217,3 +242,5 @@ def read_index(index: Path) -> dict:
         raise FileNotFoundError(f"{index}: dataset.json not found") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{index}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError(f"{index}: JSON nested too deeply to be a dataset index") from None
