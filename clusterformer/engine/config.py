@@ -11,6 +11,7 @@ names and nothing else, never a whole section.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -281,6 +282,7 @@ def build_config(values: Mapping[str, Any]) -> TrainConfig:
     except ValueError as exc:
         raise ValueError(f"task.name: {exc}") from None
     cfg.task = TaskConfig(name, spec.make_options(task_values))
+    _check_finite(cfg)  # before the task's own range checks, which NaN slips past or garbles
     best = cfg.runtime.best_metric
     if best is not None and best not in spec.metric_keys:
         raise ValueError(f"runtime.best_metric: '{best}' is not a metric of the {name} task "
@@ -288,6 +290,30 @@ def build_config(values: Mapping[str, Any]) -> TrainConfig:
     spec.build(spec.categories([]), cfg.task.options)  # its own checks (label smoothing range)
     validate(cfg)
     return cfg
+
+
+def _floats(values: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """``(dotted key, value)`` of every float in a nested config dict, list items included."""
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            yield from _floats(value, f"{where}.")
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float):
+                yield where, item
+
+
+def _check_finite(cfg: TrainConfig) -> None:
+    """No setting is a rate, weight, ratio or count for which NaN or infinity means anything
+    (``--lr nan`` would train on NaN weights; ``--grad-clip inf`` is spelled by leaving it
+    out), and YAML reads ``.nan`` / ``.inf`` and the flags ``nan`` / ``inf`` as floats."""
+    for where, value in _floats(cfg.to_dict()):
+        if not math.isfinite(value):
+            from clusterformer.engine.config_flags import config_flags
+
+            flag = next((f.flag for f in config_flags() if where in f.keys), None)
+            named = f"{where} ({flag})" if flag else where
+            raise ValueError(f"{named} must be a finite number, got {value}")
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -23,6 +23,118 @@ from clusterformer.engine.config import TrainConfig, build_config
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 CONFIG_SUFFIXES = (".yaml", ".yml", ".toml", ".json")
 
+# Limits on a config's shape, checked before any Python object is built: a full config (every
+# setting of every section, as RUN/config.yaml holds it) has about 100 values nested 4 deep, so
+# these leave room for any real file while a YAML alias bomb (a few lines that expand to
+# billions of values, which merging and writing the config would walk one by one) or a file
+# nested thousands deep (a RecursionError in the parsers) stops here within a fraction of a
+# second.
+MAX_CONFIG_VALUES = 100_000  # values after expanding YAML aliases, keys included
+MAX_CONFIG_DEPTH = 100  # nesting levels of lists and mappings
+
+
+class ConfigShapeError(ValueError):
+    """A config beyond :data:`MAX_CONFIG_VALUES` or :data:`MAX_CONFIG_DEPTH` (its message
+    starts with the file, or ``--set KEY``)."""
+
+
+class _TooDeep(Exception):
+    pass
+
+
+class _GuardedLoader(yaml.SafeLoader):
+    """SafeLoader that stops composing past :data:`MAX_CONFIG_DEPTH` levels: PyYAML's composer
+    recurses once per level, and its scanner slows quadratically with flow nesting, so
+    waiting for the RecursionError of a ``[[[[...`` document would take a second or more."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise _TooDeep
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _too_deep(where: str) -> ConfigShapeError:
+    return ConfigShapeError(f"{where}: nested more than {MAX_CONFIG_DEPTH} levels deep; a "
+                            "config has a few (sections of settings)")  # fmt: skip
+
+
+def _measure(node: yaml.Node, depth: int, seen: dict[int, tuple[int, int]], open_: set[int],
+             where: str) -> tuple[int, int]:  # fmt: skip
+    """``(values, height)`` of ``node`` with its aliases expanded. An alias is the same node
+    object as its anchor, so memoising by id measures each once: a bomb costs its line count.
+    The depth limit bounds this recursion."""
+    if depth > MAX_CONFIG_DEPTH:
+        raise _too_deep(where)
+    key = id(node)
+    if key in seen:
+        size, height = seen[key]
+        if depth + height > MAX_CONFIG_DEPTH:
+            raise _too_deep(where)
+        return size, height
+    if key in open_:  # ``&a [*a]``: the constructed value would contain itself
+        raise ConfigShapeError(f"{where}: a YAML alias refers to a value that contains it")
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    else:
+        children = []
+    open_.add(key)
+    size, height = 1, 0
+    for child in children:
+        child_size, child_height = _measure(child, depth + 1, seen, open_, where)
+        size, height = size + child_size, max(height, child_height + 1)
+        if size > MAX_CONFIG_VALUES:
+            raise ConfigShapeError(f"{where}: expands to more than {MAX_CONFIG_VALUES:,} "
+                                   "values through YAML aliases (&anchor / *alias); a config "
+                                   "has about a hundred")  # fmt: skip
+    open_.discard(key)
+    seen[key] = (size, height)
+    return size, height
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)`` within :data:`MAX_CONFIG_VALUES` and :data:`MAX_CONFIG_DEPTH`
+    (ValueError starting with ``where`` beyond them; ``yaml.YAMLError`` for bad YAML)."""
+    loader = _GuardedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _measure(node, 1, {}, set(), where)
+        return loader.construct_document(node)
+    except (_TooDeep, RecursionError):
+        raise _too_deep(where) from None
+    finally:
+        loader.dispose()
+
+
+def check_nesting(values: Any, where: str) -> None:
+    """ValueError starting with ``where`` when ``values`` (lists and dicts, as JSON and TOML
+    give) nest deeper than :data:`MAX_CONFIG_DEPTH` or hold more than
+    :data:`MAX_CONFIG_VALUES` values."""
+    stack, count = [(values, 1)], 0
+    while stack:  # a loop, not recursion: the depth is what is being checked
+        value, depth = stack.pop()
+        count += 1
+        if depth > MAX_CONFIG_DEPTH:
+            raise _too_deep(where)
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigShapeError(f"{where}: holds more than {MAX_CONFIG_VALUES:,} values; "
+                                   "a config has about a hundred")  # fmt: skip
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+
 
 def recipe_names() -> list[str]:
     """The shipped recipes (``clusterformer/recipes/<name>.yaml``)."""
@@ -33,9 +145,10 @@ def recipe_summaries() -> dict[str, str]:
     """Recipe name -> its task and the first line of its opening comment."""
     out = {}
     for name in recipe_names():
-        text = (RECIPE_DIR / f"{name}.yaml").read_text(encoding="utf-8")
+        path = RECIPE_DIR / f"{name}.yaml"
+        text = path.read_text(encoding="utf-8")
         first = next((line[1:].strip() for line in text.splitlines() if line.startswith("#")), "")
-        task = (yaml.safe_load(text) or {}).get("task", {}).get("name", "?")
+        task = (load_yaml(text, str(path)) or {}).get("task", {}).get("name", "?")
         out[name] = f"{task}: {first}" if first else str(task)
     return out
 
@@ -59,17 +172,28 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
             values = tomllib.loads(text)
         else:
-            values = yaml.safe_load(text)
+            values = load_yaml(text, str(path))
     except ImportError:
         raise ValueError(f"{path}: TOML configs need Python 3.11 or later; use YAML") from None
-    except (ValueError, yaml.YAMLError) as exc:
-        reason = " ".join(str(exc).split())[:200]
-        raise ValueError(f"{path}: not valid {path.suffix[1:].upper()} ({reason})") from None
+    except RecursionError:  # json and tomllib recurse once per nesting level
+        raise _too_deep(str(path)) from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({_reason(exc)})") from None
+    except ConfigShapeError:
+        raise
+    except ValueError as exc:
+        raise ValueError(f"{path}: not valid {path.suffix[1:].upper()} ({_reason(exc)})") from None
+    if path.suffix in (".json", ".toml"):  # load_yaml measured the YAML before building it
+        check_nesting(values, str(path))
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of settings at the top")
     return values
+
+
+def _reason(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:200]
 
 
 def read_recipe(name: str) -> dict[str, Any]:
@@ -88,7 +212,7 @@ def parse_set(item: str) -> tuple[str, Any]:
         raise ValueError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. "
                          "model.decoder.num_queries=50")  # fmt: skip
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw, f"--set {key}") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key, value
