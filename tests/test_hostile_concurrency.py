@@ -43,7 +43,7 @@ class Holder:
 
     def release(self) -> None:
         self.proc.stdin.close()
-        assert self.proc.wait(timeout=120) == 0
+        assert self.proc.wait(timeout=600) == 0
 
 
 def _in_use(line: str, output: Path, pid: int) -> None:
@@ -58,7 +58,7 @@ def test_a_second_holder_is_refused_and_a_dead_one_frees_the_output(tmp_path):
             pass
     _in_use(str(caught.value), tmp_path / "out", holder.proc.pid)
     holder.proc.kill()  # killed, not released: the kernel frees the lock
-    holder.proc.wait(timeout=120)
+    holder.proc.wait(timeout=600)
     with hold_output(tmp_path / "out", "cf third"):
         with hold_output(tmp_path / "out", "cf third, nested"):  # the same process may nest
             pass
