@@ -176,7 +176,10 @@ def _evaluate_checkpoint(
     _check_categories(meta.get("categories") or [], data_categories, ckpt, data)
     if data_categories:  # scored against the dataset's own ids (and thing / stuff split)
         task = task.spec.build(data_categories, task.options)
-    preprocess = eval_preprocess(meta, image_size)  # the checkpoint's record
+    try:
+        preprocess = eval_preprocess(meta, image_size)  # the checkpoint's record
+    except ValueError as exc:  # a size beyond the bounds of a preprocess record
+        raise UserError(f"--image-size {image_size}: {exc}") from None
     size = preprocess.size
     loader = build_loader(str(data), task.name, batch_size=batch_size, image_size=size,
                           train=False, num_workers=num_workers, rank=0, world_size=1,

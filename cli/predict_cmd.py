@@ -209,7 +209,10 @@ def predict_images(
         from clusterformer.engine.compiled import checked_inference_compile
 
         model = checked_inference_compile(model, amp, f"{task.name} model")
-    transform = eval_transform(eval_preprocess(meta, image_size))  # the checkpoint's record
+    try:
+        transform = eval_transform(eval_preprocess(meta, image_size))  # the checkpoint's record
+    except ValueError as exc:  # a size beyond the bounds of a preprocess record
+        raise UserError(f"--image-size {image_size}: {exc}") from None
     with hold_output(out, "cf predict"):  # one writer per output folder
         written: list[Path] = []
         out.mkdir(parents=True, exist_ok=True)

@@ -73,8 +73,9 @@ def build_command() -> Any:
                       rich_markup_mode="rich")  # fmt: skip
     sub.command("train")(train_command)
     from clusterformer.cli.help_defaults import show_every_default
+    from clusterformer.cli.image_limit import with_image_limit
 
-    return show_every_default(typer.main.get_command(sub))
+    return with_image_limit(show_every_default(typer.main.get_command(sub)))
 
 
 def run(values: dict[str, Any]) -> None:

@@ -32,12 +32,25 @@ import torch
 
 from clusterformer.ops.images import IMAGENET_MEAN, IMAGENET_STD
 
+from .errors import ImageDecodeError
+from .images import DEFAULT_MAX_IMAGE_PIXELS, FLAG, max_image_pixels
 from .sample_spec import TRANSFORM_KINDS
 from .transforms import Sample, Transform, finish, image_size_of, resize
 
 RESIZE_RULES: tuple[str, ...] = ("short_side", "long_side", "square")
+# The largest side a record may ask for: 4x the largest inference size in use (4096, the
+# export's dynamic range), and a float32 RGB square of it is already 3.2 GB. A damaged or
+# hostile record (size 10**6) is refused when the checkpoint loads, not by a MemoryError later.
+MAX_PREPROCESS_SIDE = 16384
 # ImageNet's evaluation: resize the short side to 256 and centre-crop 224.
 EVAL_RESIZE_RATIO = 256 / 224
+
+
+def resize_pixel_limit() -> int:
+    """The most pixels a record's resize may make: the decode limit, but never below its
+    default (lowering ``--max-image-pixels`` guards decoding untrusted files; the model's own
+    input size, e.g. 256 x 256, is no such file)."""
+    return max(max_image_pixels(), DEFAULT_MAX_IMAGE_PIXELS)
 
 
 @dataclass(frozen=True)
@@ -63,9 +76,16 @@ class EvalPreprocess:
         if self.resize not in RESIZE_RULES:
             raise ValueError(f"preprocess.resize must be one of {', '.join(RESIZE_RULES)}, "
                              f"got {self.resize!r}")  # fmt: skip
-        if self.resize_to < 1 or self.size < 1 or (self.crop is not None and self.crop < 1):
-            raise ValueError(f"preprocess sizes must be positive, got resize_to={self.resize_to}"
-                             f", crop={self.crop}, size={self.size}")  # fmt: skip
+        sides = {"resize_to": self.resize_to, "crop": self.crop, "size": self.size}
+        if any(v is not None and not 1 <= v <= MAX_PREPROCESS_SIDE for v in sides.values()):
+            raise ValueError(f"preprocess sizes must be 1 to {MAX_PREPROCESS_SIDE} px, got "
+                             + ", ".join(f"{k}={v}" for k, v in sides.items()))  # fmt: skip
+        # square and short_side make at least R x R (long_side R x 1: the side bound is enough).
+        smallest = self.resize_to**2
+        if self.resize != "long_side" and smallest > (limit := resize_pixel_limit()):
+            raise ValueError(f"preprocess resizes every image to at least {self.resize_to} x "
+                             f"{self.resize_to} = {smallest} pixels, over the limit of {limit} "
+                             f"({FLAG})")  # fmt: skip
         if self.crop is not None and self.resize == "square" and self.crop > self.resize_to:
             raise ValueError(f"preprocess.crop {self.crop} is larger than the "
                              f"{self.resize_to} px square it is cut from")  # fmt: skip
@@ -87,10 +107,14 @@ class EvalPreprocess:
             missing = sorted(known - set(values)) if isinstance(values, dict) else sorted(known)
             raise ValueError(f"preprocess record lacks {', '.join(missing)}")
         crop = values["crop"]
-        return cls(str(values["resize"]), int(values["resize_to"]),
-                   None if crop is None else int(crop),
+        try:
+            resize_to, size = int(values["resize_to"]), int(values["size"])
+            crop = None if crop is None else int(crop)
+        except (TypeError, OverflowError) as exc:  # a list, an infinity: not a size
+            raise ValueError(f"preprocess sizes must be whole numbers ({exc})") from None
+        return cls(str(values["resize"]), resize_to, crop,
                    tuple(float(v) for v in values["mean"]),
-                   tuple(float(v) for v in values["std"]), int(values["size"]))  # fmt: skip
+                   tuple(float(v) for v in values["std"]), size)  # fmt: skip
 
     def at_size(self, size: int) -> EvalPreprocess:
         """The same rule for another inference size (``--image-size`` of eval / predict):
@@ -149,8 +173,20 @@ def resized_shape(pre: EvalPreprocess, height: int, width: int) -> tuple[int, in
 
 
 def apply_preprocess(pre: EvalPreprocess, sample: Sample) -> Sample:
-    """One sample through the record (targets follow the resize and crop)."""
-    nh, nw = resized_shape(pre, *image_size_of(sample))
+    """One sample through the record (targets follow the resize and crop).
+
+    Raises ImageDecodeError (naming the sample's key) when the resized image would be over
+    :func:`resize_pixel_limit`: an extreme aspect ratio (1 x 80M px) scaled to a short side
+    of 256 is billions of pixels.
+    """
+    height, width = image_size_of(sample)
+    nh, nw = resized_shape(pre, height, width)
+    limit = resize_pixel_limit()
+    if nh * nw > limit:
+        raise ImageDecodeError(str(sample.get("key", "<image>")),
+                               f"{width} x {height} resized by the checkpoint's preprocess "
+                               f"({pre.describe()}) is {nw} x {nh} = {nw * nh} pixels, over the "
+                               f"limit of {limit}; raise it with {FLAG}")  # fmt: skip
     window = None
     if pre.crop is not None:
         side = pre.crop

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from clusterformer.data.errors import ImageDecodeError
+from clusterformer.data.images import check_pixels
 
 VIDEO_EXTENSIONS = ("mp4", "avi", "mov", "mkv", "webm", "m4v", "mpg", "mpeg", "wmv")
 VIDEO_EXTRA = "install the video extra: pip install 'clusterformer[video]'"
@@ -64,6 +65,7 @@ def _av_frames(path: Path) -> Iterator[np.ndarray]:
             raise ImageDecodeError(str(path), "no video stream in this file")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # ffmpeg decodes on its own threads
+        check_pixels(stream.codec_context.width, stream.codec_context.height, str(path))
         for frame in container.decode(stream):
             yield frame.to_ndarray(format="rgb24")
 
@@ -73,6 +75,7 @@ def _imageio_frames(path: Path) -> Iterator[np.ndarray]:
 
     for frame in iio.imiter(path):
         frame = np.asarray(frame)
+        check_pixels(frame.shape[1], frame.shape[0], str(path))  # decoded already: bound the rest
         if frame.ndim == 2:
             frame = np.repeat(frame[:, :, None], 3, axis=2)
         yield np.ascontiguousarray(frame[:, :, :3].astype(np.uint8, copy=False))

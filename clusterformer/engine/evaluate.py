@@ -189,11 +189,11 @@ def load_model_from_checkpoint(
     task = spec.build(meta.get("categories") or int(meta["model_config"].get("num_classes", 0)),
                       options)  # fmt: skip
     meta["normalisation"] = meta.get("normalisation") or normalisation_of(model)
-    if not meta.get("preprocess"):
-        meta["preprocess"] = default_eval_preprocess(
-            spec.data.transform, int(meta.get("image_size") or 224),
-            **meta["normalisation"]).to_dict()
     try:  # a damaged record fails here, naming the file, not per image
+        if not meta.get("preprocess"):
+            meta["preprocess"] = default_eval_preprocess(
+                spec.data.transform, int(meta.get("image_size") or 224),
+                **meta["normalisation"]).to_dict()
         EvalPreprocess.from_dict(meta["preprocess"])
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{weights}: unusable preprocess record ({exc}); re-save the "
