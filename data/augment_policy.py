@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from .errors import DatasetError
 from .sample_spec import SampleSpec, sample_spec
 from .streams import RawSource, shard_source, url_list
 
@@ -173,19 +174,22 @@ def peek_images(
     for unit, count in enumerate(source.counts):
         keep = lambda pos, first=first: (first + pos) % stride == 0  # noqa: E731
         first += count
-        for _, members in source.read(unit, keep):
-            try:
-                sample = source.decode(members)
-            except (ValueError, OSError):
-                continue
-            image = sample["image"]
-            sizes.append((int(image.shape[-2]), int(image.shape[-1])))
-            label = sample.get(spec.label_field) if spec.label_field else None
-            if isinstance(label, int):
-                images.append(image)
-                labels.append(label)
-            if len(sizes) >= limit:
-                break
+        try:
+            for _, members in source.read(unit, keep):
+                try:
+                    sample = source.decode(members)
+                except (ValueError, OSError):
+                    continue
+                image = sample["image"]
+                sizes.append((int(image.shape[-2]), int(image.shape[-1])))
+                label = sample.get(spec.label_field) if spec.label_field else None
+                if isinstance(label, int):
+                    images.append(image)
+                    labels.append(label)
+                if len(sizes) >= limit:
+                    break
+        except DatasetError:  # a damaged shard: the loader reports it (or skips it)
+            continue
         if len(sizes) >= limit:
             break
     peek = DataPeek(sizes, mirror_asymmetry(images, labels) if images else None)

@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .collate import collate
-from .errors import DatasetError, SampleError
+from .errors import DatasetError, ImageDecodeError, SampleError
 from .preprocess import EvalPreprocess, as_record, eval_transform
 from .sample_spec import SampleSpec, sample_spec
 from .streams import (
@@ -230,6 +230,11 @@ class StreamDataset(IterableDataset):
         for m in members:
             try:
                 sample = self.source.decode(m)
+                sample = {k: v for k, v in sample.items() if k in self.fields}
+                try:
+                    out = self.transform(sample, gen)
+                except ImageDecodeError as exc:  # e.g. a resize past the pixel limit
+                    raise ValueError(exc.reason) from None
             except (SampleError, ValueError, OSError) as exc:
                 err = (
                     exc
@@ -248,8 +253,7 @@ class StreamDataset(IterableDataset):
                     ) from None
                 continue
             bad_in_a_row = 0
-            sample = {k: v for k, v in sample.items() if k in self.fields}
-            yield self.transform(sample, gen)
+            yield out
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

@@ -287,3 +287,23 @@ def test_resume_applies_and_records_a_changed_lr(fault_shards, fault_warm, tmp_p
     assert recorded["optim"]["lr"] == 5e-3
     assert recorded["run"]["resume_changes"] == [
         {"step": 2, "changes": {"optim.lr": [1e-3, 5e-3], "schedule.steps": [2, 4]}}]
+
+
+def test_train_on_error_skip_goes_past_a_damaged_shard(fault_shards, tmp_path, capsys):
+    crafted = tmp_path / "shards"
+    shutil.copytree(fault_shards, crafted)
+    tar = crafted / "shard-000001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    with pytest.warns(UserWarning, match=r"shard-000001\.tar: unreadable tar"):
+        code, err = cf(train_argv(crafted, tmp_path / "run", 6, "--on-error", "skip"), capsys)
+    assert code == 0, err
+    code, err = cf(train_argv(crafted, tmp_path / "run2", 6, "--on-error", "maybe"), capsys)
+    assert code == 2 and "--on-error" in error_line(err)
+
+
+def test_an_inference_size_past_the_record_bounds_is_a_usage_error(fault_run, fault_raw,
+                                                                    tmp_path, capsys):  # fmt: skip
+    image = next((fault_raw / "images").iterdir())
+    code, err = cf(["predict", "--ckpt", fault_run, image, "--out", tmp_path / "p",
+                    "--image-size", "100000"], capsys)  # fmt: skip
+    assert code == 2 and "--image-size 100000" in error_line(err)

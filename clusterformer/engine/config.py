@@ -100,6 +100,8 @@ class DataConfig:
     batch_size: int = option(32, "images per process per micro-batch")
     image_size: int = option(224, "training crop size in pixels")
     num_workers: int = option(0, "data loading worker processes per training process")
+    on_error: str = option("stop", "on a bad sample or shard (undecodable, over the pixel "
+                           "limit, miscounted): stop naming it, or skip it with a warning")
     augment: AugmentConfig = section(AugmentConfig)
 
 
@@ -323,6 +325,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"runtime.amp must be one of {', '.join(AMP_MODES)}, got '{run.amp}'")
     if sched.kind not in SCHEDULES:
         raise ValueError(f"schedule.kind must be one of {', '.join(SCHEDULES)}, got '{sched.kind}'")
+    if cfg.data.on_error not in ("stop", "skip"):
+        raise ValueError(f"data.on_error (--on-error) must be stop or skip, got "
+                         f"'{cfg.data.on_error}'")  # fmt: skip
     for where, value in (("data.batch_size", cfg.data.batch_size), ("data.image_size",
                          cfg.data.image_size), ("optim.accum_steps", cfg.optim.accum_steps),
                          ("runtime.keep_last", run.keep_last), ("runtime.log_every",

@@ -76,7 +76,8 @@ def _build_loaders(cfg: TrainConfig, env: DistEnv, task: Task, normalisation: di
 
     common = {"rank": env.rank, "world_size": env.world_size, "num_workers": cfg.data.num_workers,
               "batch_size": cfg.data.batch_size, "image_size": cfg.data.image_size,
-              "seed": cfg.runtime.seed, "normalisation": normalisation}  # fmt: skip
+              "seed": cfg.runtime.seed, "normalisation": normalisation,
+              "on_error": cfg.data.on_error}  # fmt: skip
     train_loader = build_loader(cfg.data.train, task.name, train=True, augment=plan.train,
                                 **common)  # fmt: skip
     if len(train_loader) == 0:
