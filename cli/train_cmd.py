@@ -154,19 +154,21 @@ def start_details(cfg: Any) -> list[str]:
 def check_paths(cfg: Any) -> None:
     """What training needs before it starts: a data folder, a run folder, files that exist,
     a known model, a readable RandAugment policy."""
-    from clusterformer.models import list_models
+    from clusterformer.models.backbone_weights import PUBLISHED_WEIGHTS
+    from clusterformer.models.backbones import backbone_names, is_backbone
 
     if cfg.data.train is None or cfg.runtime.out is None:
         raise UserError("give --data and --out (or data.train / runtime.out in the --config)")
+    weights = cfg.model.backbone.weights
     for where, path in (("training data", cfg.data.train), ("validation data", cfg.data.val),
                         ("--pretrained checkpoint", cfg.model.pretrained),
-                        ("--backbone-weights file", cfg.model.backbone.weights)):  # fmt: skip
+                        ("--backbone-weights file", None if weights == PUBLISHED_WEIGHTS
+                         else weights)):  # fmt: skip
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{path}: {where} not found")
-    name = cfg.model.name
-    if name not in list_models() and not name.startswith("timm/"):
-        raise UserError(f"--model must be one of {', '.join(list_models())} or timm/<name>, "
-                        f"got '{name}'")  # fmt: skip
+    if not is_backbone(cfg.model.name):
+        raise UserError(f"--model must be one of {', '.join(backbone_names())}, got "
+                        f"'{cfg.model.name}'")  # fmt: skip
     policy = cfg.data.augment.rand_augment
     if policy is not None and policy.strip().lower() != "none":
         from clusterformer.data.rand_augment import parse_rand_augment

@@ -11,6 +11,10 @@ a task they do not know yet they call :func:`load_task_modules`, which imports
 * the modules named in the ``CLUSTERFORMER_PLUGINS`` environment variable (comma-separated
   import paths, e.g. ``CLUSTERFORMER_PLUGINS=mytask cf train --task mytask ...``).
 
+A plugin module may register backbones (``clusterformer.models.register_backbone``) and
+architectures as well as tasks: every registry (:class:`clusterformer.registry.Registry`) calls
+:func:`load_task_modules` for a name it does not know yet.
+
 This module imports nothing of the project, so any layer may use it.
 """
 

@@ -2,13 +2,17 @@
 
 A task module (``clusterformer.tasks``) registers a :class:`SampleSpec` under its name; the
 loader, transforms, collation and the metrics' ground-truth readers ask :func:`sample_spec`.
-Data never imports the tasks: a name it does not know yet makes it load the task modules
+Data never imports the tasks: a name it does not know yet makes the registry
+(:class:`clusterformer.registry.Registry`) load the task modules
 (:func:`clusterformer.plugins.load_task_modules`), which register themselves.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from clusterformer.plugins import load_task_modules
+from clusterformer.registry import Registry
 
 TRANSFORM_KINDS: tuple[str, ...] = ("image", "dense")
 
@@ -39,12 +43,16 @@ class SampleSpec:
                              f"{', '.join(TRANSFORM_KINDS)}")  # fmt: skip
 
 
-_SPECS: dict[str, SampleSpec] = {}
+SAMPLE_SPECS: Registry[SampleSpec] = Registry("task", load=load_task_modules)
 
 
-def register_sample_spec(task: str, spec: SampleSpec) -> None:
-    """Make ``sample_spec(task)`` return ``spec`` (a task module calls this on import)."""
-    _SPECS[task] = spec
+def register_sample_spec(task: str, spec: SampleSpec, *, replace: bool = False) -> None:
+    """Make ``sample_spec(task)`` return ``spec`` (a task module calls this on import).
+
+    Raises:
+        DuplicateNameError: ``task`` has a spec already and ``replace`` is false.
+    """
+    SAMPLE_SPECS.register(task, spec, replace=replace)
 
 
 def sample_spec(task: str | SampleSpec) -> SampleSpec:
@@ -55,10 +63,4 @@ def sample_spec(task: str | SampleSpec) -> SampleSpec:
     """
     if isinstance(task, SampleSpec):
         return task
-    if task not in _SPECS:
-        from clusterformer.plugins import load_task_modules
-
-        load_task_modules()
-    if task not in _SPECS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(sorted(_SPECS))}")
-    return _SPECS[task]
+    return SAMPLE_SPECS.get(task)

@@ -228,18 +228,29 @@ def test_model_config_rebuilds_the_model() -> None:
     assert isinstance(model, ClusterFormer)
 
 
-def test_a_new_task_can_register_its_architecture(monkeypatch: pytest.MonkeyPatch) -> None:
-    """create_model builds a task that registered an architecture; an unknown one is refused."""
-    monkeypatch.setattr(registry, "ARCHITECTURES", dict(registry.ARCHITECTURES))
-    monkeypatch.setattr(registry, "TASK_ARCHITECTURES", dict(registry.TASK_ARCHITECTURES))
-    register_architecture("wide-classifier", Architecture(
-        lambda num_classes, backbone=None, **options: ClusterFormer(num_classes=num_classes + 1,
-                                                                    **options)))
-    register_task_model("counting", "wide-classifier")
-    model = create_model("clusterformer-nano", task="counting", num_classes=4)
-    assert model.num_classes == 5 and model.model_config["task"] == "counting"
-    with pytest.raises(ValueError, match="unknown architecture"):
-        register_task_model("captioning", "transformer-decoder")
+def test_a_new_task_can_register_its_architecture() -> None:
+    """create_model builds a task that registered an architecture; an unknown one is refused,
+    and so is a second architecture under a taken name unless it replaces it on purpose."""
+    from clusterformer.registry import DuplicateNameError
+
+    wide = Architecture(lambda num_classes, backbone=None, **options: ClusterFormer(
+        num_classes=num_classes + 1, **options))  # fmt: skip
+    register_architecture("wide-classifier", wide)
+    try:
+        register_task_model("counting", "wide-classifier")
+        model = create_model("clusterformer-nano", task="counting", num_classes=4)
+        assert model.num_classes == 5 and model.model_config["task"] == "counting"
+        with pytest.raises(ValueError, match="unknown architecture"):
+            register_task_model("captioning", "transformer-decoder")
+        with pytest.raises(DuplicateNameError, match="'detector' is already registered"):
+            register_architecture("detector", wide)
+        with pytest.raises(DuplicateNameError, match="task 'counting' is already registered"):
+            register_task_model("counting", "detector")
+        register_task_model("counting", "classifier", replace=True)
+        assert create_model("clusterformer-nano", task="counting", num_classes=4).num_classes == 4
+    finally:
+        registry.TASK_ARCHITECTURES.unregister("counting")
+        registry.ARCHITECTURES.unregister("wide-classifier")
 
 
 def test_backbone_options_are_the_backbone_constructors() -> None:
@@ -277,8 +288,10 @@ def test_cf_models_cli() -> None:
     assert "GFLOPs @64" in table.stdout and "matmul+conv" in table.stdout
     out = subprocess.run(run + ["--json"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    rows = {row["name"]: row for row in json.loads(out.stdout)}
+    every = json.loads(out.stdout)
+    rows = {row["name"]: row for row in every if row["kind"] == "preset"}
     assert list(rows) == list_models()
+    assert {"name": "timm/<name>", "kind": "family"}.items() <= every[len(rows)].items()
     tiny = rows["clusterformer-tiny"]
     assert 28 <= tiny["params_m"] <= 32 and tiny["depths"] == [2, 2, 6, 2]
     assert 0 < rows["clusterformer-nano"]["gflops"] < tiny["gflops"] < rows["clusterformer-small"]["gflops"]

@@ -1,4 +1,5 @@
-"""``--pretrained``: a checkpoint's backbone initialises another task's model (heads fresh)."""
+"""``--pretrained``: a checkpoint's backbone initialises another task's model (heads fresh),
+through the one backbone-weights loader (:mod:`clusterformer.models.backbone_weights`)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from clusterformer.engine.checkpoint import (
-    BACKBONE_PARTS,
-    load_pretrained_backbone,
-    save_checkpoint,
-)
+from clusterformer.engine.checkpoint import save_checkpoint
 from clusterformer.engine.evaluate import checkpoint_metadata
 from clusterformer.models import create_model
+from clusterformer.models.backbone_weights import (
+    backbone_of,
+    backbone_tensors,
+    load_backbone_weights,
+)
 from clusterformer.tasks import build_task
 from tests.cli_runner import run_cf
 
@@ -27,8 +29,7 @@ def _save(model: torch.nn.Module, task: str, folder: Path) -> Path:
 
 
 def _backbone_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    target = getattr(model, "backbone", model)
-    return {k: v for k, v in target.state_dict().items() if k.startswith(BACKBONE_PARTS)}
+    return backbone_tensors(backbone_of(model))
 
 
 @pytest.mark.parametrize("task", ["panoptic", "detection", "classification"])
@@ -40,7 +41,7 @@ def test_classifier_backbone_initialises_any_task(tmp_path, task):
     options = {} if task == "classification" else SMALL_DECODER
     target = create_model("clusterformer-nano", task=task, num_classes=7, **options)
     head_before = {k: v.clone() for k, v in target.state_dict().items() if "head" in k}
-    loaded = load_pretrained_backbone(target, path)
+    loaded = load_backbone_weights(target, path)
     assert loaded == len(_backbone_tensors(source))
     theirs, ours = _backbone_tensors(source), _backbone_tensors(target)
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
@@ -51,7 +52,7 @@ def test_dense_checkpoint_backbone_goes_back_to_a_classifier(tmp_path):
     source = create_model("clusterformer-nano", task="semantic", num_classes=3, **SMALL_DECODER)
     path = _save(source, "semantic", tmp_path / "seg")
     target = create_model("clusterformer-nano", num_classes=10)
-    load_pretrained_backbone(target, path)
+    load_backbone_weights(target, path)
     assert all(torch.equal(v, _backbone_tensors(target)[k]) for k, v in _backbone_tensors(source).items())
 
 
@@ -59,7 +60,7 @@ def test_another_preset_is_refused_by_name(tmp_path):
     path = _save(create_model("clusterformer-nano", num_classes=4), "classification", tmp_path / "n")
     target = create_model("clusterformer-nano", num_classes=4, dims=(32, 64, 128, 192))
     with pytest.raises(ValueError, match="does not fit this model"):
-        load_pretrained_backbone(target, path)
+        load_backbone_weights(target, path)
 
 
 def test_cli_train_with_pretrained(tmp_path, capsys):

@@ -1,12 +1,17 @@
 """Models: nn.Modules that hold parameters and call ``clusterformer.ops``."""
 
 from clusterformer.models.backbone import ClusterBlock, ClusterFormer
+from clusterformer.models.backbone_weights import load_backbone_weights
 from clusterformer.models.backbones import (
+    BACKBONES,
+    Backbone,
     BackboneOptions,
     FeatureClassifier,
+    backbone_names,
     build_backbone,
     feature_channels,
-    load_backbone_weights,
+    is_backbone,
+    register_backbone,
 )
 from clusterformer.models.dense import DecoderOptions
 from clusterformer.models.mixer import CENTER_UPDATES, DISPATCHINGS, ClusteringMixer, Dispatch
@@ -23,10 +28,12 @@ from clusterformer.models.registry import (
 
 __all__ = [
     "ARCHITECTURES",
+    "BACKBONES",
     "CENTER_UPDATES",
     "DISPATCHINGS",
     "PRESETS",
     "Architecture",
+    "Backbone",
     "BackboneOptions",
     "ClusterBlock",
     "ClusterFormer",
@@ -34,12 +41,15 @@ __all__ = [
     "DecoderOptions",
     "Dispatch",
     "FeatureClassifier",
+    "backbone_names",
     "build_backbone",
     "create_model",
     "feature_channels",
+    "is_backbone",
     "list_models",
     "load_backbone_weights",
     "preset_config",
     "register_architecture",
+    "register_backbone",
     "register_task_model",
 ]

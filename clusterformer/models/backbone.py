@@ -110,6 +110,10 @@ class ClusterFormer(nn.Module):
         in_chans: image channels (two coordinate channels are added to them).
     """
 
+    # The backbone contract (models/backbones.py): modules of the classifier, not the features;
+    # loading backbone weights (--pretrained, --backbone-weights) leaves them alone.
+    classifier_modules: tuple[str, ...] = ("head_norm", "head")
+
     def __init__(
         self,
         *,

@@ -1,4 +1,4 @@
-"""The backbone contract, the backbones that follow it, and loading a backbone's weights.
+"""The backbone contract, the backbone registry, and the built-in backbones.
 
 A backbone is an ``nn.Module`` with
 
@@ -7,23 +7,39 @@ A backbone is an ``nn.Module`` with
 * ``forward_features(images (B, 3, H, W), pixel_mask (B, H, W) | None, return_masks=True)``
   returning the maps ``[(B, C_i, H_i, W_i)]`` (zero at padded positions) and their token masks
   ``[(B, H_i, W_i) bool | None]``;
-* ``default_cfg`` with the ``mean`` / ``std`` its inputs are normalised with.
+* ``default_cfg`` with the ``mean`` / ``std`` its inputs are normalised with;
+* when it has a classifier of its own, ``classifier_modules``: the names of the modules that
+  are not features, which loading a backbone's weights leaves alone (every other tensor of the
+  module is a backbone weight, :mod:`.backbone_weights`);
+* optionally ``pretrained_weights()``: its published weights, named as its own tensors
+  (``--backbone-weights timm``).
 
-:class:`~clusterformer.models.backbone.ClusterFormer` is one; a timm ``features_only`` model
-behind :class:`~clusterformer.models.timm_backbone.TimmBackbone` (``timm/<name>``) is another.
+Every ``--model`` name is a registered backbone (:data:`BACKBONES`): the ClusterFormer presets
+(:class:`~clusterformer.models.backbone.ClusterFormer` with a preset's options), and the
+``timm/`` family (``timm/<name>``: a timm ``features_only`` model behind
+:class:`~clusterformer.models.timm_backbone.TimmBackbone`). A name with a slash is resolved
+here and only here (:func:`resolve_backbone`): the part before it names a family, the rest is
+the family's variant. A backbone is its module and one :func:`register_backbone` line: at the
+bottom of this file for a built-in one (naming its builder by import path, so registering
+imports nothing), in the module itself for a plugin's (its module named in
+``CLUSTERFORMER_PLUGINS`` or the entry points, :mod:`clusterformer.plugins`, imported when a
+name is not known yet).
 """
 
 from __future__ import annotations
 
+import copy
+import importlib
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from clusterformer.models.backbone import ClusterFormer
 from clusterformer.models.layers import masked_mean
+from clusterformer.plugins import PluginError, load_task_modules
+from clusterformer.registry import Registry
 
 FEATURE_STRIDES: tuple[int, ...] = (4, 8, 16, 32)
 TIMM_PREFIX = "timm/"
@@ -55,6 +71,140 @@ class BackboneOptions:
     head_pool: str | None = _option("classifier pooling: last (stage 4) or concat (all stages)")
 
 
+@dataclass(frozen=True)
+class Backbone:
+    """How to build one registered backbone.
+
+    Attributes:
+        build: ``build(**options) -> nn.Module`` following the backbone contract; for a family
+            (a name ending in ``/``) ``build(variant, **options)``, ``variant`` being the part
+            of the name after the slash (``timm/resnet50`` -> ``"resnet50"``). Or its import
+            path, ``"package.module:name"``, imported when first built (the built-in ones: a
+            registration imports nothing).
+        options: the option names it takes (``create_model`` overrides, ``model.backbone.*``);
+            ``None``: the keyword arguments of ``build`` (``num_classes`` aside).
+        defaults: the options it is built with unless overridden (a preset's).
+        classifies: ``build`` takes ``num_classes`` and the module classifies by itself
+            (``forward`` gives logits); otherwise a classifier puts :class:`FeatureClassifier`'s
+            pooled linear head on its last map.
+        about: one line for ``cf models``.
+    """
+
+    build: Callable[..., nn.Module] | str
+    options: tuple[str, ...] | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    classifies: bool = False
+    about: str = ""
+
+    def builder(self) -> Callable[..., nn.Module]:
+        """``build``, imported first when it is an import path."""
+        if not isinstance(self.build, str):
+            return self.build
+        module, _, name = self.build.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def option_names(self, family: bool = False) -> tuple[str, ...]:
+        """The options it accepts (its ``options``, else ``build``'s keyword arguments)."""
+        if self.options is not None:
+            return tuple(self.options)
+        params = list(inspect.signature(self.builder()).parameters.values())[1 if family else 0:]
+        return tuple(p.name for p in params if p.name not in ("self", "num_classes")
+                     and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))  # fmt: skip
+
+
+# Names it does not know make it import the plugins (which may register backbones).
+BACKBONES: Registry[Backbone] = Registry("backbone", load=load_task_modules)
+
+
+def register_backbone(name: str, backbone: Backbone | Callable[..., nn.Module] | str | None = None,
+                      *, replace: bool = False, **fields: Any):  # noqa: ANN201 - entry or decorator
+    """Make ``--model name`` (and ``create_model(name, ...)``) build this backbone.
+
+    ``backbone`` is a :class:`Backbone`, or its ``build`` (a callable or an import path) with
+    the other :class:`Backbone` fields as keywords; without it, a decorator
+    (``@register_backbone("x")`` on a module class or a builder function). A name ending in
+    ``/`` registers a family.
+
+    Raises:
+        DuplicateNameError: ``name`` is taken and ``replace`` is false.
+    """
+    if backbone is None:
+        BACKBONES.check_free(name, replace=replace)
+
+        def decorator(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+            register_backbone(name, build, replace=replace, **fields)
+            return build
+
+        return decorator
+    entry = backbone if isinstance(backbone, Backbone) else Backbone(backbone, **fields)
+    return BACKBONES.register(name, entry, replace=replace)
+
+
+def backbone_names() -> list[str]:
+    """Every ``--model`` name, a family shown as ``family/<name>``."""
+    return [name + "<name>" if name.endswith("/") else name for name in BACKBONES.names()]
+
+
+def resolve_backbone(name: str) -> tuple[Backbone, str | None]:
+    """``name`` -> (its :class:`Backbone`, the variant for a family's name, else None).
+
+    Raises:
+        ValueError: no backbone of that name (the message lists them).
+    """
+    family, slash, variant = str(name).partition("/")
+    key = family + "/" if slash else name
+    if key not in BACKBONES:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(backbone_names())}")
+    if slash and not variant:
+        raise ValueError(f"model {name!r} names no {family} model: give {family}/<name>")
+    if not slash and name.endswith("/"):
+        raise ValueError(f"model {name!r} names no model: give {name}<name>")
+    return BACKBONES.get(key), (variant if slash else None)
+
+
+def is_backbone(name: str) -> bool:
+    """Whether ``name`` is a ``--model`` name (a registered backbone, or a family's variant)."""
+    try:
+        resolve_backbone(name)
+    except PluginError:  # a plugin that fails to import is its own error, not an unknown name
+        raise
+    except ValueError:
+        return False
+    return True
+
+
+def timm_model_name(name: str) -> str | None:
+    """The timm model of a ``timm/<name>`` model name, None for any other name."""
+    return name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else None
+
+
+def backbone_options(name: str) -> tuple[str, ...]:
+    """The options backbone ``name`` accepts."""
+    entry, variant = resolve_backbone(name)
+    return entry.option_names(family=variant is not None)
+
+
+def backbone_defaults(name: str) -> dict[str, Any]:
+    """A copy of the options backbone ``name`` is built with unless overridden."""
+    return copy.deepcopy(resolve_backbone(name)[0].defaults)
+
+
+def build_backbone(name: str | None, options: dict[str, Any], *, num_classes: int = 0) -> nn.Module:
+    """Backbone ``name`` built with its defaults updated by ``options``; ``None`` is the
+    ClusterFormer backbone with exactly ``options``. A backbone that classifies by itself gets
+    ``num_classes`` (0: none)."""
+    if name is None:
+        from clusterformer.models.backbone import ClusterFormer
+
+        return ClusterFormer(**{**options, "num_classes": num_classes})
+    entry, variant = resolve_backbone(name)
+    merged = {**copy.deepcopy(entry.defaults), **options}
+    if entry.classifies:
+        merged["num_classes"] = num_classes
+    build = entry.builder()
+    return build(variant, **merged) if variant is not None else build(**merged)
+
+
 def feature_channels(backbone: nn.Module) -> tuple[int, ...]:
     """The channels of ``backbone``'s maps at strides 4, 8, 16, 32 (ValueError if it does not
     declare exactly those maps in ``feature_info``)."""
@@ -67,19 +217,6 @@ def feature_channels(backbone: nn.Module) -> tuple[int, ...]:
         raise ValueError(f"{type(backbone).__name__} gives maps at strides {strides}; the dense "
                          f"heads need {FEATURE_STRIDES}")  # fmt: skip
     return tuple(int(f["num_chs"]) for f in info)
-
-
-def build_backbone(name: str | None, options: dict[str, Any], *, num_classes: int = 0) -> nn.Module:
-    """``name`` ``None``: a ClusterFormer backbone with ``options`` (a preset's constructor
-    options and overrides); ``"timm/<model>"``: that timm model's features (``options`` are
-    passed to ``timm.create_model``)."""
-    if name is None:
-        return ClusterFormer(**{**options, "num_classes": num_classes})
-    if not name.startswith(TIMM_PREFIX):
-        raise ValueError(f"unknown backbone {name!r}; give a preset or {TIMM_PREFIX}<name>")
-    from clusterformer.models.timm_backbone import TimmBackbone
-
-    return TimmBackbone(name[len(TIMM_PREFIX):], FEATURE_STRIDES, **options)
 
 
 class FeatureClassifier(nn.Module):
@@ -101,62 +238,26 @@ class FeatureClassifier(nn.Module):
         return self.head(self.head_norm(masked_mean(features[-1], masks[-1])))
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    """Tensors of a safetensors file, or of a state dict read with ``weights_only=True``
-    (nested under ``state_dict`` / ``model`` as training scripts often save it)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: backbone weights not found")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU-sized: ~1.9 M params (1000 classes), fast at 64-128 px on two cores; tests, quickstart.
+    "clusterformer-nano": {
+        "depths": (1, 1, 2, 1), "dims": (32, 64, 128, 256), "mlp_ratios": (4, 4, 4, 4),
+        "head_dim": 32, "num_iters": 3,
+    },
+    "clusterformer-tiny": {
+        "depths": (2, 2, 6, 2), "dims": (96, 192, 384, 768), "mlp_ratios": (8, 8, 4, 4),
+        "head_dim": 32, "num_iters": 3,
+    },
+    "clusterformer-small": {
+        "depths": (2, 2, 18, 2), "dims": (96, 192, 384, 768), "mlp_ratios": (8, 8, 4, 4),
+        "head_dim": 32, "num_iters": 3,
+    },
+}
 
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling refusals come in several types
-        raise ValueError(f"{path}: not a state dict that loads with weights_only=True "
-                         f"({type(exc).__name__}); save the weights as safetensors") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a dict of tensors (a state dict)")
-    return state
-
-
-def _best_prefix(own: set[str], theirs: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``theirs`` with the key prefix (none, or ``backbone.`` / ``model.`` / ``body.`` added or
-    removed) that matches most of ``own``."""
-    candidates = [theirs]
-    for prefix in ("backbone.", "model.", "body.", "module."):
-        candidates.append({k[len(prefix):]: v for k, v in theirs.items() if k.startswith(prefix)})
-        candidates.append({prefix + k: v for k, v in theirs.items()})
-    return max(candidates, key=lambda c: len(own & set(c)))
-
-
-def load_backbone_weights(model: nn.Module, path: str | Path) -> int:
-    """Load a state dict file into ``model.backbone`` (or ``model`` itself when it is the
-    backbone): every backbone tensor must be in the file with its shape; tensors of a
-    classifier head the file also holds are ignored. Returns the number loaded."""
-    path = Path(path)
-    target = getattr(model, "backbone", model)
-    inner = getattr(target, "body", target)  # a timm adapter loads into the timm model
-    own = inner.state_dict()
-    skip = ("head.", "head_norm.") if inner is target else ()
-    wanted = {k: v for k, v in own.items() if not k.startswith(skip)}
-    source = _best_prefix(set(wanted), _read_state_dict(path))
-    for name in sorted(wanted):
-        if name not in source:
-            raise ValueError(f"{path}: backbone tensor {name} is missing from the file "
-                             f"({len(set(wanted) & set(source))} of {len(wanted)} found); "
-                             "is it the weights of this backbone?")  # fmt: skip
-        if tuple(source[name].shape) != tuple(wanted[name].shape):
-            raise ValueError(f"{path}: tensor {name} is {tuple(source[name].shape)} in the file, "
-                             f"{tuple(wanted[name].shape)} in the backbone")  # fmt: skip
-        if not bool(torch.isfinite(source[name]).all()) and source[name].is_floating_point():
-            raise ValueError(f"{path}: tensor {name} holds NaN or infinity")
-    inner.load_state_dict({k: source[k] for k in wanted}, strict=False)
-    return len(wanted)
+# The built-in backbones: one registration line each.
+for _name, _preset in PRESETS.items():
+    register_backbone(_name, "clusterformer.models.backbone:ClusterFormer", defaults=_preset,
+                      classifies=True, about="ClusterFormer preset (sizes above)")  # fmt: skip
+register_backbone(TIMM_PREFIX, "clusterformer.models.timm_backbone:TimmBackbone", options=(),
+                  about="any timm features_only model with maps at strides 4-32 (pip install "
+                  "'clusterformer[timm]')")  # fmt: skip

@@ -59,8 +59,8 @@ class ClusterFormerDetector(DenseModel):
 
 def build_detector(num_classes: int, backbone: str | None = None, **options: Any) -> ClusterFormerDetector:
     """The detection architecture's builder: ``options`` mixes backbone options (a preset's)
-    and :data:`DETECTOR_OPTIONS`; ``backbone`` ``"timm/<name>"`` takes a timm model's features
-    instead of the ClusterFormer backbone."""
+    and :data:`DETECTOR_OPTIONS`; ``backbone`` names a registered backbone (``None``: the
+    ClusterFormer backbone with ``options``, see :func:`~.backbones.build_backbone`)."""
     decoder = DecoderOptions.pop_flat(options)
     mask_features = bool(options.pop("mask_features", False))
     return ClusterFormerDetector(num_classes, build_backbone(backbone, options), decoder,

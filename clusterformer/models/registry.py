@@ -1,16 +1,15 @@
-"""Named presets, model architectures and ``create_model`` (a public entry point: its name,
-arguments and defaults stay).
+"""Model architectures, the task -> architecture table and ``create_model`` (a public entry
+point: its name, arguments and defaults stay).
 
-A model is ``preset options + overrides`` handed to an *architecture* builder: the classifier,
-the detector or the segmenter here, or one a plugin registers. Which architecture a task uses
-is the task's choice: each task module registers it with :func:`register_task_model` when it
-is imported, so this module names no task.
+A model is a backbone (a preset or any registered one, :mod:`.backbones`) with its options and
+overrides, handed to an *architecture* builder: the classifier, the detector or the segmenter
+here, or one a plugin registers. Which architecture a task uses is the task's choice: each task
+module registers it with :func:`register_task_model` when it is imported, so this module names
+no task.
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,32 +17,21 @@ from typing import Any
 
 from torch import nn
 
-from clusterformer.models.backbone import ClusterFormer
-from clusterformer.models.backbones import TIMM_PREFIX, FeatureClassifier, build_backbone
+from clusterformer.models.backbones import (
+    PRESETS,
+    FeatureClassifier,
+    backbone_defaults,
+    backbone_options,
+    build_backbone,
+    resolve_backbone,
+)
 from clusterformer.models.detector import DETECTOR_OPTIONS, build_detector
 from clusterformer.models.segmenter import SEGMENTER_OPTIONS, build_segmenter
 from clusterformer.plugins import DEFAULT_TASK, load_task_modules
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # CPU-sized: ~1.9 M params (1000 classes), fast at 64-128 px on two cores; tests, quickstart.
-    "clusterformer-nano": {
-        "depths": (1, 1, 2, 1), "dims": (32, 64, 128, 256), "mlp_ratios": (4, 4, 4, 4),
-        "head_dim": 32, "num_iters": 3,
-    },
-    "clusterformer-tiny": {
-        "depths": (2, 2, 6, 2), "dims": (96, 192, 384, 768), "mlp_ratios": (8, 8, 4, 4),
-        "head_dim": 32, "num_iters": 3,
-    },
-    "clusterformer-small": {
-        "depths": (2, 2, 18, 2), "dims": (96, 192, 384, 768), "mlp_ratios": (8, 8, 4, 4),
-        "head_dim": 32, "num_iters": 3,
-    },
-}
+from clusterformer.registry import Registry
 
 # Options every ClusterFormer backbone takes (a preset's and its overrides).
-BACKBONE_OPTIONS: tuple[str, ...] = tuple(
-    p for p in inspect.signature(ClusterFormer.__init__).parameters if p not in ("self", "num_classes")
-)
+BACKBONE_OPTIONS: tuple[str, ...] = backbone_options("clusterformer-nano")
 
 Builder = Callable[..., nn.Module]
 
@@ -53,8 +41,10 @@ class Architecture:
     """How to build one kind of model.
 
     Attributes:
-        build: ``build(num_classes, backbone=None | "timm/<name>", **options) -> nn.Module``,
-            ``options`` being the backbone's and the architecture's own.
+        build: ``build(num_classes, backbone=None | "<model name>", **options) -> nn.Module``,
+            ``options`` being the backbone's and the architecture's own; it builds the backbone
+            with :func:`~clusterformer.models.backbones.build_backbone` (``None``: the
+            ClusterFormer backbone with ``options``).
         options: the names of its own options (besides the backbone's).
     """
 
@@ -63,30 +53,39 @@ class Architecture:
 
 
 def _build_classifier(num_classes: int, backbone: str | None = None, **options: Any) -> nn.Module:
-    if backbone is None:  # the ClusterFormer backbone has its own classifier head
-        return ClusterFormer(num_classes=num_classes, **options)
+    if backbone is None or resolve_backbone(backbone)[0].classifies:  # its own classifier head
+        return build_backbone(backbone, options, num_classes=num_classes)
     return FeatureClassifier(build_backbone(backbone, options), num_classes)
 
 
-ARCHITECTURES: dict[str, Architecture] = {
-    "classifier": Architecture(_build_classifier),
-    "detector": Architecture(build_detector, DETECTOR_OPTIONS),
-    "segmenter": Architecture(build_segmenter, SEGMENTER_OPTIONS),
-}
-TASK_ARCHITECTURES: dict[str, str] = {}
+ARCHITECTURES: Registry[Architecture] = Registry("architecture", load=load_task_modules)
+ARCHITECTURES.register("classifier", Architecture(_build_classifier))
+ARCHITECTURES.register("detector", Architecture(build_detector, DETECTOR_OPTIONS))
+ARCHITECTURES.register("segmenter", Architecture(build_segmenter, SEGMENTER_OPTIONS))
+# task name -> the name of the architecture it builds (filled by the task modules).
+TASK_ARCHITECTURES: Registry[str] = Registry("task", load=load_task_modules)
 
 
-def register_architecture(name: str, architecture: Architecture) -> None:
-    """Add (or replace) an architecture a task can build its models with."""
-    ARCHITECTURES[name] = architecture
+def register_architecture(name: str, architecture: Architecture, *, replace: bool = False) -> None:
+    """Add an architecture a task can build its models with.
+
+    Raises:
+        DuplicateNameError: ``name`` is taken and ``replace`` is false.
+    """
+    ARCHITECTURES.register(name, architecture, replace=replace)
 
 
-def register_task_model(task: str, architecture: str) -> None:
-    """Make ``create_model(..., task=task)`` build ``architecture``."""
+def register_task_model(task: str, architecture: str, *, replace: bool = False) -> None:
+    """Make ``create_model(..., task=task)`` build ``architecture``.
+
+    Raises:
+        ValueError: an unknown architecture; DuplicateNameError: ``task`` has one already and
+            ``replace`` is false.
+    """
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; expected one of "
-                         f"{', '.join(ARCHITECTURES)}")  # fmt: skip
-    TASK_ARCHITECTURES[task] = architecture
+                         f"{', '.join(ARCHITECTURES.names())}")  # fmt: skip
+    TASK_ARCHITECTURES.register(task, architecture, replace=replace)
 
 
 def list_models() -> list[str]:
@@ -97,22 +96,17 @@ def list_models() -> list[str]:
 def preset_config(name: str) -> dict[str, Any]:
     """A copy of the constructor options of preset ``name`` (ValueError if unknown)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}; available presets: {', '.join(PRESETS)} "
-                         f"(or {TIMM_PREFIX}<name> with timm installed)")  # fmt: skip
-    return copy.deepcopy(PRESETS[name])
+        raise ValueError(f"unknown model {name!r}; available presets: {', '.join(PRESETS)}")
+    return backbone_defaults(name)
 
 
 def architecture_of(task: str) -> Architecture:
     """The architecture ``task`` builds (ValueError for an unknown task)."""
-    if task not in TASK_ARCHITECTURES:
-        load_task_modules()  # the task modules register their architectures on import
-    if task not in TASK_ARCHITECTURES:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASK_ARCHITECTURES)}")
-    return ARCHITECTURES[TASK_ARCHITECTURES[task]]
+    return ARCHITECTURES.get(TASK_ARCHITECTURES.get(task))
 
 
-def _check_overrides(overrides: dict[str, Any], architecture: Architecture, timm: bool) -> None:
-    accepted = set(architecture.options) | (set() if timm else set(BACKBONE_OPTIONS))
+def _check_overrides(overrides: dict[str, Any], architecture: Architecture, name: str) -> None:
+    accepted = set(architecture.options) | set(backbone_options(name))
     unknown = sorted(set(overrides) - accepted)
     if unknown:
         raise TypeError(
@@ -127,26 +121,26 @@ def _check_overrides(overrides: dict[str, Any], architecture: Architecture, timm
 def create_model(
     name: str, task: str = DEFAULT_TASK, num_classes: int = 1000, **overrides: Any
 ) -> nn.Module:
-    """Build preset ``name`` (or ``timm/<model>``: a timm model's features as the backbone) for
-    ``task`` with ``num_classes`` outputs.
+    """Build model ``name`` (a preset, ``timm/<model>`` or any registered backbone, see
+    :func:`~clusterformer.models.backbones.register_backbone`) for ``task`` with
+    ``num_classes`` outputs.
 
-    ``overrides`` replace preset options (see :class:`ClusterFormer`'s arguments) or set the
-    architecture's own (e.g. the dense heads' :class:`~clusterformer.models.dense.
-    DecoderOptions` by their flat names). The model carries ``model.model_config``
+    ``overrides`` replace the backbone's options (a preset's: see :class:`ClusterFormer`'s
+    arguments) or set the architecture's own (e.g. the dense heads' :class:`~clusterformer.
+    models.dense.DecoderOptions` by their flat names). The model carries ``model.model_config``
     (JSON-serialisable: ``name``, ``task``, ``num_classes`` and the overrides, enough to
     rebuild it with ``create_model(**model_config)``) and ``model.default_cfg`` (mean/std).
 
     Raises:
-        ValueError: unknown preset or task.
+        ValueError: unknown model name or task.
         TypeError: an unknown or non-serialisable override.
     """
-    timm = name.startswith(TIMM_PREFIX)
-    options = {} if timm else preset_config(name)
+    options = backbone_defaults(name)
     architecture = architecture_of(task)
     if not isinstance(num_classes, int) or num_classes < 0:
         raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
-    _check_overrides(overrides, architecture, timm)
+    _check_overrides(overrides, architecture, name)
     options.update(overrides)
-    model = architecture.build(num_classes, backbone=name if timm else None, **options)
+    model = architecture.build(num_classes, backbone=name, **options)
     model.model_config = {"name": name, "task": task, "num_classes": num_classes, **overrides}
     return model

@@ -99,6 +99,7 @@ def attention_mask(mask_logits: Tensor, shape: tuple[int, int]) -> Tensor:
 def build_segmenter(num_classes: int, backbone: str | None = None,
                     **options: Any) -> ClusterFormerSegmenter:  # fmt: skip
     """The mask-classification architecture's builder: ``options`` mixes backbone options and
-    :data:`SEGMENTER_OPTIONS`; ``backbone`` ``"timm/<name>"`` takes a timm model's features."""
+    :data:`SEGMENTER_OPTIONS`; ``backbone`` names a registered backbone (``None``: the
+    ClusterFormer backbone with ``options``, see :func:`~.backbones.build_backbone`)."""
     decoder = DecoderOptions.pop_flat(options)
     return ClusterFormerSegmenter(num_classes, build_backbone(backbone, options), decoder)
