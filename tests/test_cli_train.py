@@ -115,11 +115,11 @@ def test_eval_checkpoint_matches_training_eval(
 def test_eval_predictions_without_model(
     shards: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from clusterformer.data import build_loader
+    from clusterformer.data import LoaderSpec, build_loader
 
     truth = {}
     for batch in build_loader(
-        str(shards["val"]), "classification", batch_size=4, image_size=32, train=False
+        str(shards["val"]), "classification", LoaderSpec(batch_size=4, image_size=32, train=False)
     ):
         truth.update(zip(batch["keys"], batch["labels"].tolist(), strict=True))
     perfect = tmp_path / "perfect.json"

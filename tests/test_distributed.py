@@ -38,8 +38,8 @@ def _global_batch() -> dict:
 
 
 def _state(model):
+    from clusterformer.engine.checkpoint import TrainState
     from clusterformer.engine.optim import Schedule, build_optimizer
-    from clusterformer.engine.step import TrainState
 
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.05)
     return TrainState(

@@ -11,11 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from clusterformer.engine.checkpoint import ModelEma, TrainState
 from clusterformer.engine.config_files import read_recipe, resolve_config
 from clusterformer.engine.evaluate import autocast
 from clusterformer.engine.hooks import EmaHook
 from clusterformer.engine.optim import Schedule, build_optimizer, param_groups
-from clusterformer.engine.step import ModelEma, TrainState, make_scaler, train_step
+from clusterformer.engine.step import make_scaler, train_step
 from clusterformer.metrics import TopKAccumulator, topk_accuracy, topk_correct
 from clusterformer.tasks import build_task
 from clusterformer.tasks.classification import mix_batch, smooth_one_hot

@@ -212,18 +212,21 @@ def test_resume_never_starts_over_on_a_folder_holding_weights(
     assert steps == [3]  # the old run's log went with its checkpoints
 
 
-def test_a_run_of_the_flat_layout_still_resumes(
+def test_a_run_of_the_flat_layout_is_refused_not_started_over(
     fault_shards: Path, fault_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """Runs written before step folders (last.safetensors + last.state.pt files) resume."""
+    """The flat layout (last.safetensors + last.state.pt files, before step folders) was only
+    ever written by unreleased code: --resume names the folder and leaves it as it was."""
     flat = tmp_path / "run" / "checkpoints"
     flat.mkdir(parents=True)
     newest = fault_run / "checkpoints" / "step-000002"
     shutil.copy(newest / "model.safetensors", flat / "last.safetensors")
     shutil.copy(newest / "state.pt", flat / "last.state.pt")
+    before = snapshot(flat.parent)
     code, err = cf(train_argv(fault_shards, flat.parent, 3, "--resume"), capsys)
-    assert code == 0 and "resumed" in err and "at step 2" in err, err
-    assert ckpt.read_metadata(flat.parent)["step"] == 3
+    line = error_line(err)
+    assert code == 1 and f"{flat}: weights without a complete step-* checkpoint" in line, err
+    assert "--restart" in line and snapshot(flat.parent) == before
 
 
 @pytest.mark.parametrize(("flag", "value", "before"), [
@@ -361,19 +364,17 @@ def test_temporaries_of_dead_writers_are_removed_on_the_next_start(
     run = _copy(fault_run, tmp_path / "run")
     ckpt_dir = run / "checkpoints"
     host = socket.gethostname().replace("-", "_")  # temporaries are tagged <host>-<pid>
-    leftovers = [ckpt_dir / ".last.safetensors.k2j4x9.tmp",  # an older version's mkstemp name
-                 ckpt_dir / f".step-000003.tmp-{host}-{_dead_pid()}",
+    leftovers = [ckpt_dir / f".step-000003.tmp-{host}-{_dead_pid()}",
                  run / f".config.json.a8b2.tmp-{host}-{_dead_pid()}"]  # fmt: skip
-    leftovers[0].write_bytes(b"\0" * 1000)
-    leftovers[1].mkdir()
-    (leftovers[1] / "model.safetensors").write_bytes(b"\0" * 1000)
-    leftovers[2].write_text("{")
+    leftovers[0].mkdir()
+    (leftovers[0] / "model.safetensors").write_bytes(b"\0" * 1000)
+    leftovers[1].write_text("{")
     alive = ckpt_dir / f".step-000009.tmp-{host}-{os.getppid()}"
     alive.mkdir()  # a live writer's (this test's parent process): left alone
     code, err = cf(train_argv(fault_shards, run, 3, "--resume", "--save-every", "1"), capsys)
     assert code == 0, err
     assert not any(p.exists() for p in leftovers) and alive.exists()
-    assert "removed 3 temporary" in err
+    assert "removed 2 temporary" in err
 
 
 def test_a_failed_predict_writes_nothing(

@@ -32,7 +32,7 @@ from fault_kit import (
     snapshot,
 )
 
-from clusterformer.data import build_loader
+from clusterformer.data import LoaderSpec, build_loader
 from clusterformer.data import shards as shards_module
 from clusterformer.export import read_export_metadata
 
@@ -86,10 +86,6 @@ def _hostile_files(run: Path, shards: Path, tmp: Path, marker: Path) -> dict[str
     resumed = _copy(run, tmp / "resumed")
     for state in (resumed / "checkpoints").glob("step-*/state.pt"):
         _pickle_as(state, marker)
-    legacy = tmp / "legacy"
-    (legacy / "checkpoints").mkdir(parents=True)
-    shutil.copy(run / "checkpoints" / "last.safetensors", legacy / "checkpoints")
-    _pickle_as(legacy / "checkpoints" / "last.state.pt", marker)
     weights = _pickle_as(tmp / "evil.safetensors", marker)
     predictions = _pickle_as(tmp / "evil.json", marker)
     data = _copy(shards, tmp / "evil-shards")
@@ -97,8 +93,6 @@ def _hostile_files(run: Path, shards: Path, tmp: Path, marker: Path) -> dict[str
     image = _pickle_as(tmp / "evil.jpg", marker)
     return {  # kind: (argv, the file the error line must name)
         "state.pt": (train_argv(shards, resumed, 4, "--resume"), "step-000002/state.pt"),
-        "legacy last.state.pt": (train_argv(shards, legacy, 4, "--resume"),
-                                 f"{legacy}/checkpoints/last.state.pt"),
         "safetensors (eval)": (["eval", "--ckpt", weights, "--data", shards], weights),
         "safetensors (predict)": (["predict", "--ckpt", weights, image, "--out", tmp / "p"],
                                   weights),
@@ -113,7 +107,7 @@ def _hostile_files(run: Path, shards: Path, tmp: Path, marker: Path) -> dict[str
     }  # fmt: skip
 
 
-KINDS = ["state.pt", "legacy last.state.pt", "safetensors (eval)", "safetensors (predict)",
+KINDS = ["state.pt", "safetensors (eval)", "safetensors (predict)",
          "safetensors (export)", "safetensors (--pretrained)", "predictions json",
          "dataset.json", "image"]  # fmt: skip
 
@@ -152,8 +146,8 @@ def test_shards_with_pickle_members_load_without_unpickling(
                     extra = tarfile.TarInfo(f"{key}.{suffix}")
                     extra.size = len(payload.getvalue())
                     tar.addfile(extra, io.BytesIO(payload.getvalue()))
-    batches = list(build_loader(str(data), "classification", batch_size=4, image_size=32,
-                                train=False))  # fmt: skip
+    batches = list(build_loader(str(data), "classification", LoaderSpec(batch_size=4, image_size=32,
+                                train=False)))  # fmt: skip
     assert sum(len(b["keys"]) for b in batches) == 16 and not marker.exists()
 
 

@@ -75,11 +75,13 @@ def test_best_checkpoint_keeps_the_best_and_stops_after_patience(tmp_path: Path)
             break
     assert step == 4 and "early stop at step 4" in notes[-1] and "best 30 at step 2" in notes[-1]
     assert read_best(tmp_path) == {"metric": "top1", "value": 30.0, "step": 2,
-                                   "weights": "best.safetensors"}  # fmt: skip
+                                   "weights": "best.safetensors", "stale": 2,
+                                   "evaluated_step": 4}  # fmt: skip
     meta = read_metadata(tmp_path / "best.safetensors")
     assert meta["step"] == 2 and meta["best_metric"] == "top1" and meta["best_value"] == 30.0
     assert not list(tmp_path.glob(".*tmp*"))  # written whole: no temporaries left
     again = BestCheckpoint(tmp_path, _Spec(), "top1", None, {})  # a resumed run
+    again.start()
     assert again.best == 30.0 and again.observe(9, {"top1": 29.0}, weights) is None
     with pytest.raises(ValueError, match="--best-metric mIoU: not a metric"):
         BestCheckpoint(tmp_path, _Spec(), "mIoU", None, {}).observe(10, {"top1": 1.0}, weights)

@@ -17,14 +17,16 @@ from torch import nn
 
 from clusterformer.engine import files
 from clusterformer.engine.checkpoint_format import (
-    _LEGACY_TEMP,
     FORMAT,
+    LAST,
+    LAST_STATE,
+    LAST_WEIGHTS,
     MANIFEST,
     STATE,
     WEIGHTS,
-    _step_dirs,
     encode_metadata,
-    step_weights,
+    step_folder,
+    step_folders,
 )
 
 
@@ -46,6 +48,7 @@ def weights_bytes(module: nn.Module, metadata: dict[str, str]) -> bytes:
 
 
 def state_bytes(state: dict[str, Any]) -> bytes:
+    """``state`` (tensors and primitive containers) as ``torch.save`` bytes."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return buffer.getvalue()
@@ -78,7 +81,7 @@ def save_checkpoint(
     manifest = {"format": FORMAT, "step": step, "periodic": bool(periodic),
                 "files": {name: len(data) for name, data in blobs.items()}}  # fmt: skip
     blobs[MANIFEST] = (json.dumps(manifest, indent=1) + "\n").encode()
-    final = step_weights(ckpt_dir, step).parent
+    final = step_folder(ckpt_dir, step)
     tag = files.temp_tag()
     tmp = ckpt_dir / f".{final.name}.tmp-{tag}"
     files.make_dir(ckpt_dir)
@@ -118,12 +121,12 @@ def _point_last(ckpt_dir: Path, step_name: str, blobs: dict[str, bytes] | None =
         files.symlink(step_name, tmp)
     except OSError:  # no symlinks on this file system: plain copies (resume never reads them)
         source = ckpt_dir / step_name
-        for view, name in (("last.safetensors", WEIGHTS), ("last.state.pt", STATE)):
+        for view, name in ((LAST_WEIGHTS, WEIGHTS), (LAST_STATE, STATE)):
             data = blobs[name] if blobs else (source / name).read_bytes()
             files.atomic_write_bytes(ckpt_dir / view, data)
         return
-    files.rename(tmp, ckpt_dir / "last")
-    views = (("last.safetensors", f"last/{WEIGHTS}"), ("last.state.pt", f"last/{STATE}"))
+    files.rename(tmp, ckpt_dir / LAST)
+    views = ((LAST_WEIGHTS, f"{LAST}/{WEIGHTS}"), (LAST_STATE, f"{LAST}/{STATE}"))
     for view, inner in views:
         link = ckpt_dir / view
         if link.is_symlink() and os.readlink(link) == inner:
@@ -145,7 +148,7 @@ def _manifest(folder: Path) -> dict[str, Any]:
 def prune_step_checkpoints(ckpt_dir: Path, keep_last: int) -> list[Path]:
     """Delete all ``step-*`` folders but the newest one and the newest ``keep_last`` periodic
     ones; returns the deleted folders. Each is renamed away first, then removed."""
-    folders = _step_dirs(ckpt_dir)
+    folders = step_folders(ckpt_dir)
     periodic = [p for _, p in folders if _manifest(p).get("periodic")]
     keep = set(periodic[: max(keep_last, 0)]) | {p for _, p in folders[:1]}
     doomed = [p for _, p in folders if p not in keep]
@@ -160,10 +163,10 @@ def prune_step_checkpoints(ckpt_dir: Path, keep_last: int) -> list[Path]:
 def recover(ckpt_dir: Path) -> list[Path]:
     """Remove temporaries left by writers that died (a kill mid-save) and point ``last`` at the
     newest complete checkpoint. Returns the removed paths."""
-    removed = files.remove_dead_temps(ckpt_dir, legacy=_LEGACY_TEMP)
-    folders = _step_dirs(ckpt_dir)
-    link = ckpt_dir / "last"
+    removed = files.remove_dead_temps(ckpt_dir)
+    folders = step_folders(ckpt_dir)
+    link = ckpt_dir / LAST
     if folders and (not link.is_symlink() or os.readlink(link) != folders[0][1].name
-                    or not (ckpt_dir / "last.safetensors").exists()):  # fmt: skip
+                    or not (ckpt_dir / LAST_WEIGHTS).exists()):  # fmt: skip
         _point_last(ckpt_dir, folders[0][1].name)
     return removed

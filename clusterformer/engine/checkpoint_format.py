@@ -1,11 +1,13 @@
-"""The checkpoint format: file names, the metadata in the safetensors header, and finding the
-weights file of a run folder (see :mod:`clusterformer.engine.checkpoint` for the layout)."""
+"""The run folder's layout and the checkpoint format: every file name a run folder holds, the
+metadata in the safetensors header, and finding the weights file of a run folder (see
+:mod:`clusterformer.engine.checkpoint` for the protocol)."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +15,13 @@ from safetensors import SafetensorError, safe_open
 
 FORMAT = "clusterformer-checkpoint-v1"
 WEIGHTS, STATE, MANIFEST = "model.safetensors", "state.pt", "checkpoint.json"
+CHECKPOINTS = "checkpoints"
+LAST = "last"  # symlink to the newest step folder
+LAST_WEIGHTS, LAST_STATE = "last.safetensors", "last.state.pt"  # views through ``last``
+BEST_WEIGHTS, BEST_RECORD = "best.safetensors", "best.json"
+CONFIG_YAML, CONFIG_JSON, METRICS = "config.yaml", "config.json", "metrics.jsonl"
+LOGGER_FOLDERS = ("tensorboard", "mlruns", "wandb")  # what the --logger hooks write
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_LEGACY_STEP = re.compile(r"^step-(\d+)\.safetensors$")
-# Temporaries of older versions (tempfile.mkstemp names): their writers cannot be asked.
-_LEGACY_TEMP = re.compile(r"^\.(last|step-\d+)\.(safetensors|state\.pt)\..+\.tmp$")
 _JSON_KEYS = (
     "model_config",
     "task_config",
@@ -32,6 +37,55 @@ _JSON_KEYS = (
 
 class CheckpointError(ValueError):
     """A checkpoint file is unreadable or does not fit; the message names the file."""
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where each file of the run folder ``root`` lives::
+
+        RUN/config.yaml, config.json      the settings (config.json adds what the run resolved)
+        RUN/metrics.jsonl                 one JSON record per log line
+        RUN/tensorboard, mlruns, wandb    the --logger folders
+        RUN/checkpoints/step-NNNNNN/      one checkpoint: model.safetensors, state.pt,
+                                          checkpoint.json (the manifest, written last)
+        RUN/checkpoints/last              -> the newest step folder
+        RUN/checkpoints/last.safetensors, last.state.pt   -> through ``last``
+        RUN/checkpoints/best.safetensors, best.json       the best evaluation so far
+    """
+
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def config_yaml(self) -> Path:
+        return self.root / CONFIG_YAML
+
+    @property
+    def config_json(self) -> Path:
+        return self.root / CONFIG_JSON
+
+    @property
+    def last_weights(self) -> Path:
+        return self.checkpoints / LAST_WEIGHTS
+
+    @property
+    def best_weights(self) -> Path:
+        return self.checkpoints / BEST_WEIGHTS
+
+    @property
+    def best_record(self) -> Path:
+        return self.checkpoints / BEST_RECORD
+
+    def step_folder(self, step: int) -> Path:
+        return step_folder(self.checkpoints, step)
+
+    def previous_run(self) -> list[Path]:
+        """What ``--restart`` removes: the checkpoints and every log of the previous run."""
+        names = (CHECKPOINTS, METRICS, *LOGGER_FOLDERS)
+        return [self.root / name for name in names]
 
 
 def encode_metadata(meta: dict[str, Any]) -> dict[str, str]:
@@ -50,7 +104,8 @@ def decode_metadata(raw: dict[str, str] | None) -> dict[str, Any]:
     return out
 
 
-def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
+def unreadable_error(path: Path, exc: BaseException) -> CheckpointError:
+    """The one line for a weights file safetensors cannot read, with the reason."""
     reason = " ".join(str(exc).split())[:120] or type(exc).__name__
     return CheckpointError(f"{path}: not a readable safetensors checkpoint ({reason}); "
                            "re-copy the file or use another checkpoint")  # fmt: skip
@@ -63,14 +118,19 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             meta = decode_metadata(f.metadata())
     except (SafetensorError, OSError, ValueError, RecursionError) as exc:
-        raise _unreadable(path, exc) from None
+        raise unreadable_error(path, exc) from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a clusterformer checkpoint (metadata has no "
                               f"'{FORMAT}' tag); pass a file written by cf train")  # fmt: skip
     return meta
 
 
-def _step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
+def step_folder(ckpt_dir: Path, step: int) -> Path:
+    """Where checkpoint ``step`` is once committed."""
+    return ckpt_dir / f"step-{step:06d}"
+
+
+def step_folders(ckpt_dir: Path) -> list[tuple[int, Path]]:
     """``step-*`` folders holding a manifest, newest first (complete by construction)."""
     found = []
     if ckpt_dir.is_dir():
@@ -81,8 +141,16 @@ def _step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def holds_weights(ckpt_dir: Path) -> bool:
+    """Whether ``ckpt_dir`` holds any checkpoint weights (complete or not)."""
+    if not ckpt_dir.is_dir():
+        return False
+    return any(p.name.endswith(".safetensors") or (_STEP_DIR.match(p.name) and p.is_dir())
+               for p in ckpt_dir.iterdir() if not p.name.startswith("."))  # fmt: skip
+
+
 def _last_target(ckpt_dir: Path) -> Path | None:
-    link = ckpt_dir / "last"
+    link = ckpt_dir / LAST
     if link.is_symlink() and (ckpt_dir / os.readlink(link) / WEIGHTS).is_file():
         return ckpt_dir / os.readlink(link) / WEIGHTS
     return None
@@ -90,15 +158,16 @@ def _last_target(ckpt_dir: Path) -> Path | None:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run folder, its ``checkpoints`` folder, a ``step-*`` folder or a ``.safetensors``
-    file -> the weights file (of the newest checkpoint for a folder)."""
+    file -> the weights file (of the newest checkpoint for a folder; ``last.safetensors`` when
+    the folder has no step folder, DESIGN's name for a run's weights)."""
     p = Path(path)
     if p.is_dir():
-        for ckpt_dir in (p / "checkpoints", p):
+        for ckpt_dir in (p / CHECKPOINTS, p):
             newest = _last_target(ckpt_dir) or next(
-                (d / WEIGHTS for _, d in _step_dirs(ckpt_dir) if (d / WEIGHTS).is_file()), None
+                (d / WEIGHTS for _, d in step_folders(ckpt_dir) if (d / WEIGHTS).is_file()), None
             )
-            if newest is None and (ckpt_dir / "last.safetensors").is_file():
-                newest = ckpt_dir / "last.safetensors"
+            if newest is None and (ckpt_dir / LAST_WEIGHTS).is_file():
+                newest = ckpt_dir / LAST_WEIGHTS
             if newest is not None:
                 return newest
         if (p / WEIGHTS).is_file():
@@ -114,10 +183,4 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def step_weights(ckpt_dir: Path, step: int) -> Path:
     """Where checkpoint ``step``'s weights are once committed."""
-    return ckpt_dir / f"step-{step:06d}" / WEIGHTS
-
-
-def state_path_for(weights: Path) -> Path:
-    if weights.name == WEIGHTS:
-        return weights.with_name(STATE)
-    return weights.with_name(weights.name[: -len(".safetensors")] + ".state.pt")
+    return step_folder(ckpt_dir, step) / WEIGHTS

@@ -19,7 +19,7 @@ from clusterformer.engine.evaluate import autocast, to_device
 from clusterformer.engine.finite import describe_output, first_non_finite, non_finite_output
 
 if TYPE_CHECKING:
-    from clusterformer.engine.step import TrainState
+    from clusterformer.engine.checkpoint import TrainState
     from clusterformer.tasks import Task
 
 
@@ -31,7 +31,7 @@ class TrainingDiverged(FloatingPointError):
 def unsaveable(state: TrainState, task: Task, batch: dict | None) -> str | None:
     """Why the weights of ``state`` must not be saved (NaN/inf weights, or NaN/inf outputs
     on ``batch``), or None when they are fine."""
-    saved = state.ema.module if state.ema is not None else state.module
+    saved = state.saved_weights
     bad = first_non_finite(saved.state_dict())
     if bad is None and state.ema is not None:
         bad = first_non_finite(state.module.state_dict())

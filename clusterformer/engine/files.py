@@ -124,16 +124,16 @@ def writer_alive(tag: str) -> bool:
 _TEMP = re.compile(r"^\..*\.tmp-(?P<tag>[^/]+-\d+)$")
 
 
-def remove_dead_temps(folder: Path, legacy: re.Pattern | None = None) -> list[Path]:
-    """Remove the temporaries in ``folder`` (``.NAME.tmp-<host>-<pid>``) whose writer is dead,
-    and any whose name matches ``legacy``; returns what was removed."""
+def remove_dead_temps(folder: Path) -> list[Path]:
+    """Remove the temporaries in ``folder`` (``.NAME.tmp-<host>-<pid>``) whose writer is dead;
+    returns what was removed."""
     removed: list[Path] = []
     if not Path(folder).is_dir():
         return removed
     for p in sorted(Path(folder).iterdir()):
         m = _TEMP.match(p.name)
         dead = m is not None and not writer_alive(m.group("tag"))
-        if dead or (legacy is not None and legacy.match(p.name)):
+        if dead:
             remove_tree(p)
             removed.append(p)
     return removed

@@ -5,7 +5,8 @@ trainer.HookBase`; the order they are called in: :mod:`clusterformer.engine.trai
 * :class:`LoggingHook` -- training scalars every ``log_every`` steps (mean over ranks, images
   per second, epoch, peak GPU memory) to ``metrics.jsonl`` and the terminal.
 * :class:`EvalHook` -- held-out metrics every ``eval_every`` steps and at the end; the best
-  checkpoint and early stopping (:mod:`clusterformer.engine.best`).
+  checkpoint and early stopping (:mod:`clusterformer.engine.best`), whose best value and
+  patience counter are its ``state_dict`` (kept in checkpoints, so they survive ``--resume``).
 * :class:`CheckpointHook` -- periodic and final checkpoints; on SIGTERM / SIGINT a checkpoint,
   then :class:`TrainingInterrupted`; never a checkpoint of weights that diverged.
 """
@@ -27,7 +28,6 @@ from clusterformer.engine.signals import TrainingInterrupted
 from clusterformer.engine.trainer import HookBase, Saved, diverged_message
 
 if TYPE_CHECKING:
-    from clusterformer.engine.step import TrainState
     from clusterformer.engine.trainer import Trainer
 
 
@@ -75,10 +75,11 @@ class EvalHook(HookBase):
                  best: BestCheckpoint | None = None) -> None:  # fmt: skip
         self.loader, self.eval_every, self.best = loader, eval_every, best
         self.evaluated_step: int | None = None
+        self.step = 0  # the trainer's step as of the last call: what a checkpoint saves with
 
     def evaluate(self, trainer: Trainer) -> None:
         state = trainer.state
-        model = state.ema.module if state.ema is not None else state.module
+        model = state.saved_weights
         trainer.metrics = evaluate(model, trainer.task, self.loader, device=state.device,
                                    amp=state.amp)  # fmt: skip
         self.evaluated_step = state.step
@@ -90,8 +91,17 @@ class EvalHook(HookBase):
             trainer.stop_early = self.best.should_stop
         trainer.meter.restart()
 
+    def before_train(self, trainer: Trainer) -> None:
+        self.step = trainer.state.step
+        if self.best is None:
+            return
+        self.best.start()
+        if self.best.should_stop:  # a run that stopped early, resumed with the same patience
+            trainer.stop_early = True
+            trainer.log.message(f"{self.best.stop_note(self.step)}; raise --patience to train on")
+
     def after_step(self, trainer: Trainer) -> None:
-        step = trainer.state.step
+        step = self.step = trainer.state.step
         if self.eval_every and step % self.eval_every == 0 and step < trainer.total_steps:
             self.evaluate(trainer)
 
@@ -99,19 +109,15 @@ class EvalHook(HookBase):
         if self.evaluated_step != trainer.state.step:  # an early stop has just evaluated
             self.evaluate(trainer)
 
+    def state_dict(self) -> dict[str, Any]:
+        if self.best is None:
+            return {}
+        return {"step": self.step, "best": self.best.state_dict()}
 
-def training_state(state: TrainState, env: Any) -> dict[str, Any]:
-    """What ``state.pt`` holds: step, data position, optimizer, scaler and every rank's RNG
-    (a collective: every rank calls it)."""
-    rngs = gather_objects(ckpt.rng_state(), env)
-    out: dict[str, Any] = {
-        "step": state.step, "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
-        "world_size": env.world_size, "optimizer": state.optimizer.state_dict(),
-        "scaler": state.scaler.state_dict() if state.scaler is not None else None, "rng": rngs,
-    }
-    if state.ema is not None:  # the safetensors file then holds the EMA weights
-        out["model"] = state.module.state_dict()
-    return out
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state.get("step", 0))
+        if self.best is not None and "best" in state:
+            self.best.load_state_dict(state["best"], self.step)
 
 
 class CheckpointHook(HookBase):
@@ -127,26 +133,27 @@ class CheckpointHook(HookBase):
         one of weights that are non-finite or give non-finite outputs on the last batch
         (TrainingDiverged instead). Returns ``RUN/checkpoints/last.safetensors``."""
         state, env, run_dir, saved = trainer.state, trainer.env, trainer.run_dir, self.saved
-        last = run_dir / "checkpoints" / "last.safetensors"
+        layout = ckpt.RunLayout(run_dir)
+        last = layout.last_weights
         if state.step == saved.step and saved.path is not None:
             return last if last.exists() else saved.path
         problem = unsaveable(state, trainer.task, trainer.last_batch)
         if any_rank(problem is not None, env):
             raise TrainingDiverged(diverged_message(
                 run_dir, f"{problem or 'another rank diverged'} at step {state.step}", saved))
-        payload = training_state(state, env)
+        payload = state.state_dict(rngs=gather_objects(ckpt.rng_state(), env),
+                                   world_size=env.world_size, hooks=trainer.hooks)  # fmt: skip
         path, error = None, None
         if env.is_main:
-            weights = state.ema.module if state.ema is not None else state.module
             try:
-                path = ckpt.save_checkpoint(run_dir / "checkpoints", weights=weights,
+                path = ckpt.save_checkpoint(layout.checkpoints, weights=state.saved_weights,
                                             metadata=self.meta, state=payload, step=state.step,
                                             periodic=periodic, keep_last=self.keep_last)  # fmt: skip
             except OSError as exc:  # e.g. disk full: the previous checkpoint is intact
                 error = exc
         if any_rank(error is not None, env):  # every rank stops, none waits on a barrier forever
             raise error or OSError(f"rank 0 could not save the checkpoint of step {state.step}")
-        saved.path = path or ckpt.step_weights(run_dir / "checkpoints", state.step)
+        saved.path = path or ckpt.step_weights(layout.checkpoints, state.step)
         saved.step = state.step
         return last
 

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from clusterformer.engine.checkpoint import METRICS
+
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -56,7 +58,7 @@ class RunLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        self._file = (run_dir / METRICS).open("a", encoding="utf-8")
         if progress and self.stream.isatty():
             from rich.console import Console
             from rich.progress import (

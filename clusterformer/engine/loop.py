@@ -46,7 +46,7 @@ from clusterformer.engine.loggers import build_logger_hooks
 from clusterformer.engine.logging import RunLogger
 from clusterformer.engine.optim import Schedule, build_optimizer
 from clusterformer.engine.signals import StopFlag, TrainingInterrupted
-from clusterformer.engine.step import ModelEma, TrainState, make_scaler
+from clusterformer.engine.step import make_scaler
 from clusterformer.engine.trainer import HookBase, Saved, Trainer
 from clusterformer.tasks import Task, task_spec
 
@@ -72,21 +72,21 @@ def seed_everything(seed: int) -> None:
 
 def _build_loaders(cfg: TrainConfig, env: DistEnv, task: Task, normalisation: dict[str, Any],
                    plan: AugmentPlan) -> tuple[Any, Any | None]:  # fmt: skip
-    from clusterformer.data import build_loader
+    from clusterformer.data import LoaderSpec, build_loader
 
     common = {"rank": env.rank, "world_size": env.world_size, "num_workers": cfg.data.num_workers,
               "batch_size": cfg.data.batch_size, "image_size": cfg.data.image_size,
               "seed": cfg.runtime.seed, "normalisation": normalisation,
               "on_error": cfg.data.on_error}  # fmt: skip
-    train_loader = build_loader(cfg.data.train, task.name, train=True, augment=plan.train,
-                                **common)  # fmt: skip
+    train_loader = build_loader(cfg.data.train, task.name,
+                                LoaderSpec(train=True, augment=plan.train, **common))
     if len(train_loader) == 0:
         raise ValueError(f"{cfg.data.train}: fewer samples than one batch of "
                          f"{cfg.data.batch_size} per process")  # fmt: skip
     val_loader = None
     if cfg.data.val:  # evaluated with the record the checkpoint stores
-        val_loader = build_loader(cfg.data.val, task.name, train=False,
-                                  preprocess=plan.eval_record(normalisation), **common)  # fmt: skip
+        val_spec = LoaderSpec(train=False, preprocess=plan.eval_record(normalisation), **common)
+        val_loader = build_loader(cfg.data.val, task.name, val_spec)
     return train_loader, val_loader
 
 
@@ -110,29 +110,6 @@ def plan_schedule(cfg: TrainConfig, batches_per_epoch: int, world_size: int) -> 
     lr = optim.lr * global_batch / optim.lr_base_batch if optim.lr_base_batch else optim.lr
     return {"total_steps": total, "warmup_steps": min(warmup, max(total - 1, 0)),
             "steps_per_epoch": steps_per_epoch, "global_batch": global_batch, "lr_effective": lr}
-
-
-def _resume(state: TrainState, env: DistEnv, found: run_folder.Resumable) -> bool:
-    weights, saved = found.weights, found.state
-    ckpt.load_weights(state.ema.module if state.ema is not None else state.module, weights)
-    if state.ema is not None:
-        if "model" not in saved:
-            raise ValueError(f"{weights}: saved without EMA; resume it without EMA")
-        state.module.load_state_dict(saved["model"])
-    # The saved groups carry the old run's peak lr and weight decay; the settings of this
-    # command win from the resumed step on (what changed is noted and recorded).
-    settings = [(g["initial_lr"], g["weight_decay"]) for g in state.optimizer.param_groups]
-    state.optimizer.load_state_dict(saved["optimizer"])
-    for group, (lr, decay) in zip(state.optimizer.param_groups, settings, strict=True):
-        group["initial_lr"], group["lr"], group["weight_decay"] = lr, lr, decay
-    if state.scaler is not None and saved.get("scaler"):
-        state.scaler.load_state_dict(saved["scaler"])
-    state.step, state.epoch = int(saved["step"]), int(saved["epoch"])
-    state.batches_in_epoch = int(saved["batches_in_epoch"])
-    rngs = saved.get("rng") or []
-    if env.rank < len(rngs):
-        ckpt.set_rng_state(rngs[env.rank])
-    return True
 
 
 def _wrap(module: nn.Module, cfg: TrainConfig, env: DistEnv, amp: str) -> nn.Module:
@@ -160,7 +137,7 @@ def _wrap(module: nn.Module, cfg: TrainConfig, env: DistEnv, amp: str) -> nn.Mod
 def _previous_config(run_dir: Path) -> dict[str, Any]:
     """The settings the run folder's last start recorded (config.json), {} when none."""
     try:
-        return json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        return json.loads(ckpt.RunLayout(run_dir).config_json.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return {}
 
@@ -184,7 +161,8 @@ def _write_config(run_dir: Path, cfg: TrainConfig, facts: dict[str, Any],
     settings and what the run resolved: steps, effective lr, device, versions, ...; after a
     ``--resume`` that changed optimizer or schedule settings, ``run.resume_changes`` lists
     each such resume: its step and the changes, over the run's whole history)."""
-    ckpt.atomic_write_text(run_dir / "config.yaml", "# cf train --config config.yaml --out NEW "
+    layout = ckpt.RunLayout(run_dir)
+    ckpt.atomic_write_text(layout.config_yaml, "# cf train --config config.yaml --out NEW "
                            "repeats this run\n" + to_yaml(cfg))  # fmt: skip
     history = list(((previous or {}).get("run") or {}).get("resume_changes") or [])
     if facts.get("resume_changes"):
@@ -193,7 +171,171 @@ def _write_config(run_dir: Path, cfg: TrainConfig, facts: dict[str, Any],
     run = {**facts, **({"resume_changes": history} if history else {}),
            "torch_version": torch.__version__, "python_version": platform.python_version()}
     resolved = {**cfg.to_dict(), "run": run}
-    ckpt.atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=2) + "\n")
+    ckpt.atomic_write_text(layout.config_json, json.dumps(resolved, indent=2) + "\n")
+
+
+@dataclass
+class _Prepared:
+    """What :func:`train` sets up before step 1."""
+
+    task: Task
+    state: ckpt.TrainState
+    train_loader: Any
+    plan: dict[str, Any]
+    hooks: list[HookBase]
+    checkpoints: CheckpointHook
+    saved: Saved
+    notes: list[str]
+
+
+def _build_model(cfg: TrainConfig, task: Task,
+                 found: run_folder.Resumable | None) -> tuple[nn.Module, list[str]]:  # fmt: skip
+    """The model ``cfg`` names, checked against a resumed checkpoint, with its backbone
+    initialised as ``--pretrained`` / ``--backbone-weights`` say; lines to show unless a
+    resumed checkpoint replaces these weights."""
+    module = task.build_model(cfg.model.name, **cfg.model_overrides())
+    if found is not None:
+        run_folder.check_same_model(found, module)
+    from clusterformer.models import load_backbone_weights
+
+    init_notes = []
+    if cfg.model.pretrained:
+        count = load_backbone_weights(module, ckpt.resolve_checkpoint(cfg.model.pretrained))
+        init_notes.append(f"backbone initialised from {cfg.model.pretrained} ({count} tensors)")
+    if cfg.model.backbone.weights:
+        count = load_backbone_weights(module, cfg.model.backbone.weights)
+        init_notes.append(f"backbone weights from {cfg.model.backbone.weights} ({count} tensors)")
+    return module, init_notes
+
+
+def _build_state(cfg: TrainConfig, env: DistEnv, module: nn.Module, amp: str,
+                 plan: dict[str, Any]) -> ckpt.TrainState:  # fmt: skip
+    optimizer = build_optimizer(module, lr=plan["lr_effective"],
+                                weight_decay=cfg.optim.weight_decay,
+                                backbone_lr_mult=cfg.optim.backbone_lr_mult)  # fmt: skip
+    schedule = Schedule(plan["total_steps"], plan["warmup_steps"], cfg.schedule.kind,
+                        cfg.schedule.min_lr_ratio, cfg.schedule.poly_power)  # fmt: skip
+    ema = ckpt.ModelEma(module, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+    return ckpt.TrainState(model=module, module=module, optimizer=optimizer, schedule=schedule,
+                           device=env.device, amp=amp, grad_clip=cfg.optim.grad_clip,
+                           scaler=make_scaler(amp, env.device), ema=ema)
+
+
+def _build_hooks(
+    cfg: TrainConfig, env: DistEnv, val_loader: Any, meta: dict[str, Any], saved: Saved,
+    loggers: list[HookBase],
+) -> tuple[list[HookBase], CheckpointHook]:
+    """The run's hooks in calling order; the checkpoint hook comes last (it saves every
+    other hook's state, after the evaluation of the same step)."""
+    spec = task_spec(cfg.task.name)
+    checkpoints = CheckpointHook(cfg.runtime.save_every, cfg.runtime.keep_last, meta, saved)
+    hooks: list[HookBase] = [*loggers, EmaHook(), LoggingHook(cfg.runtime.log_every)]
+    if val_loader is not None:
+        best = BestCheckpoint(ckpt.RunLayout(Path(cfg.runtime.out)).checkpoints, spec,
+                              cfg.runtime.best_metric or spec.primary_metric,
+                              cfg.runtime.patience, meta, is_main=env.is_main)  # fmt: skip
+        hooks.append(EvalHook(val_loader, cfg.runtime.eval_every, best))
+    hooks.append(checkpoints)
+    return hooks, checkpoints
+
+
+def _find_checkpoint(cfg: TrainConfig, env: DistEnv, run_dir: Path, task: Task,
+                     notes: list[str]) -> run_folder.Resumable | None:  # fmt: skip
+    """The checkpoint to continue (None: start at step 0), checked to fit ``cfg``, once the
+    main rank has tidied the folder."""
+    notes += run_folder.tidy(run_dir) if env.is_main else []
+    barrier(env)  # the main rank has cleaned the folder before any rank reads it
+    found = run_folder.resumable(run_dir, resume=cfg.runtime.resume,
+                                 restart=cfg.runtime.restart, notes=notes)  # fmt: skip
+    if found is not None:
+        run_folder.check_same_setup(found, task=task.name, model=cfg.model.name,
+                                    image_size=cfg.data.image_size,
+                                    num_classes=task.num_classes)  # fmt: skip
+    return found
+
+
+def _record_start(cfg: TrainConfig, env: DistEnv, run_dir: Path, prepared: _Prepared,
+                  facts: dict[str, Any], resumed: bool) -> None:  # fmt: skip
+    """Note what a resume changed; on the main rank, once everything is checked: clear the
+    folder for ``--restart``, check room for a checkpoint, write the config files."""
+    state, notes = prepared.state, prepared.notes
+    previous = _previous_config(run_dir)
+    changes = resume_changes(previous, cfg) if resumed else {}
+    notes += [f"--resume: {key} {old} -> {new}, applied from step {state.step}"
+              for key, (old, new) in changes.items()]  # fmt: skip
+    if not env.is_main:
+        return
+    if cfg.runtime.restart:
+        notes += run_folder.restart(run_dir)
+    run_folder.check_room(run_dir, state.module, state.ema is not None)
+    _write_config(run_dir, cfg, {
+        **prepared.plan, "amp": state.amp, "world_size": env.world_size,
+        "device": str(env.device), **facts, "resumed_from_step": state.step if resumed else None,
+        "resume_changes": changes,
+    }, previous)  # fmt: skip
+
+
+def _prepare(cfg: TrainConfig, env: DistEnv, run_dir: Path, loggers: list[HookBase]) -> _Prepared:
+    """Everything before step 1: task, model, data, optimizer, hooks, and a resumed
+    checkpoint's state (weights, optimizer, RNG, loader position, each hook's state)."""
+    from clusterformer.data import load_dataset_info
+
+    seed_everything(cfg.runtime.seed)  # same init on every rank
+    amp = cfg.runtime.amp or ("bf16" if env.device.type == "cuda" else "none")
+    make_scaler(amp, env.device)  # fail early with a clear message (fp16 on CPU)
+    spec = task_spec(cfg.task.name)
+    info = load_dataset_info(cfg.data.train, spec.name)
+    task = spec.build(spec.categories(info["categories"]), cfg.task.options)
+    notes: list[str] = []
+    found = _find_checkpoint(cfg, env, run_dir, task, notes)
+    module, init_notes = _build_model(cfg, task, found)
+    module = module.to(env.device)
+    normalisation = normalisation_of(module)
+    augment = plan_augmentation(cfg, int(info.get("num_samples") or 0))
+    train_loader, val_loader = _build_loaders(cfg, env, task, normalisation, augment)
+    plan = plan_schedule(cfg, len(train_loader), env.world_size)
+    state = _build_state(cfg, env, module, amp, plan)
+    meta = checkpoint_metadata(module, task, image_size=cfg.data.image_size,
+                               extra={"model_name": cfg.model.name,
+                                      "num_classes": task.num_classes},
+                               preprocess=augment.eval_record(normalisation))  # fmt: skip
+    saved = Saved(found.weights, int(found.state["step"])) if found is not None else Saved()
+    hooks, checkpoints = _build_hooks(cfg, env, val_loader, meta, saved, loggers)
+    if found is not None:
+        state.load_state_dict(found.state, found.weights, rank=env.rank, hooks=hooks)
+    else:  # a resumed run restored its RNG; else give each rank its own stream
+        seed_everything(cfg.runtime.seed + env.rank + 1)
+    state.model = _wrap(module, cfg, env, amp)
+    if augment.missing:
+        notes.append(f"note: {', '.join(augment.missing)} do not apply to {task.name}'s "
+                     f"{spec.data.transform} transforms; training without them")  # fmt: skip
+    notes += [f"resumed {run_dir} at step {state.step} (epoch {state.epoch}, batch "
+              f"{state.batches_in_epoch})"] if found is not None else init_notes  # fmt: skip
+    prepared = _Prepared(task, state, train_loader, plan, hooks, checkpoints, saved, notes)
+    _record_start(cfg, env, run_dir, prepared, {
+        "num_classes": task.num_classes, "transforms_missing": augment.missing,
+        "augment": augment.describe()}, resumed=found is not None)  # fmt: skip
+    return prepared
+
+
+def _run(prepared: _Prepared, cfg: TrainConfig, env: DistEnv, run_dir: Path,
+         stop: StopFlag) -> TrainResult:  # fmt: skip
+    """Step until the plan's last step (or an early stop), logging to the run folder."""
+    plan, state, total = prepared.plan, prepared.state, prepared.plan["total_steps"]
+    with RunLogger(run_dir, total, enabled=env.is_main, start_step=state.step,
+                   progress=cfg.runtime.progress) as log:  # fmt: skip
+        for note in prepared.notes:
+            log.message(note)
+        log.message(f"plan: {total} steps of {plan['global_batch']} images "
+                    f"({total / plan['steps_per_epoch']:.3g} epoch(s) of "
+                    f"{plan['steps_per_epoch']} steps), lr {plan['lr_effective']:.3g}, "
+                    f"warm-up {plan['warmup_steps']} steps; run folder {run_dir}")  # fmt: skip
+        trainer = Trainer(task=prepared.task, state=state, env=env, loader=prepared.train_loader,
+                          run_dir=run_dir, total_steps=total, accum_steps=cfg.optim.accum_steps,
+                          log=log, stop=stop, saved=prepared.saved, hooks=prepared.hooks)  # fmt: skip
+        trainer.run()
+    return TrainResult(run_dir, state.step, prepared.checkpoints.last, trainer.metrics,
+                       read_best(ckpt.RunLayout(run_dir).checkpoints), trainer.stop_early)  # fmt: skip
 
 
 def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
@@ -203,8 +345,6 @@ def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
         TrainingInterrupted: SIGTERM/SIGINT arrived; a checkpoint was saved first.
         ValueError / FileNotFoundError: bad configuration or data.
     """
-    from clusterformer.data import load_dataset_info
-
     run_dir = Path(cfg.runtime.out)
     loggers = build_logger_hooks(cfg.runtime.loggers, cfg.to_dict())  # a missing extra: now
     env = setup_distributed(cfg.runtime.device)
@@ -213,101 +353,10 @@ def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
     try:
         if env.is_main:  # the one writer of the run folder: a second cf train on it is refused
             lock.enter_context(hold_output(run_dir, "cf train"))
-        seed_everything(cfg.runtime.seed)  # same init on every rank
-        amp = cfg.runtime.amp or ("bf16" if env.device.type == "cuda" else "none")
-        make_scaler(amp, env.device)  # fail early with a clear message (fp16 on CPU)
-        spec = task_spec(cfg.task.name)
-        info = load_dataset_info(cfg.data.train, spec.name)
-        task = spec.build(spec.categories(info["categories"]), cfg.task.options)
-        notes = run_folder.tidy(run_dir) if env.is_main else []
-        barrier(env)  # the main rank has cleaned the folder before any rank reads it
-        found = run_folder.resumable(run_dir, resume=cfg.runtime.resume,
-                                     restart=cfg.runtime.restart, notes=notes)  # fmt: skip
-        if found is not None:
-            run_folder.check_same_setup(found, task=task.name, model=cfg.model.name,
-                                        image_size=cfg.data.image_size,
-                                        num_classes=task.num_classes)  # fmt: skip
-        module = task.build_model(cfg.model.name, **cfg.model_overrides())
-        if found is not None:
-            run_folder.check_same_model(found, module)
-        init_notes = []  # shown unless a resumed checkpoint replaces these weights
-        if cfg.model.pretrained:
-            count = ckpt.load_pretrained_backbone(module, cfg.model.pretrained)
-            init_notes.append(f"backbone initialised from {cfg.model.pretrained} ({count} tensors)")
-        if cfg.model.backbone.weights:
-            from clusterformer.models import load_backbone_weights
-
-            count = load_backbone_weights(module, cfg.model.backbone.weights)
-            init_notes.append(f"backbone weights from {cfg.model.backbone.weights} ({count} tensors)")
-        module = module.to(env.device)
-        normalisation = normalisation_of(module)
-        augment = plan_augmentation(cfg, int(info.get("num_samples") or 0))
-        train_loader, val_loader = _build_loaders(cfg, env, task, normalisation, augment)
-        plan = plan_schedule(cfg, len(train_loader), env.world_size)
-        optimizer = build_optimizer(module, lr=plan["lr_effective"],
-                                    weight_decay=cfg.optim.weight_decay,
-                                    backbone_lr_mult=cfg.optim.backbone_lr_mult)  # fmt: skip
-        schedule = Schedule(plan["total_steps"], plan["warmup_steps"], cfg.schedule.kind,
-                            cfg.schedule.min_lr_ratio, cfg.schedule.poly_power)  # fmt: skip
-        state = TrainState(model=module, module=module, optimizer=optimizer, schedule=schedule,
-                           device=env.device, amp=amp, grad_clip=cfg.optim.grad_clip,
-                           scaler=make_scaler(amp, env.device),
-                           ema=ModelEma(module, cfg.optim.ema_decay) if cfg.optim.ema_decay else None)
-        resumed = found is not None and _resume(state, env, found)
-        saved = Saved(found.weights, state.step) if found is not None else Saved()
-        if not resumed:  # a resumed run restored its RNG; else give each rank its own stream
-            seed_everything(cfg.runtime.seed + env.rank + 1)
-        state.model = _wrap(module, cfg, env, amp)
-        meta = checkpoint_metadata(module, task, image_size=cfg.data.image_size,
-                                   extra={"model_name": cfg.model.name,
-                                          "num_classes": task.num_classes},
-                                   preprocess=augment.eval_record(normalisation))  # fmt: skip
-        missing = augment.missing
-        if missing:
-            notes.append(f"note: {', '.join(missing)} do not apply to {task.name}'s "
-                         f"{spec.data.transform} transforms; training without them")  # fmt: skip
-        notes += [f"resumed {run_dir} at step {state.step} (epoch {state.epoch}, batch "
-                  f"{state.batches_in_epoch})"] if resumed else init_notes  # fmt: skip
-        previous = _previous_config(run_dir)
-        changes = resume_changes(previous, cfg) if resumed else {}
-        notes += [f"--resume: {key} {old} -> {new}, applied from step {state.step}"
-                  for key, (old, new) in changes.items()]  # fmt: skip
-        if env.is_main:
-            if cfg.runtime.restart:
-                notes += run_folder.restart(run_dir)
-            run_folder.check_room(run_dir, module, state.ema is not None)
-            _write_config(run_dir, cfg, {
-                **plan, "amp": amp, "world_size": env.world_size, "device": str(env.device),
-                "num_classes": task.num_classes, "transforms_missing": missing,
-                "augment": augment.describe(),
-                "resumed_from_step": state.step if resumed else None,
-                "resume_changes": changes}, previous)
+        prepared = _prepare(cfg, env, run_dir, loggers)
         if handle_signals:
             stop.install()
-        total = plan["total_steps"]
-        with RunLogger(run_dir, total, enabled=env.is_main, start_step=state.step,
-                       progress=cfg.runtime.progress) as log:  # fmt: skip
-            for note in notes:
-                log.message(note)
-            log.message(f"plan: {total} steps of {plan['global_batch']} images "
-                        f"({total / plan['steps_per_epoch']:.3g} epoch(s) of "
-                        f"{plan['steps_per_epoch']} steps), lr {plan['lr_effective']:.3g}, "
-                        f"warm-up {plan['warmup_steps']} steps; run folder {run_dir}")  # fmt: skip
-            checkpoints = CheckpointHook(cfg.runtime.save_every, cfg.runtime.keep_last, meta, saved)
-            hooks: list[HookBase] = [*loggers, EmaHook(), LoggingHook(cfg.runtime.log_every)]
-            if val_loader is not None:
-                best = BestCheckpoint(run_dir / "checkpoints", spec,
-                                      cfg.runtime.best_metric or spec.primary_metric,
-                                      cfg.runtime.patience, meta, is_main=env.is_main)  # fmt: skip
-                hooks.append(EvalHook(val_loader, cfg.runtime.eval_every, best))
-            hooks.append(checkpoints)
-            trainer = Trainer(task=task, state=state, env=env, loader=train_loader,
-                              run_dir=run_dir, total_steps=total,
-                              accum_steps=cfg.optim.accum_steps, log=log, stop=stop,
-                              saved=saved, hooks=hooks)  # fmt: skip
-            trainer.run()
-        return TrainResult(run_dir, state.step, checkpoints.last, trainer.metrics,
-                           read_best(run_dir / "checkpoints"), trainer.stop_early)  # fmt: skip
+        return _run(prepared, cfg, env, run_dir, stop)
     finally:
         stop.restore()
         lock.close()

@@ -1,4 +1,5 @@
-"""What a run folder must hold to start, resume or restart training, checked before step 1.
+"""What a run folder must hold to start, resume or restart training, checked before step 1
+(its layout: :class:`~clusterformer.engine.checkpoint.RunLayout`).
 
 * A fresh start needs a folder without checkpoint weights (else ``--resume``, ``--restart`` or
   another ``--out``).
@@ -39,7 +40,7 @@ class Resumable:
 def tidy(run_dir: Path) -> list[str]:
     """Main rank, before anything reads the folder: remove dead writers' temporaries and point
     ``last`` at the newest checkpoint. Returns lines to log."""
-    removed = files.remove_dead_temps(run_dir) + ckpt.recover(run_dir / "checkpoints")
+    removed = files.remove_dead_temps(run_dir) + ckpt.recover(ckpt.RunLayout(run_dir).checkpoints)
     if not removed:
         return []
     return [f"removed {len(removed)} temporary file(s) an interrupted save left in {run_dir}"]
@@ -48,9 +49,7 @@ def tidy(run_dir: Path) -> list[str]:
 def restart(run_dir: Path) -> list[str]:
     """Main rank, once everything else is checked (just before step 1, so a mistake in the
     flags or the data loses nothing): delete the previous run's checkpoints and logs."""
-    previous = [run_dir / name for name in ("checkpoints", "metrics.jsonl", "tensorboard",
-                                            "mlruns", "wandb")]  # the --logger folders too
-    old = [p for p in previous if p.exists()]
+    old = [p for p in ckpt.RunLayout(run_dir).previous_run() if p.exists()]
     tag = files.temp_tag()
     for p in old:  # renamed away first: a kill mid-delete leaves no half checkpoint behind
         trash = run_dir / f".{p.name}.tmp-{tag}"
@@ -66,7 +65,7 @@ def resumable(
     run_dir: Path, *, resume: bool, restart: bool, notes: list[str]
 ) -> Resumable | None:
     """The checkpoint to continue, None to start at step 0, or RunFolderError."""
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = ckpt.RunLayout(run_dir).checkpoints
     if resume and restart:
         raise RunFolderError("--resume and --restart exclude each other; give one")
     if restart:
@@ -126,4 +125,4 @@ def checkpoint_bytes(module: nn.Module, ema: bool) -> int:
 def check_room(run_dir: Path, module: nn.Module, ema: bool) -> None:
     """Before step 1: the run folder is writable and has room for a checkpoint."""
     need = checkpoint_bytes(module, ema)
-    files.check_writable(run_dir / "checkpoints", need + need // 10, "a checkpoint")
+    files.check_writable(ckpt.RunLayout(run_dir).checkpoints, need + need // 10, "a checkpoint")

@@ -3,65 +3,26 @@
 ``train_step`` runs forward/backward over a group of micro-batches (gradient accumulation),
 clips, steps the optimizer (through a GradScaler for fp16) and advances the step counter.
 Under DDP the gradients are all-reduced on the last micro-batch only. The EMA of the weights
-(``TrainState.ema``) is the loop's :class:`~clusterformer.engine.hooks.EmaHook`.
+(``TrainState.ema``) is the loop's :class:`~clusterformer.engine.hooks.EmaHook`; what a
+checkpoint keeps of the state is :mod:`clusterformer.engine.train_state`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from clusterformer.engine.checkpoint import TrainState
 from clusterformer.engine.evaluate import autocast, to_device
 from clusterformer.engine.finite import describe_output, non_finite_output
-from clusterformer.engine.optim import Schedule, set_lr
+from clusterformer.engine.optim import set_lr
 from clusterformer.tasks import Task
-
-
-class ModelEma:
-    """Exponential moving average of a module's floating-point weights and buffers."""
-
-    def __init__(self, module: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.module = copy.deepcopy(module).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        current = module.state_dict()
-        for name, ema_value in self.module.state_dict().items():
-            value = current[name].detach()
-            if ema_value.dtype.is_floating_point:
-                ema_value.lerp_(value.to(ema_value.dtype), 1.0 - self.decay)
-            else:
-                ema_value.copy_(value)
-
-
-@dataclass
-class TrainState:
-    """What changes while training. ``model`` is what forward runs on (possibly DDP- or
-    compile-wrapped); ``module`` is the plain model whose weights are saved."""
-
-    model: nn.Module
-    module: nn.Module
-    optimizer: torch.optim.Optimizer
-    schedule: Schedule
-    device: torch.device
-    amp: str = "none"
-    grad_clip: float | None = None
-    scaler: torch.amp.GradScaler | None = None
-    ema: ModelEma | None = None
-    step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0
 
 
 def make_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler | None:

@@ -4,7 +4,9 @@ The loop calls every hook's ``before_train`` in order, ``after_step`` in order a
 optimizer step, and ``after_train`` in reverse order at the end (as nested context managers
 exit: the last registered finishes first, so the final checkpoint is committed before the final
 evaluation). A hook (:class:`HookBase`, detectron2's idea) reads and changes the trainer's
-fields; what the hooks of a run are is :mod:`clusterformer.engine.hooks`.
+fields; what the hooks of a run are is :mod:`clusterformer.engine.hooks`. A hook with state to
+keep across ``--resume`` returns it from ``state_dict`` (checkpoints save it with the rest of
+:class:`~clusterformer.engine.train_state.TrainState`) and takes it back in ``load_state_dict``.
 """
 
 from __future__ import annotations
@@ -15,16 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from clusterformer.engine import checkpoint as ckpt
+from clusterformer.engine.checkpoint import TrainState
 from clusterformer.engine.distributed import DistEnv
 from clusterformer.engine.divergence import TrainingDiverged
 from clusterformer.engine.logging import RunLogger
 from clusterformer.engine.signals import StopFlag
-from clusterformer.engine.step import TrainState, train_step
+from clusterformer.engine.step import train_step
 from clusterformer.tasks import Task
 
 
 class HookBase:
-    """A no-op at every point; subclasses override what they need."""
+    """A no-op at every point, with no state; subclasses override what they need."""
 
     def before_train(self, trainer: Trainer) -> None:
         pass
@@ -34,6 +37,13 @@ class HookBase:
 
     def after_train(self, trainer: Trainer) -> None:
         pass
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this hook (tensors and primitives); {} for nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`state_dict` returned when the resumed checkpoint was saved."""
 
 
 class Throughput:
