@@ -82,12 +82,12 @@ def cf(*args: str) -> str:
 
 def raw_pixels(shards: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Every image of a shard folder resized to size x size, flattened, and its label."""
-    from clusterformer.data import build_loader
+    from clusterformer.data import LoaderSpec, build_loader
     from clusterformer.data.preprocess import EvalPreprocess
 
     pre = EvalPreprocess("square", size, None, (0.0,) * 3, (1.0,) * 3, size)
-    loader = build_loader(str(shards), "classification", batch_size=64, image_size=size,
-                          train=False, preprocess=pre)
+    loader = build_loader(str(shards), "classification", LoaderSpec(batch_size=64, image_size=size,
+                          train=False, preprocess=pre))
     xs, ys = [], []
     for batch in loader:
         keep = batch.get("valid")

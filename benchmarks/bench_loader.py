@@ -25,10 +25,11 @@ COCO128 = Path("/work/shared/datasets/coco_instances/coco128_train2017")
 
 def epoch_rate(path: Path, task: str, args: argparse.Namespace, workers: int) -> tuple[float, int]:
     """Best images/s over ``args.repeats`` epochs, and the images per epoch."""
-    from clusterformer.data import build_loader
+    from clusterformer.data import LoaderSpec, build_loader
 
-    loader = build_loader(path, task, batch_size=args.batch_size, image_size=args.image_size,
-                          train=args.train, num_workers=workers, seed=0)  # fmt: skip
+    spec = LoaderSpec(batch_size=args.batch_size, image_size=args.image_size, train=args.train,
+                      num_workers=workers, seed=0)  # fmt: skip
+    loader = build_loader(path, task, spec)
     best, count = 0.0, 0
     for epoch in range(args.repeats):
         loader.set_epoch(epoch)

@@ -23,13 +23,8 @@ import statistics
 
 import torch
 
-from clusterformer.engine.benchmark import (
-    BenchConfig,
-    _rotations,
-    _Runner,
-    count_gflops,
-    parse_model,
-)
+from clusterformer.bench.models import count_gflops, parse_model
+from clusterformer.bench.runner import BenchConfig, Runner, rotations
 from clusterformer.engine.runtime import tune_cpu_allocator
 
 MODELS = ("clusterformer-tiny", "timm/swin_tiny_patch4_window7_224")
@@ -43,7 +38,7 @@ PRODUCT_OPS = frozenset({
 })
 
 
-def product_seconds(runner: _Runner) -> float:
+def product_seconds(runner: Runner) -> float:
     """Self CPU seconds of the product kernels in one call of ``runner``."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -70,15 +65,15 @@ def main() -> None:
     for name in MODELS:
         spec = parse_model(name)
         for mode in ("infer", "train"):
-            runners[(name, mode)] = _Runner(spec, mode, False, cfg, torch.device("cpu"),
+            runners[(name, mode)] = Runner(spec, mode, False, cfg, torch.device("cpu"),
                                             images, labels)
     for runner in runners.values():
         for _ in range(cfg.warmup):
             runner.call()
     wall = {key: [] for key in runners}
     products = {key: [] for key in runners}
-    # _rotations never ends: zip stops it after --rounds.
-    for round_index, keys in zip(range(args.rounds), _rotations(list(runners)), strict=False):
+    # rotations never ends: zip stops it after --rounds.
+    for round_index, keys in zip(range(args.rounds), rotations(list(runners)), strict=False):
         for key in keys:
             wall[key].append(runners[key].timed_call())
             products[key].append(product_seconds(runners[key]))

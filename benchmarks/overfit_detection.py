@@ -32,7 +32,7 @@ def main() -> None:
 
     import torch
 
-    from clusterformer.data import build_loader, make_shapes, open_source, write_shards
+    from clusterformer.data import LoaderSpec, build_loader, make_shapes, open_source, write_shards
     from clusterformer.data.collate import collate
     from clusterformer.engine.evaluate import evaluate
     from clusterformer.engine.optim import Schedule, build_optimizer
@@ -55,7 +55,8 @@ def main() -> None:
         grad_clip=1.0,
     )
     # The 16 transformed samples, kept once; every epoch batches them in a new order.
-    single = build_loader(str(shards), "detection", batch_size=1, image_size=args.image_size, train=False)
+    single = build_loader(str(shards), "detection",
+                          LoaderSpec(batch_size=1, image_size=args.image_size, train=False))
     samples = [batch_as_sample(b) for b in single]
     rng = random.Random(args.seed)
     history, start = [], time.perf_counter()

@@ -73,7 +73,7 @@ def main() -> None:
 def overfit(name: str, shards: Path, categories: list[dict], args: argparse.Namespace) -> dict:
     import torch
 
-    from clusterformer.data import build_loader
+    from clusterformer.data import LoaderSpec, build_loader
     from clusterformer.data.collate import collate
     from clusterformer.engine.evaluate import evaluate
     from clusterformer.engine.optim import Schedule, build_optimizer
@@ -90,10 +90,11 @@ def overfit(name: str, shards: Path, categories: list[dict], args: argparse.Name
         schedule=Schedule(args.steps, 20, "cosine", 0.01), device=torch.device("cpu"),
         grad_clip=1.0,
     )
-    single = build_loader(str(shards), name, batch_size=1, image_size=args.image_size, train=False)
+    single = build_loader(str(shards), name,
+                          LoaderSpec(batch_size=1, image_size=args.image_size, train=False))
     samples = [batch_as_sample(b) for b in single]
-    single = build_loader(str(shards), name, batch_size=1,
-                          image_size=args.eval_image_size or args.image_size, train=False)
+    single = build_loader(str(shards), name, LoaderSpec(batch_size=1,
+                          image_size=args.eval_image_size or args.image_size, train=False))
     rng = random.Random(args.seed)
     history, start, eval_s = [], time.perf_counter(), 0.0
     def score() -> dict:

@@ -10,6 +10,7 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,84 +30,121 @@ def recipe_task(recipe: str) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("quickstart")
-    def quickstart_command(
-        out: Path = typer.Option(
-            Path("cf-quickstart"), "--out", help="Folder for the data, shards and runs (created)."
-        ),
-        task: str | None = typer.Option(
-            None, "--task", help="Demo: 'panoptic' (default: a classification run on "
-            "single-shape images as pretraining, then panoptic segmentation of scenes of things "
-            "over stuff) or 'classification' (the first half only, about 7 minutes)."),
-        num_train: int = typer.Option(
-            16384, "--num-train", min=8, help="Synthetic classification images (64 px)."
-        ),
-        num_scenes: int = typer.Option(
-            2048, "--num-scenes", min=8, help="Synthetic training scenes (panoptic demo)."
-        ),
-        num_val: int = typer.Option(
-            512, "--num-val", min=4, help="Held-out images (a different seed); scenes use a "
-            "quarter of it (at least 4)."),
-        steps: int | None = typer.Option(
-            None, "--steps", help="Training steps of the demo's task (default: its recipe's)."
-        ),
-        pretrain_steps: int | None = typer.Option(
-            None, "--pretrain-steps", help="Classification steps before the panoptic run "
-            "(default: the shapes recipe's)."),
-        image_size: int | None = typer.Option(
-            None, "--image-size", help="Training size (default: the recipes')."
-        ),
-        seed: int = typer.Option(0, "--seed", help="Seed for data and training."),
-        device: str | None = typer.Option(
-            "cpu", "--device", help="Device to train on (default cpu)."
-        ),
-    ) -> None:
-        """Synthetic shapes -> shards -> train nano -> held-out metrics and pictures (minutes).
+    app.command("quickstart")(quickstart_command)
 
-        Both demos first train a classifier: OUT/shapes-{train,val}, OUT/shards-{train,val},
-        OUT/run and OUT/predictions (held-out images with the predicted classes drawn on).
-        The panoptic demo (default) goes on from its backbone: OUT/scenes-{train,val},
-        OUT/scene-shards-{train,val}, OUT/panoptic-run and OUT/panoptic-predictions (held-out
-        scenes with their segments drawn on). OUT/metrics.json holds the held-out metrics of
-        every stage.
-        """
-        from rich.console import Console
 
-        from clusterformer.cli.runtime_opts import start_compute
+def quickstart_command(
+    out: Path = typer.Option(
+        Path("cf-quickstart"), "--out", help="Folder for the data, shards and runs (created)."
+    ),
+    task: str | None = typer.Option(
+        None, "--task", help="Demo: 'panoptic' (default: a classification run on "
+        "single-shape images as pretraining, then panoptic segmentation of scenes of things "
+        "over stuff) or 'classification' (the first half only, about 7 minutes)."),
+    num_train: int = typer.Option(
+        16384, "--num-train", min=8, help="Synthetic classification images (64 px)."
+    ),
+    num_scenes: int = typer.Option(
+        2048, "--num-scenes", min=8, help="Synthetic training scenes (panoptic demo)."
+    ),
+    num_val: int = typer.Option(
+        512, "--num-val", min=4, help="Held-out images (a different seed); scenes use a "
+        "quarter of it (at least 4)."),
+    steps: int | None = typer.Option(
+        None, "--steps", help="Training steps of the demo's task (default: its recipe's)."
+    ),
+    pretrain_steps: int | None = typer.Option(
+        None, "--pretrain-steps", help="Classification steps before the panoptic run "
+        "(default: the shapes recipe's)."),
+    image_size: int | None = typer.Option(
+        None, "--image-size", help="Training size (default: the recipes')."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed for data and training."),
+    device: str | None = typer.Option(
+        "cpu", "--device", help="Device to train on (default cpu)."
+    ),
+) -> None:
+    """Synthetic shapes -> shards -> train nano -> held-out metrics and pictures (minutes).
 
-        first, scenes = recipe_task(PRETRAIN_RECIPE), recipe_task(SCENE_RECIPE)
-        task = task or scenes
-        if task not in (scenes, first):
-            raise UserError(f"--task must be one of {scenes}, {first}, got '{task}'")
-        both = task == scenes
-        start_compute(device)
-        run_dirs = [out / "run"] + ([out / f"{scenes}-run"] if both else [])
-        for run_dir in run_dirs:
-            if (run_dir / "checkpoints" / "last.safetensors").exists():
-                raise DataError(
-                    f"{run_dir} already holds a trained model; remove it or choose another --out"
-                )
-        from clusterformer.data.output_lock import hold_output
-        from clusterformer.engine.files import atomic_write_json
+    Both demos first train a classifier: OUT/shapes-{train,val}, OUT/shards-{train,val},
+    OUT/run and OUT/predictions (held-out images with the predicted classes drawn on).
+    The panoptic demo (default) goes on from its backbone: OUT/scenes-{train,val},
+    OUT/scene-shards-{train,val}, OUT/panoptic-run and OUT/panoptic-predictions (held-out
+    scenes with their segments drawn on). OUT/metrics.json holds the held-out metrics of
+    every stage.
+    """
+    from rich.console import Console
 
-        console = Console()
-        t0 = time.perf_counter()
-        step = _Stages(console, 6 if both else 3)
-        metrics: dict[str, Any] = {}
-        with hold_output(out, "cf quickstart"):  # its steps lock their own folders inside
-            ckpt, metrics[first] = _pretrain(out, step, num_train, num_val,
-                                             pretrain_steps if both else steps,
-                                             None if both else image_size, seed, device)  # fmt: skip
-            if both:
-                ckpt, metrics[scenes] = _scenes(out, step, ckpt, num_scenes,
-                                                max(num_val // 4, 4), steps, image_size, seed,
-                                                device)  # fmt: skip
-            atomic_write_json(out / "metrics.json", metrics if both else metrics[first])
-        last_run = run_dirs[-1]
-        console.print(f"done in {time.perf_counter() - t0:.0f} s; checkpoint: {ckpt}")
-        shards = out / ("scene-shards-val" if both else "shards-val")
-        console.print(f"  evaluate again: cf eval --ckpt {last_run} --data {shards}")
-        console.print(f"  predict: cf predict --ckpt {last_run} IMAGE... --out DIR")
+    from clusterformer.cli.runtime_opts import start_compute
+
+    first, scenes = recipe_task(PRETRAIN_RECIPE), recipe_task(SCENE_RECIPE)
+    task = task or scenes
+    if task not in (scenes, first):
+        raise UserError(f"--task must be one of {scenes}, {first}, got '{task}'")
+    demo = _Demo(out, task == scenes, num_train, num_scenes, num_val, steps, pretrain_steps,
+                 image_size, seed, device)  # fmt: skip
+    start_compute(device)
+    _refuse_trained_runs(demo.run_dirs)
+    console = Console()
+    t0 = time.perf_counter()
+    ckpt = _run_stages(demo, _Stages(console, 6 if demo.both else 3))
+    console.print(f"done in {time.perf_counter() - t0:.0f} s; checkpoint: {ckpt}")
+    shards = out / ("scene-shards-val" if demo.both else "shards-val")
+    console.print(f"  evaluate again: cf eval --ckpt {demo.run_dirs[-1]} --data {shards}")
+    console.print(f"  predict: cf predict --ckpt {demo.run_dirs[-1]} IMAGE... --out DIR")
+
+
+@dataclass(frozen=True)
+class _Demo:
+    """One quickstart's settings (its flags); ``both``: the panoptic demo (pretraining, then
+    scenes), else the classification half only."""
+
+    out: Path
+    both: bool
+    num_train: int
+    num_scenes: int
+    num_val: int
+    steps: int | None
+    pretrain_steps: int | None
+    image_size: int | None
+    seed: int
+    device: str | None
+
+    @property
+    def run_dirs(self) -> list[Path]:
+        """The run folders it trains, in order."""
+        return [self.out / "run"] + ([self.out / f"{recipe_task(SCENE_RECIPE)}-run"]
+                                     if self.both else [])  # fmt: skip
+
+
+def _refuse_trained_runs(run_dirs: list[Path]) -> None:
+    for run_dir in run_dirs:
+        if (run_dir / "checkpoints" / "last.safetensors").exists():
+            raise DataError(
+                f"{run_dir} already holds a trained model; remove it or choose another --out"
+            )
+
+
+def _run_stages(demo: _Demo, step: _Stages) -> Path:
+    """Every stage of ``demo`` under the output lock; writes OUT/metrics.json and returns
+    the last checkpoint."""
+    from clusterformer.data.output_lock import hold_output
+    from clusterformer.engine.files import atomic_write_json
+
+    first, scenes = recipe_task(PRETRAIN_RECIPE), recipe_task(SCENE_RECIPE)
+    out, both = demo.out, demo.both
+    metrics: dict[str, Any] = {}
+    with hold_output(out, "cf quickstart"):  # its steps lock their own folders inside
+        ckpt, metrics[first] = _pretrain(out, step, demo.num_train, demo.num_val,
+                                         demo.pretrain_steps if both else demo.steps,
+                                         None if both else demo.image_size, demo.seed,
+                                         demo.device)  # fmt: skip
+        if both:
+            ckpt, metrics[scenes] = _scenes(out, step, ckpt, demo.num_scenes,
+                                            max(demo.num_val // 4, 4), demo.steps,
+                                            demo.image_size, demo.seed, demo.device)  # fmt: skip
+        atomic_write_json(out / "metrics.json", metrics if both else metrics[first])
+    return ckpt
 
 
 class _Stages:

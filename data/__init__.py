@@ -8,6 +8,7 @@ from clusterformer.data.errors import DatasetError, ImageDecodeError, SampleErro
 from clusterformer.data.formats import open_source
 from clusterformer.data.images import decode_image, decode_image_array
 from clusterformer.data.loader import build_loader, load_dataset_info
+from clusterformer.data.loader_spec import LoaderSpec
 from clusterformer.data.records import Record, decode_record, encode_record
 from clusterformer.data.sample_spec import SampleSpec, register_sample_spec, sample_spec
 from clusterformer.data.shapes import make_shapes
@@ -17,6 +18,7 @@ from clusterformer.data.source import Source
 __all__ = [
     "DatasetError",
     "ImageDecodeError",
+    "LoaderSpec",
     "Record",
     "SampleError",
     "SampleSpec",

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .collate import collate
 from .errors import DatasetError, ImageDecodeError, SampleError
-from .preprocess import EvalPreprocess, as_record, eval_transform
+from .loader_spec import LoaderSpec
 from .sample_spec import SampleSpec, sample_spec
 from .streams import (
     RawSource,
@@ -47,9 +47,9 @@ from .streams import (
     shard_source,
     url_list,
 )
-from .transforms import make_transform
 
-__all__ = ["Loader", "WorkerPlan", "batches_per_rank", "build_loader", "load_dataset_info"]
+__all__ = ["Loader", "LoaderSpec", "WorkerPlan", "batches_per_rank", "build_loader",
+           "load_dataset_info"]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- planning (pure)
@@ -180,21 +180,20 @@ def _shuffled(stream: Iterator, size: int, rng: random.Random) -> Iterator:
 
 
 class StreamDataset(IterableDataset):
-    """Yields this rank's collated batches for the current epoch (see the module docstring)."""
+    """Yields this rank's collated batches for the current epoch (see the module docstring).
 
-    def __init__(self, source: Any, task: SampleSpec, *, batch_size: int, image_size: int,
-                 train: bool, num_workers: int, seed: int, rank: int, world_size: int,
-                 shuffle_buffer: int, drop_last: bool, on_error: str, augment: dict[str, Any],
-                 normalisation: dict[str, Any],
-                 preprocess: EvalPreprocess | None = None) -> None:  # fmt: skip
-        self.source, self.task, self.batch_size, self.train = source, task, batch_size, train
-        self.image_size, self.num_workers, self.seed = image_size, max(1, num_workers), seed
-        self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
-        self.drop_last, self.on_error, self.epoch = drop_last, on_error, 0
-        if preprocess is not None and not train:  # a checkpoint's record: its exact pixels
-            self.transform = eval_transform(preprocess)
-        else:
-            self.transform = make_transform(task, image_size, train, **normalisation, **augment)
+    ``spec`` must be :meth:`LoaderSpec.resolved` (rank, world size and drop_last known)."""
+
+    def __init__(self, source: Any, task: SampleSpec, spec: LoaderSpec) -> None:
+        if spec.rank is None or spec.world_size is None or spec.drop_last is None:
+            raise ValueError("StreamDataset needs a resolved LoaderSpec (spec.resolved())")
+        self.source, self.task, self.spec = source, task, spec
+        self.batch_size, self.train, self.seed = spec.batch_size, spec.train, spec.seed
+        self.num_workers = max(1, spec.num_workers)
+        self.rank, self.world_size = spec.rank, spec.world_size
+        self.shuffle_buffer = spec.shuffle_buffer
+        self.drop_last, self.on_error, self.epoch = spec.drop_last, spec.on_error, 0
+        self.transform = spec.transform(task)
         self.fields = set(task.fields) | {"key", "image", "image_id", "orig_size"}
 
     def plans(self) -> list[WorkerPlan]:
@@ -354,18 +353,6 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers run in parallel already; avoid oversubscribing cores
 
 
-def _distributed_defaults(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    dist = torch.distributed
-    live = dist.is_available() and dist.is_initialized()
-    if rank is None:
-        rank = dist.get_rank() if live else 0
-    if world_size is None:
-        world_size = dist.get_world_size() if live else 1
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    return rank, world_size
-
-
 def load_dataset_info(
     path: str | os.PathLike | Sequence[str], task: str | SampleSpec | None = None
 ) -> dict:
@@ -384,61 +371,30 @@ def load_dataset_info(
     return dict(source.info, num_samples=len(source))
 
 
-def build_loader(
-    path: str | os.PathLike | Sequence[str],
-    task: str | SampleSpec,
-    *,
-    batch_size: int,
-    image_size: int,
-    train: bool,
-    num_workers: int = 0,
-    seed: int = 0,
-    rank: int | None = None,
-    world_size: int | None = None,
-    shuffle_buffer: int = 1000,
-    drop_last: bool | None = None,
-    on_error: str = "stop",
-    info: dict | None = None,
-    augment: dict[str, Any] | None = None,
-    normalisation: dict[str, Any] | None = None,
-    preprocess: EvalPreprocess | dict[str, Any] | None = None,
-) -> Loader:
-    """Loader of batch dicts (layout: ``clusterformer.data.collate``) for one rank.
+def build_loader(path: str | os.PathLike | Sequence[str], task: str | SampleSpec,
+                 spec: LoaderSpec, *, info: dict | None = None) -> Loader:  # fmt: skip
+    """Loader of batch dicts (layout: ``clusterformer.data.collate``) for one rank, read as
+    ``spec`` says (:class:`LoaderSpec`: batch size, image size, train or evaluation, workers,
+    seed, rank, error policy, augmentation, normalisation, evaluation record).
 
     ``path``: a shard folder with dataset.json, explicit shard URLs (list / brace pattern /
     ``pipe:`` / http, dataset.json read next to them unless ``info`` is given), or a raw dataset
-    folder. ``drop_last`` defaults to ``train``. ``on_error``: "stop" raises on the first bad
-    sample naming its key and file, "skip" warns and goes on (training refills from other
-    samples; evaluation keeps its batch count with padding). ``augment``: training
-    augmentation options (see ``transforms.make_transform``). ``normalisation``: the model's
-    ``{"mean", "std"}`` (default ImageNet's). ``preprocess``: an evaluation record
-    (:class:`~clusterformer.data.preprocess.EvalPreprocess`, e.g. a checkpoint's) that replaces
-    ``image_size`` and ``normalisation`` for evaluation. Images (B, 3, H, W) float32.
+    folder. Images (B, 3, H, W) float32.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if on_error not in ("stop", "skip"):
-        raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
-    spec = sample_spec(task)
-    rank, world_size = _distributed_defaults(rank, world_size)
-    drop_last = train if drop_last is None else bool(drop_last)
+    spec = spec.resolved()
+    task_spec = sample_spec(task)
     has_index = url_list(path) is not None or (Path(path) / "dataset.json").is_file()
-    source = shard_source(path, info) if has_index else RawSource(str(path), spec.formats)
+    source = shard_source(path, info) if has_index else RawSource(str(path), task_spec.formats)
     fmt = source.info.get("format")
-    if fmt not in spec.formats:
+    if fmt not in task_spec.formats:
         name = task if isinstance(task, str) else "this task"
         raise ValueError(f"{path}: a {fmt} dataset cannot be used for {name} "
-                         f"(needs {' or '.join(spec.formats)})")  # fmt: skip
-    total = sum(source.counts)
-    if train and batches_per_rank(total, world_size, batch_size, True, drop_last) == 0:
+                         f"(needs {' or '.join(task_spec.formats)})")  # fmt: skip
+    total, world_size = sum(source.counts), spec.world_size
+    steps = batches_per_rank(total, world_size, spec.batch_size, True, spec.drop_last)
+    if spec.train and steps == 0:
         raise ValueError(f"{path}: {total} samples are fewer than world_size x batch_size = "
-                         f"{world_size} x {batch_size} = {world_size * batch_size}, one "
-                         "training batch; lower --batch-size (or use fewer processes)")  # fmt: skip
-    norm = {k: tuple(v) for k, v in (normalisation or {}).items() if k in ("mean", "std")}
-    dataset = StreamDataset(source, spec, batch_size=batch_size, image_size=image_size,
-                            train=train, num_workers=num_workers, seed=seed, rank=rank,
-                            world_size=world_size, shuffle_buffer=shuffle_buffer,
-                            drop_last=drop_last, on_error=on_error,
-                            augment=dict(augment or {}), normalisation=norm,
-                            preprocess=None if preprocess is None else as_record(preprocess))  # fmt: skip
-    return Loader(dataset, num_workers, source.info)
+                         f"{world_size} x {spec.batch_size} = {world_size * spec.batch_size}, "
+                         "one training batch; lower --batch-size (or use fewer processes)")  # fmt: skip
+    dataset = StreamDataset(source, task_spec, spec)
+    return Loader(dataset, spec.num_workers, source.info)

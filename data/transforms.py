@@ -263,18 +263,6 @@ def classification_train(
     return out
 
 
-def classification_eval(
-    sample: Sample, image_size: int, generator: torch.Generator | None = None, *,
-    mean: Norm = IMAGENET_MEAN, std: Norm = IMAGENET_STD,
-) -> Sample:
-    """Resize the short side to round(image_size*256/224), centre-crop image_size^2, normalise
-    (the default ``"image"`` record of :mod:`.preprocess`)."""
-    from .preprocess import apply_preprocess, default_eval_preprocess
-
-    pre = default_eval_preprocess("image", image_size, mean=mean, std=std)
-    return apply_preprocess(pre, sample)
-
-
 def _long_side_size(sample: Sample, long_side: float) -> tuple[int, int]:
     h, w = image_size_of(sample)
     s = long_side / max(h, w)
@@ -300,36 +288,25 @@ def dense_train(
     return finish(_maybe_flip(resize(sample, (h, w), window), generator, flip), mean, std)
 
 
-def dense_eval(sample: Sample, image_size: int, generator: torch.Generator | None = None, *,
-               mean: Norm = IMAGENET_MEAN, std: Norm = IMAGENET_STD) -> Sample:
-    """Resize the long side to image_size keeping aspect (no crop), normalise.
-
-    Predictions at ``size`` map back to ``orig_size`` by one resize, since nothing was cropped.
-    """
-    return finish(resize(sample, _long_side_size(sample, image_size)), mean, std)
-
-
 TRAIN_OPTIONS: dict[str, tuple[str, ...]] = {
     "image": ("scale", "ratio", "rand_augment", "random_erasing", "flip"),
     "dense": ("scale_range", "flip"),
 }
-TRANSFORMS = {"image": (classification_train, classification_eval),
-              "dense": (dense_train, dense_eval)}  # fmt: skip
+TRAIN_TRANSFORMS = {"image": classification_train, "dense": dense_train}
 
 
-def make_transform(task: str | SampleSpec, image_size: int, train: bool, *,
-                   mean: Norm = IMAGENET_MEAN, std: Norm = IMAGENET_STD,
-                   **options: Any) -> Transform:  # fmt: skip
-    """The transform ``f(sample, generator) -> sample`` for a task (or its sample spec) and mode.
+def train_transform(task: str | SampleSpec, image_size: int, *, mean: Norm = IMAGENET_MEAN,
+                    std: Norm = IMAGENET_STD, **options: Any) -> Transform:  # fmt: skip
+    """The training transform ``f(sample, generator) -> sample`` of a task (or its sample spec).
 
-    The task's transform kind decides: ``"image"`` (random-resized crop for training, resize
-    + centre crop for evaluation) or ``"dense"`` (scale jitter + crop / long-side resize).
-    Images are normalised with ``mean`` / ``std`` (the model's). ``options`` tune the training
-    augmentation (ignored for evaluation): ``"image"`` ``scale`` and ``ratio`` of the
-    random-resized crop, ``rand_augment`` (timm policy string, None = off) and
-    ``random_erasing`` (probability, 0 = off); ``"dense"`` ``scale_range`` of the scale
-    jitter; both ``flip`` (False: no horizontal flip). Evaluation is
-    :func:`.preprocess.eval_transform` of the default record. Unknown or malformed options raise ``ValueError``.
+    The task's transform kind decides: ``"image"`` (random-resized crop) or ``"dense"`` (scale
+    jitter + crop). Images are normalised with ``mean`` / ``std`` (the model's). ``options``
+    tune the augmentation: ``"image"`` ``scale`` and ``ratio`` of the random-resized crop,
+    ``rand_augment`` (timm policy string, None = off) and ``random_erasing`` (probability,
+    0 = off); ``"dense"`` ``scale_range`` of the scale jitter; both ``flip`` (False: no
+    horizontal flip). Unknown or malformed options raise ``ValueError``. The evaluation
+    transform is :func:`.preprocess.eval_transform` of a record (it builds on this module, so
+    this module does not build it).
     """
     kind = sample_spec(task).transform
     if image_size <= 0:
@@ -338,11 +315,7 @@ def make_transform(task: str | SampleSpec, image_size: int, train: bool, *,
     if unknown:
         raise ValueError(f"unknown {kind} augmentation option(s) {', '.join(unknown)}; "
                          f"accepted: {', '.join(TRAIN_OPTIONS[kind])}")
-    if not train:  # one record, one builder: the same path cf eval / predict / export read
-        from .preprocess import default_eval_preprocess, eval_transform
-
-        return eval_transform(default_eval_preprocess(kind, image_size, mean=mean, std=std))
-    fn = TRANSFORMS[kind][0]
+    fn = TRAIN_TRANSFORMS[kind]
     kwargs = dict(options)
     if isinstance(kwargs.get("rand_augment"), str):  # parse once, and fail before any sample
         spec = kwargs["rand_augment"].strip()

@@ -21,7 +21,7 @@ from clusterformer.data.augment_policy import (
     mirror_asymmetry,
     peek_images,
 )
-from clusterformer.data.transforms import make_transform
+from clusterformer.data.transforms import train_transform
 
 
 def test_choice_by_image_and_dataset_size() -> None:
@@ -41,9 +41,9 @@ def test_choice_by_image_and_dataset_size() -> None:
 
 def test_no_flip_never_mirrors() -> None:
     image = torch.arange(3 * 8 * 8, dtype=torch.int64).view(3, 8, 8).to(torch.uint8)
-    flip = make_transform("classification", 8, train=True, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+    flip = train_transform("classification", 8, scale=(1.0, 1.0), ratio=(1.0, 1.0),
                           mean=(0, 0, 0), std=(1, 1, 1))  # fmt: skip
-    keep = make_transform("classification", 8, train=True, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+    keep = train_transform("classification", 8, scale=(1.0, 1.0), ratio=(1.0, 1.0),
                           flip=False, mean=(0, 0, 0), std=(1, 1, 1))  # fmt: skip
     flipped = kept = 0
     for seed in range(20):

@@ -1,4 +1,4 @@
-"""``cf benchmark`` and ``clusterformer.engine.benchmark``: model specs, the interleaved
+"""``cf benchmark`` and ``clusterformer.bench``: model specs, the interleaved
 measurement, its JSON, and the CLI's errors. Nano at 32-48 px keeps every call fast; speed
 itself is never asserted (docs/benchmarks.md holds the measured numbers)."""
 
@@ -12,14 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clusterformer.engine.benchmark import (
-    BenchConfig,
-    build_model,
-    count_gflops,
-    measure,
-    parse_model,
-    timm_available,
-)
+from clusterformer.bench.models import build_model, count_gflops, parse_model, timm_available
+from clusterformer.bench.runner import BenchConfig, measure
 
 NANO = "clusterformer-nano"
 

@@ -13,6 +13,7 @@ from model_kit import fit_fixed_batch
 from PIL import Image
 
 from clusterformer.data import (
+    LoaderSpec,
     build_loader,
     load_dataset_info,
     make_shapes,
@@ -72,8 +73,8 @@ def _model(num_classes: int = 4) -> torch.nn.Module:
 
 
 def _batch(shards: Path, batch_size: int, image_size: int = 64) -> dict:
-    return next(iter(build_loader(str(shards), "detection", batch_size=batch_size,
-                                  image_size=image_size, train=False)))
+    return next(iter(build_loader(str(shards), "detection", LoaderSpec(batch_size=batch_size,
+                                  image_size=image_size, train=False))))
 
 
 def test_build_task_and_config_roundtrip() -> None:
@@ -153,8 +154,8 @@ def test_ground_truth_through_postprocess_gives_ap_100(shapes: dict, image_size:
     categories = load_dataset_info(str(shapes["shards"]))["categories"]
     task = build_task("detection", categories)
     evaluator = task.evaluator()
-    for batch in build_loader(str(shapes["shards"]), "detection", batch_size=3,
-                              image_size=image_size, train=False):
+    for batch in build_loader(str(shapes["shards"]), "detection", LoaderSpec(batch_size=3,
+                              image_size=image_size, train=False)):
         evaluator.update(task.postprocess(_perfect_outputs(batch), batch), batch)
     metrics = evaluator.compute()
     assert metrics["bbox_AP"] == pytest.approx(100.0)
@@ -200,7 +201,8 @@ def test_eval_identical_at_batch_size_1_and_4(shapes: dict, tmp_path: Path) -> N
     runs = {}
     task = build_task("detection", categories)
     for bsz in (1, 4):
-        loader = build_loader(str(shapes["shards"]), "detection", batch_size=bsz, image_size=72, train=False)
+        loader = build_loader(str(shapes["shards"]), "detection",
+                              LoaderSpec(batch_size=bsz, image_size=72, train=False))
         runs[bsz] = evaluate(model, task, loader, device=torch.device("cpu"),
                              predictions_out=tmp_path / f"dets{bsz}.json")
     assert runs[1] == pytest.approx(runs[4], abs=1e-6)

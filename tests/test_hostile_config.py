@@ -129,14 +129,14 @@ def test_non_finite_float_settings_are_usage_errors(
 
 
 def test_batch_larger_than_the_data_names_the_flag(tmp_path: Path) -> None:
-    from clusterformer.data import build_loader
+    from clusterformer.data import LoaderSpec, build_loader
     from clusterformer.data.shapes import make_shapes
 
     make_shapes(tmp_path / "shapes", num_images=4, image_size=32, kinds=("classes",))
     data = tmp_path / "shapes" / "classes"
     with pytest.raises(ValueError) as info:
-        build_loader(data, "classification", batch_size=100_000, image_size=32, train=True,
-                     rank=0, world_size=1)  # fmt: skip
+        build_loader(data, "classification", LoaderSpec(batch_size=100_000, image_size=32,
+                                                        train=True, rank=0, world_size=1))
     message = str(info.value)
     assert message.startswith(f"{data}: 4 samples are fewer than")
     assert "1 x 100000" in message and "--batch-size" in message

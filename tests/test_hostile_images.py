@@ -27,7 +27,7 @@ from PIL import Image, ImageFile
 from safetensors.torch import load_file, save_file
 
 from clusterformer.cli import image_limit
-from clusterformer.data import build_loader, images
+from clusterformer.data import LoaderSpec, build_loader, images
 from clusterformer.data import preprocess as preprocess_module
 from clusterformer.data.errors import ImageDecodeError, SampleError
 from clusterformer.data.formats import open_source
@@ -258,8 +258,8 @@ def test_the_training_loader_stops_or_skips_an_image_over_the_limit(shards: Path
     kwargs = {"batch_size": 7, "image_size": 32, "train": True, "shuffle_buffer": 1}
     with pytest.raises(SampleError, match=r"shard-\d+\.tar \(sample .*1600 pixels .*"
                        r"--max-image-pixels"):  # fmt: skip
-        list(build_loader(shards, "classification", **kwargs))
-    loader = build_loader(shards, "classification", on_error="skip", **kwargs)
+        list(build_loader(shards, "classification", LoaderSpec(**kwargs)))
+    loader = build_loader(shards, "classification", LoaderSpec(on_error="skip", **kwargs))
     with pytest.warns(UserWarning, match="skipped bad sample.*1600 pixels"):
         batches = list(loader)
     assert len(batches) == len(loader) == 1 and batches[0]["images"].shape[0] == 7

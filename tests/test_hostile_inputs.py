@@ -19,7 +19,7 @@ from fault_kit import cf, error_line
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clusterformer.data import build_loader
+from clusterformer.data import LoaderSpec, build_loader
 from clusterformer.data.paths import UnsafeNameError, check_name, join_inside, name_problem
 
 # ----------------------------------------------------------------------------- the name rule
@@ -142,8 +142,8 @@ def test_eval_refuses_an_absolute_key(semantic_setup, tmp_path, capsys):
 def test_on_error_skip_leaves_the_bad_key_out(semantic_setup, tmp_path):
     shards, _ = semantic_setup
     crafted = _rekey(shards, tmp_path / "crafted", "../escaped", in_json=True)
-    loader = build_loader(crafted, "semantic", batch_size=4, image_size=32, train=False,
-                          on_error="skip")  # fmt: skip
+    loader = build_loader(crafted, "semantic", LoaderSpec(batch_size=4, image_size=32, train=False,
+                          on_error="skip"))  # fmt: skip
     with pytest.warns(UserWarning, match="sample key"):
         keys = [k for batch in loader for k, ok in zip(batch["keys"], batch["valid"],
                                                         strict=True) if ok]  # fmt: skip
@@ -213,8 +213,8 @@ def test_a_shard_with_fewer_samples_than_its_index_stops_training(fault_shards, 
     code, err = cf(train_argv(crafted, tmp_path / "run", 4), capsys)
     line = error_line(err)
     assert code == 1 and "shard-000000.tar" in line and "share" in line and "key" in line
-    loader = build_loader(crafted, "classification", batch_size=4, image_size=32, train=True,
-                          on_error="skip")  # fmt: skip
+    loader = build_loader(crafted, "classification", LoaderSpec(batch_size=4, image_size=32,
+                                                                train=True, on_error="skip"))
     with pytest.warns(UserWarning, match="shard-000000.tar"):
         assert len([b for b in loader]) == len(loader)  # skipped, named, and training goes on
 
@@ -226,7 +226,8 @@ def test_an_index_that_miscounts_a_shard_is_named(fault_shards, tmp_path):
     info["shards"][1]["num_samples"] += 1
     info["num_samples"] += 1
     (crafted / "dataset.json").write_text(json.dumps(info))
-    loader = build_loader(crafted, "classification", batch_size=4, image_size=32, train=False)
+    loader = build_loader(crafted, "classification",
+                          LoaderSpec(batch_size=4, image_size=32, train=False))
     with pytest.raises(ValueError, match=r"shard-000001\.tar: holds 8 samples, dataset.json "
                                          r"lists 9"):  # fmt: skip
         list(loader)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clusterformer.data import build_loader
+from clusterformer.data import LoaderSpec, build_loader
 from clusterformer.data.loader import batches_per_rank, plan_epoch
 from clusterformer.data.shapes import make_shapes
 from clusterformer.data.shards import write_shards
@@ -90,8 +90,9 @@ def uneven(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _epoch(path: Path, rank: int, train: bool, epoch: int = 0, batch: int = 3) -> list[dict]:
-    loader = build_loader(path, "classification", batch_size=batch, image_size=16, train=train,
-                          num_workers=2, rank=rank, world_size=2, seed=7)  # fmt: skip
+    spec = LoaderSpec(batch_size=batch, image_size=16, train=train, num_workers=2, rank=rank,
+                      world_size=2, seed=7)  # fmt: skip
+    loader = build_loader(path, "classification", spec)
     loader.set_epoch(epoch)
     batches = list(loader)
     assert len(batches) == len(loader)

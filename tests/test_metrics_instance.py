@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from clusterformer.data import build_loader, load_dataset_info, make_shapes
+from clusterformer.data import LoaderSpec, build_loader, load_dataset_info, make_shapes
 from clusterformer.data.records import segmentation_to_mask
 from clusterformer.metrics.instance import (
     InstanceEvaluator,
@@ -96,8 +96,8 @@ def test_evaluator_batch_sizes(shapes, tmp_path, image_size):
         out = tmp_path / f"res{batch_size}.json"
         ev = InstanceEvaluator(categories, predictions_out=out)
         rng = np.random.default_rng(1)
-        for batch in build_loader(shapes, "instance", batch_size=batch_size, image_size=image_size,
-                                  train=False):  # fmt: skip
+        spec = LoaderSpec(batch_size=batch_size, image_size=image_size, train=False)
+        for batch in build_loader(shapes, "instance", spec):
             preds = []
             for t in batch["targets"]:
                 from clusterformer.metrics.seg_common import to_original_size

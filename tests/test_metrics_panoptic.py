@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clusterformer.data import build_loader, load_dataset_info, make_shapes
+from clusterformer.data import LoaderSpec, build_loader, load_dataset_info, make_shapes
 from clusterformer.data.images import decode_panoptic_png, encode_panoptic_ids
 from clusterformer.metrics.panoptic import (
     PanopticEvaluator,
@@ -192,8 +192,8 @@ def test_evaluator_equals_file_scoring_and_batch_size(shapes, tmp_path):
     for batch_size in (1, 4):
         out = tmp_path / f"written{batch_size}.json"
         ev = PanopticEvaluator(categories, predictions_out=out)
-        for batch in build_loader(shapes, "panoptic", batch_size=batch_size, image_size=64,
-                                  train=False):  # fmt: skip
+        spec = LoaderSpec(batch_size=batch_size, image_size=64, train=False)
+        for batch in build_loader(shapes, "panoptic", spec):
             items = []
             for t in batch["targets"]:
                 p = preds[int(t["image_id"])]
@@ -212,7 +212,7 @@ def test_evaluator_equals_file_scoring_and_batch_size(shapes, tmp_path):
 
 def test_evaluator_resized_ground_truth_gt_as_prediction(shapes):
     """With the eval transform downsizing (image_size 48 < 64), GT is brought back to 64x64."""
-    loader = build_loader(shapes, "panoptic", batch_size=2, image_size=48, train=False)
+    loader = build_loader(shapes, "panoptic", LoaderSpec(batch_size=2, image_size=48, train=False))
     categories = load_dataset_info(shapes, "panoptic")["categories"]
     from clusterformer.metrics.seg_common import to_original_size
 

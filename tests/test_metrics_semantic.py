@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from clusterformer.data import build_loader, load_dataset_info, make_shapes
+from clusterformer.data import LoaderSpec, build_loader, load_dataset_info, make_shapes
 from clusterformer.data.images import decode_label_map
 from clusterformer.metrics.seg_common import to_original_size
 from clusterformer.metrics.semantic import (
@@ -124,8 +124,8 @@ def test_evaluator_batch_sizes_and_written_predictions(shapes, tmp_path, image_s
     for batch_size in (1, 4):
         out = tmp_path / f"pred{batch_size}"
         ev = SemanticEvaluator(categories, predictions_out=out)
-        for batch in build_loader(shapes, "semantic", batch_size=batch_size, image_size=image_size,
-                                  train=False):  # fmt: skip
+        spec = LoaderSpec(batch_size=batch_size, image_size=image_size, train=False)
+        for batch in build_loader(shapes, "semantic", spec):
             preds = []
             for t in batch["targets"]:
                 gt = to_original_size(t["semantic"], t["orig_size"])

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from clusterformer.data.loader_spec import LoaderSpec
 from clusterformer.data.preprocess import (
     EvalPreprocess,
     apply_preprocess,
@@ -17,7 +18,7 @@ from clusterformer.data.preprocess import (
     eval_transform,
     resized_shape,
 )
-from clusterformer.data.transforms import classification_eval, make_transform
+from clusterformer.data.sample_spec import sample_spec
 from clusterformer.engine.checkpoint import CheckpointError, encode_metadata, read_metadata
 from clusterformer.engine.evaluate import eval_preprocess, load_model_from_checkpoint
 
@@ -47,11 +48,11 @@ def test_rules_give_the_promised_shapes(shape: tuple[int, int]) -> None:
     assert min(nh, nw) == 55 and abs(nh / nw - h / w) < 0.05
     out = apply_preprocess(short, {"image": _image(h, w)})
     assert tuple(out["image"].shape) == (3, 48, 48) and out["size"] == (48, 48)
-    # the record path is the eval transform make_transform gives (one builder)
-    same = make_transform("classification", 48, train=False, mean=MEAN, std=STD)
+    # the record path is the eval transform an evaluation loader gives (one builder)
+    spec = LoaderSpec(batch_size=1, image_size=48, train=False,
+                      normalisation={"mean": MEAN, "std": STD})  # fmt: skip
+    same = spec.transform(sample_spec("classification"))
     assert torch.equal(same({"image": _image(h, w)})["image"], out["image"])
-    assert torch.equal(classification_eval({"image": _image(h, w)}, 48, mean=MEAN, std=STD)["image"],
-                       out["image"])
     long = default_eval_preprocess("dense", 64)
     assert max(apply_preprocess(long, {"image": _image(h, w)})["image"].shape[1:]) == 64
 

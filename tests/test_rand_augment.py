@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageEnhance, ImageOps
 
-from clusterformer.data import build_loader, make_shapes
+from clusterformer.data import LoaderSpec, build_loader, make_shapes
 from clusterformer.data import rand_augment as ra
-from clusterformer.data.transforms import make_transform
+from clusterformer.data.transforms import train_transform
 from clusterformer.engine.config_files import resolve_config
 from clusterformer.engine.loop import augment_options
 
@@ -260,10 +260,10 @@ def _sample(h: int = 50, w: int = 64) -> dict:
     return {"image": _image(h, w), "label": 3}
 
 
-def test_make_transform_applies_and_validates_the_options() -> None:
-    plain = make_transform("classification", 32, True)
-    both = make_transform(
-        "classification", 32, True, rand_augment="rand-m9-mstd0.5-inc1", random_erasing=1.0
+def test_train_transform_applies_and_validates_the_options() -> None:
+    plain = train_transform("classification", 32)
+    both = train_transform(
+        "classification", 32, rand_augment="rand-m9-mstd0.5-inc1", random_erasing=1.0
     )
     a = plain(_sample(), torch.Generator().manual_seed(5))
     b = both(_sample(), torch.Generator().manual_seed(5))
@@ -272,19 +272,19 @@ def test_make_transform_applies_and_validates_the_options() -> None:
     again = both(_sample(), torch.Generator().manual_seed(5))
     assert torch.equal(b["image"], again["image"])
     with pytest.raises(ValueError, match="'q3'"):
-        make_transform("classification", 32, True, rand_augment="rand-q3")
+        train_transform("classification", 32, rand_augment="rand-q3")
     with pytest.raises(ValueError, match="random_erasing"):
-        make_transform("classification", 32, True, random_erasing=2.0)
+        train_transform("classification", 32, random_erasing=2.0)
     with pytest.raises(ValueError, match="unknown dense augmentation"):
-        make_transform("semantic", 32, True, rand_augment="rand-m9")
+        train_transform("semantic", 32, rand_augment="rand-m9")
 
 
 def test_classification_loader_with_both_options(tmp_path: Path) -> None:
     make_shapes(tmp_path / "raw", num_images=8, image_size=32, seed=1)
     options = {"rand_augment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.5}
     kwargs = {"batch_size": 4, "image_size": 24, "train": True, "seed": 7}
-    plain = next(iter(build_loader(tmp_path / "raw", "classification", **kwargs)))
-    loader = build_loader(tmp_path / "raw", "classification", augment=options, **kwargs)
+    plain = next(iter(build_loader(tmp_path / "raw", "classification", LoaderSpec(**kwargs))))
+    loader = build_loader(tmp_path / "raw", "classification", LoaderSpec(augment=options, **kwargs))
     batch = next(iter(loader))
     images = batch["images"]
     assert images.dtype == torch.float32 and images.shape == (4, 3, 24, 24)
@@ -298,7 +298,7 @@ def test_imagenet_recipe_options_reach_the_loader() -> None:
     # the recipe sets the flip: ImageNet photos need no handedness check
     assert options == {"rand_augment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.25, "flip": True}
     assert missing == []
-    transform = make_transform("classification", cfg.data.image_size, True, **options)
+    transform = train_transform("classification", cfg.data.image_size, **options)
     out = transform(_sample(), torch.Generator().manual_seed(0))
     assert out["image"].shape == (3, 224, 224) and out["image"].dtype == torch.float32
 

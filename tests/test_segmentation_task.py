@@ -12,7 +12,7 @@ import torch
 from model_kit import fit_fixed_batch
 from PIL import Image
 
-from clusterformer.data import build_loader, make_shapes, open_source, write_shards
+from clusterformer.data import LoaderSpec, build_loader, make_shapes, open_source, write_shards
 from clusterformer.models import create_model
 from clusterformer.tasks import build_task
 from clusterformer.tasks.criterion import MaskCriterion, pairwise_dice, pairwise_sigmoid_ce
@@ -62,7 +62,8 @@ def _model(task: str, num_classes: int, **extra: object) -> torch.nn.Module:
 
 
 def _batch(path: Path, task: str, batch_size: int, image_size: int = 64) -> dict:
-    return next(iter(build_loader(str(path), task, batch_size=batch_size, image_size=image_size, train=False)))
+    spec = LoaderSpec(batch_size=batch_size, image_size=image_size, train=False)
+    return next(iter(build_loader(str(path), task, spec)))
 
 
 def test_task_names_metrics_and_config_roundtrip() -> None:
@@ -161,7 +162,8 @@ def test_predictions_identical_at_batch_size_1_and_4(shards: dict[str, Path], ta
     task = build_task(task_name, categories, object_threshold=0.0)
     preds = {}
     for bsz in (1, 4):
-        loader = build_loader(str(shards[task_name]), task_name, batch_size=bsz, image_size=72, train=False)
+        loader = build_loader(str(shards[task_name]), task_name,
+                              LoaderSpec(batch_size=bsz, image_size=72, train=False))
         preds[bsz] = {}
         with torch.no_grad():
             for batch in loader:

@@ -8,15 +8,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clusterformer.data.collate import collate, pad_images, pad_semantic
+from clusterformer.data.preprocess import default_eval_preprocess, eval_transform
+from clusterformer.data.sample_spec import sample_spec
 from clusterformer.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     crop,
     hflip,
-    make_transform,
     random_resized_crop_params,
     resize,
+    train_transform,
 )
+
+
+def eval_transform_of(task: str, image_size: int):  # noqa: ANN201 - a Transform
+    """The task's default evaluation transform at ``image_size`` (what the loader builds)."""
+    return eval_transform(default_eval_preprocess(sample_spec(task).transform, image_size))
 
 
 def _box_of(mask: torch.Tensor) -> torch.Tensor:
@@ -117,7 +124,7 @@ def test_train_transforms_keep_masks_and_boxes_consistent(
     seed: int, task: str, h: int, w: int
 ) -> None:
     s = make_sample(h=h, w=w, seed=seed)
-    out = make_transform(task, 40, train=True)(s, torch.Generator().manual_seed(seed))
+    out = train_transform(task, 40)(s, torch.Generator().manual_seed(seed))
     assert out["image"].dtype == torch.float32
     assert out["image"].shape[-2] <= 40 and out["image"].shape[-1] <= 40
     assert out["size"] == tuple(out["image"].shape[-2:])
@@ -137,8 +144,9 @@ def test_train_transforms_keep_masks_and_boxes_consistent(
 def test_classification_transforms_give_square_images(seed: int, h: int, w: int) -> None:
     s = make_sample(h=max(h, 16), w=max(w, 16), seed=seed)
     g = torch.Generator().manual_seed(seed)
-    for train in (True, False):
-        out = make_transform("classification", 32, train=train)(s, g)
+    for transform in (train_transform("classification", 32),
+                      eval_transform_of("classification", 32)):  # fmt: skip
+        out = transform(s, g)
         assert out["image"].shape == (3, 32, 32) and out["label"] == 2
 
 
@@ -155,7 +163,7 @@ def test_random_resized_crop_params_inside_image_and_seeded() -> None:
 
 def test_same_seed_same_output_different_seed_differs() -> None:
     s = make_sample(seed=5)
-    t = make_transform("panoptic", 40, train=True)
+    t = train_transform("panoptic", 40)
     outs = [t(s, torch.Generator().manual_seed(k)) for k in (1, 1, 2)]
     assert torch.equal(outs[0]["image"], outs[1]["image"])
     assert torch.equal(outs[0]["masks"], outs[1]["masks"])
@@ -167,7 +175,7 @@ def test_same_seed_same_output_different_seed_differs() -> None:
 
 def test_dense_eval_resizes_long_side_and_maps_back() -> None:
     s = make_sample(h=48, w=64, seed=7)
-    out = make_transform("semantic", 32, train=False)(s, None)
+    out = eval_transform_of("semantic", 32)(s, None)
     assert out["size"] == (24, 32) and out["orig_size"] == (48, 64)
     back = resize({"image": out["image"], "semantic": out["semantic"]}, out["orig_size"])
     agree = (back["semantic"] == s["semantic"]).float().mean()
@@ -180,7 +188,7 @@ def test_classification_eval_centre_crop_and_normalisation() -> None:
     image = torch.zeros((3, 40, 80), dtype=torch.uint8)
     image[:, :, 40:] = 255  # right half white
     s = {"key": "k", "image": image, "image_id": 0, "orig_size": (40, 80), "label": 1}
-    out = make_transform("classification", 28, train=False)(s, None)
+    out = eval_transform_of("classification", 28)(s, None)
     assert out["image"].shape == (3, 28, 28)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1)
@@ -191,9 +199,9 @@ def test_classification_eval_centre_crop_and_normalisation() -> None:
 
 def test_unknown_task_and_bad_size_rejected() -> None:
     with pytest.raises(ValueError, match="unknown task"):
-        make_transform("depth", 32, True)
+        train_transform("depth", 32)
     with pytest.raises(ValueError, match="positive"):
-        make_transform("semantic", 0, True)
+        train_transform("semantic", 0)
 
 
 def test_pad_images_and_masks() -> None:
@@ -210,14 +218,14 @@ def test_pad_images_and_masks() -> None:
 
 
 def test_collate_classification_and_dense() -> None:
-    t_cls = make_transform("classification", 16, train=False)
+    t_cls = eval_transform_of("classification", 16)
     samples = [t_cls(make_sample(seed=k), None) for k in range(3)]
     batch = collate(samples, "classification")
     assert batch["images"].shape == (3, 3, 16, 16) and batch["labels"].dtype == torch.int64
     assert batch["labels"].tolist() == [2, 2, 2] and batch["keys"] == ["s0", "s1", "s2"]
     assert batch["valid"].all() and "targets" not in batch
 
-    t_dense = make_transform("instance", 32, train=False)
+    t_dense = eval_transform_of("instance", 32)
     dense = [
         t_dense(make_sample(h=48, w=64, seed=0), None),
         t_dense(make_sample(h=64, w=40, seed=1), None),

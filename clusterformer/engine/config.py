@@ -34,15 +34,18 @@ def section(kind: type) -> Any:
 class BackboneConfig(BackboneOptions):
     weights: str | None = option(None, "initialise the backbone from this state dict "
                                  "(.safetensors, or a .pt/.pth read with weights_only=True), e.g. "
-                                 "ImageNet weights of a timm/<name> model", flag="--backbone-weights")
+                                 "ImageNet weights of a timm/<name> model; 'timm': timm's own "
+                                 "pretrained weights of a timm/<name> model (Hugging Face Hub "
+                                 "when online, else its local cache)", flag="--backbone-weights")
 
 
 @dataclass
 class ModelConfig:
-    name: str = option("clusterformer-nano", "model preset (clusterformer-nano, -tiny, -small) or "
-                       "timm/<name> (a timm model's features as the backbone)", flag="--model")
+    name: str = option("clusterformer-nano", "model preset (clusterformer-nano, -tiny, -small), "
+                       "timm/<name> (a timm model's features as the backbone) or a plugin's "
+                       "backbone; `cf models` lists them", flag="--model")
     pretrained: str | None = option(None, "initialise the backbone from this checkpoint (a run "
-                                    "folder or .safetensors of the same preset, any task); heads "
+                                    "folder or .safetensors of the same --model, any task); heads "
                                     "start fresh")
     backbone: BackboneConfig = section(BackboneConfig)
     decoder: DecoderOptions = section(DecoderOptions)
@@ -311,11 +314,23 @@ def _check_finite(cfg: TrainConfig) -> None:
     out), and YAML reads ``.nan`` / ``.inf`` and the flags ``nan`` / ``inf`` as floats."""
     for where, value in _floats(cfg.to_dict()):
         if not math.isfinite(value):
-            from clusterformer.engine.config_flags import config_flags
-
-            flag = next((f.flag for f in config_flags() if where in f.keys), None)
+            flag = _flag_of(where, task_spec(cfg.task.name))
             named = f"{where} ({flag})" if flag else where
             raise ValueError(f"{named} must be a finite number, got {value}")
+
+
+def flag_name(f: Any) -> str:
+    """The command-line flag of a config or task-option field: its ``flag`` metadata, else
+    ``--`` and its name (or ``flat`` name) with dashes (``data.batch_size`` -> ``--batch-size``)."""
+    return f.metadata.get("flag") or "--" + (f.metadata.get("flat") or f.name).replace("_", "-")
+
+
+def _flag_of(key: str, spec: Any) -> str | None:
+    """The flag that sets the dotted config ``key`` (``task.<option>``: ``spec``'s option)."""
+    if key.startswith("task."):
+        f = spec.option_fields().get(key[len("task."):])
+        return None if f is None else flag_name(f)
+    return next((flag_name(f) for path, f, _ in leaves() if ".".join(path) == key), None)
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, get_args, get_origin, get_type_hints
 
-from clusterformer.engine.config import default_of, leaves
+from clusterformer.engine.config import default_of, flag_name, leaves
 
 SCALARS = (bool, int, float, str)
 
@@ -53,7 +53,7 @@ def _derive_flags(task_names: tuple[str, ...]) -> list[Flag]:
     flags: dict[str, Flag] = {}
 
     def add(key: str, f: Any, hint: Any, owner: str | None = None) -> None:
-        name = f.metadata.get("flag") or "--" + (f.metadata.get("flat") or f.name).replace("_", "-")
+        name = flag_name(f)
         default = f"{owner}: {_show(default_of(f))}" if owner else _show(default_of(f))
         if name in flags:  # an option several tasks share: one flag
             flags[name].keys.append(key)

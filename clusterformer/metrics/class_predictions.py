@@ -42,7 +42,7 @@ def score_class_file(predictions: str | os.PathLike, data: str | os.PathLike, *,
                      num_workers: int = 0, per_class: bool = False) -> dict[str, Any]:  # fmt: skip
     """``top1``, ``top5`` (and ``num_samples``, ``unmatched_predictions``) of a prediction file
     against ``data`` read as ``task``'s samples."""
-    from clusterformer.data import build_loader, load_dataset_info
+    from clusterformer.data import LoaderSpec, build_loader, load_dataset_info
 
     predictions = Path(predictions)
     preds = read_json_file(predictions, "predictions file")
@@ -52,10 +52,10 @@ def score_class_file(predictions: str | os.PathLike, data: str | os.PathLike, *,
     to_train = {int(c["id"]): int(c["train_id"]) for c in categories}
     by_name = {str(c["name"]): int(c["train_id"]) for c in categories}
     names = [str(c.get("name", c["id"])) for c in categories] if per_class else None
-    acc = TopKAccumulator((1, 5), num_classes=len(categories), class_names=names)
+    acc = TopKAccumulator(num_classes=len(categories), class_names=names)
     # The labels come with the images; a tiny eval size keeps decoding cheap.
-    loader = build_loader(str(data), task, batch_size=64, image_size=8, train=False,
-                          num_workers=num_workers, rank=0, world_size=1)  # fmt: skip
+    loader = build_loader(str(data), task, LoaderSpec(batch_size=64, image_size=8, train=False,
+                          num_workers=num_workers, rank=0, world_size=1))  # fmt: skip
     seen = 0
     for batch in loader:
         valid = batch.get("valid", [True] * len(batch["keys"]))

@@ -234,20 +234,13 @@ def iter_ground_truth(
 ) -> Iterable[tuple[dict, list[dict]]]:
     """``(image entry, annotations)`` for every sample of a COCO-format dataset (shards or raw),
     read as ``task``'s samples (boxes, labels, iscrowd)."""
-    from clusterformer.data import build_loader, load_dataset_info
+    from clusterformer.data import LoaderSpec, build_loader, load_dataset_info
 
     categories = load_dataset_info(str(data), task)["categories"]
     # Boxes only: a small eval size keeps the resize cheap; the scale is undone exactly.
-    loader = build_loader(
-        str(data),
-        task,
-        batch_size=16,
-        image_size=64,
-        train=False,
-        num_workers=num_workers,
-        rank=0,
-        world_size=1,
-    )
+    spec = LoaderSpec(batch_size=16, image_size=64, train=False, num_workers=num_workers,
+                      rank=0, world_size=1)  # fmt: skip
+    loader = build_loader(str(data), task, spec)
     for batch in loader:
         for ok, target in zip(batch["valid"].tolist(), batch["targets"], strict=True):
             if ok:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from clusterformer.metrics.coco import METRIC_KEYS as BBOX_KEYS
 from clusterformer.metrics.coco_detail import cocoeval_detail, empty_detail
 from clusterformer.metrics.seg_common import (
     as_numpy,
@@ -35,7 +36,7 @@ from clusterformer.metrics.seg_common import (
 )
 
 SEGM_KEYS: tuple[str, ...] = ("segm_AP", "segm_AP50", "segm_AP75")
-BBOX_KEYS: tuple[str, ...] = ("bbox_AP", "bbox_AP50", "bbox_AP75")
+# The mask keys first: segm_AP is the instance task's primary metric.
 METRIC_KEYS: tuple[str, ...] = SEGM_KEYS + BBOX_KEYS
 
 

@@ -12,6 +12,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+# The k values ``cf eval`` reports, and their metric keys (DESIGN.md: ``top1``, ``top5``).
+TOP_KS: tuple[int, ...] = (1, 5)
+METRIC_KEYS: tuple[str, ...] = tuple(f"top{k}" for k in TOP_KS)
+
 
 def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, Tensor]:
     """Count samples whose label is among the ``min(k, C)`` highest scores.
@@ -80,7 +84,7 @@ class TopKAccumulator:
     samples of that class (``-1`` for a class without samples).
     """
 
-    def __init__(self, ks: Sequence[int] = (1, 5), num_classes: int | None = None,
+    def __init__(self, ks: Sequence[int] = TOP_KS, num_classes: int | None = None,
                  class_names: Sequence[str] | None = None) -> None:  # fmt: skip
         self.ks = tuple(ks)
         self.num_classes = num_classes

@@ -2,19 +2,19 @@
 
 On a CPU, PyTorch's eager ``F.linear`` calls BLAS ``addmm``, which first writes the bias into
 the whole output and then accumulates the product into it; an activation after it is one more
-pass over a fresh tensor. For the backbone's MLPs (the largest tensors of the model: stage 1's
-hidden layer is 25088 x 768 at batch 8) that glue cost about a third of the time of the product
-itself. oneDNN's inner-product primitive adds the bias and applies GELU while each output tile
-is still in cache; it is the kernel inductor uses for a frozen model. Measured at one thread on
-this project's machine (AMD EPYC, torch 2.13): 94-102 GFLOP/s against 52-96 for ``F.linear``
-at the backbone's shapes (``docs/benchmarks.md``, "Eager fast paths").
+pass over a fresh tensor. The backbone's MLPs hold the largest tensors of the model (stage 1's
+hidden layer is 25088 x 768 at batch 8), so those extra passes over memory cost a sizeable part
+of the product's own time. oneDNN's inner-product primitive adds the bias and applies GELU while
+each output tile is still in cache (it is the kernel inductor uses for a frozen model), and it
+also multiplies faster than BLAS at the backbone's shapes. The measurements are in
+``docs/benchmarks.md`` ("What changed (eager, same math)", items 1 and 7).
 
 The fused kernel has no autograd formula of its own. Where a gradient is needed, the product
 (without the activation, whose backward needs the pre-activation) runs through a small autograd
 function: oneDNN for the forward and for the input gradient (handed the transposed weight as a
 view: oneDNN packs every weight into its own blocked layout anyway, so we make no copy), and
-for the weight gradient oneDNN up to 2048 rows, BLAS above (the long reductions of early
-stages, where oneDNN took 1.0-1.5x BLAS's time). Everything else is plain
+for the weight gradient oneDNN for short reductions, BLAS for the long ones of the early stages,
+where BLAS is the faster of the two. Everything else is plain
 ``F.linear`` (+ ``F.gelu``): while ``torch.compile``, ``torch.export`` or ONNX export trace the
 model (they fuse on their own), under ``vmap``/``grad`` (no batching rule), under Python
 dispatch modes such as ``FlopCounterMode`` (they expect standard aten ops), and for anything
@@ -42,10 +42,11 @@ def _onednn_available() -> bool:
 
 _ONEDNN = _onednn_available()
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
-# Up to this many rows the weight gradient ``grad^T @ x`` is oneDNN's; above it BLAS's. Timed
-# A/B at one thread (torch 2.13, tiny's shapes at batch 8): oneDNN took 0.81-0.95x BLAS's time
-# at 392 and 1568 rows (stages 3-4) and 1.0-1.5x at 4608-25088 rows (stages 1-2).
-# benchmarks/bench_linear_backward.py times both gradients at tiny's shapes.
+# Up to this many rows the weight gradient ``grad^T @ x`` is oneDNN's; above it BLAS's. The
+# number is the reason: at tiny's shapes oneDNN wins the short reductions of stages 3-4 (392 and
+# 1568 rows at batch 8) and BLAS the long ones of stages 1-2 (4608 rows and more), so the cut
+# lies between them. It is a rough cut (docs/benchmarks.md, "Backward kernels");
+# benchmarks/bench_linear_backward.py times both kernels to re-check it.
 _ONEDNN_MAX_ROWS_FOR_WEIGHT_GRAD = 2048
 
 
@@ -70,9 +71,9 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
 
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, attr: str = "none") -> Tensor:
     if bias is None:
-        # oneDNN's inner product without a bias took 1.4-2x as long as with one at the
-        # backbone's shapes (25088 x 96 -> 768: 59-94 ms against 42 ms, one thread, torch
-        # 2.13); adding exact zeros changes no value.
+        # A zero bias, not none: oneDNN's inner product without a bias is markedly slower than
+        # with one at the backbone's shapes (docs/benchmarks.md, "Backward kernels"), and
+        # adding exact zeros changes no value.
         bias = x.new_zeros(weight.shape[0])
     return torch.ops.mkldnn._linear_pointwise(
         x, weight, bias, attr, [], "none" if attr == "gelu" else ""
@@ -82,8 +83,9 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, attr: str = "
 def _onednn_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
     """``grad^T @ x``, ``(out, in)``, for ``grad (rows, out)`` and ``x (rows, in)``, by oneDNN.
 
-    The narrower side is the product's rows and the wider one its packed weight: of the two
-    orientations that one was faster, or within 1 %, at every shape timed.
+    The narrower side is the product's rows and the wider one its packed weight: oneDNN packs
+    its weight operand, so the smaller repacked operand is the cheaper orientation (never the
+    slower one at the shapes timed in ``benchmarks/bench_linear_backward.py``).
     """
     if grad.shape[1] <= x.shape[1]:
         return _onednn_linear(grad.t(), x.t(), None)
@@ -114,8 +116,8 @@ class _OneDnnLinear(torch.autograd.Function):
         onednn = not torch.is_grad_enabled()
         if ctx.needs_input_grad[0]:
             if onednn:
-                # 0.73-0.94x BLAS's time from 72 to 4608 rows; a contiguous copy of the
-                # transposed weight made it slower than BLAS up to at least 392 rows.
+                # The transposed weight goes in as a view: oneDNN repacks it anyway, and a
+                # contiguous copy first cost more than oneDNN saves over BLAS on small inputs.
                 grad_x = _onednn_linear(grad, weight.t(), None)
             else:
                 grad_x = (rows @ weight).reshape(*grad.shape[:-1], weight.shape[1])

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from clusterformer.data.sample_spec import SampleSpec
 from clusterformer.metrics.class_predictions import score_class_file
-from clusterformer.metrics.topk import TopKAccumulator
+from clusterformer.metrics.topk import METRIC_KEYS, TopKAccumulator
 from clusterformer.tasks.predictions import top_classes
 from clusterformer.tasks.registry import register_task
 from clusterformer.tasks.spec import Batch, ExportHeads, Task, TaskSpec, option
@@ -104,7 +104,7 @@ class ClassificationEvaluator:
 
     def __init__(self, categories: list[dict], per_class: bool = False) -> None:
         self.names = [str(c.get("name", c["id"])) for c in categories]
-        self.acc = TopKAccumulator((1, 5), num_classes=len(categories),
+        self.acc = TopKAccumulator(num_classes=len(categories),
                                    class_names=self.names if per_class else None)  # fmt: skip
         self.conf = np.zeros((len(categories), len(categories)), dtype=np.int64)
 
@@ -210,8 +210,8 @@ def _softmax(raw: tuple[Tensor, ...], images: Tensor) -> tuple[Tensor, ...]:
 SPEC = register_task(TaskSpec(
     name="classification",
     summary="one label per image (ImageFolder); top-1 / top-5 accuracy",
-    primary_metric="top1",
-    metric_keys=("top1", "top5"),
+    primary_metric=METRIC_KEYS[0],
+    metric_keys=METRIC_KEYS,
     data=SampleSpec(formats=("imagefolder",), fields=("label",), transform="image",
                     label_field="label"),
     architecture="classifier",

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from clusterformer.data.sample_spec import SampleSpec
-from clusterformer.metrics.coco import score_detection_file
+from clusterformer.metrics.coco import METRIC_KEYS, score_detection_file
 from clusterformer.ops.boxes import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh
 from clusterformer.tasks.criterion import BoxCriterion, SetOptions
 from clusterformer.tasks.predictions import detections
@@ -203,8 +203,8 @@ def detection_topk(raw: tuple[Tensor, ...], images: Tensor,
 SPEC = register_task(TaskSpec(
     name="detection",
     summary="boxes (COCO instances JSON); COCO box AP",
-    primary_metric="bbox_AP",
-    metric_keys=("bbox_AP", "bbox_AP50", "bbox_AP75"),
+    primary_metric=METRIC_KEYS[0],
+    metric_keys=METRIC_KEYS,
     data=SampleSpec(formats=("coco",), fields=("boxes", "labels", "iscrowd")),
     architecture="detector",
     options=DetectionOptions,

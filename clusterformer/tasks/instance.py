@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor
 
 from clusterformer.data.sample_spec import SampleSpec
-from clusterformer.metrics.instance import score_instance_file
+from clusterformer.metrics.instance import METRIC_KEYS, score_instance_file
 from clusterformer.tasks.masks import MaskTask, mask_task_spec
 from clusterformer.tasks.predictions import segment
 from clusterformer.tasks.registry import register_task
@@ -45,8 +45,8 @@ def describe(pred: dict, categories: list[dict], threshold: float, limit: int) -
 SPEC = register_task(mask_task_spec(
     name="instance",
     summary="instance masks (COCO instances JSON); COCO segm AP and box AP",
-    primary_metric="segm_AP",
-    metric_keys=("segm_AP", "segm_AP50", "segm_AP75", "bbox_AP", "bbox_AP50", "bbox_AP75"),
+    primary_metric=METRIC_KEYS[0],
+    metric_keys=METRIC_KEYS,
     data=SampleSpec(formats=("coco",), fields=("boxes", "labels", "iscrowd", "masks")),
     runtime=InstanceTask,
     describe=describe,

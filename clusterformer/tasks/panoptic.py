@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from clusterformer.data.sample_spec import SampleSpec
-from clusterformer.metrics.panoptic import score_panoptic
+from clusterformer.metrics.panoptic import METRIC_KEYS, score_panoptic
 from clusterformer.tasks.masks import MaskOptions, MaskTask, mask_task_spec
 from clusterformer.tasks.predictions import segment
 from clusterformer.tasks.registry import register_task
@@ -58,8 +58,8 @@ def describe(pred: dict, categories: list[dict], threshold: float, limit: int) -
 SPEC = register_task(mask_task_spec(
     name="panoptic",
     summary="things and stuff (COCO panoptic JSON + PNGs); PQ, SQ, RQ",
-    primary_metric="PQ",
-    metric_keys=("PQ", "SQ", "RQ", "PQ_th", "PQ_st"),
+    primary_metric=METRIC_KEYS[0],
+    metric_keys=METRIC_KEYS,
     data=SampleSpec(formats=("coco-panoptic",),
                     fields=("masks", "labels", "isthing", "iscrowd", "boxes", "segment_ids")),
     runtime=PanopticTask,

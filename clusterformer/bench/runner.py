@@ -1,25 +1,19 @@
-"""``cf benchmark``: inference and training-step speed of models side by side, in one process.
+"""Timing models side by side in one process (``cf benchmark``).
 
 Every model runs in the same process, on the same input, with the same thread count. The
 timed calls are interleaved: each round times one call of every model (a batch's forward, or
 a whole AdamW training step), in an order that rotates from round to round. A slow phase
 of the machine (another job, a noisy neighbour) then falls on every model of that round alike.
 Speeds are medians over rounds; ratios are medians of the per-round ratios against a baseline
-model, so they survive drifts that move every model.
-
-Models are named as on the command line: a preset (``clusterformer-tiny``), a preset with
-constructor overrides (``clusterformer-tiny:num_iters=1``; ``grad_checkpointing=true`` turns on
-activation checkpointing), or a timm model
-(``timm/swin_tiny_patch4_window7_224``, needs the optional ``timm`` package: the
-``clusterformer[bench]`` extra). All are 1000-class classifiers fed a ``(B, 3, S, S)`` batch
-without a pixel mask; the training step is cross-entropy on fixed labels, ``backward`` and one
-AdamW step (lr 1e-4, weight decay 0.05, torch's default foreach implementation).
+model, so they survive drifts that move every model. The training step is cross-entropy on
+fixed labels, ``backward`` and one AdamW step (lr 1e-4, weight decay 0.05, torch's default
+foreach implementation).
 
 Peak memory. On CUDA, ``torch.cuda.max_memory_allocated`` over a model's timed calls. On CPU
-each eager model is run once more in a fresh process of its own, and the row reports that
-process's peak resident memory (``VmHWM``) and how far it rose during the call: torch keeps no
-CPU allocation statistics, and one process running several models cannot tell whose memory
-is whose.
+each eager model is run once more in a fresh process of its own
+(:mod:`clusterformer.bench.memory_probe`), and the row reports that process's peak resident
+memory (``VmHWM``) and how far it rose during the call: torch keeps no CPU allocation
+statistics, and one process running several models cannot tell whose memory is whose.
 """
 
 from __future__ import annotations
@@ -33,87 +27,22 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-PEERS: tuple[str, ...] = (
-    "timm/swin_tiny_patch4_window7_224",
-    "timm/convnext_tiny",
-    "timm/resnet50",
+from clusterformer.bench.models import (
+    NUM_CLASSES,
+    ModelSpec,
+    build_model,
+    count_gflops,
+    timm_available,
 )
+
 MODES: tuple[str, ...] = ("infer", "train")
-NUM_CLASSES = 1000
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model to time: ``source`` is ``"clusterformer"`` or ``"timm"``."""
-
-    label: str
-    source: str
-    name: str
-    overrides: dict[str, Any] = field(default_factory=dict)
-
-
-def parse_model(spec: str) -> ModelSpec:
-    """``clusterformer-tiny``, ``clusterformer-tiny:num_iters=1,head_pool=concat`` or
-    ``timm/<name>`` -> :class:`ModelSpec`.
-
-    Raises:
-        ValueError: an unknown preset or a malformed override.
-    """
-    if spec.startswith("timm/"):
-        return ModelSpec(spec, "timm", spec[len("timm/"):])
-    from clusterformer.models import list_models
-
-    name, _, options = spec.partition(":")
-    if name not in list_models():
-        raise ValueError(
-            f"unknown model '{name}'; expected a preset ({', '.join(list_models())}) "
-            "or timm/<name>"
-        )
-    overrides: dict[str, Any] = {}
-    for item in filter(None, options.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"'{spec}': overrides are key=value pairs separated by commas")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return ModelSpec(spec, "clusterformer", name, overrides)
-
-
-def build_model(spec: ModelSpec) -> nn.Module:
-    """A fresh 1000-class classifier for ``spec`` (random weights; nothing is downloaded)."""
-    if spec.source == "timm":
-        try:
-            import timm
-        except ImportError as exc:
-            raise ValueError(
-                f"{spec.label} needs timm: pip install 'clusterformer[bench]'"
-            ) from exc
-        return timm.create_model(spec.name, pretrained=False, num_classes=NUM_CLASSES)
-    from clusterformer.models import create_model
-
-    options = dict(spec.overrides)
-    checkpointing = bool(options.pop("grad_checkpointing", False))
-    model = create_model(spec.name, num_classes=NUM_CLASSES, **options)
-    if checkpointing:
-        model.set_grad_checkpointing(True)
-    return model
-
-
-def timm_available() -> bool:
-    try:
-        import timm  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @dataclass
@@ -144,7 +73,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _Runner:
+class Runner:
     """One model in one mode (eager or compiled): ``call()`` runs one timed unit."""
 
     def __init__(self, spec: ModelSpec, mode: str, compiled: bool, cfg: BenchConfig,
@@ -197,20 +126,26 @@ class _Runner:
                                        torch.cuda.max_memory_allocated(self.device))
         return elapsed
 
+    def row(self, cfg: BenchConfig, threads: int, gflops: float,
+            reference: Runner) -> dict[str, Any]:  # fmt: skip
+        """This runner's result row (after its timed rounds at ``threads`` threads)."""
+        median_s = statistics.median(self.times)
+        cuda = self.device.type == "cuda"
+        return {
+            "model": self.spec.label, "compiled": self.compiled, "mode": self.mode,
+            "threads": threads, "amp": cfg.amp, "device": str(self.device),
+            "batch_size": cfg.batch_size, "image_size": cfg.image_size,
+            "params_m": round(self.params_m, 2), "gflops": round(gflops, 2),
+            "img_per_s": cfg.batch_size / median_s, "ms_median": median_s * 1e3,
+            "ms_min": min(self.times) * 1e3, "ms_max": max(self.times) * 1e3,
+            "rounds": cfg.rounds, "baseline": reference.spec.label,
+            "speed_vs_baseline": _median_ratio(self.times, reference.times),
+            "warmup_s": self.first_call_s,
+            "peak_mem_mib": self.peak_cuda_bytes / 2**20 if cuda else None,
+        }  # fmt: skip
 
-def count_gflops(spec: ModelSpec, image_size: int) -> float:
-    """Forward GFLOPs of one image (matmul and conv FLOPs, 2 per multiply-add)."""
-    from torch.utils.flop_counter import FlopCounterMode
 
-    torch.manual_seed(0)
-    model = build_model(spec).eval()
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(torch.randn(1, 3, image_size, image_size))
-    return counter.get_total_flops() / 1e9
-
-
-def _rotations(items: list[Any]) -> Iterator[list[Any]]:
+def rotations(items: list[Any]) -> Iterator[list[Any]]:
     """Each round's order: the list rotated by the round number (every model goes first
     equally often, and none always follows the same one)."""
     round_index = 0
@@ -223,6 +158,23 @@ def _rotations(items: list[Any]) -> Iterator[list[Any]]:
 def _median_ratio(times: list[float], baseline: list[float]) -> float:
     """Median over rounds of ``speed / baseline speed`` (= baseline time / time)."""
     return statistics.median(b / t for t, b in zip(times, baseline, strict=True))
+
+
+def _time_mode(runners: list[Runner], cfg: BenchConfig, note: Callable[[str], None],
+               where: str) -> None:  # fmt: skip
+    """Warm every runner up, then time ``cfg.rounds`` interleaved rounds of them."""
+    for runner in runners:
+        note(f"{where}: warming up {runner.label}")
+        start = time.perf_counter()
+        for _ in range(cfg.warmup):
+            runner.call()
+        _sync(runner.device)
+        runner.first_call_s = time.perf_counter() - start
+    order = rotations(runners)
+    for round_index in range(cfg.rounds):
+        note(f"{where}: round {round_index + 1}/{cfg.rounds}")
+        for runner in next(order):
+            runner.times.append(runner.timed_call())
 
 
 def measure(
@@ -251,46 +203,12 @@ def measure(
         torch.set_num_threads(threads)
         for mode in cfg.modes:
             runners = [
-                _Runner(spec, mode, compiled, cfg, device, images, targets)
+                Runner(spec, mode, compiled, cfg, device, images, targets)
                 for spec in specs for compiled in ((False, True) if cfg.compile else (False,))
             ]
-            for runner in runners:
-                note(f"{mode}, {threads} thread(s): warming up {runner.label}")
-                start = time.perf_counter()
-                for _ in range(cfg.warmup):
-                    runner.call()
-                _sync(device)
-                runner.first_call_s = time.perf_counter() - start
-            order = _rotations(runners)
-            for round_index in range(cfg.rounds):
-                note(f"{mode}, {threads} thread(s): round {round_index + 1}/{cfg.rounds}")
-                for runner in next(order):
-                    runner.times.append(runner.timed_call())
+            _time_mode(runners, cfg, note, f"{mode}, {threads} thread(s)")
             reference = next(r for r in runners if r.spec.label == base and not r.compiled)
-            for runner in runners:
-                median_s = statistics.median(runner.times)
-                rows.append({
-                    "model": runner.spec.label,
-                    "compiled": runner.compiled,
-                    "mode": mode,
-                    "threads": threads,
-                    "amp": cfg.amp,
-                    "device": str(device),
-                    "batch_size": cfg.batch_size,
-                    "image_size": cfg.image_size,
-                    "params_m": round(runner.params_m, 2),
-                    "gflops": round(gflops[runner.spec.label], 2),
-                    "img_per_s": cfg.batch_size / median_s,
-                    "ms_median": median_s * 1e3,
-                    "ms_min": min(runner.times) * 1e3,
-                    "ms_max": max(runner.times) * 1e3,
-                    "rounds": cfg.rounds,
-                    "baseline": base,
-                    "speed_vs_baseline": _median_ratio(runner.times, reference.times),
-                    "warmup_s": runner.first_call_s,
-                    "peak_mem_mib": (runner.peak_cuda_bytes / 2**20
-                                     if device.type == "cuda" else None),
-                })
+            rows += [r.row(cfg, threads, gflops[r.spec.label], reference) for r in runners]
             del runners
     if cfg.memory and device.type == "cpu":
         for row in rows:
@@ -306,43 +224,13 @@ def _memory_in_own_process(label: str, mode: str, cfg: BenchConfig) -> dict[str,
                "image_size": cfg.image_size, "amp": cfg.amp, "seed": cfg.seed}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "clusterformer.engine.benchmark", json.dumps(request)],
+        [sys.executable, "-m", "clusterformer.bench.memory_probe", json.dumps(request)],
         capture_output=True, text=True, env=env, check=False,
     )
     if done.returncode != 0:
         tail = " ".join(done.stderr.split())[-200:]
         raise RuntimeError(f"memory measurement of {label} ({mode}) failed: {tail}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {key}")
-
-
-def _memory_child(request: dict[str, Any]) -> dict[str, float]:
-    """Run in a fresh process: build the model, run one warm-up call, reset the high-water
-    mark, run one measured call; peak resident memory and its rise during that call."""
-    from clusterformer.engine.runtime import tune_cpu_allocator
-
-    tune_cpu_allocator()  # the setting cf itself runs with
-    cfg = BenchConfig(batch_size=request["batch_size"], image_size=request["image_size"],
-                      amp=request["amp"], seed=request["seed"])
-    generator = torch.Generator().manual_seed(cfg.seed)
-    images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=generator)
-    targets = torch.randint(0, NUM_CLASSES, (cfg.batch_size,), generator=generator)
-    runner = _Runner(parse_model(request["model"]), request["mode"], False, cfg,
-                     torch.device("cpu"), images, targets)
-    runner.call()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak resident size (VmHWM) to the current one
-    before = _status_kib("VmRSS")
-    runner.call()
-    peak = _status_kib("VmHWM")
-    return {"peak_rss_mib": peak / 1024, "call_rise_mib": (peak - before) / 1024}
 
 
 def machine_info(device: str) -> dict[str, Any]:
@@ -378,7 +266,3 @@ def _cpu_name() -> str:
 def report(rows: list[dict[str, Any]], cfg: BenchConfig) -> dict[str, Any]:
     """The JSON document ``cf benchmark`` writes."""
     return {"machine": machine_info(cfg.device), "settings": asdict(cfg), "rows": rows}
-
-
-if __name__ == "__main__":  # the memory probe's child process
-    print(json.dumps(_memory_child(json.loads(sys.argv[1]))))
