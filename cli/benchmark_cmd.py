@@ -4,113 +4,97 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from clusterformer.cli.errors import UserError
+from clusterformer.cli.options import Amp, BatchSize, Device, flag_errors
 
 MODES = {"both": ("infer", "train"), "infer": ("infer",), "train": ("train",)}
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("benchmark")
-    def benchmark_command(
-        models: list[str] = typer.Option(
-            ["clusterformer-tiny"], "--model",
-            help="A preset, a preset with overrides (clusterformer-tiny:num_iters=1, "
-            "...:grad_checkpointing=true) or timm/<name>; repeat to compare several.",
-        ),
-        peers: bool = typer.Option(
-            False, "--peers",
-            help="Add timm's Swin-T, ConvNeXt-T and ResNet-50 (skipped with a note when timm is "
-            "not installed: pip install 'clusterformer[bench]'). The ratio column then "
-            "compares with Swin-T.",
-        ),
-        baseline: str | None = typer.Option(
-            None, "--baseline",
-            help="The model the ratio column compares with (default: Swin-T with --peers, "
-            "else the first --model).",
-        ),
-        compile_model: bool = typer.Option(
-            False, "--compile/--no-compile",
-            help="Also time every model under torch.compile (inference with frozen weights).",
-        ),
-        mode: str = typer.Option("both", "--mode", help="infer, train or both."),
-        batch_size: int = typer.Option(8, "--batch-size", help="Images per call."),
-        image_size: int = typer.Option(224, "--image-size", help="Square input side in pixels."),
-        rounds: int = typer.Option(
-            8, "--rounds", help="Timed rounds; each times one call of every model, interleaved."
-        ),
-        warmup: int = typer.Option(2, "--warmup", help="Untimed calls per model first."),
-        amp: str = typer.Option("none", "--amp", help="bf16, fp16 (CUDA) or none."),
-        threads: list[int] | None = typer.Option(
-            None, "--threads",
-            help="Thread counts to measure, e.g. --threads 1 --threads 2 (default: cf --threads, "
-            "OMP_NUM_THREADS, else one per core).",
-        ),
-        device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
-        memory: bool = typer.Option(
-            True, "--memory/--no-memory",
-            help="Peak memory per model (CPU: each eager model once more in its own process).",
-        ),
-        out: Path = typer.Option(
-            Path("benchmark.json"), "--out", help="Write every row and the machine here (JSON)."
-        ),
-    ) -> None:
-        """Time inference and the training step (forward, backward, AdamW) of models side by
-        side in ONE process: interleaved rounds, medians, ratios against a baseline, eager and
-        (with --compile) compiled. Prints a table and writes JSON."""
-        if mode not in MODES:
-            raise UserError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
-        if amp not in ("bf16", "fp16", "none"):
-            raise UserError(f"--amp must be one of bf16, fp16, none, got '{amp}'")
-        for name, value, least in (("--batch-size", batch_size, 1), ("--image-size", image_size, 32),
-                                   ("--rounds", rounds, 1), ("--warmup", warmup, 1)):
-            if value < least:
-                raise UserError(f"{name} must be >= {least}, got {value}")
-        if threads and min(threads) < 1:
-            raise UserError(f"--threads must be >= 1, got {min(threads)}")
+    app.command("benchmark")(benchmark_command)
 
-        from rich.console import Console
 
-        from clusterformer.cli.runtime_opts import start_compute
-        from clusterformer.engine.benchmark import (
-            PEERS,
-            BenchConfig,
-            measure,
-            parse_model,
-            report,
-            timm_available,
-        )
+def benchmark_command(
+    models: Annotated[list[str], typer.Option("--model", help="A preset, a preset with overrides (clusterformer-tiny:num_iters=1, ...:grad_checkpointing=true) or timm/<name>; repeat to compare several.")] = ["clusterformer-tiny"],  # noqa: B006 - Typer copies list defaults
+    peers: Annotated[bool, typer.Option("--peers", help="Add timm's Swin-T, ConvNeXt-T and ResNet-50 (skipped with a note when timm is not installed: pip install 'clusterformer[bench]'). The ratio column then compares with Swin-T.")] = False,
+    baseline: Annotated[str | None, typer.Option("--baseline", help="The model the ratio column compares with (default: Swin-T with --peers, else the first --model).")] = None,
+    compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="Also time every model under torch.compile (inference with frozen weights).")] = False,
+    mode: Annotated[str, typer.Option("--mode", help="infer, train or both.")] = "both",
+    batch_size: BatchSize = 8,
+    image_size: Annotated[int, typer.Option("--image-size", help="Square input side in pixels.")] = 224,
+    rounds: Annotated[int, typer.Option("--rounds", help="Timed rounds; each times one call of every model, interleaved.")] = 8,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed calls per model first.")] = 2,
+    amp: Amp = "none",
+    threads: Annotated[list[int] | None, typer.Option("--threads", help="Thread counts to measure, e.g. --threads 1 --threads 2 (default: cf --threads, OMP_NUM_THREADS, else one per core).")] = None,
+    device: Device = "cpu",
+    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Peak memory per model (CPU: each eager model once more in its own process).")] = True,
+    out: Annotated[Path, typer.Option("--out", help="Write every row and the machine here (JSON).")] = Path("benchmark.json"),
+) -> None:
+    """Time inference and the training step (forward, backward, AdamW) of models side by
+    side in ONE process: interleaved rounds, medians, ratios against a baseline, eager and
+    (with --compile) compiled. Prints a table and writes JSON."""
+    _check_flags(mode, amp, batch_size, image_size, rounds, warmup, threads)
+    from rich.console import Console
 
-        console = Console()
-        try:
-            specs = [parse_model(m) for m in models]
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        if peers:
-            if timm_available():
-                specs += [parse_model(p) for p in PEERS if p not in models]
-                baseline = baseline or PEERS[0]
-            else:
-                console.print("note: timm is not installed, so no peers are timed "
-                              "(pip install 'clusterformer[bench]')")
-        if any(s.source == "timm" for s in specs) and not timm_available():
-            raise UserError("timm/<name> models need timm: pip install 'clusterformer[bench]'")
-        start_compute(device, threads[0] if threads else None)
-        cfg = BenchConfig(batch_size=batch_size, image_size=image_size, rounds=rounds,
-                          warmup=warmup, modes=MODES[mode], compile=compile_model, amp=amp,
-                          device=device, threads=tuple(threads) if threads else None,
-                          memory=memory)
-        with console.status("benchmark") as status:
-            rows = measure(specs, cfg, baseline=baseline,
-                           progress=lambda text: status.update(f"benchmark: {text}"))
-        doc = report(rows, cfg)
-        _print_table(console, doc)
-        from clusterformer.engine.checkpoint import atomic_write_text
+    from clusterformer.bench import (
+        PEERS,
+        BenchConfig,
+        measure,
+        parse_model,
+        report,
+        timm_available,
+    )
+    from clusterformer.cli.runtime_opts import start_compute
 
-        atomic_write_text(out, json.dumps(doc, indent=2) + "\n")
-        console.print(f"wrote {out}")
+    console = Console()
+    try:
+        specs = [parse_model(m) for m in models]
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if peers:
+        if timm_available():
+            specs += [parse_model(p) for p in PEERS if p not in models]
+            baseline = baseline or PEERS[0]
+        else:
+            console.print("note: timm is not installed, so no peers are timed "
+                          "(pip install 'clusterformer[bench]')")
+    if any(s.source == "timm" for s in specs) and not timm_available():
+        raise UserError("timm/<name> models need timm: pip install 'clusterformer[bench]'")
+    start_compute(device, threads[0] if threads else None)
+    cfg = BenchConfig(batch_size=batch_size, image_size=image_size, rounds=rounds,
+                      warmup=warmup, modes=MODES[mode], compile=compile_model, amp=amp,
+                      device=device, threads=tuple(threads) if threads else None,
+                      memory=memory)
+    with console.status("benchmark") as status:
+        rows = measure(specs, cfg, baseline=baseline,
+                       progress=lambda text: status.update(f"benchmark: {text}"))
+    doc = report(rows, cfg)
+    _print_table(console, doc)
+    from clusterformer.engine.checkpoint import atomic_write_text
+
+    atomic_write_text(out, json.dumps(doc, indent=2) + "\n")
+    console.print(f"wrote {out}")
+
+
+def _check_flags(mode: str, amp: str, batch_size: int, image_size: int, rounds: int,
+                 warmup: int, threads: list[int] | None) -> None:  # fmt: skip
+    """Usage errors (exit 2) before anything is imported or built."""
+    if mode not in MODES:
+        raise UserError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
+    from clusterformer.inference import check_settings
+
+    with flag_errors():
+        check_settings(amp=amp)
+    for name, value, least in (("--batch-size", batch_size, 1), ("--image-size", image_size, 32),
+                               ("--rounds", rounds, 1), ("--warmup", warmup, 1)):
+        if value < least:
+            raise UserError(f"{name} must be >= {least}, got {value}")
+    if threads and min(threads) < 1:
+        raise UserError(f"--threads must be >= 1, got {min(threads)}")
 
 
 def _print_table(console, doc: dict) -> None:  # noqa: ANN001 - rich Console, imported lazily

@@ -3,168 +3,115 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
 from clusterformer.cli.errors import DataError, UserError
+from clusterformer.cli.options import (
+    Amp,
+    BatchSize,
+    Compile,
+    Device,
+    ImageSize,
+    Slide,
+    Tta,
+    flag_errors,
+)
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("eval")
-    def eval_command(
-        data: Path = typer.Option(
-            ...,
-            "--data",
-            help="Evaluation data: a shard folder (dataset.json) or a raw dataset folder.",
-        ),
-        ckpt: Path | None = typer.Option(
-            None, "--ckpt", help="A run folder or a .safetensors checkpoint to evaluate."
-        ),
-        task: str | None = typer.Option(
-            None, "--task", help="With --predictions: the task of the predictions."
-        ),
-        predictions: Path | None = typer.Option(
-            None,
-            "--predictions",
-            help="Score this prediction file instead of a model (classification: JSON of image key -> class id, or key -> list of class ids best first; detection/instance: COCO results JSON, instance with RLE masks; panoptic: COCO panoptic JSON with its PNG folder beside it named as the JSON without .json; semantic: a folder of label PNGs named by image stem in the dataset's own label values).",
-        ),
-        out: Path | None = typer.Option(None, "--out", help="Write the metrics as JSON here."),
-        batch_size: int = typer.Option(32, "--batch-size", help="Images per batch."),
-        image_size: int | None = typer.Option(
-            None,
-            "--image-size",
-            help="Evaluation crop size (default: the checkpoint's training size).",
-        ),
-        device: str | None = typer.Option(
-            None, "--device", help="cpu, cuda or cuda:N (default: CUDA when available)."
-        ),
-        amp: str = typer.Option(
-            "none", "--amp", help="Mixed precision for inference: bf16, fp16 (CUDA) or none."
-        ),
-        num_workers: int = typer.Option(0, "--num-workers", help="Data loading worker processes."),
-        compile_model: bool = typer.Option(
-            False, "--compile/--no-compile",
-            help="torch.compile the model (inductor with frozen weights); the first batch is "
-            "checked against eager and a difference stops the run.",
-        ),
-        per_class: bool = typer.Option(
-            False, "--per-class/--no-per-class",
-            help="Also each class's metrics (AP / PQ, SQ, RQ / IoU, Acc / accuracy) and, for "
-            "boxes and masks, AP small/medium/large and AR@100: printed as a table and written "
-            "under \"per_class\" in the --out JSON (without --out, a checkpoint's run folder "
-            "gets per_class.json).",
-        ),
-        plots: bool = typer.Option(
-            False, "--plots", help="Also draw PNGs (the plot extra: matplotlib): "
-            "confusion_matrix.png when the task's evaluator keeps one, per_class_<metric>.png "
-            "bar charts; next to --out as NAME.<plot>.png, else in ./plots/.",
-        ),
-        plots_dir: Path | None = typer.Option(
-            None, "--plots-dir", help="Draw the --plots PNGs into this folder instead.",
-        ),
-        slide: tuple[int, int] | None = typer.Option(
-            None, "--slide", metavar="WINDOW STRIDE",
-            help="Sliding-window inference, as cf predict --slide (for the tasks whose spec has it): "
-            "windows of WINDOW px every STRIDE px over each image at --image-size.",
-        ),
-        tta: str | None = typer.Option(
-            None, "--tta",
-            help="Test-time augmentation as cf predict --tta: 'flip', scales '0.75,1.25' or both.",
-        ),
-    ) -> None:
-        """Evaluate a checkpoint (--ckpt) or a prediction file (--task T --predictions PATH) on --data.
-
-        Prints a table and, with --out, writes JSON with the task's metrics (classification:
-        top1, top5 in percent, top5 being top-min(5, C) for fewer than 5 classes; detection:
-        bbox_AP, bbox_AP50, bbox_AP75 by COCOeval; instance segm_AP* + bbox_AP*; semantic mIoU,
-        aAcc; panoptic PQ, SQ, RQ, PQ_th, PQ_st) and the predictions beside the metrics,
-        re-scorable with --predictions (NAME.detections.json, NAME.segm.json, PNG folder
-        NAME.semantic/, or NAME.panoptic.json + NAME.panoptic/). Rates are percent (0-100).
-        """
-        if (ckpt is None) == (predictions is None):
-            raise UserError(
-                "give exactly one of --ckpt (evaluate a model) or --predictions (score a file)"
-            )
-        if not data.exists():
-            raise FileNotFoundError(f"{data}: evaluation data not found")
-        if batch_size < 1:
-            raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-        from clusterformer.cli.plots import plots_target
-
-        target = plots_target(plots, plots_dir, out)  # checks matplotlib before a long run
-        # The bar charts draw the per-class metrics: --plots computes them (printed and
-        # written only with --per-class).
-        classes = per_class or target is not None
-        from clusterformer.data.output_lock import hold_output
-
-        # --out and the predictions named after it (NAME.semantic/, NAME.panoptic/): one writer
-        guard = (hold_output(out, "cf eval", is_file=True) if out is not None
-                 else contextlib.nullcontext())  # fmt: skip
-        with guard:
-            if predictions is not None:
-                if slide is not None or tta is not None:
-                    raise UserError("--slide and --tta run a model: use them with --ckpt, not --predictions")
-                if task is None:
-                    raise UserError("--predictions needs --task")
-                metrics = _score_predictions(task, predictions, data, num_workers, classes)
-                evaluator = None
-                title = f"{task} predictions {predictions} on {data}"
-            else:
-                from clusterformer.cli.runtime_opts import start_compute
-
-                start_compute(device)
-                metrics, evaluator = _evaluate_checkpoint(
-                    ckpt, data, batch_size, image_size, device, amp, num_workers, task, out,
-                    compile_model=compile_model, per_class=classes, slide=slide, tta=tta,
-                )
-                title = f"{metrics.pop('_task')} checkpoint {ckpt} on {data}"
-            report(title, metrics, out=out, per_class=per_class,
-                   run_folder=_run_folder(ckpt) if ckpt is not None else None)
-            if target is not None:  # after the table, so the last line says where the plots are
-                _write_plots(target, metrics, evaluator)
+    app.command("eval")(eval_command)
 
 
-def _evaluate_checkpoint(
-    ckpt: Path,
-    data: Path,
-    batch_size: int,
-    image_size: int | None,
-    device: str | None,
-    amp: str,
-    num_workers: int,
-    task_flag: str | None,
-    out: Path | None = None,
-    *,
-    compile_model: bool = False,
-    per_class: bool = False,
-    slide: tuple[int, int] | None = None,
-    tta: str | None = None,
-) -> tuple[dict[str, Any], Any]:
+def eval_command(
+    data: Annotated[Path, typer.Option("--data", help="Evaluation data: a shard folder (dataset.json) or a raw dataset folder.")],
+    ckpt: Annotated[Path | None, typer.Option("--ckpt", help="A run folder or a .safetensors checkpoint to evaluate.")] = None,
+    task: Annotated[str | None, typer.Option("--task", help="With --predictions: the task of the predictions.")] = None,
+    predictions: Annotated[Path | None, typer.Option("--predictions", help="Score this prediction file instead of a model (classification: JSON of image key -> class id, or key -> list of class ids best first; detection/instance: COCO results JSON, instance with RLE masks; panoptic: COCO panoptic JSON with its PNG folder beside it named as the JSON without .json; semantic: a folder of label PNGs named by image stem in the dataset's own label values).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the metrics as JSON here.")] = None,
+    batch_size: BatchSize = 32,
+    image_size: ImageSize = None,
+    device: Device = None,
+    amp: Amp = "none",
+    num_workers: Annotated[int, typer.Option("--num-workers", help="Data loading worker processes.")] = 0,
+    compile_model: Compile = False,
+    per_class: Annotated[bool, typer.Option("--per-class/--no-per-class", help="Also each class's metrics (AP / PQ, SQ, RQ / IoU, Acc / accuracy) and, for boxes and masks, AP small/medium/large and AR@100: printed as a table and written under \"per_class\" in the --out JSON (without --out, a checkpoint's run folder gets per_class.json).")] = False,
+    plots: Annotated[bool, typer.Option("--plots", help="Also draw PNGs (the plot extra: matplotlib): confusion_matrix.png when the task's evaluator keeps one, per_class_<metric>.png bar charts; next to --out as NAME.<plot>.png, else in ./plots/.")] = False,
+    plots_dir: Annotated[Path | None, typer.Option("--plots-dir", help="Draw the --plots PNGs into this folder instead.")] = None,
+    slide: Slide = None,
+    tta: Tta = None,
+) -> None:
+    """Evaluate a checkpoint (--ckpt) or a prediction file (--task T --predictions PATH) on --data.
+
+    Prints a table and, with --out, writes JSON with the task's metrics (classification:
+    top1, top5 in percent, top5 being top-min(5, C) for fewer than 5 classes; detection:
+    bbox_AP, bbox_AP50, bbox_AP75 by COCOeval; instance segm_AP* + bbox_AP*; semantic mIoU,
+    aAcc; panoptic PQ, SQ, RQ, PQ_th, PQ_st) and the predictions beside the metrics,
+    re-scorable with --predictions (NAME.detections.json, NAME.segm.json, PNG folder
+    NAME.semantic/, or NAME.panoptic.json + NAME.panoptic/). Rates are percent (0-100).
+    """
+    if (ckpt is None) == (predictions is None):
+        raise UserError("give exactly one of --ckpt (evaluate a model) or --predictions (score a file)")
+    if not data.exists():
+        raise FileNotFoundError(f"{data}: evaluation data not found")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    from clusterformer.cli.plots import plots_target
+    from clusterformer.data.output_lock import hold_output
+
+    target = plots_target(plots, plots_dir, out)  # checks matplotlib before a long run
+    # The bar charts draw the per-class metrics: --plots computes them (printed and
+    # written only with --per-class).
+    classes = per_class or target is not None
+    # --out and the predictions named after it (NAME.semantic/, NAME.panoptic/): one writer
+    guard = (hold_output(out, "cf eval", is_file=True) if out is not None
+             else contextlib.nullcontext())  # fmt: skip
+    with guard:
+        if predictions is not None:
+            if slide is not None or tta is not None:
+                raise UserError("--slide and --tta run a model: use them with --ckpt, not --predictions")
+            if task is None:
+                raise UserError("--predictions needs --task")
+            metrics = _score_predictions(task, predictions, data, num_workers, classes)
+            evaluator, title = None, f"{task} predictions {predictions} on {data}"
+        else:
+            from clusterformer.cli.runtime_opts import start_compute
+
+            start_compute(device)
+            metrics, evaluator = evaluate_checkpoint(
+                ckpt, data, batch_size=batch_size, image_size=image_size, device=device, amp=amp,
+                num_workers=num_workers, task_flag=task, out=out, compile_model=compile_model,
+                per_class=classes, slide=slide, tta=tta)  # fmt: skip
+            title = f"{metrics.pop('_task')} checkpoint {ckpt} on {data}"
+        report(title, metrics, out=out, per_class=per_class,
+               run_folder=_run_folder(ckpt) if ckpt is not None else None)
+        if target is not None:  # after the table, so the last line says where the plots are
+            _write_plots(target, metrics, evaluator)
+
+
+def evaluate_checkpoint(
+    ckpt: Path, data: Path, *, batch_size: int = 32, image_size: int | None = None,
+    device: str | None = None, amp: str = "none", num_workers: int = 0,
+    task_flag: str | None = None, out: Path | None = None, compile_model: bool = False,
+    per_class: bool = False, slide: tuple[int, int] | None = None, tta: str | None = None,
+) -> tuple[dict[str, Any], Any]:  # fmt: skip
     """The checkpoint's metrics on ``data`` (with ``_task``, its task name) and the evaluator
-    that computed them (its confusion matrix feeds ``--plots``)."""
+    that computed them (its confusion matrix feeds ``--plots``). The model side (load, device,
+    plan, compile, preprocess, the NaN check) is :func:`clusterformer.load`'s."""
     from clusterformer.cli.progress import progress_bar
-    from clusterformer.data import build_loader, load_dataset_info
-    from clusterformer.engine.distributed import pick_device
-    from clusterformer.engine.evaluate import (
-        NoPerClassMetrics,
-        eval_preprocess,
-        evaluate,
-        load_model_from_checkpoint,
-        make_evaluator,
-    )
+    from clusterformer.data import LoaderSpec, build_loader, load_dataset_info
+    from clusterformer.engine.evaluate import NoPerClassMetrics
+    from clusterformer.inference import load
 
-    dev = pick_device(device)
-    model, task, meta = load_model_from_checkpoint(ckpt, dev)
+    with flag_errors():
+        predictor = load(ckpt, device=device, amp=amp, compile=compile_model,
+                         image_size=image_size, slide=slide, tta=tta, batch_size=batch_size)  # fmt: skip
+    task = predictor.task
     if task_flag is not None and task_flag != task.name:
         raise UserError(f"--task {task_flag} does not match the checkpoint's task '{task.name}'")
-    from clusterformer.tasks.test_time import make_plan
-
-    try:
-        plan = make_plan(task.spec, slide, tta)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
     predictions_out = None
     if task.spec.prediction_suffix is not None and out is not None:
         from clusterformer.metrics.seg_common import predictions_path_for
@@ -173,41 +120,32 @@ def _evaluate_checkpoint(
         predictions_out = predictions_path_for(out, task.spec.prediction_suffix)
     info = load_dataset_info(str(data), task.name)
     data_categories = task.spec.categories(info.get("categories") or [])
-    _check_categories(meta.get("categories") or [], data_categories, ckpt, data)
+    _check_categories(predictor.metadata.get("categories") or [], data_categories, ckpt, data)
     if data_categories:  # scored against the dataset's own ids (and thing / stuff split)
-        task = task.spec.build(data_categories, task.options)
-    try:
-        preprocess = eval_preprocess(meta, image_size)  # the checkpoint's record
-    except ValueError as exc:  # a size beyond the bounds of a preprocess record
-        raise UserError(f"--image-size {image_size}: {exc}") from None
-    size = preprocess.size
-    loader = build_loader(str(data), task.name, batch_size=batch_size, image_size=size,
-                          train=False, num_workers=num_workers, rank=0, world_size=1,
-                          preprocess=preprocess)  # fmt: skip
-    if compile_model:
-        from clusterformer.engine.compiled import checked_inference_compile
-
-        model = checked_inference_compile(model, amp, f"{task.name} model")
+        predictor = predictor.for_categories(data_categories)
+    size = predictor.preprocess.size
+    spec = LoaderSpec(batch_size=batch_size, image_size=size, train=False, num_workers=num_workers,
+                      rank=0, world_size=1, preprocess=predictor.preprocess)  # fmt: skip
+    loader = build_loader(str(data), task.name, spec)
     with progress_bar("eval", len(loader)) as advance:
-
-        def ticks():
-            while True:
-                advance()
-                yield None
-
         try:
-            evaluator = make_evaluator(task, predictions_out, per_class)
-            metrics = evaluate(model, task, loader, device=dev, amp=amp, evaluator=evaluator,
-                               predictions_out=predictions_out, progress=ticks(),
-                               plan=plan)  # fmt: skip
-        except FloatingPointError as exc:  # a diverged checkpoint: name it
-            raise DataError(f"{ckpt}: {exc}") from None
+            metrics, evaluator = predictor.evaluate(loader, predictions_out=predictions_out,
+                                                    per_class=per_class, progress=_ticks(advance))  # fmt: skip
         except NoPerClassMetrics as exc:  # a plugin task without per-class metrics
             raise UserError(f"--per-class: {exc}") from None
+    plan = predictor.plan
     plan_keys = {"slide": list(plan.slide) if plan.slide else None,
                  "tta": tta} if plan.active else {}  # fmt: skip
-    summary = {**metrics, "step": meta.get("step"), "image_size": size, **plan_keys, "_task": task.name}
+    summary = {**metrics, "step": predictor.metadata.get("step"), "image_size": size, **plan_keys,
+               "_task": task.name}  # fmt: skip
     return summary, evaluator
+
+
+def _ticks(advance: Any) -> Iterator[None]:
+    """The progress iterator ``evaluate`` advances once per batch."""
+    while True:
+        advance()
+        yield None
 
 
 def _check_categories(trained: list[dict], data_cats: list[dict], ckpt: Path, data: Path) -> None:

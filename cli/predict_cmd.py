@@ -8,11 +8,24 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
 from clusterformer.cli.errors import DataError, UserError
+from clusterformer.cli.options import (
+    Amp,
+    BatchSize,
+    Checkpoint,
+    Compile,
+    Device,
+    ImageSize,
+    MaxDetections,
+    ScoreThreshold,
+    Slide,
+    Tta,
+    flag_errors,
+)
 from clusterformer.cli.prediction_notes import empty_prediction_warning
 
 # Above this many images (or with any video) the records go to OUT/predictions.jsonl, one line
@@ -21,54 +34,55 @@ LARGE_SET = 1000
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("predict")
-    def predict_command(
-        images: list[Path] = typer.Argument(..., help="Image files, folders (searched recursively for images), quoted glob patterns or video files (mp4, mov, avi, mkv, webm, ...; frames read with the video extra: PyAV or imageio[ffmpeg])."),
-        ckpt: Path = typer.Option(..., "--ckpt", help="A run folder or a .safetensors checkpoint."),
-        out: Path = typer.Option(..., "--out", help="Folder for <name>.png overlays (<name>/<frame>.png for videos), <name>.json and predictions.json (or predictions.jsonl); <name> is the input's stem, or the stem with -2, -3, ... appended when that name is taken (compared case-insensitively) by an earlier input's outputs, predictions.json(l), the --jsonl file or an input in this folder: no input is ever written over, and each input gets its own outputs."),
-        score_threshold: float = typer.Option(0.3, "--score-threshold", help="Detection / instance: keep objects scoring at least this (0-1)."),
-        max_detections: int = typer.Option(100, "--max-detections", "--max-dets", help="Detection / instance: at most this many objects per image."),
-        image_size: int | None = typer.Option(None, "--image-size", help="Inference size (default: the checkpoint's training size); with --slide, set it above the training size."),
-        batch_size: int = typer.Option(8, "--batch-size", help="Images (or video frames) per model call."),
-        workers: int = typer.Option(2, "--workers", help="DataLoader processes decoding images (when there is more than one batch of them), and threads writing overlays (0 = all in this process, in order; videos are always read in order by this process)."),
-        jsonl: Path | None = typer.Option(None, "--jsonl", help="Write one JSON record per image / video frame to this JSON Lines file instead of <image>.json files and predictions.json (default for videos and for more than 1000 images: OUT/predictions.jsonl); refused when it is one of the inputs."),
-        slide: tuple[int, int] | None = typer.Option(None, "--slide", metavar="WINDOW STRIDE", help="Sliding-window inference, for the tasks whose spec has it (a task without it names those that do): windows of WINDOW px every STRIDE px over the image at --image-size, scores averaged where windows overlap (mmsegmentation's)."),
-        tta: str | None = typer.Option(None, "--tta", help="Test-time augmentation: 'flip', scales such as '0.75,1.25', or both ('flip,0.75,1.25'); the plain pass is always one of the views. Each task merges its views: class probabilities (per image or per pixel) averaged, boxes pooled then class-aware NMS at IoU 0.5 (README: Prediction at scale)."),
-        device: str | None = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA when available)."),
-        amp: str = typer.Option("none", "--amp", help="Mixed precision for inference: bf16, fp16 (CUDA) or none."),
-        compile_model: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the model (inductor with frozen weights); the first image is checked against eager."),
-    ) -> None:
-        """Predict on images and videos with a trained model: draws what the task predicts
-        (boxes, coloured masks or the top class, with names and scores) on each image
-        (OUT/<name>.png; OUT/<name>/<frame>.png per video frame) and writes one JSON
-        record per image (OUT/<name>.json, masks as COCO RLE, plus OUT/predictions.json with
-        every image's), or per image and frame into a JSON Lines file (--jsonl, videos,
-        large sets). <name> is the input's stem, made unique in input order with -2, -3, ...
-        (see --out): OUT may be the input folder."""
-        if not 0.0 <= score_threshold <= 1.0:
-            raise UserError(f"--score-threshold must be in [0, 1], got {score_threshold}")
-        if max_detections < 1:
-            raise UserError(f"--max-detections must be >= 1, got {max_detections}")
-        if amp not in ("bf16", "fp16", "none"):
-            raise UserError(f"--amp must be one of bf16, fp16, none, got '{amp}'")
-        if batch_size < 1 or workers < 0:
-            raise UserError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size} "
-                            f"and {workers}")  # fmt: skip
-        images = expand_images(images)
-        from clusterformer.cli.runtime_opts import start_compute
+    app.command("predict")(predict_command)
 
-        start_compute(device)
-        everything = predict_images(ckpt, images, out, score_threshold=score_threshold,
-                                    max_detections=max_detections, image_size=image_size,
-                                    device=device, amp=amp, compile_model=compile_model,
-                                    batch_size=batch_size, workers=workers, jsonl=jsonl,
-                                    slide=slide, tta=tta)  # fmt: skip
-        stream = records_file(images, out, jsonl)
-        if stream is None:
-            typer.echo(f"wrote {len(everything)} overlay(s) and predictions.json to {out}")
-        else:
-            typer.echo(f"wrote {len(everything)} overlay(s) to {out} and {len(everything)} "
-                       f"record(s) to {stream}")  # fmt: skip
+
+def predict_command(
+    images: Annotated[list[Path], typer.Argument(help="Image files, folders (searched recursively for images), quoted glob patterns or video files (mp4, mov, avi, mkv, webm, ...; frames read with the video extra: PyAV or imageio[ffmpeg]).")],
+    ckpt: Checkpoint,
+    out: Annotated[Path, typer.Option("--out", help="Folder for <name>.png overlays (<name>/<frame>.png for videos), <name>.json and predictions.json (or predictions.jsonl); <name> is the input's stem, or the stem with -2, -3, ... appended when that name is taken (compared case-insensitively) by an earlier input's outputs, predictions.json(l), the --jsonl file or an input in this folder: no input is ever written over, and each input gets its own outputs.")],
+    score_threshold: ScoreThreshold = 0.3,
+    max_detections: MaxDetections = 100,
+    image_size: ImageSize = None,
+    batch_size: BatchSize = 8,
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader processes decoding images (when there is more than one batch of them), and threads writing overlays (0 = all in this process, in order; videos are always read in order by this process).")] = 2,
+    jsonl: Annotated[Path | None, typer.Option("--jsonl", help="Write one JSON record per image / video frame to this JSON Lines file instead of <image>.json files and predictions.json (default for videos and for more than 1000 images: OUT/predictions.jsonl); refused when it is one of the inputs.")] = None,
+    slide: Slide = None,
+    tta: Tta = None,
+    device: Device = None,
+    amp: Amp = "none",
+    compile_model: Compile = False,
+) -> None:
+    """Predict on images and videos with a trained model: draws what the task predicts
+    (boxes, coloured masks or the top class, with names and scores) on each image
+    (OUT/<name>.png; OUT/<name>/<frame>.png per video frame) and writes one JSON
+    record per image (OUT/<name>.json, masks as COCO RLE, plus OUT/predictions.json with
+    every image's), or per image and frame into a JSON Lines file (--jsonl, videos,
+    large sets). <name> is the input's stem, made unique in input order with -2, -3, ...
+    (see --out): OUT may be the input folder. The same predictions in Python:
+    clusterformer.load(CKPT)(image) (README: Python API)."""
+    from clusterformer.inference import check_settings
+
+    with flag_errors():
+        check_settings(amp=amp, score_threshold=score_threshold, max_detections=max_detections,
+                       batch_size=batch_size)  # fmt: skip
+    if workers < 0:
+        raise UserError(f"--workers must be >= 0, got {workers}")
+    images = expand_images(images)
+    from clusterformer.cli.runtime_opts import start_compute
+
+    start_compute(device)
+    everything = predict_images(ckpt, images, out, score_threshold=score_threshold,
+                                max_detections=max_detections, image_size=image_size,
+                                device=device, amp=amp, compile_model=compile_model,
+                                batch_size=batch_size, workers=workers, jsonl=jsonl,
+                                slide=slide, tta=tta)  # fmt: skip
+    stream = records_file(images, out, jsonl)
+    if stream is None:
+        typer.echo(f"wrote {len(everything)} overlay(s) and predictions.json to {out}")
+    else:
+        typer.echo(f"wrote {len(everything)} overlay(s) to {out} and {len(everything)} "
+                   f"record(s) to {stream}")  # fmt: skip
 
 
 def expand_images(paths: list[Path]) -> list[Path]:
@@ -154,16 +168,6 @@ def _removed_on_failure(written: list[Path]) -> Iterator[None]:
         raise
 
 
-def _check_outputs(outputs: Any, ckpt: Path, sources: list[str]) -> None:
-    from clusterformer.engine.finite import describe_output, non_finite_output
-
-    bad = non_finite_output(outputs)
-    if bad is not None:  # NaN scores are no prediction (and not JSON)
-        where = sources[0] if len(sources) == 1 else f"a batch from {sources[0]}"
-        raise DataError(f"{ckpt}: model {describe_output(bad)} is NaN or infinite on {where}: "
-                        "the weights are unusable; use an earlier checkpoint")  # fmt: skip
-
-
 def predict_images(
     ckpt: Path,
     images: list[Path],
@@ -183,69 +187,55 @@ def predict_images(
 ) -> list[dict[str, Any]]:
     """Run checkpoint ``ckpt`` on ``images`` (image and video files) in batches; write the
     overlays and records (see ``cf predict --help``) and return the records in input order
-    (video frames in frame order)."""
-    import torch
-
-    from clusterformer.cli.predict_outputs import PredictionWriter
-    from clusterformer.cli.progress import progress_bar
+    (video frames in frame order). The model side is :func:`clusterformer.load`'s."""
     from clusterformer.data.output_lock import hold_output
-    from clusterformer.data.preprocess import eval_transform
     from clusterformer.data.video import VideoExtraMissing, is_video, video_backend
-    from clusterformer.engine.distributed import pick_device
-    from clusterformer.engine.evaluate import autocast, eval_preprocess, load_model_from_checkpoint
-    from clusterformer.tasks.test_time import make_plan, predict_batch
+    from clusterformer.inference import load
 
     names = plan_output_names(images, out, jsonl)  # usage errors before the model loads
     videos = [p for p in images if is_video(p)]
     if videos and video_backend() is None:
         raise DataError(str(VideoExtraMissing(videos[0])))
-    dev = pick_device(device)
-    model, task, meta = load_model_from_checkpoint(ckpt, dev)
-    try:
-        plan = make_plan(task.spec, slide, tta)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    if compile_model:
-        from clusterformer.engine.compiled import checked_inference_compile
-
-        model = checked_inference_compile(model, amp, f"{task.name} model")
-    try:
-        transform = eval_transform(eval_preprocess(meta, image_size))  # the checkpoint's record
-    except ValueError as exc:  # a size beyond the bounds of a preprocess record
-        raise UserError(f"--image-size {image_size}: {exc}") from None
+    with flag_errors():
+        predictor = load(ckpt, device=device, amp=amp, compile=compile_model,
+                         score_threshold=score_threshold, max_detections=max_detections,
+                         image_size=image_size, slide=slide, tta=tta, batch_size=batch_size)  # fmt: skip
     with hold_output(out, "cf predict"):  # one writer per output folder
-        written: list[Path] = []
-        out.mkdir(parents=True, exist_ok=True)
-        writer = PredictionWriter(out, records_file(images, out, jsonl), written, threads=workers)
-        complete = False
-        total = None if videos else len(images)
-        with _removed_on_failure(written), progress_bar("predict", total) as advance, torch.no_grad():
-            try:
-                for loader in _loaders(images, transform, batch_size, workers):
-                    writer.drain()
-                    for batch in loader:
-                        if batch["errors"]:
-                            raise DataError(batch["errors"][0])
-                        inputs = {**batch, "images": batch["images"].to(dev),
-                                  "pixel_mask": batch["pixel_mask"].to(dev)}  # fmt: skip
-                        preds = predict_batch(task, model, inputs, plan, context=lambda: autocast(amp, dev),
-                                              check=lambda o, s=batch["source"]: _check_outputs(o, ckpt, s))  # fmt: skip
-                        for i, pred in enumerate(preds):
-                            raw, frame, name = batch["raw"][i], batch["frame"][i], names[batch["index"][i]]
-                            result = task.spec.describe(pred, task.categories, score_threshold, max_detections)
-                            record = {"image": batch["source"][i], **({} if frame is None else {"frame": frame}),
-                                      "height": int(raw.shape[1]), "width": int(raw.shape[2]),
-                                      "task": task.name, **result}  # fmt: skip
-                            warning = empty_prediction_warning(record["image"], record, pred,
-                                                               score_threshold)  # fmt: skip
-                            if warning is not None:
-                                print(warning, file=sys.stderr, flush=True)
-                            writer.add(record, raw, name, frame)
-                            advance()
-                complete = True
-            finally:
-                writer.close(complete)
-        return writer.everything
+        return _write_predictions(predictor, images, out, names, jsonl, workers)
+
+
+def _write_predictions(predictor: Any, images: list[Path], out: Path, names: list[str],
+                       jsonl: Path | None, workers: int) -> list[dict[str, Any]]:  # fmt: skip
+    """Every input through ``predictor`` (a :class:`clusterformer.inference.Predictor`), its
+    record and overlay written under its name; nothing left behind when a batch fails."""
+    from clusterformer.cli.predict_outputs import PredictionWriter
+    from clusterformer.cli.progress import progress_bar
+    from clusterformer.data.video import is_video
+
+    written: list[Path] = []
+    out.mkdir(parents=True, exist_ok=True)
+    writer = PredictionWriter(out, records_file(images, out, jsonl), written, threads=workers)
+    complete = False
+    total = None if any(is_video(p) for p in images) else len(images)
+    with _removed_on_failure(written), progress_bar("predict", total) as advance:
+        try:
+            for loader in _loaders(images, predictor.transform, predictor.batch_size, workers):
+                writer.drain()
+                for batch in loader:
+                    if batch["errors"]:
+                        raise DataError(batch["errors"][0])
+                    for i, pred in enumerate(predictor.predict_batch(batch)):
+                        record = pred.to_dict()
+                        warning = empty_prediction_warning(record["image"], record, pred.raw,
+                                                           predictor.score_threshold)  # fmt: skip
+                        if warning is not None:
+                            print(warning, file=sys.stderr, flush=True)
+                        writer.add(record, batch["raw"][i], names[batch["index"][i]], pred.frame)
+                        advance()
+            complete = True
+        finally:
+            writer.close(complete)
+    return writer.everything
 
 
 def plan_output_names(images: list[Path], out: Path, jsonl: Path | None) -> list[str]:

@@ -134,6 +134,17 @@ def _to_rgb(image: Image.Image, where: str) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+def pil_to_rgb_array(image: Image.Image, where: str = "<PIL image>") -> np.ndarray:
+    """An already opened PIL image as RGB uint8 ``(H, W, 3)``, by the rules a decoded file
+    follows (pixel limit, 16-bit grey, alpha dropped), EXIF orientation not applied: the caller
+    opened the image and chose its orientation. Raises ImageDecodeError naming ``where``."""
+    check_pixels(*image.size, where)
+    array = _to_rgb(image, where)
+    if array.ndim != 3 or array.shape[2] != 3 or array.size == 0:
+        raise ImageDecodeError(where, f"converted to an unexpected shape {array.shape}")
+    return np.ascontiguousarray(array)
+
+
 def decode_image_array(data: bytes, where: str = "<bytes>") -> np.ndarray:
     """Decode encoded image bytes to an RGB array, EXIF orientation applied.
 

@@ -26,10 +26,13 @@ from clusterformer.data.video import video_frames
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-def _sample(raw: torch.Tensor, transform: Transform, source: str, frame: int | None,
-            index: int) -> dict[str, Any]:  # fmt: skip
+def prepare_input(raw: torch.Tensor, transform: Transform, source: str | None, frame: int | None,
+                  index: int) -> dict[str, Any]:  # fmt: skip
+    """One decoded uint8 ``(3, H, W)`` image through ``transform``: a sample as described in
+    the module docstring (``source`` None: an image given in memory, not read from a file)."""
     height, width = int(raw.shape[1]), int(raw.shape[2])
-    key = source if frame is None else f"{source}#{frame}"
+    name = "<image>" if source is None else source
+    key = name if frame is None else f"{name}#{frame}"
     out = transform({"key": key, "image": raw, "image_id": 0, "orig_size": (height, width)})
     return {"image": out["image"], "size": tuple(int(v) for v in out["size"]),
             "orig_size": (height, width), "raw": raw, "source": source, "frame": frame,
@@ -53,7 +56,7 @@ class ImageFiles(Dataset):
             return {"error": str(exc), "index": self.first_index + i}
         except OSError as exc:
             return {"error": f"{path}: cannot read ({exc.strerror or exc})", "index": self.first_index + i}
-        return _sample(raw, self.transform, str(path), None, self.first_index + i)
+        return prepare_input(raw, self.transform, str(path), None, self.first_index + i)
 
 
 class VideoFrames(IterableDataset):
@@ -65,7 +68,7 @@ class VideoFrames(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for number, frame in enumerate(video_frames(self.path)):
             raw = torch.from_numpy(frame).permute(2, 0, 1).contiguous()
-            yield _sample(raw, self.transform, str(self.path), number, self.first_index)
+            yield prepare_input(raw, self.transform, str(self.path), number, self.first_index)
 
 
 def collate_inputs(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -59,3 +59,66 @@ def fault_run(fault_shards, fault_warm, tmp_path_factory):  # noqa: ANN001, ANN2
     run = tmp_path_factory.mktemp("trained") / "run"
     assert in_child(lambda: main(train_argv(fault_shards, run, 2, "--save-every", "1"))) == 0
     return run
+
+
+# ----------------------------------------------------------------------- one run per task
+# Shared by test_inference_api.py and test_readme_api.py (session scope: built once).
+
+
+@pytest.fixture(scope="session")
+def task_runs(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """A 1-step clusterformer-nano run folder per built-in task (small decoder, 32 px) on a
+    make-shapes folder, its images and shards: ``{"images": [paths], "shards": {task: shard
+    folder}, task: run folder, ...}``.
+    Panoptic keeps every center (``task.object_threshold=0``) so that it writes segments."""
+    from pathlib import Path
+
+    from clusterformer.data import make_shapes, open_source, write_shards
+    from clusterformer.engine.config_files import resolve_config
+    from clusterformer.engine.loop import train
+
+    root = tmp_path_factory.mktemp("task-runs")
+    made = make_shapes(root / "shapes", num_images=4, image_size=48, seed=0)
+    sources = {
+        "classification": open_source("imagefolder", Path(made["images"]).parent / "classes"),
+        "detection": open_source("coco", made["images"], made["instances"]),
+        "instance": open_source("coco", made["images"], made["instances"]),
+        "semantic": open_source("ade20k", made["images"], made["classes_json"], made["semantic_masks"]),
+        "panoptic": open_source("coco-panoptic", made["images"], made["panoptic_json"],
+                                made["panoptic_masks"]),
+    }
+    small = {"hidden_dim": 32, "decoder_heads": 2, "decoder_ffn_dim": 64, "num_queries": 10,
+             "decoder_layers": 3}
+    runs: dict = {"images": sorted(Path(made["images"]).glob("*.jpg")), "shards": {}}
+    for task, source in sources.items():
+        shards = root / f"shards-{task}"
+        write_shards(source, shards, samples_per_shard=8)
+        extra = {} if task == "classification" else small
+        sets = ["task.object_threshold=0.0"] if task == "panoptic" else []
+        cfg = resolve_config(task=task, data=str(shards), out=str(root / f"run-{task}"),
+                             model="clusterformer-nano", steps=1, batch_size=2, image_size=32,
+                             lr=1e-3, device="cpu", log_every=1, sets=sets, **extra)
+        runs[task] = train(cfg, handle_signals=False).run_dir
+        runs["shards"][task] = shards
+    # A 1-step model's instance and panoptic masks are all empty (every mask logit < 0): a bare
+    # checkpoint with a random shift of the mask embedding gives them masks to write and draw.
+    for task in ("instance", "panoptic"):
+        runs[task] = _shift_mask_embedding(runs[task], root / f"{task}.safetensors")
+    return runs
+
+
+def _shift_mask_embedding(run, target):  # noqa: ANN001, ANN202
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from clusterformer.engine.checkpoint import resolve_checkpoint
+
+    with safe_open(str(resolve_checkpoint(run)), "pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - no iteration on f
+    bias = tensors["mask_embed.layers.2.bias"]
+    shift = torch.randn(bias.shape, generator=torch.Generator().manual_seed(0))
+    tensors["mask_embed.layers.2.bias"] = bias + 5 * shift
+    save_file(tensors, str(target), metadata=metadata)
+    return target

@@ -10,7 +10,7 @@ import torch
 from clusterformer.models import create_model
 from clusterformer.tasks import task_spec
 from clusterformer.tasks.detection import class_aware_nms
-from clusterformer.tasks.test_time import (
+from clusterformer.tasks.tta import (
     InferencePlan,
     parse_tta,
     predict_batch,
@@ -178,7 +178,7 @@ def test_which_tasks_take_which_strategy_is_the_registry() -> None:
 
 
 def test_plans_ask_the_registry_what_a_task_supports() -> None:
-    from clusterformer.tasks.test_time import make_plan
+    from clusterformer.tasks.tta import make_plan
 
     plan = make_plan(task_spec("semantic"), (64, 32), "flip,1.5")
     assert plan == InferencePlan(slide=(64, 32), flip=True, scales=(1.0, 1.5)) and plan.active

@@ -20,7 +20,7 @@ from clusterformer.engine.checkpoint import (
 )
 from clusterformer.engine.finite import describe_output, non_finite_output
 from clusterformer.tasks import Task, task_spec
-from clusterformer.tasks.test_time import InferencePlan, predict_batch
+from clusterformer.tasks.tta import InferencePlan, predict_batch
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -72,7 +72,7 @@ def evaluate(
             (:func:`clusterformer.metrics.per_class.split_per_class`).
         evaluator: the evaluator to fill (default: the task's, see :func:`make_evaluator`);
             the caller keeps it to read more than the metrics (a confusion matrix).
-        plan: sliding-window inference and / or TTA (:mod:`clusterformer.tasks.test_time`);
+        plan: sliding-window inference and / or TTA (:mod:`clusterformer.tasks.tta`);
             None or an inactive plan is one plain pass per batch.
     """
     was_training = model.training
@@ -82,16 +82,10 @@ def evaluate(
     try:
         for batch in batches:
             batch = to_device(batch, device)
-            if plan is not None and plan.active:  # sliding windows / TTA: several passes
-                predictions = predict_batch(task, model, batch, plan,
-                                            check=lambda o, b=batch: _check_finite(o, b),
-                                            context=lambda: autocast(amp, device))
-                evaluator.update(predictions, batch)
-            else:
-                with autocast(amp, device):
-                    outputs = task.forward(model, batch)
-                _check_finite(outputs, batch)
-                evaluator.update(task.postprocess(outputs, batch), batch)
+            keys = batch.get("keys") or ["?"]
+            predictions = predict_step(model, task, batch, plan=plan, device=device, amp=amp,
+                                       where=f"(batch with sample {keys[0]})")  # fmt: skip
+            evaluator.update(predictions, batch)
             if progress is not None:
                 next(progress, None)
     finally:
@@ -114,14 +108,30 @@ def make_evaluator(task: Task, predictions_out: str | Path | None, per_class: bo
         if "per_class" not in str(exc):
             raise
         raise NoPerClassMetrics(f"the {task.name} task reports no per-class metrics") from None
-def _check_finite(outputs: Any, batch: dict[str, Any]) -> None:
+
+
+def check_finite_outputs(outputs: Any, where: str) -> None:
+    """Raise FloatingPointError when a raw model output holds NaN or infinity: such scores
+    would be ranked, drawn and written as if real. ``where`` names the input, e.g. ``on
+    photo.jpg`` or ``(batch with sample KEY)``."""
     bad = non_finite_output(outputs)
-    if bad is not None:  # scores of NaN would be ranked and written as if real
-        keys = batch.get("keys") or ["?"]
-        raise FloatingPointError(
-            f"model {describe_output(bad)} is NaN or infinite (batch with sample "
-            f"{keys[0]}): the weights are unusable; use an earlier checkpoint"
-        )
+    if bad is not None:
+        raise FloatingPointError(f"model {describe_output(bad)} is NaN or infinite {where}: the "
+                                 "weights are unusable; use an earlier checkpoint")  # fmt: skip
+
+
+def predict_step(
+    model: nn.Module, task: Task, batch: dict[str, Any], *, plan: InferencePlan | None = None,
+    device: torch.device, amp: str = "none", where: str = "",
+) -> Any:  # fmt: skip
+    """The task's post-processed predictions for one batch already on ``device``: the model
+    under ``amp``'s autocast (one pass, or every view of an active ``plan``), every raw output
+    checked by :func:`check_finite_outputs`, then ``task.postprocess`` or the plan's merge.
+    The one inference step of ``cf eval``, ``cf predict``, evaluation during training and
+    :mod:`clusterformer.inference`."""
+    return predict_batch(task, model, batch, plan,
+                         check=lambda outputs: check_finite_outputs(outputs, where),
+                         context=lambda: autocast(amp, device))  # fmt: skip
 
 
 def normalisation_of(module: nn.Module) -> dict[str, list[float]]:

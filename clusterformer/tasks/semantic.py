@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clusterformer.data.sample_spec import SampleSpec
-from clusterformer.metrics.semantic import score_semantic_folder
+from clusterformer.metrics.semantic import METRIC_KEYS, score_semantic_folder
 from clusterformer.tasks.masks import MASK_EXPORT, MaskTask, mask_task_spec
 from clusterformer.tasks.predictions import label_map_segments
 from clusterformer.tasks.registry import register_task
 from clusterformer.tasks.seg_inference import semantic_inference
 from clusterformer.tasks.spec import Batch, ExportHeads
-from clusterformer.tasks.test_time import normalise_scores
+from clusterformer.tasks.tta import normalise_scores
 
 IGNORE_INDEX = 255
 
@@ -98,8 +98,8 @@ def semantic_label_map(raw: tuple[Tensor, ...], images: Tensor) -> tuple[Tensor,
 SPEC = register_task(mask_task_spec(
     name="semantic",
     summary="a class per pixel (ADE20K-style label PNGs); mIoU, aAcc",
-    primary_metric="mIoU",
-    metric_keys=("mIoU", "aAcc"),
+    primary_metric=METRIC_KEYS[0],
+    metric_keys=METRIC_KEYS,
     data=SampleSpec(formats=("ade20k",), fields=("semantic",)),
     runtime=SemanticTask,
     describe=lambda label_map, categories, threshold, limit: label_map_segments(label_map,

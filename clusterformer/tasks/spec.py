@@ -98,7 +98,7 @@ class TaskSpec:
         test_time: the test-time strategies the task implements (``"tta"``: flip / multi-scale
             views merged by its ``Task.view_scores`` ... ``finish_views``; ``"slide"``:
             sliding windows, its views being per-pixel class probabilities and
-            ``Task.window_scores`` given); see :mod:`clusterformer.tasks.test_time`.
+            ``Task.window_scores`` given); see :mod:`clusterformer.tasks.tta`.
     """
 
     name: str
@@ -214,7 +214,7 @@ class Task:
         """Raw model outputs -> predictions in the form the evaluator accepts."""
         raise NotImplementedError
 
-    # Test-time augmentation and sliding windows (clusterformer.tasks.test_time), for the tasks
+    # Test-time augmentation and sliding windows (clusterformer.tasks.tta), for the tasks
     # whose spec lists them in ``test_time``. A view is one pass's per-image result at the
     # original image size, in a form that can be mirrored back and combined with others.
     def view_scores(self, outputs: Any, batch: Batch) -> list[Any]:
