@@ -118,8 +118,10 @@ class _Demo:
 
 
 def _refuse_trained_runs(run_dirs: list[Path]) -> None:
+    from clusterformer.engine.checkpoint import RunLayout
+
     for run_dir in run_dirs:
-        if (run_dir / "checkpoints" / "last.safetensors").exists():
+        if RunLayout(run_dir).last_weights.exists():
             raise DataError(
                 f"{run_dir} already holds a trained model; remove it or choose another --out"
             )

@@ -68,12 +68,9 @@ def parse_model(spec: str) -> ModelSpec:
 def build_model(spec: ModelSpec) -> nn.Module:
     """A fresh 1000-class classifier for ``spec`` (random weights; nothing is downloaded)."""
     if spec.source == "timm":
-        try:
-            import timm
-        except ImportError as exc:
-            raise ValueError(
-                f"{spec.label} needs timm: pip install 'clusterformer[bench]'"
-            ) from exc
+        from clusterformer.models.timm_backbone import import_timm
+
+        timm = import_timm(spec.label)  # names the fix for a torchvision built for another torch
         return timm.create_model(spec.name, pretrained=False, num_classes=NUM_CLASSES)
     from clusterformer.models import create_model
 
@@ -86,9 +83,15 @@ def build_model(spec: ModelSpec) -> nn.Module:
 
 
 def timm_available() -> bool:
+    """Whether timm can be imported; a timm that cannot load with this torch (a torchvision
+    built for another one) raises ValueError naming the torchvision to install."""
+    from clusterformer.models.timm_backbone import import_timm, torchvision_mismatch
+
     try:
-        import timm  # noqa: F401
-    except ImportError:
+        import_timm("cf benchmark")
+    except ValueError as exc:
+        if str(exc) == torchvision_mismatch():
+            raise
         return False
     return True
 
