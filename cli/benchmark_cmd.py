@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from clusterformer.cli.errors import UserError
-from clusterformer.cli.options import Amp, BatchSize, Device, flag_errors
+from clusterformer.cli.options import Amp, BatchSize, flag_errors
 
 MODES = {"both": ("infer", "train"), "infer": ("infer",), "train": ("train",)}
 
@@ -30,7 +30,7 @@ def benchmark_command(
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed calls per model first.")] = 2,
     amp: Amp = "none",
     threads: Annotated[list[int] | None, typer.Option("--threads", help="Thread counts to measure, e.g. --threads 1 --threads 2 (default: cf --threads, OMP_NUM_THREADS, else one per core).")] = None,
-    device: Device = "cpu",
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N: what is measured (CPU unless asked, so a CUDA machine still reports CPU numbers by default).")] = "cpu",
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Peak memory per model (CPU: each eager model once more in its own process).")] = True,
     out: Annotated[Path, typer.Option("--out", help="Write every row and the machine here (JSON).")] = Path("benchmark.json"),
 ) -> None:

@@ -79,12 +79,16 @@ def eval_command(
             evaluator, title = None, f"{task} predictions {predictions} on {data}"
         else:
             from clusterformer.cli.runtime_opts import start_compute
+            from clusterformer.inference import load
 
             start_compute(device)
-            metrics, evaluator = evaluate_checkpoint(
-                ckpt, data, batch_size=batch_size, image_size=image_size, device=device, amp=amp,
-                num_workers=num_workers, task_flag=task, out=out, compile_model=compile_model,
-                per_class=classes, slide=slide, tta=tta)  # fmt: skip
+            with flag_errors():  # a setting that cannot work names its flag: exit 2
+                predictor = load(ckpt, device=device, amp=amp, compile=compile_model,
+                                 image_size=image_size, slide=slide, tta=tta,
+                                 batch_size=batch_size)  # fmt: skip
+            metrics, evaluator = evaluate_checkpoint(predictor, data, num_workers=num_workers,
+                                                     task_flag=task, out=out, per_class=classes,
+                                                     tta=tta)  # fmt: skip
             title = f"{metrics.pop('_task')} checkpoint {ckpt} on {data}"
         report(title, metrics, out=out, per_class=per_class,
                run_folder=_run_folder(ckpt) if ckpt is not None else None)
@@ -93,22 +97,18 @@ def eval_command(
 
 
 def evaluate_checkpoint(
-    ckpt: Path, data: Path, *, batch_size: int = 32, image_size: int | None = None,
-    device: str | None = None, amp: str = "none", num_workers: int = 0,
-    task_flag: str | None = None, out: Path | None = None, compile_model: bool = False,
-    per_class: bool = False, slide: tuple[int, int] | None = None, tta: str | None = None,
+    predictor: Any, data: Path, *, num_workers: int = 0, task_flag: str | None = None,
+    out: Path | None = None, per_class: bool = False, tta: str | None = None,
 ) -> tuple[dict[str, Any], Any]:  # fmt: skip
-    """The checkpoint's metrics on ``data`` (with ``_task``, its task name) and the evaluator
-    that computed them (its confusion matrix feeds ``--plots``). The model side (load, device,
-    plan, compile, preprocess, the NaN check) is :func:`clusterformer.load`'s."""
+    """A loaded checkpoint's metrics on ``data`` (with ``_task``, its task name) and the
+    evaluator that computed them (its confusion matrix feeds ``--plots``). ``predictor`` is a
+    :class:`clusterformer.inference.Predictor` (the model side: device, plan, compile,
+    preprocess, the NaN check); ``tta`` is ``--tta`` as given, recorded with the metrics."""
     from clusterformer.cli.progress import progress_bar
     from clusterformer.data import LoaderSpec, build_loader, load_dataset_info
     from clusterformer.engine.evaluate import NoPerClassMetrics
-    from clusterformer.inference import load
 
-    with flag_errors():
-        predictor = load(ckpt, device=device, amp=amp, compile=compile_model,
-                         image_size=image_size, slide=slide, tta=tta, batch_size=batch_size)  # fmt: skip
+    ckpt = predictor.checkpoint
     task = predictor.task
     if task_flag is not None and task_flag != task.name:
         raise UserError(f"--task {task_flag} does not match the checkpoint's task '{task.name}'")
@@ -124,7 +124,7 @@ def evaluate_checkpoint(
     if data_categories:  # scored against the dataset's own ids (and thing / stuff split)
         predictor = predictor.for_categories(data_categories)
     size = predictor.preprocess.size
-    spec = LoaderSpec(batch_size=batch_size, image_size=size, train=False, num_workers=num_workers,
+    spec = LoaderSpec(batch_size=predictor.batch_size, image_size=size, train=False, num_workers=num_workers,
                       rank=0, world_size=1, preprocess=predictor.preprocess)  # fmt: skip
     loader = build_loader(str(data), task.name, spec)
     with progress_bar("eval", len(loader)) as advance:

@@ -9,7 +9,9 @@ def register(app: typer.Typer) -> None:
     @app.command("models")
     def models(
         as_json: bool = typer.Option(
-            False, "--json", help="Print a JSON list instead of a table (machine-readable)."
+            False, "--json", help="Print a JSON list instead of a table (machine-readable): the presets first (kind "
+            "'preset': params, depths, widths, GFLOPs), then the other backbone names (kind "
+            "'family' or 'backbone': name and about only)."
         ),
         image_size: int = typer.Option(
             224, "--image-size", min=1, help="Square input side used to count GFLOPs."

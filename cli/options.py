@@ -21,7 +21,7 @@ Compile = Annotated[bool, typer.Option(
     "--compile/--no-compile",
     help="torch.compile the model (inductor with frozen weights); the first batch is checked "
     "against eager and a difference stops the run.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Images (or video frames) per model call.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per model call (cf predict: a video's frames count as images).")]
 ImageSize = Annotated[int | None, typer.Option(
     "--image-size",
     help="Inference size (default: the checkpoint's training size; the checkpoint's resize and "

@@ -72,11 +72,11 @@ def predict_command(
     from clusterformer.cli.runtime_opts import start_compute
 
     start_compute(device)
-    everything = predict_images(ckpt, images, out, score_threshold=score_threshold,
-                                max_detections=max_detections, image_size=image_size,
-                                device=device, amp=amp, compile_model=compile_model,
-                                batch_size=batch_size, workers=workers, jsonl=jsonl,
-                                slide=slide, tta=tta)  # fmt: skip
+    everything = predict_images(ckpt, images, out, workers=workers, jsonl=jsonl,
+                                score_threshold=score_threshold, max_detections=max_detections,
+                                image_size=image_size, device=device, amp=amp,
+                                compile=compile_model, batch_size=batch_size, slide=slide,
+                                tta=tta)  # fmt: skip
     stream = records_file(images, out, jsonl)
     if stream is None:
         typer.echo(f"wrote {len(everything)} overlay(s) and predictions.json to {out}")
@@ -168,26 +168,13 @@ def _removed_on_failure(written: list[Path]) -> Iterator[None]:
         raise
 
 
-def predict_images(
-    ckpt: Path,
-    images: list[Path],
-    out: Path,
-    *,
-    score_threshold: float = 0.3,
-    max_detections: int = 100,
-    image_size: int | None = None,
-    device: str | None = None,
-    amp: str = "none",
-    compile_model: bool = False,
-    batch_size: int = 8,
-    workers: int = 0,
-    jsonl: Path | None = None,
-    slide: tuple[int, int] | None = None,
-    tta: str | None = None,
-) -> list[dict[str, Any]]:
+def predict_images(ckpt: Path, images: list[Path], out: Path, *, workers: int = 0,
+                   jsonl: Path | None = None, **settings: Any) -> list[dict[str, Any]]:  # fmt: skip
     """Run checkpoint ``ckpt`` on ``images`` (image and video files) in batches; write the
     overlays and records (see ``cf predict --help``) and return the records in input order
-    (video frames in frame order). The model side is :func:`clusterformer.load`'s."""
+    (video frames in frame order). ``settings`` are :func:`clusterformer.load`'s keywords
+    (device, amp, compile, score_threshold, ...): the model side is its; ``workers`` decode
+    images and write overlays, ``jsonl`` is ``--jsonl``."""
     from clusterformer.data.output_lock import hold_output
     from clusterformer.data.video import VideoExtraMissing, is_video, video_backend
     from clusterformer.inference import load
@@ -197,9 +184,7 @@ def predict_images(
     if videos and video_backend() is None:
         raise DataError(str(VideoExtraMissing(videos[0])))
     with flag_errors():
-        predictor = load(ckpt, device=device, amp=amp, compile=compile_model,
-                         score_threshold=score_threshold, max_detections=max_detections,
-                         image_size=image_size, slide=slide, tta=tta, batch_size=batch_size)  # fmt: skip
+        predictor = load(ckpt, **settings)  # usage errors name the flags
     with hold_output(out, "cf predict"):  # one writer per output folder
         return _write_predictions(predictor, images, out, names, jsonl, workers)
 

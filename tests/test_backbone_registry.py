@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import builtins
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -117,10 +118,19 @@ def test_a_torchvision_that_does_not_match_torch_is_explained_in_one_line(monkey
 
 
 @pytest.fixture()
-def plugin(monkeypatch: pytest.MonkeyPatch) -> None:
-    """This process finds the backbone as a fresh ``cf`` would: from the environment variable."""
+def plugin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This process finds the backbone as a fresh ``cf`` would: from the environment variable;
+    afterwards the name and the module are gone again, so no later test sees them."""
+    import sys
+
+    from clusterformer.models.backbones import BACKBONES
+
     monkeypatch.setenv("CLUSTERFORMER_PLUGINS", "tiny_conv_backbone")
     monkeypatch.syspath_prepend(str(PLUGINS))
+    yield
+    if "tiny-conv" in BACKBONES.names():  # the module is still imported: nothing loads again
+        BACKBONES.unregister("tiny-conv")
+    sys.modules.pop("tiny_conv_backbone", None)
 
 
 def test_a_plugin_backbone_trains_a_detector_through_cf(tmp_path: Path, plugin: None,

@@ -71,14 +71,6 @@ class RunLayout:
     def last_weights(self) -> Path:
         return self.checkpoints / LAST_WEIGHTS
 
-    @property
-    def best_weights(self) -> Path:
-        return self.checkpoints / BEST_WEIGHTS
-
-    @property
-    def best_record(self) -> Path:
-        return self.checkpoints / BEST_RECORD
-
     def step_folder(self, step: int) -> Path:
         return step_folder(self.checkpoints, step)
 

@@ -1,6 +1,7 @@
-"""Reading checkpoints: weights into a model (checked to fit and to be finite), a backbone from
-any checkpoint, the training state (``weights_only``), and the newest complete checkpoint to
-resume (see :mod:`clusterformer.engine.checkpoint`)."""
+"""Reading checkpoints: weights into a model (checked to fit and to be finite), the training
+state (``weights_only``), and the newest complete checkpoint to resume (see
+:mod:`clusterformer.engine.checkpoint`; a backbone's weights from any checkpoint are
+:mod:`clusterformer.models.backbone_weights`'s)."""
 
 from __future__ import annotations
 

@@ -143,10 +143,13 @@ class Predictor:
         return self.task.categories
 
     def __call__(self, images: Any, *, batch_size: int | None = None) -> Any:
-        """Predictions for one image (one :class:`Prediction`) or a list (a list)."""
+        """Predictions for one image (one :class:`Prediction`) or a list (a list);
+        ``batch_size`` (default: :func:`load`'s) images per model call."""
+        if batch_size is not None:
+            check_settings(batch_size=batch_size)
         single = not isinstance(images, list | tuple)
         items = [images] if single else list(images)
-        size = batch_size or self.batch_size
+        size = batch_size if batch_size is not None else self.batch_size
         out: list[Prediction] = []
         for start in range(0, len(items), size):
             out.extend(self.predict_batch(self.collate(items[start:start + size], start)))
