@@ -12,6 +12,7 @@ raise :class:`TrainingInterrupted`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import platform
 import random
@@ -38,6 +39,8 @@ from clusterformer.engine.distributed import (
     DistEnv,
     barrier,
     cleanup_distributed,
+    mark_started,
+    resumes_after_restart,
     setup_distributed,
 )
 from clusterformer.engine.evaluate import checkpoint_metadata, normalisation_of
@@ -50,7 +53,7 @@ from clusterformer.engine.step import make_scaler
 from clusterformer.engine.trainer import HookBase, Saved, Trainer
 from clusterformer.tasks import Task, task_spec
 
-__all__ = ["TrainResult", "Trainer", "TrainingInterrupted", "train"]
+__all__ = ["TrainResult", "Trainer", "TrainingInterrupted", "elastic_restart_config", "train"]
 
 
 @dataclass
@@ -245,6 +248,9 @@ def _find_checkpoint(cfg: TrainConfig, env: DistEnv, run_dir: Path, task: Task,
     main rank has tidied the folder."""
     notes += run_folder.tidy(run_dir) if env.is_main else []
     barrier(env)  # the main rank has cleaned the folder before any rank reads it
+    if env.restart_count and cfg.runtime.resume:
+        notes.append(f"torchrun restart {env.restart_count}: continuing {run_dir} from its "
+                     "newest complete checkpoint")  # fmt: skip
     found = run_folder.resumable(run_dir, resume=cfg.runtime.resume,
                                  restart=cfg.runtime.restart, notes=notes)  # fmt: skip
     if found is not None:
@@ -338,6 +344,18 @@ def _run(prepared: _Prepared, cfg: TrainConfig, env: DistEnv, run_dir: Path,
                        read_best(ckpt.RunLayout(run_dir).checkpoints), trainer.stop_early)  # fmt: skip
 
 
+def elastic_restart_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` for a worker group torchrun's elastic agent restarted after a group of the same
+    job had started the run (:func:`~clusterformer.engine.distributed.resumes_after_restart`):
+    it continues the run (``--resume``), whatever the first start's flags were. ``--restart`` in
+    particular must not apply again, or every restart would delete the progress it exists to
+    keep; a first start (restart count 0) still needs ``--resume`` / ``--restart`` to touch a
+    folder that holds a checkpoint."""
+    again = copy.deepcopy(cfg)
+    again.runtime.resume, again.runtime.restart = True, False
+    return again
+
+
 def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
     """Run the training ``cfg`` describes; returns the final step, checkpoint and metrics.
 
@@ -348,12 +366,15 @@ def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
     run_dir = Path(cfg.runtime.out)
     loggers = build_logger_hooks(cfg.runtime.loggers, cfg.to_dict())  # a missing extra: now
     env = setup_distributed(cfg.runtime.device)
+    if resumes_after_restart(env, run_dir):
+        cfg = elastic_restart_config(cfg)
     stop = StopFlag()
     lock = contextlib.ExitStack()
     try:
         if env.is_main:  # the one writer of the run folder: a second cf train on it is refused
             lock.enter_context(hold_output(run_dir, "cf train"))
         prepared = _prepare(cfg, env, run_dir, loggers)
+        mark_started(env, run_dir)
         if handle_signals:
             stop.install()
         return _run(prepared, cfg, env, run_dir, stop)
