@@ -16,6 +16,9 @@ group's gloo address from torchrun's shared store ("Connection refused" in conne
 
 from __future__ import annotations
 
+import json
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +111,55 @@ def test_first_start_still_refuses_a_run_with_a_checkpoint(shards: Path, tmp_pat
     text = finish(agent, log)
     assert agent.returncode != 0
     assert "already holds a checkpoint; pass --resume" in text
+
+
+def test_resume_on_fewer_processes_keeps_the_global_batch(shards: Path, tmp_path: Path) -> None:
+    """2 processes x batch 4 to the end of epoch 1 (6 steps of 48 samples), then 1 process:
+    accumulation 2 keeps the global batch of 8 and the next epoch starts afresh. Before,
+    the resume ran with a global batch of 4 and silently rescaled nothing."""
+    run, log = tmp_path / "run", tmp_path / "torchrun.log"
+    first = start([*torchrun(2), *CF_MODULE, *train_argv(shards, run, 6, "--save-every", "6")],
+                  log)  # fmt: skip
+    assert "trained 6 steps" in finish(first, log)
+    more = start([*torchrun(1), *CF_MODULE, *train_argv(shards, run, 12, "--resume")], log)
+    text = finish(more, log)
+    assert more.returncode == 0, text[-3000:]
+    assert "world size 2 -> 1: gradient accumulation 1 -> 2 keeps the global batch of 8" in text
+    config = json.loads((run / "config.json").read_text())
+    assert config["optim"]["accum_steps"] == 2 and config["run"]["global_batch"] == 8
+    assert config["run"]["world_size"] == 1 and config["run"]["steps_per_epoch"] == 6
+    assert max(trained_steps(run)) == 12
+
+
+def test_resume_mid_epoch_on_another_world_size_is_refused(shards: Path, tmp_path: Path) -> None:
+    run, log = tmp_path / "run", tmp_path / "torchrun.log"
+    first = start([*torchrun(2), *CF_MODULE, *train_argv(shards, run, 4)], log)
+    assert "trained 4 steps" in finish(first, log)
+    more = start([*torchrun(1), *CF_MODULE, *train_argv(shards, run, 12, "--resume")], log)
+    text = finish(more, log)
+    assert more.returncode == 1
+    assert "written by 2 processes, resumed on 1 mid-epoch (epoch 0, batch 4 of 6)" in text
+
+
+def test_two_local_nodes_train_and_evaluate_one_run(shards: Path, tmp_path: Path) -> None:
+    """Two torchrun agents as two nodes (--nnodes 2, c10d rendezvous on localhost), one worker
+    each: one run folder, one writer, evaluation over both ranks."""
+    with socket.socket() as s:  # the rendezvous endpoint both agents must be told
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    args = train_argv(shards, run, 6, "--val-data", str(shards), "--save-every", "3", log_every=1)
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+            "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+            "--rdzv-id", "two-nodes"]  # fmt: skip
+    logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+    agents = [start([*node, *CF_MODULE, *args], log) for log in logs]
+    texts = [finish(agent, log) for agent, log in zip(agents, logs, strict=True)]
+    assert [a.returncode for a in agents] == [0, 0], texts
+    config = json.loads((run / "config.json").read_text())
+    assert config["run"]["world_size"] == 2 and config["run"]["global_batch"] == 8
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    val = [r for r in records if r["split"] == "val"]
+    assert val and val[-1]["num_samples"] == 48  # every sample once over the two ranks
+    assert sum("trained 6 steps" in t for t in texts) == 1  # rank 0's summary only

@@ -51,6 +51,7 @@ from clusterformer.engine.optim import Schedule, build_optimizer
 from clusterformer.engine.signals import StopFlag, TrainingInterrupted
 from clusterformer.engine.step import make_scaler
 from clusterformer.engine.trainer import HookBase, Saved, Trainer
+from clusterformer.engine.world_change import fit_world_size
 from clusterformer.tasks import Task, task_spec
 
 __all__ = ["TrainResult", "Trainer", "TrainingInterrupted", "elastic_restart_config", "train"]
@@ -189,6 +190,7 @@ class _Prepared:
     checkpoints: CheckpointHook
     saved: Saved
     notes: list[str]
+    cfg: TrainConfig  # the command's, with the accumulation a world-size change needs
 
 
 def _build_model(cfg: TrainConfig, task: Task,
@@ -294,6 +296,10 @@ def _prepare(cfg: TrainConfig, env: DistEnv, run_dir: Path, loggers: list[HookBa
     task = spec.build(spec.categories(info["categories"]), cfg.task.options)
     notes: list[str] = []
     found = _find_checkpoint(cfg, env, run_dir, task, notes)
+    if found is not None:  # another world size: keep the global batch (or refuse)
+        cfg, changed = fit_world_size(cfg, found, env.world_size,
+                                      int(info.get("num_samples") or 0), _previous_config(run_dir))
+        notes += changed
     module, init_notes = _build_model(cfg, task, found)
     module = module.to(env.device)
     normalisation = normalisation_of(module)
@@ -317,7 +323,7 @@ def _prepare(cfg: TrainConfig, env: DistEnv, run_dir: Path, loggers: list[HookBa
                      f"{spec.data.transform} transforms; training without them")  # fmt: skip
     notes += [f"resumed {run_dir} at step {state.step} (epoch {state.epoch}, batch "
               f"{state.batches_in_epoch})"] if found is not None else init_notes  # fmt: skip
-    prepared = _Prepared(task, state, train_loader, plan, hooks, checkpoints, saved, notes)
+    prepared = _Prepared(task, state, train_loader, plan, hooks, checkpoints, saved, notes, cfg)
     _record_start(cfg, env, run_dir, prepared, {
         "num_classes": task.num_classes, "transforms_missing": augment.missing,
         "augment": augment.describe()}, resumed=found is not None)  # fmt: skip
@@ -377,7 +383,7 @@ def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
         mark_started(env, run_dir)
         if handle_signals:
             stop.install()
-        return _run(prepared, cfg, env, run_dir, stop)
+        return _run(prepared, prepared.cfg, env, run_dir, stop)
     finally:
         stop.restore()
         lock.close()
