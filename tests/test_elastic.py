@@ -81,7 +81,7 @@ def test_worker_killed_mid_run_restarts_and_finishes(
     kill_worker(agent)
     text = finish(agent, log)
     assert agent.returncode == 0, text[-4000:]
-    assert "torchrun restart 1: continuing" in text
+    assert "torchrun restarted the workers: continuing" in text
     resumed = [line for line in text.splitlines() if line.startswith("resumed ")]
     assert resumed and "at step 10 " in resumed[0] or "at step 15 " in resumed[0], resumed
     assert max(trained_steps(run)) == STEPS
@@ -141,17 +141,23 @@ def test_resume_mid_epoch_on_another_world_size_is_refused(shards: Path, tmp_pat
     assert "written by 2 processes, resumed on 1 mid-epoch (epoch 0, batch 4 of 6)" in text
 
 
-def test_two_local_nodes_train_and_evaluate_one_run(shards: Path, tmp_path: Path) -> None:
-    """Two torchrun agents as two nodes (--nnodes 2, c10d rendezvous on localhost), one worker
-    each: one run folder, one writer, evaluation over both ranks."""
+def _two_nodes(*flags: str) -> list[str]:
+    """A torchrun agent for one of two local "nodes" (one worker each) meeting at a c10d
+    rendezvous on localhost."""
     with socket.socket() as s:  # the rendezvous endpoint both agents must be told
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+            "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+            "--rdzv-id", "two-nodes", *flags]  # fmt: skip
+
+
+def test_two_local_nodes_train_and_evaluate_one_run(shards: Path, tmp_path: Path) -> None:
+    """Two torchrun agents as two nodes (--nnodes 2, c10d rendezvous on localhost), one worker
+    each: one run folder, one writer, evaluation over both ranks."""
     run = tmp_path / "run"
     args = train_argv(shards, run, 6, "--val-data", str(shards), "--save-every", "3", log_every=1)
-    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
-            "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-            "--rdzv-id", "two-nodes"]  # fmt: skip
+    node = _two_nodes()
     logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
     agents = [start([*node, *CF_MODULE, *args], log) for log in logs]
     texts = [finish(agent, log) for agent, log in zip(agents, logs, strict=True)]
@@ -163,3 +169,21 @@ def test_two_local_nodes_train_and_evaluate_one_run(shards: Path, tmp_path: Path
     val = [r for r in records if r["split"] == "val"]
     assert val and val[-1]["num_samples"] == 48  # every sample once over the two ranks
     assert sum("trained 6 steps" in t for t in texts) == 1  # rank 0's summary only
+
+
+def test_two_local_nodes_survive_a_worker_kill(
+    shards: Path, uninterrupted: dict, tmp_path: Path
+) -> None:
+    """The worker of one "node" is SIGKILLed mid-run: its agent restarts it, the other agent
+    restarts its worker at the new rendezvous round, and the run ends bit-equal to the
+    uninterrupted 2-process run (the same two ranks, whichever agent holds them)."""
+    run = tmp_path / "run"
+    node = _two_nodes("--max-restarts", "2")
+    logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+    agents = [start([*node, *CF_MODULE, *_args(shards, run)], log) for log in logs]
+    wait_for_step(run, 12, agents[1], logs[1])
+    kill_worker(agents[1])
+    texts = [finish(agent, log) for agent, log in zip(agents, logs, strict=True)]
+    assert [a.returncode for a in agents] == [0, 0], [t[-3000:] for t in texts]
+    assert any("torchrun restarted the workers: continuing" in t for t in texts)
+    _assert_bit_equal(final_weights(run), uninterrupted)

@@ -3,16 +3,10 @@
 One code path for every launch: a plain ``cf train`` is world size 1 with no process
 group; under ``torchrun`` the group is NCCL on CUDA and gloo on CPU.
 
-Elastic restarts. torchrun's agent (``--max-restarts``) starts a new worker group after a
-worker dies, numbering it in ``TORCHELASTIC_RESTART_COUNT``. Since torch 2.4 the agent keeps
-one TCPStore for all its rounds (``TORCHELASTIC_USE_AGENT_STORE``) and the ``env://``
-rendezvous hands workers that store without a per-round prefix, so the keys of the dead
-group (each rank's gloo address) are still there: a restarted rank that reads them before
-its peer has rewritten them connects to a port nobody listens on any more ("Connection
-refused" in gloo's full-mesh connect), and whether it does is a race that a slower start
-(imports, reading the dataset index) loses. :func:`setup_distributed` therefore builds the
-process group on the agent's store under a prefix naming the restart, so each round only
-sees its own keys. Nothing binds a fixed port: the store's address is the agent's.
+Elastic restarts: each worker group starts its process group on a store of its own
+(:mod:`~clusterformer.engine.group_store` says why), and learns from the agents' store
+whether an earlier group of the same torchrun job had started the run
+(:func:`resumes_after_restart`).
 """
 
 from __future__ import annotations
@@ -25,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from clusterformer.engine.group_store import agent_store, group_store
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -35,7 +31,6 @@ class DistEnv:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     initialized_here: bool = False
-    restart_count: int = 0  # torchrun's worker-group restarts so far (0: the first start)
     store: dist.Store | None = field(default=None, repr=False, compare=False)  # the agent's
 
     @property
@@ -68,32 +63,6 @@ def pick_device(requested: str | None = None, local_rank: int = 0) -> torch.devi
 PG_TIMEOUT = timedelta(minutes=30)
 
 
-def restart_count() -> int:
-    """How often torchrun's elastic agent has restarted the worker group (0 outside it)."""
-    try:
-        return max(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), 0)
-    except ValueError:
-        return 0
-
-
-def _agent_store() -> dist.Store | None:
-    """A client of the elastic agent's store, which outlives worker groups (None when the
-    agent does not share one: then rank 0 hosts the ``env://`` store and it dies with it)."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                         is_master=False, timeout=PG_TIMEOUT)  # fmt: skip
-
-
-def _round_store(store: dist.Store | None, rank: int, world_size: int) -> dist.Store:
-    """``store`` (else the ``env://`` one) under a prefix that names this worker-group round,
-    so keys a dead round left behind are never read (see the module docstring)."""
-    if store is None:
-        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size,
-                                           timeout=PG_TIMEOUT))  # fmt: skip
-    return dist.PrefixStore(f"clusterformer/round-{restart_count()}", store)
-
-
 def _started_key(run_dir: Path) -> str:
     return f"clusterformer/started/{Path(run_dir).resolve()}"
 
@@ -107,13 +76,13 @@ def mark_started(env: DistEnv, run_dir: Path) -> None:
 
 
 def resumes_after_restart(env: DistEnv, run_dir: Path) -> bool:
-    """Whether this worker group is a restart, by torchrun's agent, of a group of the same job
-    that had started training ``run_dir`` (then it continues the run by itself). A first
-    group that refused the folder (no ``--resume``) marked nothing, so its restart refuses
-    again instead of resuming a run the user did not ask to continue. Every rank reads the
-    same store, so all agree."""
-    return env.restart_count > 0 and env.store is not None and env.store.check(
-        [_started_key(run_dir)])  # fmt: skip
+    """Whether an earlier worker group of this torchrun job had started training ``run_dir``
+    (then this one, a restart, continues the run by itself). Asked of the agents' store, not of
+    ``TORCHELASTIC_RESTART_COUNT``: that is each agent's own count, and an agent whose workers
+    are restarted because another node's failed does not count it. A first group that refused
+    the folder (no ``--resume``) marked nothing, so its restart refuses again instead of
+    resuming a run the user did not ask to continue. Every rank reads the same store."""
+    return env.store is not None and env.store.check([_started_key(run_dir)])
 
 
 def setup_distributed(device: str | None = None) -> DistEnv:
@@ -124,21 +93,20 @@ def setup_distributed(device: str | None = None) -> DistEnv:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    restarts = restart_count()
-    store = _agent_store()
+    store = agent_store(PG_TIMEOUT)
     if dist.is_available() and dist.is_initialized():
         world_size, rank = dist.get_world_size(), dist.get_rank()
         dev = pick_device(device, local_rank)
-        return DistEnv(rank, world_size, local_rank, dev, False, restarts, store)
+        return DistEnv(rank, world_size, local_rank, dev, False, store)
     dev = pick_device(device, local_rank)
     if world_size <= 1:
-        return DistEnv(0, 1, 0, dev, False, restarts, store)
+        return DistEnv(0, 1, 0, dev, False, store)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, store=_round_store(store, rank, world_size),
+    dist.init_process_group(backend=backend, store=group_store(store, rank, world_size, PG_TIMEOUT),
                             rank=rank, world_size=world_size, timeout=PG_TIMEOUT)  # fmt: skip
-    return DistEnv(rank, world_size, local_rank, dev, True, restarts, store)
+    return DistEnv(rank, world_size, local_rank, dev, True, store)
 
 
 def cleanup_distributed(env: DistEnv) -> None:

@@ -250,9 +250,9 @@ def _find_checkpoint(cfg: TrainConfig, env: DistEnv, run_dir: Path, task: Task,
     main rank has tidied the folder."""
     notes += run_folder.tidy(run_dir) if env.is_main else []
     barrier(env)  # the main rank has cleaned the folder before any rank reads it
-    if env.restart_count and cfg.runtime.resume:
-        notes.append(f"torchrun restart {env.restart_count}: continuing {run_dir} from its "
-                     "newest complete checkpoint")  # fmt: skip
+    if resumes_after_restart(env, run_dir):
+        notes.append(f"torchrun restarted the workers: continuing {run_dir} from its newest "
+                     "complete checkpoint")  # fmt: skip
     found = run_folder.resumable(run_dir, resume=cfg.runtime.resume,
                                  restart=cfg.runtime.restart, notes=notes)  # fmt: skip
     if found is not None:
