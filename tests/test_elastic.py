@@ -131,6 +131,23 @@ def test_resume_on_fewer_processes_keeps_the_global_batch(shards: Path, tmp_path
     assert max(trained_steps(run)) == 12
 
 
+def test_resume_on_more_processes_keeps_the_global_batch(shards: Path, tmp_path: Path) -> None:
+    """1 process x batch 4 x accumulation 4 to an epoch's end (3 steps of 16 of 48 samples),
+    then 2 processes (a node joined): accumulation 2 keeps the global batch of 16. Before,
+    the resume ran accumulation 1, a global batch of 8, and said nothing."""
+    run, log = tmp_path / "run", tmp_path / "torchrun.log"
+    first = start([*torchrun(1), *CF_MODULE, *train_argv(shards, run, 3, "--accum-steps", "4")],
+                  log)  # fmt: skip
+    assert "trained 3 steps" in finish(first, log)
+    more = start([*torchrun(2), *CF_MODULE, *train_argv(shards, run, 6, "--resume")], log)
+    text = finish(more, log)
+    assert more.returncode == 0, text[-3000:]
+    assert "world size 1 -> 2: gradient accumulation 4 -> 2 keeps the global batch of 16" in text
+    config = json.loads((run / "config.json").read_text())
+    assert config["optim"]["accum_steps"] == 2 and config["run"]["global_batch"] == 16
+    assert config["run"]["steps_per_epoch"] == 3 and max(trained_steps(run)) == 6
+
+
 def test_resume_mid_epoch_on_another_world_size_is_refused(shards: Path, tmp_path: Path) -> None:
     run, log = tmp_path / "run", tmp_path / "torchrun.log"
     first = start([*torchrun(2), *CF_MODULE, *train_argv(shards, run, 4)], log)
