@@ -7,6 +7,11 @@
 # without dependencies (everything `cf benchmark` imports is already there on the lent
 # machines). Budget: under 8 minutes on an H100/H200, most of it compiling four graphs.
 #
+# With more than one GPU it then measures data-parallel scaling: `cf train` end to end under
+# torchrun on 1 GPU and on all of them (benchmarks/bench_scaling.py, interleaved rounds, the
+# same per-GPU batch), printing img/s and the ratio to one GPU; rows in $OUT/gpu_scaling.json.
+# SCALING=0 skips it.
+#
 #   bash benchmarks/gpu_check.sh            # MODE=infer or MODE=train to halve the time
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,3 +35,11 @@ for r in doc["rows"]:
           f"{r['peak_mem_mib'] / 1024:6.2f} GiB  x{r['speed_vs_baseline']:.2f} Swin-T eager "
           f"(warm-up {r['warmup_s']:.0f} s)")
 PYEOF
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if [ "${SCALING:-1}" != 0 ] && [ "$GPUS" -gt 1 ]; then
+    "$PY" benchmarks/bench_scaling.py --device cuda --procs 1 "$GPUS" --rounds 2 --steps 60 \
+        --skip 20 --model clusterformer-tiny --image-size 224 --batch-size 64 --amp bf16 \
+        --workers 4 --threads 4 --num-images 8192 --json "$OUT/gpu_scaling.json"
+else
+    echo "gpu_check: $GPUS GPU(s): no multi-GPU scaling to measure"
+fi

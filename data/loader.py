@@ -9,10 +9,16 @@ with known sample counts (dataset.json). With R ranks x W workers = S slots:
 
 Equal batches per rank, so no collective ever waits on a rank that has stopped:
 
-* training: ``len = floor(N / (R * B))`` (``ceil`` with ``drop_last=False``). The unit order is
-  shuffled per (seed, epoch); each rank's batches are shared among its workers in proportion to
-  their samples, and a worker that runs out wraps around its units (reshuffled), so every batch
-  is full and a rank with fewer samples repeats some;
+* training: ``len = floor(N / (R * B))`` (``ceil`` with ``drop_last=False``) and every sample
+  at most once per epoch across ranks and workers. The unit order is shuffled per (seed,
+  epoch) and lays the epoch's samples out as positions 0..N-1; each rank's batches are shared
+  evenly among its workers, and each slot (rank, worker) takes a contiguous range of
+  positions, exactly its batches' worth, reading only the units that overlap it (a unit is
+  read by at most the few slots whose ranges meet in it). The last ``N mod (R * B)`` positions
+  are left out of that epoch (a different remainder each epoch, as the unit order changes);
+  with ``drop_last=False`` the last uneven batch is filled from the start of the epoch
+  instead, so ``R * B * len - N`` samples are seen twice. Only a worker that had to skip
+  bad samples (``on_error="skip"``) wraps around its units to fill its batches;
 * evaluation: every sample is read exactly once across ranks, in dataset order. Ranks that have
   fewer batches than ``len = max over ranks`` add *padding batches*: one copy of a real sample
   with ``batch["valid"] == [False]``. Metrics must skip entries whose valid flag is False.
@@ -58,7 +64,8 @@ class WorkerPlan:
     """What one DataLoader worker of one rank reads and yields in one epoch.
 
     ``units``/``starts``: unit indices in read order and their first global position;
-    keep a sample at global position p iff ``p % stride == offset``; ``num_samples`` of them exist.
+    keep a sample at global position p iff ``p % stride == offset`` and p lies in one of
+    ``ranges`` (half-open ``(lo, hi)``; empty: anywhere); ``num_samples`` of them exist.
     ``num_batches`` come from real samples, ``pad_batches`` (evaluation only) are padding.
     """
 
@@ -69,6 +76,13 @@ class WorkerPlan:
     num_samples: int
     num_batches: int
     pad_batches: int = 0
+    ranges: tuple[tuple[int, int], ...] = ()
+
+    def keeps(self, position: int) -> bool:
+        """Whether this worker reads the sample at global ``position``."""
+        if position % self.stride != self.offset:
+            return False
+        return not self.ranges or any(lo <= position < hi for lo, hi in self.ranges)
 
 
 def _unit_order(num_units: int, train: bool, seed: int, epoch: int) -> list[int]:
@@ -113,6 +127,40 @@ def _share(total: int, weights: Sequence[int]) -> list[int]:
     return out
 
 
+def _wrapped(lo: int, hi: int, total: int) -> tuple[tuple[int, int], ...]:
+    """Positions ``lo..hi`` of an epoch laid end to end with itself, as ranges of 0..total."""
+    if hi - lo >= total:
+        return ((0, total),)
+    lo, hi = lo % total, lo % total + (hi - lo)
+    return ((lo, hi),) if hi <= total else ((lo, total), (0, hi - total))
+
+
+def _train_plans(counts: Sequence[int], order: list[int], rank: int, world: int, workers: int,
+                 batch_size: int, drop_last: bool) -> list[WorkerPlan]:  # fmt: skip
+    """Training: slot (rank, worker) takes the contiguous position range its batches need,
+    slots in (rank, worker) order (see the module docstring)."""
+    total = sum(counts)
+    steps = batches_per_rank(total, world, batch_size, True, drop_last)
+    shares = _share(steps, [1] * workers)  # the same for every rank
+    starts, pos = {}, 0
+    for u in order:
+        starts[u] = pos
+        pos += counts[u]
+    lo = rank * steps * batch_size
+    plans = []
+    for batches in shares:
+        hi = lo + batches * batch_size
+        ranges = _wrapped(lo, hi, total) if hi > lo else ()
+        units = tuple(u for u in order if counts[u] and any(
+            a < starts[u] + counts[u] and starts[u] < b for a, b in ranges))  # fmt: skip
+        kept = sum(min(b, starts[u] + counts[u]) - max(a, starts[u])
+                   for u in units for a, b in ranges if a < starts[u] + counts[u] and starts[u] < b)  # fmt: skip
+        plans.append(WorkerPlan(units, tuple(starts[u] for u in units), 1, 0, kept,
+                                num_batches=batches, ranges=ranges or ((0, 0),)))  # fmt: skip
+        lo = hi
+    return plans
+
+
 def batches_per_rank(
     num_samples: int, world_size: int, batch_size: int, train: bool, drop_last: bool
 ) -> int:
@@ -136,13 +184,9 @@ def plan_epoch(
     """One ``WorkerPlan`` per worker of ``rank``; the batch totals match on every rank."""
     workers = max(1, num_workers)
     order = _unit_order(len(counts), train, seed, epoch)
-    reads = _slot_reads(counts, order, rank, world_size, workers)
     if train:
-        steps = batches_per_rank(sum(counts), world_size, batch_size, True, drop_last)
-        if sum(r[4] for r in reads) == 0:  # fewer samples than ranks: this rank reads everything
-            reads = _slot_reads(counts, order, 0, 1, workers)
-        shares = _share(steps, [r[4] for r in reads])
-        return [WorkerPlan(*r, num_batches=b) for r, b in zip(reads, shares, strict=True)]
+        return _train_plans(counts, order, rank, world_size, workers, batch_size, drop_last)
+    reads = _slot_reads(counts, order, rank, world_size, workers)
 
     def real(n: int) -> int:
         return n // batch_size if drop_last else -(-n // batch_size)
@@ -206,20 +250,33 @@ class StreamDataset(IterableDataset):
         plan = self.plans()
         return sum(p.num_batches + p.pad_batches for p in plan)
 
+    def _one_pass(self, plan: WorkerPlan, units: list[tuple[int, int]]) -> Iterator[dict]:
+        for unit, start in units:
+            keep = lambda pos, start=start: plan.keeps(start + pos)  # noqa: E731
+            try:
+                for _, members in self.source.read(unit, keep):
+                    yield members
+            except DatasetError as exc:  # a damaged shard, or one the index miscounts
+                if self.on_error == "stop":
+                    raise
+                warnings.warn(f"skipped the rest of a shard: {exc}", stacklevel=2)
+
     def _members(self, plan: WorkerPlan, rng: random.Random) -> Iterator[dict]:
+        """The worker's samples, one pass at a time, each pass through the shuffle buffer
+        (training): a pass ends before the next begins, so the first ``num_samples`` are
+        each sample once. Training wraps around (a new unit order) only when batches remain
+        to fill, i.e. after samples were skipped."""
         units = list(zip(plan.units, plan.starts, strict=True))
+        # Capped at the worker's share: a larger buffer would only hold the whole pass anyway.
+        buffer = min(self.shuffle_buffer, plan.num_samples)
         while True:
+            members = self._one_pass(plan, units)
+            if self.train and buffer > 1:
+                members = _shuffled(members, buffer, rng)
             read = 0
-            for unit, start in units:
-                keep = lambda pos, start=start: (start + pos) % plan.stride == plan.offset  # noqa: E731
-                try:
-                    for _, members in self.source.read(unit, keep):
-                        read += 1
-                        yield members
-                except DatasetError as exc:  # a damaged shard, or one the index miscounts
-                    if self.on_error == "stop":
-                        raise
-                    warnings.warn(f"skipped the rest of a shard: {exc}", stacklevel=2)
+            for m in members:
+                read += 1
+                yield m
             if not self.train or plan.num_samples == 0 or read == 0:
                 return  # read == 0: every unit failed; wrapping around would spin forever
             rng.shuffle(units)  # wrap around, in a new order
@@ -264,12 +321,7 @@ class StreamDataset(IterableDataset):
         plan = self.plans()[worker]
         rng = random.Random(_seed("shuffle", self.seed, self.epoch, self.rank, worker))
         gen = torch.Generator().manual_seed(_seed("aug", self.seed, self.epoch, self.rank, worker))
-        members = self._members(plan, rng)
-        # Capped at the worker's share: a larger buffer would only fill with wrapped-around repeats.
-        buffer = min(self.shuffle_buffer, plan.num_samples)
-        if self.train and buffer > 1:
-            members = _shuffled(members, buffer, rng)
-        samples = self._samples(members, gen)
+        samples = self._samples(self._members(plan, rng), gen)
         done, first = 0, None
         for _ in range(plan.num_batches):
             chunk = [s for _, s in zip(range(self.batch_size), samples, strict=False)]

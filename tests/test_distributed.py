@@ -161,3 +161,33 @@ def test_cf_train_under_torchrun(tmp_path: Path) -> None:
     val = [r for r in records if r["split"] == "val"]
     assert val and val[-1]["num_samples"] == 32
     assert (run / "checkpoints" / "last.safetensors").is_file()
+
+
+def test_group_store_skips_a_dead_groups_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restarted rank finds the previous group's store entry (a port nobody listens on any
+    more) before the new rank 0 has published its own: it must wait for the live one, never
+    use keys of the dead group (what broke gloo's connect after torchrun restarts)."""
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from clusterformer.engine.group_store import agent_store, group_store
+
+    agent_server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(agent_server.port))
+    timeout = timedelta(seconds=120)  # a safety net: the wait ends when rank 0 publishes
+    agent = agent_store(timeout)
+    agent.set("clusterformer/group-store", f"{_free_port()} dead-group-nonce")  # the dead group's
+    joined: dict = {}
+    rank1 = threading.Thread(target=lambda: joined.update(store=group_store(
+        agent_store(timeout), 1, 2, timeout)))  # fmt: skip
+    rank1.start()
+    rank1.join(timeout=3)  # still waiting: the entry it found leads nowhere
+    assert rank1.is_alive()
+    rank0 = group_store(agent, 0, 2, timeout)
+    rank0.set("from-rank-0", "fresh")
+    rank1.join(timeout=120)
+    assert not rank1.is_alive() and joined["store"].get("from-rank-0") == b"fresh"

@@ -21,7 +21,7 @@ def _positions(plan, counts: list[int]) -> list[int]:
     """Global positions a worker plan keeps over one pass of its units."""
     out = []
     for unit, start in zip(plan.units, plan.starts, strict=True):
-        out += [p for p in range(start, start + counts[unit]) if p % plan.stride == plan.offset]
+        out += [p for p in range(start, start + counts[unit]) if plan.keeps(p)]
     return out
 
 
@@ -61,12 +61,51 @@ def test_train_plan_gives_every_rank_the_same_full_batches(
     steps = batches_per_rank(sum(counts), world, batch, True, drop_last)
     kw = {"world_size": world, "num_workers": workers, "batch_size": batch, "train": True,
           "drop_last": drop_last, "epoch": epoch}  # fmt: skip
+    seen = Counter()
     for r in range(world):
         rank_plans = plan_epoch(counts, rank=r, **kw)
         assert sum(p.num_batches for p in rank_plans) == steps
         for p in rank_plans:
             # A worker asked for batches always has samples to draw (and wrap around) from.
             assert p.pad_batches == 0 and (p.num_batches == 0 or p.num_samples > 0)
+            got = _positions(p, counts)
+            assert len(got) == p.num_samples
+            if drop_last or world * steps * batch <= sum(counts):  # no wrap: exactly its batches
+                assert len(got) == p.num_batches * batch
+            seen.update(got)
+    used = world * steps * batch
+    if drop_last:  # each position at most once; all but the last N mod (R x B) of the epoch
+        assert set(seen.values()) <= {1} and sum(seen.values()) == used
+        assert sum(counts) - used < world * batch
+    else:  # every position; the last uneven batch filled from the epoch's start
+        assert set(seen) == set(range(sum(counts)))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize("layout", ["five", "two"])  # 5 shards; 2 shards (fewer than slots)
+def test_train_epoch_reads_each_sample_once_across_ranks_and_workers(
+    uneven: dict[str, Path], layout: str, world: int, workers: int
+) -> None:
+    """Real loaders (DataLoader workers included): the sample keys of every rank's epoch 1.
+    23 samples, batch 3: each key at most once; the ``23 mod (world x 3)`` left out are the
+    stated remainder of the epoch (drop_last). Fails on the loader before this change, which
+    gave each rank whole shards and let a rank with fewer samples repeat some."""
+    keys, lengths = Counter(), set()
+    for rank in range(world):
+        spec = LoaderSpec(batch_size=3, image_size=16, train=True, num_workers=workers, rank=rank,
+                          world_size=world, seed=7)  # fmt: skip
+        loader = build_loader(uneven[layout], "classification", spec)
+        loader.set_epoch(1)
+        batches = list(loader)
+        lengths.add(len(batches))
+        rank_keys = [k for b in batches for k in b["keys"]]
+        print(f"{layout} world {world} workers {workers} rank {rank}: {sorted(rank_keys)}")
+        keys.update(rank_keys)
+    steps = 23 // (world * 3)
+    assert lengths == {steps}
+    assert set(keys.values()) == {1}, keys.most_common(3)
+    assert sum(keys.values()) == world * steps * 3 and 23 - len(keys) < world * 3
 
 
 def test_train_shard_order_changes_with_epoch() -> None:

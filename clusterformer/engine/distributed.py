@@ -2,15 +2,24 @@
 
 One code path for every launch: a plain ``cf train`` is world size 1 with no process
 group; under ``torchrun`` the group is NCCL on CUDA and gloo on CPU.
+
+Elastic restarts: each worker group starts its process group on a store of its own
+(:mod:`~clusterformer.engine.group_store` says why), and learns from the agents' store
+whether an earlier group of the same torchrun job had started the run
+(:func:`resumes_after_restart`).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from clusterformer.engine.group_store import agent_store, group_store
 
 
 @dataclass(frozen=True)
@@ -22,6 +31,7 @@ class DistEnv:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     initialized_here: bool = False
+    store: dist.Store | None = field(default=None, repr=False, compare=False)  # the agent's
 
     @property
     def is_main(self) -> bool:
@@ -46,6 +56,35 @@ def pick_device(requested: str | None = None, local_rank: int = 0) -> torch.devi
     return torch.device("cpu")
 
 
+# How long a rank waits for the others at start-up and in a collective: long enough for a
+# slow start (a rank still reading its dataset index, a node still starting) or a long
+# checkpoint write on rank 0. A dead peer is noticed at once (gloo / NCCL see the socket
+# close), so this only bounds a rank that hangs.
+PG_TIMEOUT = timedelta(minutes=30)
+
+
+def _started_key(run_dir: Path) -> str:
+    return f"clusterformer/started/{Path(run_dir).resolve()}"
+
+
+def mark_started(env: DistEnv, run_dir: Path) -> None:
+    """Main rank, once the run folder is checked and ready (before step 1): note in the
+    agent's store that this torchrun job trains ``run_dir``, so its restarted groups resume it
+    (:func:`resumes_after_restart`). Without an agent store there is nothing to note in."""
+    if env.is_main and env.store is not None:
+        env.store.set(_started_key(run_dir), "1")
+
+
+def resumes_after_restart(env: DistEnv, run_dir: Path) -> bool:
+    """Whether an earlier worker group of this torchrun job had started training ``run_dir``
+    (then this one, a restart, continues the run by itself). Asked of the agents' store, not of
+    ``TORCHELASTIC_RESTART_COUNT``: that is each agent's own count, and an agent whose workers
+    are restarted because another node's failed does not count it. A first group that refused
+    the folder (no ``--resume``) marked nothing, so its restart refuses again instead of
+    resuming a run the user did not ask to continue. Every rank reads the same store."""
+    return env.store is not None and env.store.check([_started_key(run_dir)])
+
+
 def setup_distributed(device: str | None = None) -> DistEnv:
     """Initialise the process group when launched by torchrun (``WORLD_SIZE > 1``).
 
@@ -54,18 +93,20 @@ def setup_distributed(device: str | None = None) -> DistEnv:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    store = agent_store(PG_TIMEOUT)
     if dist.is_available() and dist.is_initialized():
         world_size, rank = dist.get_world_size(), dist.get_rank()
         dev = pick_device(device, local_rank)
-        return DistEnv(rank, world_size, local_rank, dev, initialized_here=False)
+        return DistEnv(rank, world_size, local_rank, dev, False, store)
     dev = pick_device(device, local_rank)
     if world_size <= 1:
-        return DistEnv(0, 1, 0, dev)
+        return DistEnv(0, 1, 0, dev, False, store)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
-    return DistEnv(rank, world_size, local_rank, dev, initialized_here=True)
+    dist.init_process_group(backend=backend, store=group_store(store, rank, world_size, PG_TIMEOUT),
+                            rank=rank, world_size=world_size, timeout=PG_TIMEOUT)  # fmt: skip
+    return DistEnv(rank, world_size, local_rank, dev, True, store)
 
 
 def cleanup_distributed(env: DistEnv) -> None:

@@ -12,6 +12,7 @@ raise :class:`TrainingInterrupted`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import platform
 import random
@@ -38,6 +39,8 @@ from clusterformer.engine.distributed import (
     DistEnv,
     barrier,
     cleanup_distributed,
+    mark_started,
+    resumes_after_restart,
     setup_distributed,
 )
 from clusterformer.engine.evaluate import checkpoint_metadata, normalisation_of
@@ -48,9 +51,10 @@ from clusterformer.engine.optim import Schedule, build_optimizer
 from clusterformer.engine.signals import StopFlag, TrainingInterrupted
 from clusterformer.engine.step import make_scaler
 from clusterformer.engine.trainer import HookBase, Saved, Trainer
+from clusterformer.engine.world_change import fit_world_size
 from clusterformer.tasks import Task, task_spec
 
-__all__ = ["TrainResult", "Trainer", "TrainingInterrupted", "train"]
+__all__ = ["TrainResult", "Trainer", "TrainingInterrupted", "elastic_restart_config", "train"]
 
 
 @dataclass
@@ -186,6 +190,7 @@ class _Prepared:
     checkpoints: CheckpointHook
     saved: Saved
     notes: list[str]
+    cfg: TrainConfig  # the command's, with the accumulation a world-size change needs
 
 
 def _build_model(cfg: TrainConfig, task: Task,
@@ -245,6 +250,9 @@ def _find_checkpoint(cfg: TrainConfig, env: DistEnv, run_dir: Path, task: Task,
     main rank has tidied the folder."""
     notes += run_folder.tidy(run_dir) if env.is_main else []
     barrier(env)  # the main rank has cleaned the folder before any rank reads it
+    if resumes_after_restart(env, run_dir):
+        notes.append(f"torchrun restarted the workers: continuing {run_dir} from its newest "
+                     "complete checkpoint")  # fmt: skip
     found = run_folder.resumable(run_dir, resume=cfg.runtime.resume,
                                  restart=cfg.runtime.restart, notes=notes)  # fmt: skip
     if found is not None:
@@ -288,6 +296,10 @@ def _prepare(cfg: TrainConfig, env: DistEnv, run_dir: Path, loggers: list[HookBa
     task = spec.build(spec.categories(info["categories"]), cfg.task.options)
     notes: list[str] = []
     found = _find_checkpoint(cfg, env, run_dir, task, notes)
+    if found is not None:  # another world size: keep the global batch (or refuse)
+        cfg, changed = fit_world_size(cfg, found, env.world_size,
+                                      int(info.get("num_samples") or 0), _previous_config(run_dir))
+        notes += changed
     module, init_notes = _build_model(cfg, task, found)
     module = module.to(env.device)
     normalisation = normalisation_of(module)
@@ -311,7 +323,7 @@ def _prepare(cfg: TrainConfig, env: DistEnv, run_dir: Path, loggers: list[HookBa
                      f"{spec.data.transform} transforms; training without them")  # fmt: skip
     notes += [f"resumed {run_dir} at step {state.step} (epoch {state.epoch}, batch "
               f"{state.batches_in_epoch})"] if found is not None else init_notes  # fmt: skip
-    prepared = _Prepared(task, state, train_loader, plan, hooks, checkpoints, saved, notes)
+    prepared = _Prepared(task, state, train_loader, plan, hooks, checkpoints, saved, notes, cfg)
     _record_start(cfg, env, run_dir, prepared, {
         "num_classes": task.num_classes, "transforms_missing": augment.missing,
         "augment": augment.describe()}, resumed=found is not None)  # fmt: skip
@@ -338,6 +350,18 @@ def _run(prepared: _Prepared, cfg: TrainConfig, env: DistEnv, run_dir: Path,
                        read_best(ckpt.RunLayout(run_dir).checkpoints), trainer.stop_early)  # fmt: skip
 
 
+def elastic_restart_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` for a worker group torchrun's elastic agent restarted after a group of the same
+    job had started the run (:func:`~clusterformer.engine.distributed.resumes_after_restart`):
+    it continues the run (``--resume``), whatever the first start's flags were. ``--restart`` in
+    particular must not apply again, or every restart would delete the progress it exists to
+    keep; a first start (restart count 0) still needs ``--resume`` / ``--restart`` to touch a
+    folder that holds a checkpoint."""
+    again = copy.deepcopy(cfg)
+    again.runtime.resume, again.runtime.restart = True, False
+    return again
+
+
 def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
     """Run the training ``cfg`` describes; returns the final step, checkpoint and metrics.
 
@@ -348,15 +372,18 @@ def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
     run_dir = Path(cfg.runtime.out)
     loggers = build_logger_hooks(cfg.runtime.loggers, cfg.to_dict())  # a missing extra: now
     env = setup_distributed(cfg.runtime.device)
+    if resumes_after_restart(env, run_dir):
+        cfg = elastic_restart_config(cfg)
     stop = StopFlag()
     lock = contextlib.ExitStack()
     try:
         if env.is_main:  # the one writer of the run folder: a second cf train on it is refused
             lock.enter_context(hold_output(run_dir, "cf train"))
         prepared = _prepare(cfg, env, run_dir, loggers)
+        mark_started(env, run_dir)
         if handle_signals:
             stop.install()
-        return _run(prepared, cfg, env, run_dir, stop)
+        return _run(prepared, prepared.cfg, env, run_dir, stop)
     finally:
         stop.restore()
         lock.close()
