@@ -210,7 +210,9 @@ def _linear_grads(grad: Tensor, x: Tensor, weight: Tensor, needs: tuple[bool, bo
                   onednn: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of ``x @ weight^T + bias`` for ``grad (..., out)``, ``x (..., in)``,
     ``weight (out, in)``: ``(..., in)``, ``(out, in)``, ``(out,)``, each where ``needs`` says.
-    In ``x``'s dtype; the bias's is summed in float32 (no rounding to bfloat16 on the way)."""
+    In ``x``'s dtype, as autocast computes them: the bfloat16 sum accumulates in float32 and
+    rounds once, while asking for a float32 result converts the whole gradient first, ten times
+    the sum's time at stage 1 (docs/benchmarks.md, "bf16 autocast on the CPU")."""
     grad_x = grad_w = grad_b = None
     rows = grad.reshape(-1, grad.shape[-1])
     if needs[0]:
@@ -227,7 +229,7 @@ def _linear_grads(grad: Tensor, x: Tensor, weight: Tensor, needs: tuple[bool, bo
         else:
             grad_w = rows.t() @ inputs
     if needs[2]:
-        grad_b = rows.sum(0, dtype=torch.float32)
+        grad_b = rows.sum(0)
     return grad_x, grad_w, grad_b
 
 
