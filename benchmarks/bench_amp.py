@@ -1,16 +1,19 @@
 """bf16 autocast against float32 on the CPU, before and after a change to ``ops.linear``.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_amp.py --baseline-rev abe8b4c --rounds 6
+    OMP_NUM_THREADS=1 python benchmarks/bench_amp.py --baseline-rev abe8b4c --rounds 10
     OMP_NUM_THREADS=1 /work/venv-timm/bin/python benchmarks/bench_amp.py --peers \
         timm/swin_tiny_patch4_window7_224          # a peer, from a venv that has timm
 
 Every (model, linear version, precision, mode) runner is built once, then timed in interleaved
 rounds (one call of each runner per round, in a rotated order), so that a load change on a
-shared machine falls on all of them alike. ``--baseline-rev REV`` loads
+shared machine falls on all of them alike; ratios are medians of the per-round ratios (the
+fp32 before/after ratio, the same code twice, shows the noise). ``--baseline-rev REV`` loads
 ``clusterformer/ops/fused_linear.py`` as it was at git revision ``REV`` and routes the
 ClusterFormer model's linears through it for the "before" runners. A training step is forward
 under autocast, float32 cross-entropy, backward, AdamW step (as ``cf benchmark``'s). Prints
-medians, images/s and the bf16 / float32 speed-up of each pair; ``--json FILE`` writes the rows.
+medians, images/s, the bf16 / float32 speed-up of each pair, each runner against the first model's
+"after" runner of its mode and precision and, with peers, against the first peer; ``--json
+FILE`` writes the rows with every round's time.
 """
 
 from __future__ import annotations
@@ -138,20 +141,39 @@ def main() -> None:
         for runner in runners[shift:] + runners[:shift]:
             runner.timed()
 
+    def speedup(runner: Runner, base: Runner) -> float:
+        """Median over rounds of base's time / runner's time (same round, same load)."""
+        return statistics.median(b / r for r, b in zip(runner.times, base.times, strict=True))
+
+    def reference(runner: Runner, label: str) -> Runner:
+        return next(r for r in runners if r.label == label and r.mode == runner.mode
+                    and r.amp == runner.amp)
+
+    after = f"{args.models[0]} after" if args.models else runners[0].label
+    peer = args.peers[0] if args.peers else None
     rows = []
     for runner in runners:
         median = statistics.median(runner.times)
         rows.append({"model": runner.label, "mode": runner.mode,
                      "amp": "bf16" if runner.amp else "fp32", "ms_median": median * 1e3,
-                     "img_per_s": args.batch_size / median, "threads": args.threads})
+                     "img_per_s": args.batch_size / median, "threads": args.threads,
+                     "x_after": speedup(runner, reference(runner, after)),
+                     "x_peer": speedup(runner, reference(runner, peer)) if peer else None,
+                     "round_s": runner.times})
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{args.threads} thread(s), batch {args.batch_size}, {args.image_size} px, "
           f"{args.rounds} interleaved rounds, load average {os.getloadavg()[0]:.2f} at the end")
-    print("| model | mode | fp32 img/s | bf16 img/s | bf16 / fp32 |")
-    print("|---|---|---:|---:|---:|")
-    for fp32, bf16 in zip(rows[::2], rows[1::2], strict=True):
-        print(f"| {fp32['model']} | {fp32['mode']} | {fp32['img_per_s']:.2f} | "
-              f"{bf16['img_per_s']:.2f} | {bf16['img_per_s'] / fp32['img_per_s']:.2f}x |")
+    print(f"| model | mode | fp32 img/s | bf16 img/s | bf16 / fp32 | x {after} (fp32, bf16) |"
+          + (f" x {peer} (fp32, bf16) |" if peer else ""))
+    print("|---|---|---:|---:|---:|---:|" + ("---:|" if peer else ""))
+    pairs = zip(runners[::2], runners[1::2], rows[::2], rows[1::2], strict=True)
+    for fp32, bf16, fp32_row, bf16_row in pairs:
+        line = (f"| {fp32.label} | {fp32.mode} | {fp32_row['img_per_s']:.2f} | "
+                f"{bf16_row['img_per_s']:.2f} | {speedup(bf16, fp32):.2f}x | "
+                f"{fp32_row['x_after']:.2f}, {bf16_row['x_after']:.2f} |")
+        if peer:
+            line += f" {fp32_row['x_peer']:.2f}, {bf16_row['x_peer']:.2f} |"
+        print(line)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=1))
 
