@@ -21,6 +21,16 @@ dispatch modes such as ``FlopCounterMode`` (they expect standard aten ops), and 
 but float32/bfloat16 CPU tensors; a backward with ``create_graph`` (double backward) uses
 differentiable aten products. Numbers equal the plain path up to
 float rounding (tested, values and gradients).
+
+Under CPU autocast to bfloat16 the fast path runs in bfloat16, as ``F.linear`` would under
+autocast: oneDNN's kernel is no autocast op, so handed float32 tensors it would multiply in
+float32 and the backbone's MLPs would miss autocast's speed-up. The input is cast
+(differentiably); a parameter is cast once and its copy reused until the parameter changes (see
+``_CASTS``): once per training step, and once for any number of inference calls, where
+autocast's own cache casts again in every ``autocast`` region and not at all for weights that need
+no gradient. The gradients reach the float32 parameters in float32, as autocast's do. Any other
+autocast (float16 on CPU, every GPU autocast) goes through ``F.linear``, which autocast handles
+itself.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils.weak import WeakIdKeyDictionary
 
 Activation = Literal["none", "gelu"]
 ACTIVATIONS: tuple[str, ...] = ("none", "gelu")
@@ -50,11 +61,26 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 _ONEDNN_MAX_ROWS_FOR_WEIGHT_GRAD = 2048
 
 
-def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    if not _ONEDNN or x.device.type != "cpu" or x.dtype not in _FUSED_DTYPES:
-        return False
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        return False
+def _compute_dtype(x: Tensor, weight: Tensor, bias: Tensor | None) -> torch.dtype | None:
+    """The dtype the oneDNN path multiplies in, or ``None`` where ``F.linear`` must serve."""
+    if not _ONEDNN or x.device.type != "cpu":
+        return None
+    dtype = x.dtype
+    if torch.is_autocast_enabled("cpu"):
+        # Autocast casts float32 (never float64) tensors to its dtype; float16 on a CPU is left
+        # to F.linear, whose autocast rule does it.
+        dtype = torch.get_autocast_dtype("cpu")
+        eligible = (torch.float32, dtype)
+        if dtype != torch.bfloat16 or any(
+            t is not None and t.dtype not in eligible for t in (x, weight, bias)
+        ):
+            return None
+    elif weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        return None
+    return dtype if dtype in _FUSED_DTYPES and _may_leave_aten(x, weight, bias) else None
+
+
+def _may_leave_aten(*tensors: Tensor | None) -> bool:
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     # A Python dispatch mode (FLOP counting, fake tensors, debug modes) wants the standard
@@ -62,7 +88,41 @@ def _use_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     if _get_current_dispatch_mode() is not None:
         return False
     # Functorch transforms (vmap, grad) wrap tensors; the oneDNN op has no batching rule.
-    return not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    return not any(
+        t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors
+    )
+
+
+# parameter -> (its version, its storage, its copy in the compute dtype); weak keys, so a copy
+# lives no longer than its parameter. Copies are detached (a copy holding an autograd edge to its
+# parameter would keep the parameter alive) and never written to: a changed parameter gets a new
+# copy, and a graph that saved the old one keeps it intact. The version counter misses two kinds of
+# write: fused optimizers (``fused=True``) and writes through ``.data``. The backward below drops
+# the copies of the parameters it computes gradients for, which covers an optimizer fed by
+# gradients from this function; a parameter changed by those two means with no backward through
+# here in between (gradients from a compiled graph, hand-written ``.data`` updates) would keep a
+# stale copy: such code must update through in-place ops that move the counter (``copy_``,
+# ``lerp_`` under ``torch.no_grad()``, a for-loop or ``foreach`` optimizer).
+_CASTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _cast_param(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``t`` in ``dtype``, detached; a leaf's copy is reused until the leaf changes."""
+    if t is None or t.dtype == dtype:
+        return t
+    # Inference tensors keep no version counter, and a non-leaf (a concatenation of weights) is a
+    # new tensor at every call: neither can be cached.
+    cacheable = t.is_leaf and not t.is_inference()
+    if cacheable:
+        entry = _CASTS.get(t)
+        if entry is not None and entry[0] == t._version and entry[1] == t.data_ptr():
+            return entry[2]
+    # Outside inference mode, so the copy may be saved for a backward later.
+    with torch.inference_mode(False), torch.no_grad():
+        copy = t.to(dtype)
+    if cacheable:
+        _CASTS[t] = (t._version, t.data_ptr(), copy)
+    return copy
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
@@ -94,42 +154,83 @@ def _onednn_weight_grad(grad: Tensor, x: Tensor) -> Tensor:
 
 class _OneDnnLinear(torch.autograd.Function):
     """``x @ weight^T + bias`` by oneDNN, with its gradients (differentiable again when the
-    backward runs with ``create_graph``)."""
+    backward runs with ``create_graph``).
+
+    ``weight_c`` and ``bias_c`` are ``weight`` and ``bias`` in ``x``'s dtype: the same tensors,
+    or under autocast detached copies (``_cast_param``). The product uses the copies; the
+    gradients go to ``weight`` and ``bias`` in their own dtype (computed in ``x``'s, as
+    autocast's are).
+    """
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
-        return _onednn_linear(x, weight, bias)
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None,  # type: ignore[override]
+                weight_c: Tensor, bias_c: Tensor | None) -> Tensor:
+        return _onednn_linear(x, weight_c, bias_c)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        x, weight, bias = inputs
-        ctx.save_for_backward(x, weight)
+        x, weight, bias, weight_c, _ = inputs
+        ctx.save_for_backward(x, weight, weight_c, bias)
         ctx.has_bias = bias is not None
+        ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.cast = weight_c is not weight
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        rows = grad.reshape(-1, grad.shape[-1])
-        # Under create_graph (double backward) grad mode is on here: every product is then a
-        # differentiable aten op, never oneDNN's.
-        onednn = not torch.is_grad_enabled()
-        if ctx.needs_input_grad[0]:
-            if onednn:
-                # The transposed weight goes in as a view: oneDNN repacks it anyway, and a
-                # contiguous copy first cost more than oneDNN saves over BLAS on small inputs.
-                grad_x = _onednn_linear(grad, weight.t(), None)
-            else:
-                grad_x = (rows @ weight).reshape(*grad.shape[:-1], weight.shape[1])
+        x, weight, weight_c, bias = ctx.saved_tensors
+        # A gradient for a parameter means an update may follow, and fused optimizers update
+        # in place without moving the version counter: its next use must cast afresh.
         if ctx.needs_input_grad[1]:
-            inputs = x.reshape(-1, x.shape[-1])
-            if onednn and rows.shape[0] <= _ONEDNN_MAX_ROWS_FOR_WEIGHT_GRAD:
-                grad_w = _onednn_weight_grad(rows, inputs)
-            else:
-                grad_w = rows.t() @ inputs
+            _CASTS.pop(weight, None)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = rows.sum(0)
-        return grad_x, grad_w, grad_b
+            _CASTS.pop(bias, None)
+        # Under create_graph (double backward) grad mode is on here: every product is then a
+        # differentiable aten op, never oneDNN's, and the weight is cast again differentiably
+        # (the cached copy has no edge back to the parameter).
+        onednn = not torch.is_grad_enabled()
+        if onednn or not ctx.cast:
+            weight = weight_c
+        else:
+            weight = weight.to(weight_c.dtype)
+        # A backward run inside an autocast region must not recast: the products keep the
+        # forward's dtype.
+        with torch.autocast("cpu", enabled=False):
+            needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                     ctx.has_bias and ctx.needs_input_grad[2])
+            grad_x, grad_w, grad_b = _linear_grads(grad, x, weight, needs, onednn)
+        weight_dtype, bias_dtype = ctx.param_dtypes
+        if grad_w is not None:
+            grad_w = grad_w.to(weight_dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(bias_dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _linear_grads(grad: Tensor, x: Tensor, weight: Tensor, needs: tuple[bool, bool, bool],
+                  onednn: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of ``x @ weight^T + bias`` for ``grad (..., out)``, ``x (..., in)``,
+    ``weight (out, in)``: ``(..., in)``, ``(out, in)``, ``(out,)``, each where ``needs`` says.
+    In ``x``'s dtype, as autocast computes them: the bfloat16 sum accumulates in float32 and
+    rounds once, while asking for a float32 result converts the whole gradient first, ten times
+    the sum's time at stage 1 (docs/benchmarks.md, "bf16 autocast on the CPU")."""
+    grad_x = grad_w = grad_b = None
+    rows = grad.reshape(-1, grad.shape[-1])
+    if needs[0]:
+        if onednn:
+            # The transposed weight goes in as a view: oneDNN repacks it anyway, and a
+            # contiguous copy first cost more than oneDNN saves over BLAS on small inputs.
+            grad_x = _onednn_linear(grad, weight.t(), None)
+        else:
+            grad_x = (rows @ weight).reshape(*grad.shape[:-1], weight.shape[1])
+    if needs[1]:
+        inputs = x.reshape(-1, x.shape[-1])
+        if onednn and rows.shape[0] <= _ONEDNN_MAX_ROWS_FOR_WEIGHT_GRAD:
+            grad_w = _onednn_weight_grad(rows, inputs)
+        else:
+            grad_w = rows.t() @ inputs
+    if needs[2]:
+        grad_b = rows.sum(0)
+    return grad_x, grad_w, grad_b
 
 
 def linear(
@@ -148,10 +249,12 @@ def linear(
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    if not _use_onednn(x, weight, bias):
+    dtype = _compute_dtype(x, weight, bias)
+    if dtype is None:
         out = F.linear(x, weight, bias)
-    elif not _needs_grad(x, weight, bias):
-        return _onednn_linear(x, weight, bias, attr=activation)
     else:
-        out = _OneDnnLinear.apply(x, weight, bias)
+        weight_c, bias_c = _cast_param(weight, dtype), _cast_param(bias, dtype)
+        if not _needs_grad(x, weight, bias):
+            return _onednn_linear(x.to(dtype), weight_c, bias_c, attr=activation)
+        out = _OneDnnLinear.apply(x.to(dtype), weight, bias, weight_c, bias_c)
     return F.gelu(out) if activation == "gelu" else out
