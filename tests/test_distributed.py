@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -178,16 +179,16 @@ def test_group_store_skips_a_dead_groups_entry(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(agent_server.port))
-    timeout = timedelta(seconds=120)  # a safety net: the wait ends when rank 0 publishes
+    timeout = timedelta(seconds=600)  # a safety net: the wait ends when rank 0 publishes
     agent = agent_store(timeout)
     agent.set("clusterformer/group-store", f"{_free_port()} dead-group-nonce")  # the dead group's
     joined: dict = {}
     rank1 = threading.Thread(target=lambda: joined.update(store=group_store(
         agent_store(timeout), 1, 2, timeout)))  # fmt: skip
     rank1.start()
-    rank1.join(timeout=3)  # still waiting: the entry it found leads nowhere
-    assert rank1.is_alive()
+    time.sleep(3)  # not a clock it races: under load rank 1 only has had less time to go wrong
+    assert rank1.is_alive()  # still waiting: the entry it found leads nowhere
     rank0 = group_store(agent, 0, 2, timeout)
     rank0.set("from-rank-0", "fresh")
-    rank1.join(timeout=120)
+    rank1.join(timeout=600)
     assert not rank1.is_alive() and joined["store"].get("from-rank-0") == b"fresh"
