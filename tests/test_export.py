@@ -179,6 +179,28 @@ def test_detection_topk_matches_task_postprocess() -> None:
         assert torch.allclose(xyxy[i], exp["boxes"], atol=1e-5)
 
 
+def test_semantic_margins_are_judged_on_the_scores_scale() -> None:
+    """A margin is a difference of two scores: an undertrained model whose classes score alike
+    (margins near 0, scores near 6) passes with float32 noise of its scores (1e-5; relative to
+    the margins' own max that was 2.5e-4 and failed cf export), and fails with a real error."""
+    names = ("label_map", "label_scores", "label_margins")
+    scores = torch.full((1, 4, 4), 6.0)
+    margins = torch.full((1, 4, 4), 0.05)
+    label_map = torch.zeros((1, 4, 4), dtype=torch.long)
+
+    def eager(images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return label_map, scores, margins
+
+    def exported(noise: float):  # noqa: ANN202 - a runner
+        return lambda images: [label_map, scores + noise, margins + noise]
+
+    inputs = [("shapes", torch.zeros(1, 3, 4, 4))]
+    results = parity.check_parity(exported(1.3e-5), eager, names, inputs, 1e-4)
+    assert all(r.ok for r in results), results
+    failed = [r.output for r in parity.check_parity(exported(1e-2), eager, names, inputs, 1e-4) if not r.ok]
+    assert failed == ["label_scores", "label_margins"]
+
+
 def test_parity_helpers() -> None:
     for size in (32, 48, 64, 224, 320, 512):
         h, w = parity.second_size(size)
