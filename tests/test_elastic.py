@@ -113,39 +113,35 @@ def test_first_start_still_refuses_a_run_with_a_checkpoint(shards: Path, tmp_pat
     assert "already holds a checkpoint; pass --resume" in text
 
 
-def test_resume_on_fewer_processes_keeps_the_global_batch(shards: Path, tmp_path: Path) -> None:
-    """2 processes x batch 4 to the end of epoch 1 (6 steps of 48 samples), then 1 process:
-    accumulation 2 keeps the global batch of 8 and the next epoch starts afresh. Before,
-    the resume ran with a global batch of 4 and silently rescaled nothing."""
-    run, log = tmp_path / "run", tmp_path / "torchrun.log"
-    first = start([*torchrun(2), *CF_MODULE, *train_argv(shards, run, 6, "--save-every", "6")],
-                  log)  # fmt: skip
-    assert "trained 6 steps" in finish(first, log)
-    more = start([*torchrun(1), *CF_MODULE, *train_argv(shards, run, 12, "--resume")], log)
-    text = finish(more, log)
-    assert more.returncode == 0, text[-3000:]
-    assert "world size 2 -> 1: gradient accumulation 1 -> 2 keeps the global batch of 8" in text
-    config = json.loads((run / "config.json").read_text())
-    assert config["optim"]["accum_steps"] == 2 and config["run"]["global_batch"] == 8
-    assert config["run"]["world_size"] == 1 and config["run"]["steps_per_epoch"] == 6
-    assert max(trained_steps(run)) == 12
+# (processes, extra flags, steps) of the first run, then of the resumed one; the start line;
+# the resumed run's accumulation, global batch and steps per epoch. Before, a resume kept the
+# old accumulation (a global batch of 4, resp. 8) and said nothing.
+WORLD_CHANGES = {
+    "fewer": ((2, ("--save-every", "6"), 6), (1, 12),
+              "world size 2 -> 1: gradient accumulation 1 -> 2 keeps the global batch of 8", (2, 8, 6)),
+    "more": ((1, ("--accum-steps", "4"), 3), (2, 6),
+             "world size 1 -> 2: gradient accumulation 4 -> 2 keeps the global batch of 16", (2, 16, 3)),
+}  # fmt: skip
 
 
-def test_resume_on_more_processes_keeps_the_global_batch(shards: Path, tmp_path: Path) -> None:
-    """1 process x batch 4 x accumulation 4 to an epoch's end (3 steps of 16 of 48 samples),
-    then 2 processes (a node joined): accumulation 2 keeps the global batch of 16. Before,
-    the resume ran accumulation 1, a global batch of 8, and said nothing."""
+@pytest.mark.parametrize("change", WORLD_CHANGES)
+def test_resume_on_another_world_size_keeps_the_global_batch(shards: Path, tmp_path: Path,
+                                                             change: str) -> None:  # fmt: skip
+    """Train to the end of an epoch (48 samples), resume on another number of processes (a
+    node gone, a node joined): gradient accumulation keeps the global batch, said on the start
+    line and recorded, and the next epoch starts afresh."""
+    (procs, flags, steps), (more_procs, total), line, (accum, batch, per_epoch) = WORLD_CHANGES[change]
     run, log = tmp_path / "run", tmp_path / "torchrun.log"
-    first = start([*torchrun(1), *CF_MODULE, *train_argv(shards, run, 3, "--accum-steps", "4")],
-                  log)  # fmt: skip
-    assert "trained 3 steps" in finish(first, log)
-    more = start([*torchrun(2), *CF_MODULE, *train_argv(shards, run, 6, "--resume")], log)
+    first = start([*torchrun(procs), *CF_MODULE, *train_argv(shards, run, steps, *flags)], log)
+    assert f"trained {steps} steps" in finish(first, log)
+    more = start([*torchrun(more_procs), *CF_MODULE, *train_argv(shards, run, total, "--resume")], log)
     text = finish(more, log)
     assert more.returncode == 0, text[-3000:]
-    assert "world size 1 -> 2: gradient accumulation 4 -> 2 keeps the global batch of 16" in text
+    assert line in text
     config = json.loads((run / "config.json").read_text())
-    assert config["optim"]["accum_steps"] == 2 and config["run"]["global_batch"] == 16
-    assert config["run"]["steps_per_epoch"] == 3 and max(trained_steps(run)) == 6
+    assert config["optim"]["accum_steps"] == accum and config["run"]["global_batch"] == batch
+    assert config["run"]["world_size"] == more_procs and config["run"]["steps_per_epoch"] == per_epoch
+    assert max(trained_steps(run)) == total
 
 
 def test_resume_mid_epoch_on_another_world_size_is_refused(shards: Path, tmp_path: Path) -> None:
