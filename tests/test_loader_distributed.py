@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clusterformer.data import LoaderSpec, build_loader
-from clusterformer.data.loader import batches_per_rank, plan_epoch
+from clusterformer.data.epoch_plan import batches_per_rank, plan_epoch
 from clusterformer.data.shapes import make_shapes
 from clusterformer.data.shards import write_shards
 from clusterformer.data.streams import open_raw

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from clusterformer.data.loader import batches_per_rank
+from clusterformer.data.epoch_plan import batches_per_rank
 from clusterformer.engine.config import TrainConfig
 from clusterformer.engine.run_folder import Resumable, RunFolderError
 
