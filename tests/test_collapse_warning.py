@@ -76,6 +76,16 @@ def test_cf_predict_warns_once_about_a_collapsed_segmenter(
     assert code == 0 and not _warnings(err), err
 
 
+def test_cf_eval_warns_once_with_the_ground_truth_share(
+    collapsed_semantic: dict, capsys: pytest.CaptureFixture
+) -> None:
+    code, err = _cf(["eval", "--ckpt", collapsed_semantic["collapsed"], "--data",
+                     collapsed_semantic["shards"]], capsys)  # fmt: skip
+    assert code == 0, err
+    lines = _warnings(err)
+    assert len(lines) == 1 and "'sky'" in lines[0] and "ground truth" in lines[0], err
+
+
 # ----------------------------------------------------------------------------- classification
 def _classifier_predicting(klass: int, target: Path) -> Path:
     with safe_open(str(LEGACY_CKPT), "pt") as f:
