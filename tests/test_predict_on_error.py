@@ -108,3 +108,23 @@ def test_usage_errors_are_one_line_exit_2(
     else:
         assert "ignore" in line and "skip" in line, line
     assert not (tmp_path / "out").exists()
+
+
+def test_the_library_skips_the_same_way_one_entry_per_input(folder: Path) -> None:
+    import clusterformer
+    from clusterformer.data.errors import ImageDecodeError
+
+    predictor = clusterformer.load(LEGACY_CKPT, device="cpu")
+    inputs = [folder / "a.jpg", folder / "b.jpg", folder / "gone.jpg", folder / "c.jpg"]
+    with pytest.warns(UserWarning) as caught:
+        preds = predictor(inputs, on_error="skip", batch_size=2)
+    assert [None if p is None else Path(p.image).name for p in preds] == ["a.jpg", None, None, "c.jpg"]
+    said = [str(w.message) for w in caught]
+    assert any("b.jpg" in m and "cannot decode" in m for m in said), said
+    assert any("gone.jpg" in m for m in said), said
+    alone = predictor([folder / "a.jpg", folder / "c.jpg"])
+    assert [p.to_dict() for p in alone] == [preds[0].to_dict(), preds[3].to_dict()]
+    with pytest.raises(ImageDecodeError, match="b.jpg"):
+        predictor(inputs[:2])  # the default still raises
+    with pytest.raises(ValueError, match="on_error"):
+        predictor(inputs[:1], on_error="ignore")
