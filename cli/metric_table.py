@@ -7,12 +7,15 @@ Every ``cf`` metric that is a rate is in percent (0-100); the count keys below a
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
 # Keys that count things (never percent); ``num_*`` are counts too.
 COUNT_KEYS = frozenset({"step", "unmatched_predictions"})
 UNITS = {"image_size": "px"}
+# Top-k accuracy keys (``top5``): meaningless in a table when k >= the number of classes.
+TOP_K = re.compile(r"top(\d+)")
 
 
 def is_count(key: str) -> bool:
@@ -52,9 +55,20 @@ def _note(values: list[Any], unit: str) -> str:
     return note + ("; n/a: no ground truth" if any(v == -1 for v in values) else "")
 
 
-def summary_table(metrics: Mapping[str, Any]) -> Any:
+def trivial_top_k(metrics: Mapping[str, Any], num_classes: int | None) -> list[str]:
+    """The ``top<k>`` keys of ``metrics`` with ``k >= num_classes``: every image's class is
+    among the top k, so the value says nothing (100 %)."""
+    if num_classes is None:
+        return []
+    return [key for key in metrics
+            if (m := TOP_K.fullmatch(key)) is not None and int(m.group(1)) >= num_classes]  # fmt: skip
+
+
+def summary_table(metrics: Mapping[str, Any], num_classes: int | None = None) -> Any:
     """A rich renderable: a table of metric, value, unit and a line saying rates are percent
-    (printed under the table, not as its caption, so it never wraps to the table's width)."""
+    (printed under the table, not as its caption, so it never wraps to the table's width).
+    ``num_classes``: a classifier's class count; top-k rows for k >= it are left out, and the
+    note says so."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -63,16 +77,33 @@ def summary_table(metrics: Mapping[str, Any]) -> Any:
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("unit")
-    for key, value in metrics.items():
+    left_out = trivial_top_k(metrics, num_classes)
+    shown = {k: v for k, v in metrics.items() if k not in left_out}
+    for key, value in shown.items():
         table.add_row(key, format_value(key, value), unit_of(key, value))
-    return Group(table, Text(_note(list(metrics.values()), "")))
+    note = _note(list(shown.values()), "")
+    if left_out:
+        note += (f"; {', '.join(left_out)} not shown: with {num_classes} classes every image's "
+                 "class is among them")  # fmt: skip
+    return Group(table, Text(note))
 
 
-def per_class_table(per_class: Mapping[str, Mapping[str, Any]]) -> Any:
-    """A rich renderable: one row per class, one column per metric (percent), and its note."""
+def is_empty(row: Mapping[str, Any]) -> bool:
+    """A per-class row with nothing to score: every value n/a (``-1``) or missing."""
+    return all(v is None or (isinstance(v, int | float) and v == -1) for v in row.values())
+
+
+def per_class_table(per_class: Mapping[str, Mapping[str, Any]], show_empty: bool = False) -> Any:
+    """A rich renderable: one row per class, one column per metric (percent), and its note.
+    Classes with nothing to score (:func:`is_empty`) are left out unless ``show_empty``: at 150
+    classes they bury the rest; the note says how many."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
+
+    hidden = 0 if show_empty else sum(1 for row in per_class.values() if is_empty(row))
+    if hidden:
+        per_class = {name: row for name, row in per_class.items() if not is_empty(row)}
 
     columns: list[str] = []
     for row in per_class.values():
@@ -84,4 +115,8 @@ def per_class_table(per_class: Mapping[str, Mapping[str, Any]]) -> Any:
     for name, row in per_class.items():
         table.add_row(name, *(format_value(c, row.get(c)) for c in columns))
     values = [v for row in per_class.values() for v in row.values()]
-    return Group(table, Text(_note(values, ", by class")))
+    note = _note(values, ", by class")
+    if hidden:
+        note += (f"; {hidden} class(es) with nothing to score (no ground truth, no prediction) "
+                 "not shown: --show-empty lists them")  # fmt: skip
+    return Group(table, Text(note))

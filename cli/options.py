@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -41,6 +42,15 @@ ScoreThreshold = Annotated[float, typer.Option(
     "--score-threshold", help="Detection / instance: keep objects scoring at least this (0-1).")]
 MaxDetections = Annotated[int, typer.Option(
     "--max-detections", "--max-dets", help="Detection / instance: at most this many objects per image.")]
+
+
+class OnError(str, Enum):
+    """``--on-error``: what a bad input (sample, image) does to the command."""
+
+    stop = "stop"
+    skip = "skip"
+
+
 Checkpoint = Annotated[Path, typer.Option("--ckpt", help="A run folder or a .safetensors checkpoint.")]
 
 

@@ -21,12 +21,13 @@ from clusterformer.cli.options import (
     Device,
     ImageSize,
     MaxDetections,
+    OnError,
     ScoreThreshold,
     Slide,
     Tta,
     flag_errors,
 )
-from clusterformer.cli.prediction_notes import empty_prediction_warning
+from clusterformer.cli.prediction_notes import ClassTally, empty_prediction_warning
 
 # Above this many images (or with any video) the records go to OUT/predictions.jsonl, one line
 # each as they are made, instead of a JSON file per image plus predictions.json held in memory.
@@ -52,6 +53,8 @@ def predict_command(
     device: Device = None,
     amp: Amp = "none",
     compile_model: Compile = False,
+    on_error: Annotated[OnError, typer.Option("--on-error", help="An input that cannot be read (not an image, truncated, over --max-image-pixels): stop (the default: one line names it, exit 1, nothing written) or skip (each such input named on stderr and left out, the rest predicted and written, a count at the end; exit 0 unless no input could be read).")] = OnError.stop,
+    task: Annotated[str | None, typer.Option("--task", hidden=True)] = None,
 ) -> None:
     """Predict on images and videos with a trained model: draws what the task predicts
     (boxes, coloured masks or the top class, with names and scores) on each image
@@ -60,9 +63,16 @@ def predict_command(
     every image's), or per image and frame into a JSON Lines file (--jsonl, videos,
     large sets). <name> is the input's stem, made unique in input order with -2, -3, ...
     (see --out): OUT may be the input folder. The same predictions in Python:
-    clusterformer.load(CKPT)(image) (README: Python API)."""
+    clusterformer.load(CKPT)(image) (README: Python API).
+
+    A semantic model that puts 95 % or more of the pixels of 2 or more images in one class,
+    or a classifier that gives 95 % or more of 10 or more images one class, is warned about
+    in one line (a model collapsed to one class)."""
     from clusterformer.inference import check_settings
 
+    if task is not None:  # detectron2 / ultralytics users reach for it
+        raise UserError(f"--task {task}: cf predict takes the task from the checkpoint (--ckpt); "
+                        "leave --task out")  # fmt: skip
     with flag_errors():
         check_settings(amp=amp, score_threshold=score_threshold, max_detections=max_detections,
                        batch_size=batch_size)  # fmt: skip
@@ -76,7 +86,7 @@ def predict_command(
                                 score_threshold=score_threshold, max_detections=max_detections,
                                 image_size=image_size, device=device, amp=amp,
                                 compile=compile_model, batch_size=batch_size, slide=slide,
-                                tta=tta)  # fmt: skip
+                                tta=tta, on_error=on_error.value)  # fmt: skip
     stream = records_file(images, out, jsonl)
     if stream is None:
         typer.echo(f"wrote {len(everything)} overlay(s) and predictions.json to {out}")
@@ -169,12 +179,14 @@ def _removed_on_failure(written: list[Path]) -> Iterator[None]:
 
 
 def predict_images(ckpt: Path, images: list[Path], out: Path, *, workers: int = 0,
-                   jsonl: Path | None = None, **settings: Any) -> list[dict[str, Any]]:  # fmt: skip
+                   jsonl: Path | None = None, on_error: str = "stop",
+                   **settings: Any) -> list[dict[str, Any]]:  # fmt: skip
     """Run checkpoint ``ckpt`` on ``images`` (image and video files) in batches; write the
     overlays and records (see ``cf predict --help``) and return the records in input order
     (video frames in frame order). ``settings`` are :func:`clusterformer.load`'s keywords
     (device, amp, compile, score_threshold, ...): the model side is its; ``workers`` decode
-    images and write overlays, ``jsonl`` is ``--jsonl``."""
+    images and write overlays, ``jsonl`` is ``--jsonl``, ``on_error`` ``--on-error`` (``"stop"``
+    or ``"skip"``)."""
     from clusterformer.data.output_lock import hold_output
     from clusterformer.data.video import VideoExtraMissing, is_video, video_backend
     from clusterformer.inference import load
@@ -185,42 +197,102 @@ def predict_images(ckpt: Path, images: list[Path], out: Path, *, workers: int = 
         raise DataError(str(VideoExtraMissing(videos[0])))
     with flag_errors():
         predictor = load(ckpt, **settings)  # usage errors name the flags
-    with hold_output(out, "cf predict"):  # one writer per output folder
-        return _write_predictions(predictor, images, out, names, jsonl, workers)
+    made = not out.exists()
+    try:
+        with hold_output(out, "cf predict"):  # one writer per output folder
+            run = _PredictRun(predictor, images, out, names, jsonl, workers, on_error)
+            return run.write()
+    except BaseException:
+        if made:  # the folder this run made, empty again once its files are removed
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
 
 
-def _write_predictions(predictor: Any, images: list[Path], out: Path, names: list[str],
-                       jsonl: Path | None, workers: int) -> list[dict[str, Any]]:  # fmt: skip
-    """Every input through ``predictor`` (a :class:`clusterformer.inference.Predictor`), its
-    record and overlay written under its name; nothing left behind when a batch fails."""
-    from clusterformer.cli.predict_outputs import PredictionWriter
-    from clusterformer.cli.progress import progress_bar
-    from clusterformer.data.video import is_video
+class _PredictRun:
+    """One ``cf predict`` run: every input through ``predictor`` (a
+    :class:`clusterformer.inference.Predictor`), its record and overlay written under its name;
+    unreadable inputs stop the run (nothing left behind) or, with ``on_error="skip"``, are
+    named on stderr and left out; one class taking nearly every prediction is warned about."""
 
-    written: list[Path] = []
-    out.mkdir(parents=True, exist_ok=True)
-    writer = PredictionWriter(out, records_file(images, out, jsonl), written, threads=workers)
-    complete = False
-    total = None if any(is_video(p) for p in images) else len(images)
-    with _removed_on_failure(written), progress_bar("predict", total) as advance:
+    def __init__(self, predictor: Any, images: list[Path], out: Path, names: list[str],
+                 jsonl: Path | None, workers: int, on_error: str) -> None:  # fmt: skip
+        self.predictor, self.images, self.out, self.names = predictor, images, out, names
+        self.jsonl, self.workers, self.on_error = jsonl, workers, on_error
+        self.tally = ClassTally(predictor.task.name, [str(c.get("name", c.get("id")))
+                                                      for c in predictor.categories])  # fmt: skip
+        self.skipped = 0
+
+    def write(self) -> list[dict[str, Any]]:
+        from clusterformer.cli.predict_outputs import PredictionWriter
+        from clusterformer.cli.progress import progress_bar
+        from clusterformer.data.video import is_video
+
+        written: list[Path] = []
+        self.out.mkdir(parents=True, exist_ok=True)
+        stream = records_file(self.images, self.out, self.jsonl)
+        writer = PredictionWriter(self.out, stream, written, threads=self.workers)
+        complete = False
+        total = None if any(is_video(p) for p in self.images) else len(self.images)
+        with _removed_on_failure(written), progress_bar("predict", total) as advance:
+            try:
+                for loader in _loaders(self.images, self.predictor.transform,
+                                       self.predictor.batch_size, self.workers):  # fmt: skip
+                    writer.drain()
+                    self._predict_loader(loader, writer, advance)
+                if self.skipped and not writer.everything:
+                    raise DataError(f"none of the {self.skipped} input(s) could be read (each "
+                                    "named above); nothing was predicted")  # fmt: skip
+                complete = True
+            finally:
+                writer.close(complete)
+        self._finish()
+        return writer.everything
+
+    def _predict_loader(self, loader: Any, writer: Any, advance: Any) -> None:
+        from clusterformer.data.errors import ImageDecodeError
+
+        before = len(writer.everything)
         try:
-            for loader in _loaders(images, predictor.transform, predictor.batch_size, workers):
-                writer.drain()
-                for batch in loader:
-                    if batch["errors"]:
-                        raise DataError(batch["errors"][0])
-                    for i, pred in enumerate(predictor.predict_batch(batch)):
-                        record = pred.to_dict()
-                        warning = empty_prediction_warning(record["image"], record, pred.raw,
-                                                           predictor.score_threshold)  # fmt: skip
-                        if warning is not None:
-                            print(warning, file=sys.stderr, flush=True)
-                        writer.add(record, batch["raw"][i], names[batch["index"][i]], pred.frame)
-                        advance()
-            complete = True
-        finally:
-            writer.close(complete)
-    return writer.everything
+            for batch in loader:
+                self._predict_batch(batch, writer, advance)
+        except ImageDecodeError as exc:  # a video that does not decode (images: per sample)
+            if self.on_error == "stop":
+                raise
+            kept = len(writer.everything) - before
+            note = f" (its {kept} frame(s) read before the error are kept)" if kept else ""
+            print(f"cf predict: skipped {exc}{note}", file=sys.stderr, flush=True)
+            self.skipped += 1
+
+    def _predict_batch(self, batch: dict[str, Any], writer: Any, advance: Any) -> None:
+        for message in batch["errors"]:
+            if self.on_error == "stop":
+                raise DataError(message)
+            print(f"cf predict: skipped {message}", file=sys.stderr, flush=True)
+            self.skipped += 1
+            advance()
+        if "images" not in batch:  # every input of the batch was unreadable
+            return
+        predictor = self.predictor
+        for i, pred in enumerate(predictor.predict_batch({**batch, "errors": []})):
+            record = pred.to_dict()
+            warning = empty_prediction_warning(record["image"], record, pred.raw,
+                                               predictor.score_threshold)  # fmt: skip
+            if warning is not None:
+                print(warning, file=sys.stderr, flush=True)
+            self.tally.add(pred)
+            writer.add(record, batch["raw"][i], self.names[batch["index"][i]], pred.frame)
+            advance()
+
+    def _finish(self) -> None:
+        """The run's closing lines on stderr: the collapse warning, the count of skipped inputs."""
+        warning = self.tally.warning()
+        if warning is not None:
+            print(warning, file=sys.stderr, flush=True)
+        if self.skipped:
+            print(f"cf predict: skipped {self.skipped} of {len(self.images)} input(s) that could "
+                  "not be read (each named above); the others were predicted", file=sys.stderr,
+                  flush=True)  # fmt: skip
 
 
 def plan_output_names(images: list[Path], out: Path, jsonl: Path | None) -> list[str]:

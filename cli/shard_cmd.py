@@ -7,17 +7,14 @@ from pathlib import Path
 
 import typer
 
+from clusterformer.cli.options import OnError
+
 
 class Format(str, Enum):
     coco = "coco"
     coco_panoptic = "coco-panoptic"
     ade20k = "ade20k"
     imagefolder = "imagefolder"
-
-
-class OnError(str, Enum):
-    stop = "stop"
-    skip = "skip"
 
 
 def register(app: typer.Typer) -> None:

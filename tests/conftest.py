@@ -122,3 +122,53 @@ def _shift_mask_embedding(run, target):  # noqa: ANN001, ANN202
     tensors["mask_embed.layers.2.bias"] = bias + 5 * shift
     save_file(tensors, str(target), metadata=metadata)
     return target
+
+
+# -------------------------------------------------------------- a collapsed semantic model
+# Shared by test_collapse_warning.py and test_eval_readable.py (session scope: built once).
+
+
+@pytest.fixture(scope="session")
+def collapsed_semantic(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """A 1-step semantic clusterformer-nano run on 4 make-shapes scenes whose dataset lists two
+    classes no pixel has ("unused-a", "unused-b"), and a copy of its weights whose class head
+    puts every query in class "sky": ``{"images", "shards", "run", "collapsed", "class"}``."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from clusterformer.data import make_shapes, open_source, write_shards
+    from clusterformer.engine.checkpoint import resolve_checkpoint
+    from clusterformer.engine.config_files import resolve_config
+    from clusterformer.engine.loop import train
+
+    root = tmp_path_factory.mktemp("collapsed")
+    made = make_shapes(root / "shapes", num_images=4, image_size=48, seed=0)
+    shards = root / "shards"
+    write_shards(open_source("ade20k", made["images"], made["classes_json"],
+                             made["semantic_masks"]), shards, samples_per_shard=8)  # fmt: skip
+    info = json.loads((shards / "dataset.json").read_text())
+    last = max(int(c["id"]) for c in info["categories"])
+    info["categories"] += [{"id": last + 1 + i, "name": name, "isthing": False,
+                            "train_id": len(info["categories"]) + i}
+                           for i, name in enumerate(("unused-a", "unused-b"))]  # fmt: skip
+    (shards / "dataset.json").write_text(json.dumps(info))
+    cfg = resolve_config(task="semantic", data=str(shards), out=str(root / "run"),
+                         model="clusterformer-nano", steps=1, batch_size=2, image_size=32,
+                         lr=1e-3, device="cpu", log_every=1, hidden_dim=32, decoder_heads=2,
+                         decoder_ffn_dim=64, num_queries=10, decoder_layers=3)  # fmt: skip
+    run = train(cfg, handle_signals=False).run_dir
+    sky = next(c["train_id"] for c in info["categories"] if c["name"] == "sky")
+    with safe_open(str(resolve_checkpoint(run)), "pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - no iteration on f
+    for key in [k for k in tensors if k.endswith("class_head.bias")]:
+        bias = torch.zeros_like(tensors[key])
+        bias[sky] = 50.0  # every query's class: sky, far above "no object" and the rest
+        tensors[key] = bias
+    save_file(tensors, str(root / "collapsed.safetensors"), metadata=metadata)
+    return {"images": sorted(Path(made["images"]).glob("*.jpg")), "shards": shards, "run": run,
+            "collapsed": root / "collapsed.safetensors", "class": "sky"}

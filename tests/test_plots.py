@@ -133,7 +133,8 @@ def test_panoptic_evaluator_per_class_pq_of_present_classes():
 def test_eval_plots_write_confusion_and_bars(tmp_path):
     pytest.importorskip("matplotlib")
     written = write_eval_plots(tmp_path / "plots", "", {"mIoU": 75.0}, _semantic_evaluator())
-    assert [p.name for p in written] == ["confusion_matrix.png", "per_class_IoU.png"]
+    assert [p.name for p in written] == ["confusion_matrix.png", "confused_pairs.png",
+                                         "per_class_IoU.png"]  # fmt: skip
     for path in written:
         width, height = _png_size(path)
         assert 200 < width < 4500 and 100 < height < 4500
@@ -146,7 +147,7 @@ def test_a_150_class_confusion_matrix_stays_a_readable_size(tmp_path):
     counts = np.random.default_rng(0).integers(0, 50, (150, 150))
     path = draw_confusion(counts, [f"class {i}" for i in range(150)], tmp_path / "c.png", "t")
     width, height = _png_size(path)
-    assert 2000 < width < 4500 and 2000 < height < 4500  # capped at 40 inches, 100 dpi
+    assert 1200 < width < 2600 and 1200 < height < 2600  # 0.12 in a class, names included
 
 
 def test_eval_plots_of_an_evaluator_without_either_write_nothing(tmp_path):
@@ -236,9 +237,10 @@ def test_cf_eval_plots_of_a_checkpoint(small_run, fault_shards, tmp_path, capsys
     assert run_cf(["eval", "--ckpt", str(small_run), "--data", str(fault_shards),
                    "--plots-dir", str(out)]) == 0  # fmt: skip
     printed = capsys.readouterr().out
-    assert "wrote 2 plot(s)" in printed
-    assert printed.index("top1") < printed.index("wrote 2 plot(s)")  # the table, then where the plots are
-    assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.png", "per_class_Acc.png"]
+    assert "wrote 3 plot(s)" in printed
+    assert printed.index("top1") < printed.index("wrote 3 plot(s)")  # the table, then where the plots are
+    assert sorted(p.name for p in out.iterdir()) == ["confused_pairs.png", "confusion_matrix.png",
+                                                     "per_class_Acc.png"]  # fmt: skip
     for path in out.iterdir():
         width, height = _png_size(path)
         assert width > 300 and height > 150
@@ -249,7 +251,7 @@ def test_cf_eval_plots_go_next_to_out(small_run, fault_shards, tmp_path):
     assert run_cf(["eval", "--ckpt", str(small_run), "--data", str(fault_shards), "--plots",
                    "--out", str(tmp_path / "m.json")]) == 0  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "m.confusion_matrix.png", "m.json", "m.per_class_Acc.png"]
+        "m.confused_pairs.png", "m.confusion_matrix.png", "m.json", "m.per_class_Acc.png"]
     matrix = json.loads((tmp_path / "m.json").read_text())
     assert matrix["num_samples"] == 16
 

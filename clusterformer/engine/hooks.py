@@ -163,7 +163,7 @@ class CheckpointHook(HookBase):
             self.last = self.save(trainer, periodic=True)
         if any_rank(trainer.stop.signum is not None, trainer.env):
             path = self.save(trainer, periodic=False)
-            trainer.log.message(f"stopping on signal at step {step}; checkpoint {path}")
+            # The exception says it (cf train prints it as its one line): no log line besides.
             raise TrainingInterrupted(trainer.stop.signum or signal.SIGTERM, step, path)
 
     def after_train(self, trainer: Trainer) -> None:

@@ -31,6 +31,7 @@ from clusterformer.tasks import Task
 from clusterformer.tasks.tta import InferencePlan, make_plan
 
 AMP_MODES = ("bf16", "fp16", "none")
+ON_ERROR = ("raise", "skip")
 
 
 class SettingError(ValueError):
@@ -60,6 +61,23 @@ def check_settings(*, amp: str = "none", score_threshold: float = 0.3, max_detec
         raise SettingError("amp", f"{{name}} must be one of {', '.join(AMP_MODES)}, got '{amp}'")
     if batch_size < 1:
         raise SettingError("batch_size", f"{{name}} must be >= 1, got {batch_size}")
+
+
+def _decode_or_none(image: Any, on_error: str) -> tuple[Tensor, str | None] | None:
+    """:func:`decode_input` of ``image``; with ``on_error="skip"`` an unreadable file or image
+    gives ``None`` and a warning naming it instead of the error."""
+    import warnings
+
+    from clusterformer.data.errors import ImageDecodeError
+
+    try:
+        return decode_input(image)
+    except (OSError, ImageDecodeError) as exc:
+        if on_error != "skip":
+            raise
+        where = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else exc
+        warnings.warn(f"skipped {where}", UserWarning, stacklevel=3)
+        return None
 
 
 def load(
@@ -142,27 +160,42 @@ class Predictor:
     def categories(self) -> list[dict]:
         return self.task.categories
 
-    def __call__(self, images: Any, *, batch_size: int | None = None) -> Any:
+    def __call__(self, images: Any, *, batch_size: int | None = None,
+                 on_error: str = "raise") -> Any:  # fmt: skip
         """Predictions for one image (one :class:`Prediction`) or a list (a list);
-        ``batch_size`` (default: :func:`load`'s) images per model call."""
+        ``batch_size`` (default: :func:`load`'s) images per model call.
+
+        ``on_error``: ``"raise"`` (default) stops at an input that cannot be read or decoded
+        (``FileNotFoundError`` / ``OSError``, ``ImageDecodeError``); ``"skip"`` (``cf predict
+        --on-error skip``) gives ``None`` in its place and a :class:`UserWarning` naming it,
+        so the list stays one entry per input. Inputs of a wrong kind, shape or range (a
+        caller's mistake, not a bad file) raise either way."""
         if batch_size is not None:
             check_settings(batch_size=batch_size)
+        if on_error not in ON_ERROR:
+            raise SettingError("on_error", f"{{name}} must be one of {', '.join(ON_ERROR)}, "
+                               f"got '{on_error}'")  # fmt: skip
         single = not isinstance(images, list | tuple)
         items = [images] if single else list(images)
         size = batch_size if batch_size is not None else self.batch_size
-        out: list[Prediction] = []
+        out: list[Prediction | None] = []
         for start in range(0, len(items), size):
-            out.extend(self.predict_batch(self.collate(items[start:start + size], start)))
+            decoded = [_decode_or_none(item, on_error) for item in items[start:start + size]]
+            good = [(i, d) for i, d in enumerate(decoded) if d is not None]
+            preds = iter(self.predict_batch(self._collate_decoded(good, start))) if good else iter(())
+            out.extend(next(preds) if d is not None else None for d in decoded)
         return out[0] if single else out
 
     def collate(self, images: Iterable[Any], first_index: int = 0) -> dict[str, Any]:
         """Images (any accepted kind) decoded, preprocessed and padded into one batch, the
         form ``cf predict``'s loaders give (:func:`clusterformer.data.predict_inputs.collate_inputs`)."""
-        samples = []
-        for i, image in enumerate(images):
-            raw, source = decode_input(image)
-            samples.append(prepare_input(raw, self.transform, source, None, first_index + i))
-        return collate_inputs(samples)
+        return self._collate_decoded(list(enumerate(decode_input(i) for i in images)), first_index)
+
+    def _collate_decoded(self, decoded: list[tuple[int, tuple[Tensor, str | None]]],
+                         first_index: int) -> dict[str, Any]:  # fmt: skip
+        """``(position, (raw, source))`` pairs of :func:`decode_input` -> one batch."""
+        return collate_inputs([prepare_input(raw, self.transform, source, None, first_index + i)
+                               for i, (raw, source) in decoded])  # fmt: skip
 
     def predict_batch(self, batch: dict[str, Any]) -> list[Prediction]:
         """Typed predictions for a collated batch (``images``, ``pixel_mask``, ``targets``

@@ -18,6 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# The process umask, read once (os.umask can only be read by setting it): written predictions
+# get the permissions any other file the user writes gets, as engine.files gives its own.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def predictions_path_for(metrics_path: str | os.PathLike, suffix: str) -> Path:
     """Where a task's predictions for ``NAME.json`` go: ``NAME<suffix>`` (its spec's
@@ -150,6 +155,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600: give the file normal permissions
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)
