@@ -53,9 +53,11 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = option(1e-3, "peak learning rate; with lr_base_batch, the rate for that global "
-                       "batch, scaled linearly (an explicit --lr is used as given)")
-    lr_base_batch: int | None = option(None, "global batch the lr is given for (linear scaling)")
+    lr: float = option(1e-3, "peak learning rate for a global batch of lr_base_batch, scaled "
+                       "linearly to the real one (from a file, flag or --set alike); used as is "
+                       "when lr_base_batch is unset")
+    lr_base_batch: int | None = option(None, "global batch the lr is given for (linear scaling; "
+                                       "--set optim.lr_base_batch=null: none)")
     weight_decay: float = option(0.05, "AdamW weight decay (not on norms, biases, layer scales)")
     backbone_lr_mult: float = option(1.0, "the backbone's lr relative to the rest")
     grad_clip: float | None = option(None, "clip the global gradient norm to this value")
@@ -352,7 +354,8 @@ def validate(cfg: TrainConfig) -> None:
     for where, value, low in (("schedule.steps", sched.steps, 1), ("runtime.save_every",
                               run.save_every, 1), ("runtime.eval_every", run.eval_every, 1),
                               ("schedule.warmup_steps", sched.warmup_steps, 0),
-                              ("runtime.patience", run.patience, 1)):  # fmt: skip
+                              ("runtime.patience", run.patience, 1),
+                              ("optim.lr_base_batch", cfg.optim.lr_base_batch, 1)):  # fmt: skip
         if value is not None and value < low:
             raise ValueError(f"{where} must be >= {low}, got {value}")
     if sched.steps is not None and sched.epochs is not None:

@@ -4,9 +4,10 @@
 
 Order: the defaults, then the recipe or config file, then the flags, then ``--set`` in the
 order given. Every layer is merged key by key into the nested settings: ``--set
-model.decoder.num_queries=50`` changes that key and keeps the file's other decoder keys. Two
-choices are one: a given ``schedule.steps`` clears the file's ``schedule.epochs`` (and the
-reverse), and a given ``optim.lr`` is used as is (the file's ``lr_base_batch`` scaling goes).
+model.decoder.num_queries=50`` changes that key and keeps the file's other decoder keys. One
+choice is one: a given ``schedule.steps`` clears the file's ``schedule.epochs`` (and the
+reverse). ``optim.lr`` means the same in every layer: the rate for a global batch of
+``optim.lr_base_batch`` (:func:`~clusterformer.engine.loop.effective_lr`).
 """
 
 from __future__ import annotations
@@ -274,15 +275,20 @@ def resolve_config(recipe: str | None = None, config: str | Path | None = None,
         cleared["schedule.epochs"] = None
     if "schedule.epochs" in given and "schedule.steps" not in given:
         cleared["schedule.steps"] = None
-    if "optim.lr" in given and "optim.lr_base_batch" not in given:
-        cleared["optim.lr_base_batch"] = None
     merged = deep_merge(deep_merge(layer, nest(cleared)), nest(given))
     return build_config(merged)
 
 
+LR_NOTE = ("# optim.lr is the peak lr for a global batch of optim.lr_base_batch images, scaled "
+           "linearly to the\n# run's global batch (batch_size x processes x accum_steps); "
+           "without lr_base_batch, used as is.\n")
+
+
 def to_yaml(cfg: TrainConfig) -> str:
-    """The config as YAML, ``resume`` / ``restart`` off (they are actions of one command, not
-    settings of the run): ``cf train --config FILE --out NEW`` repeats the run."""
+    """The config as YAML after a comment stating the lr rule (a value edited in the file means
+    what ``--lr`` and ``--set optim.lr`` mean), ``resume`` / ``restart`` off (they are actions
+    of one command, not settings of the run): ``cf train --config FILE --out NEW`` repeats the
+    run."""
     values = cfg.to_dict()
     values["runtime"] = {**values["runtime"], "resume": False, "restart": False}
-    return yaml.safe_dump(values, sort_keys=False, default_flow_style=False, width=100)
+    return LR_NOTE + yaml.safe_dump(values, sort_keys=False, default_flow_style=False, width=100)
