@@ -80,7 +80,7 @@ def build_command() -> Any:
 
 def run(values: dict[str, Any]) -> None:
     """Resolve the settings, check the paths, train, print a summary."""
-    from clusterformer.engine.config_files import resolve_config, to_yaml
+    from clusterformer.engine.config_files import resolve_config, resumed_config_file, to_yaml
 
     recipe, config, sets = values.pop("recipe"), values.pop("config"), values.pop("set") or []
     print_config = values.pop("print_config")
@@ -88,6 +88,8 @@ def run(values: dict[str, Any]) -> None:
         cfg = resolve_config(recipe, config, sets, **values)
     except ValueError as exc:  # a value out of range, an unknown key: a usage error (exit 2)
         raise UserError(str(exc)) from None
+    own = None if recipe or config else resumed_config_file(
+        {"runtime.out": cfg.runtime.out, "runtime.resume": cfg.runtime.resume})
     if print_config:
         typer.echo(to_yaml(cfg), nl=False)
         return
@@ -96,13 +98,12 @@ def run(values: dict[str, Any]) -> None:
     from clusterformer.cli.runtime_opts import augmentation_part, start_compute
     from clusterformer.engine.loop import TrainingInterrupted, train
 
-    if not progress_enabled():  # cf --no-progress, CF_NO_PROGRESS=1
-        cfg.runtime.progress = False
     augmentation = augmentation_part(cfg)
     start_compute(cfg.runtime.device,
-                  details=[*start_details(cfg), *([augmentation] if augmentation else [])])
-    try:
-        result = train(cfg)
+                  details=[*start_details(cfg), *([augmentation] if augmentation else []),
+                           *([f"--resume: settings from {own}"] if own else [])])  # fmt: skip
+    try:  # no bar when piped or switched off: this process's state, not a run setting
+        result = train(cfg, bars=progress_enabled())
     except TrainingInterrupted as exc:
         print(f"cf: {exc}", file=sys.stderr)
         raise typer.Exit(exc.exit_code) from None

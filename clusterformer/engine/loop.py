@@ -34,7 +34,7 @@ from clusterformer.engine.augment_plan import (  # augment_options: re-exported,
 )
 from clusterformer.engine.best import BestCheckpoint, read_best
 from clusterformer.engine.config import TrainConfig
-from clusterformer.engine.config_files import to_yaml
+from clusterformer.engine.config_files import settings, to_yaml
 from clusterformer.engine.distributed import (
     DistEnv,
     barrier,
@@ -194,7 +194,7 @@ def _write_config(run_dir: Path, cfg: TrainConfig, facts: dict[str, Any],
     facts = {k: v for k, v in facts.items() if k != "resume_changes"}
     run = {**facts, **({"resume_changes": history} if history else {}),
            "torch_version": torch.__version__, "python_version": platform.python_version()}
-    resolved = {**cfg.to_dict(), "run": run}
+    resolved = {**settings(cfg), "run": run}
     ckpt.atomic_write_text(layout.config_json, json.dumps(resolved, indent=2) + "\n")
 
 
@@ -351,11 +351,11 @@ def _prepare(cfg: TrainConfig, env: DistEnv, run_dir: Path, loggers: list[HookBa
 
 
 def _run(prepared: _Prepared, cfg: TrainConfig, env: DistEnv, run_dir: Path,
-         stop: StopFlag) -> TrainResult:  # fmt: skip
+         stop: StopFlag, bars: bool) -> TrainResult:  # fmt: skip
     """Step until the plan's last step (or an early stop), logging to the run folder."""
     plan, state, total = prepared.plan, prepared.state, prepared.plan["total_steps"]
     with RunLogger(run_dir, total, enabled=env.is_main, start_step=state.step,
-                   progress=cfg.runtime.progress) as log:  # fmt: skip
+                   progress=cfg.runtime.progress and bars) as log:  # fmt: skip
         for note in prepared.notes:
             log.message(note)
         log.message(f"plan: {total} steps of {plan['global_batch']} images "
@@ -385,8 +385,10 @@ def elastic_restart_config(cfg: TrainConfig) -> TrainConfig:
     return again
 
 
-def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, *, handle_signals: bool = True, bars: bool = True) -> TrainResult:
     """Run the training ``cfg`` describes; returns the final step, checkpoint and metrics.
+    ``bars=False`` turns the live progress bar off for this process only (the command's
+    ``--no-progress``); ``runtime.progress``, a setting of the run, is recorded as given.
 
     Raises:
         TrainingInterrupted: SIGTERM/SIGINT arrived; a checkpoint was saved first.
@@ -406,7 +408,7 @@ def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
         mark_started(env, run_dir)
         if handle_signals:
             stop.install()
-        return _run(prepared, prepared.cfg, env, run_dir, stop)
+        return _run(prepared, prepared.cfg, env, run_dir, stop, bars)
     finally:
         stop.restore()
         lock.close()
