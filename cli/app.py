@@ -26,6 +26,7 @@ from clusterformer.cli import (
     train_cmd,
 )
 from clusterformer.cli.help_defaults import show_every_default
+from clusterformer.cli.help_width import fit_help_to_width
 from clusterformer.cli.image_limit import with_image_limit
 
 app = typer.Typer(
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the app, turning failures into one line on stderr."""
     args = sys.argv[1:] if argv is None else argv
     try:
-        command = with_image_limit(show_every_default(typer.main.get_command(app)))
+        command = fit_help_to_width(with_image_limit(show_every_default(
+            typer.main.get_command(app))))
         code = command.main(args=args, prog_name="cf", standalone_mode=False)
     except KeyboardInterrupt:
         print("cf: interrupted", file=sys.stderr)

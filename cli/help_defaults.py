@@ -16,7 +16,7 @@ def show_every_default(command: Any) -> Any:
         if getattr(param, "param_type_name", "") != "option" or param.name == "help":
             continue
         if param.required or "default" in (param.help or "").lower():
-            continue
+            continue  # the help states it: "default unset" beside it would contradict the text
         if param.default is None:
             param.show_default = "unset"
         elif getattr(param, "is_flag", False) and not param.secondary_opts:

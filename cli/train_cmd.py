@@ -20,7 +20,7 @@ from clusterformer.cli.errors import UserError
 HELP = "Train a model: from flags, a named --recipe or a --config file, with --set overrides."
 DOC = """Train a model; writes OUT/config.yaml (its settings: `cf train --config OUT/config.yaml --out NEW` repeats the run), OUT/config.json, OUT/metrics.jsonl and OUT/checkpoints/.
 
-Settings merge key by key: the defaults, then --recipe NAME or --config FILE, then the flags, then every --set KEY=VALUE (e.g. --set model.decoder.num_queries=50). --print-config prints the merged settings and exits. Each flag's help names its setting and default.
+Settings merge key by key: the defaults, then --recipe NAME or --config FILE, then the flags, then every --set KEY=VALUE (e.g. --set model.decoder.num_queries=50). `cf train --help-all` lists every setting; each is also a flag. `cf train --out RUN --resume [--steps N]` continues RUN with RUN's own settings.
 
 Runs unchanged under `torchrun --nproc-per-node N -m clusterformer.cli train ...`; on SIGTERM/SIGINT it saves a checkpoint, then exits with 128 + the signal number.
 """
@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
     def train_stub(ctx: typer.Context) -> None:
         from clusterformer.cli.progress import progress_enabled
 
-        quiet = {"--help", "--print-config"} & set(ctx.args)
+        quiet = {"--help", "--help-all", "--print-config"} & set(ctx.args)
         if progress_enabled() and not quiet:  # a person at a terminal: say something at once
             print("cf train: loading torch and the model code ...", file=sys.stderr, flush=True)
         code = build_command().main(args=list(ctx.args), prog_name="cf train",
@@ -62,6 +62,11 @@ def build_command() -> Any:
         inspect.Parameter("print_config", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                           default=typer.Option(False, "--print-config", help="Print the merged "
                                                "settings as YAML and exit.")),
+        inspect.Parameter("help_all", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--help-all", is_eager=True,
+                                               callback=lambda value: _help_all(value, flags),
+                                               help="List every setting: its config key, "
+                                               "flag and help; then exit.")),
     ]
 
     def train_command(**values: Any) -> None:
@@ -73,21 +78,35 @@ def build_command() -> Any:
                       rich_markup_mode="rich")  # fmt: skip
     sub.command("train")(train_command)
     from clusterformer.cli.help_defaults import show_every_default
+    from clusterformer.cli.help_width import fit_help_to_width
     from clusterformer.cli.image_limit import with_image_limit
 
-    return with_image_limit(show_every_default(typer.main.get_command(sub)))
+    return fit_help_to_width(with_image_limit(show_every_default(typer.main.get_command(sub))))
+
+
+def _help_all(value: bool, flags: list[Any]) -> None:
+    if not value:
+        return
+    from clusterformer.cli.help_width import terminal_columns
+    from clusterformer.cli.train_flags import reference_text
+
+    typer.echo(reference_text(flags, terminal_columns()), nl=False)
+    raise typer.Exit()
 
 
 def run(values: dict[str, Any]) -> None:
     """Resolve the settings, check the paths, train, print a summary."""
-    from clusterformer.engine.config_files import resolve_config, to_yaml
+    from clusterformer.engine.config_files import resolve_config, resumed_config_file, to_yaml
 
     recipe, config, sets = values.pop("recipe"), values.pop("config"), values.pop("set") or []
     print_config = values.pop("print_config")
+    values.pop("help_all")
     try:
         cfg = resolve_config(recipe, config, sets, **values)
     except ValueError as exc:  # a value out of range, an unknown key: a usage error (exit 2)
         raise UserError(str(exc)) from None
+    own = None if recipe or config else resumed_config_file(
+        {"runtime.out": cfg.runtime.out, "runtime.resume": cfg.runtime.resume})
     if print_config:
         typer.echo(to_yaml(cfg), nl=False)
         return
@@ -96,13 +115,12 @@ def run(values: dict[str, Any]) -> None:
     from clusterformer.cli.runtime_opts import augmentation_part, start_compute
     from clusterformer.engine.loop import TrainingInterrupted, train
 
-    if not progress_enabled():  # cf --no-progress, CF_NO_PROGRESS=1
-        cfg.runtime.progress = False
     augmentation = augmentation_part(cfg)
     start_compute(cfg.runtime.device,
-                  details=[*start_details(cfg), *([augmentation] if augmentation else [])])
-    try:
-        result = train(cfg)
+                  details=[*start_details(cfg), *([augmentation] if augmentation else []),
+                           *([f"--resume: settings from {own}"] if own else [])])  # fmt: skip
+    try:  # no bar when piped or switched off: this process's state, not a run setting
+        result = train(cfg, bars=progress_enabled())
     except TrainingInterrupted as exc:
         print(f"cf: {exc}", file=sys.stderr)
         raise typer.Exit(exc.exit_code) from None

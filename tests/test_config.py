@@ -49,21 +49,26 @@ def test_every_recipe_is_a_file_naming_its_task() -> None:
 
 def test_help_lists_every_setting_and_recipe(capsys: pytest.CaptureFixture,
                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """--help: the everyday flags and the recipes; --help-all: every setting and its flag."""
     monkeypatch.setenv("COLUMNS", "300")
     assert run_cf(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--task", "--data", "--out", "--val-data", "--model", "--steps", "--epochs",
+                 "--batch-size", "--lr", "--image-size", "--compile", "--amp", "--resume",
+                 "--restart", "--seed", "--save-every", "--eval-every", "--recipe", "--config",
+                 "--set", "--print-config", "--help-all"):
+        assert flag in text, flag
+    for name in recipe_names():
+        assert name in text
+    assert run_cf(["train", "--help-all"]) == 0
     text = capsys.readouterr().out
     for path, _, _ in leaves():
         assert ".".join(path) in text, path
     for key in ("task.name", "task.num_points", "task.label_smoothing", "task.top_k"):
         assert key in text
-    for flag in ("--task", "--data", "--out", "--val-data", "--model", "--steps", "--epochs",
-                 "--batch-size", "--lr", "--image-size", "--compile", "--amp", "--resume",
-                 "--restart", "--seed", "--save-every", "--eval-every", "--recipe",
-                 "--head-pool", "--mixup", "--cutmix", "--rand-augment", "--backbone-weights",
-                 "--decoder-layers", "--num-queries", "--config", "--set", "--print-config"):
+    for flag in ("--head-pool", "--mixup", "--cutmix", "--rand-augment", "--backbone-weights",
+                 "--decoder-layers", "--num-queries"):
         assert flag in text, flag
-    for name in recipe_names():
-        assert name in text
 
 
 def test_config_files_in_every_format(tmp_path: Path) -> None:

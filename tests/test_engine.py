@@ -211,7 +211,8 @@ def test_recipe_resolution_flags_win() -> None:
     over = resolve_config("imagenet-1k", overrides={"schedule.steps": 10, "optim.lr": 0.01,
                                                     "data.image_size": None})  # fmt: skip
     assert over.schedule.steps == 10 and over.schedule.epochs is None
-    assert over.optim.lr == 0.01 and over.optim.lr_base_batch is None
+    # one lr rule (issue 24): a given lr is the rate for the recipe's base batch, as a file's
+    assert over.optim.lr == 0.01 and over.optim.lr_base_batch == 1024
     assert over.data.image_size == read_recipe("imagenet-1k")["data"]["image_size"]
     plain = resolve_config(overrides={"task.name": "classification", "schedule.steps": 3})
     assert plain.task.options.label_smoothing == 0.1 and plain.task.options.mixup_alpha == 0.0

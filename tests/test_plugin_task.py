@@ -91,7 +91,7 @@ def test_plugin_options_are_flags_and_settings(plugin: None, capsys: pytest.Capt
     from clusterformer.tasks import task_names
 
     assert "foreground" in task_names()
-    assert run_cf(["train", "--help"]) == 0
+    assert run_cf(["train", "--help-all"]) == 0
     assert "--fg-pos-weight" in capsys.readouterr().out
     cfg = resolve_config(task="foreground", fg_threshold=0.7, sets=["task.fg_pos_weight=2"])
     assert cfg.task.options.fg_threshold == 0.7 and cfg.task.options.fg_pos_weight == 2.0

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from clusterformer.engine.model_settings import preset_settings, same_value
 from clusterformer.models.backbones import BackboneOptions
 from clusterformer.models.dense import DecoderOptions
 from clusterformer.tasks import task_spec
@@ -53,9 +54,11 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = option(1e-3, "peak learning rate; with lr_base_batch, the rate for that global "
-                       "batch, scaled linearly (an explicit --lr is used as given)")
-    lr_base_batch: int | None = option(None, "global batch the lr is given for (linear scaling)")
+    lr: float = option(1e-3, "peak learning rate for a global batch of lr_base_batch, scaled "
+                       "linearly to the real one (from a file, flag or --set alike); used as is "
+                       "when lr_base_batch is unset")
+    lr_base_batch: int | None = option(None, "global batch the lr is given for (linear scaling; "
+                                       "--set optim.lr_base_batch=null: none)")
     weight_decay: float = option(0.05, "AdamW weight decay (not on norms, biases, layer scales)")
     backbone_lr_mult: float = option(1.0, "the backbone's lr relative to the rest")
     grad_clip: float | None = option(None, "clip the global gradient norm to this value")
@@ -176,11 +179,31 @@ class TrainConfig:
                 **{k: v for k, v in out.items() if k != "recipe"}}  # fmt: skip
 
     def model_overrides(self) -> dict[str, Any]:
-        """``create_model`` overrides: the set backbone and decoder options, by flat name."""
-        backbone = {f.name: getattr(self.model.backbone, f.name) for f in fields(BackboneOptions)}
+        """``create_model`` overrides, by flat name: the set backbone and decoder options that
+        differ from what the model builds with anyway (:func:`fill_model_settings` spells
+        those out; leaving them out keeps a checkpoint's ``model_config`` the same whether its
+        settings were spelled out or not)."""
+        preset_backbone, preset_decoder = preset_settings(
+            self.model.name, self.task.name, self.model.backbone.dims) if self.task.name else ({}, {})
+        backbone = {f.name: getattr(self.model.backbone, f.name) for f in fields(BackboneOptions)
+                    if not same_value(getattr(self.model.backbone, f.name),
+                                      preset_backbone.get(f.name))}  # fmt: skip
         flat = DecoderOptions.flat_names()
-        decoder = {flat[f.name]: getattr(self.model.decoder, f.name) for f in fields(DecoderOptions)}
+        decoder = {flat[f.name]: getattr(self.model.decoder, f.name) for f in fields(DecoderOptions)
+                   if not same_value(getattr(self.model.decoder, f.name),
+                                     preset_decoder.get(f.name))}  # fmt: skip
         return {k: _plain(v) for k, v in {**backbone, **decoder}.items() if v is not None}
+
+
+def fill_model_settings(cfg: TrainConfig) -> None:
+    """Set every unset ``model.backbone`` / ``model.decoder`` option the model takes to the
+    value it is built with (:func:`~clusterformer.engine.model_settings.preset_settings`)."""
+    backbone, decoder = preset_settings(cfg.model.name, cfg.task.name, cfg.model.backbone.dims)
+    for section, values in ((cfg.model.backbone, backbone), (cfg.model.decoder, decoder)):
+        hints = get_type_hints(type(section))
+        for name, value in values.items():
+            if getattr(section, name) is None:
+                setattr(section, name, coerce_value(_plain(value), hints[name], name))
 
 
 def _plain(value: Any) -> Any:
@@ -294,6 +317,7 @@ def build_config(values: Mapping[str, Any]) -> TrainConfig:
                          f"(its metrics: {', '.join(spec.metric_keys)})")  # fmt: skip
     spec.build(spec.categories([]), cfg.task.options)  # its own checks (label smoothing range)
     validate(cfg)
+    fill_model_settings(cfg)
     return cfg
 
 
@@ -352,7 +376,8 @@ def validate(cfg: TrainConfig) -> None:
     for where, value, low in (("schedule.steps", sched.steps, 1), ("runtime.save_every",
                               run.save_every, 1), ("runtime.eval_every", run.eval_every, 1),
                               ("schedule.warmup_steps", sched.warmup_steps, 0),
-                              ("runtime.patience", run.patience, 1)):  # fmt: skip
+                              ("runtime.patience", run.patience, 1),
+                              ("optim.lr_base_batch", cfg.optim.lr_base_batch, 1)):  # fmt: skip
         if value is not None and value < low:
             raise ValueError(f"{where} must be >= {low}, got {value}")
     if sched.steps is not None and sched.epochs is not None:

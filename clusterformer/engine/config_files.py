@@ -4,9 +4,10 @@
 
 Order: the defaults, then the recipe or config file, then the flags, then ``--set`` in the
 order given. Every layer is merged key by key into the nested settings: ``--set
-model.decoder.num_queries=50`` changes that key and keeps the file's other decoder keys. Two
-choices are one: a given ``schedule.steps`` clears the file's ``schedule.epochs`` (and the
-reverse), and a given ``optim.lr`` is used as is (the file's ``lr_base_batch`` scaling goes).
+model.decoder.num_queries=50`` changes that key and keeps the file's other decoder keys. One
+choice is one: a given ``schedule.steps`` clears the file's ``schedule.epochs`` (and the
+reverse). ``optim.lr`` means the same in every layer: the rate for a global batch of
+``optim.lr_base_batch`` (:func:`~clusterformer.engine.loop.effective_lr`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import Any
 
 import yaml
 
-from clusterformer.engine.config import TrainConfig, build_config
+from clusterformer.engine.checkpoint_format import CONFIG_JSON, CONFIG_YAML
+from clusterformer.engine.config import ModelConfig, TrainConfig, build_config
+from clusterformer.engine.model_settings import preset_settings, same_value
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 CONFIG_SUFFIXES = (".yaml", ".yml", ".toml", ".json")
@@ -257,9 +260,6 @@ def resolve_config(recipe: str | None = None, config: str | Path | None = None,
     """
     if recipe is not None and config is not None:
         raise ValueError("give a --recipe or a --config file, not both")
-    layer = read_recipe(recipe) if recipe is not None else (
-        read_config_file(config) if config is not None else {})
-    layer.pop("run", None)  # a run's config.json: what the run resolved, not settings
     from clusterformer.engine.config_flags import flag_settings
 
     given = {**dict(overrides or {}), **flag_settings(flags)}
@@ -267,6 +267,11 @@ def resolve_config(recipe: str | None = None, config: str | Path | None = None,
     for item in sets:
         key, value = parse_set(item)
         given[key] = value
+    if recipe is None and config is None:
+        config = resumed_config_file(given)
+    layer = read_recipe(recipe) if recipe is not None else (
+        read_config_file(config) if config is not None else {})
+    layer.pop("run", None)  # a run's config.json: what the run resolved, not settings
     if given.get("schedule.steps") is not None and given.get("schedule.epochs") is not None:
         raise ValueError("give either --steps or --epochs, not both")
     cleared = {}
@@ -274,15 +279,81 @@ def resolve_config(recipe: str | None = None, config: str | Path | None = None,
         cleared["schedule.epochs"] = None
     if "schedule.epochs" in given and "schedule.steps" not in given:
         cleared["schedule.steps"] = None
-    if "optim.lr" in given and "optim.lr_base_batch" not in given:
-        cleared["optim.lr_base_batch"] = None
+    layer = without_preset_values(layer, given)
     merged = deep_merge(deep_merge(layer, nest(cleared)), nest(given))
     return build_config(merged)
 
 
-def to_yaml(cfg: TrainConfig) -> str:
-    """The config as YAML, ``resume`` / ``restart`` off (they are actions of one command, not
-    settings of the run): ``cf train --config FILE --out NEW`` repeats the run."""
+def without_preset_values(layer: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """``layer`` (a recipe or file) without the model settings that are only its model's
+    resolved values, when ``given`` (flags, ``--set``) names another model: a printed config
+    spells out nano's depths, and ``--model clusterformer-tiny`` beside it must build tiny,
+    not tiny named but nano-sized. A value that differs from the preset's was a choice and
+    stays."""
+    model = layer.get("model") if isinstance(layer.get("model"), Mapping) else {}
+    task = layer.get("task") if isinstance(layer.get("task"), Mapping) else {}
+    old_model, old_task = model.get("name") or ModelConfig.name, task.get("name")
+    if old_task is None or given.get("model.name", old_model) == old_model:
+        return dict(layer)
+    sections = {k: model[k] for k in ("backbone", "decoder") if isinstance(model.get(k), Mapping)}
+    dims = (sections.get("backbone") or {}).get("dims")
+    backbone, decoder = preset_settings(str(old_model), str(old_task),
+                                        tuple(dims) if isinstance(dims, list) else None)
+    presets = {"backbone": backbone, "decoder": decoder}
+    kept = {key: {k: v for k, v in values.items()
+                  if v is None or k not in presets[key] or not same_value(v, presets[key][k])}
+            for key, values in sections.items()}  # fmt: skip
+    return {**layer, "model": {**model, **kept}}
+
+
+def resumed_config_file(given: Mapping[str, Any]) -> Path | None:
+    """The settings file of the run a ``--resume`` without ``--recipe`` / ``--config``
+    continues: ``RUN/config.yaml`` (else ``RUN/config.json``) of ``runtime.out``; None when
+    ``given`` does not resume or the folder records no settings (a run not started yet).
+
+    ``cf train --out RUN --resume`` needs nothing else, as ultralytics' ``resume=True`` does:
+    the run's own settings are the base layer, and a flag given beside ``--resume`` changes
+    only its key (a changed task, model, image size or class count is then refused by the
+    checkpoint check, a changed ``--steps`` extends the run)."""
+    out = given.get("runtime.out")
+    if given.get("runtime.resume") is not True or out is None:
+        return None
+    folder = Path(str(out))
+    for name in (CONFIG_YAML, CONFIG_JSON):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+# The keys of a command, not of a run: a config file never holds them.
+ACTIONS = ("resume", "restart")
+
+
+def settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The run's settings as written to ``RUN/config.yaml`` / ``config.json`` and printed by
+    ``--print-config``: every value resolved, without ``runtime.resume`` / ``restart`` (what
+    one command does with the folder, not how the run trains: ``cf train --config FILE --out
+    NEW`` repeats the run)."""
     values = cfg.to_dict()
-    values["runtime"] = {**values["runtime"], "resume": False, "restart": False}
-    return yaml.safe_dump(values, sort_keys=False, default_flow_style=False, width=100)
+    values["runtime"] = {k: v for k, v in values["runtime"].items() if k not in ACTIONS}
+    return values
+
+
+LR_NOTE = ("# optim.lr is the peak lr for a global batch of optim.lr_base_batch images, scaled "
+           "linearly to the\n# run's global batch (batch_size x processes x accum_steps); "
+           "without lr_base_batch, used as is.\n")
+
+
+class _Dumper(yaml.SafeDumper):
+    """Lists on one line (``depths: [1, 1, 2, 1]``), sections as blocks."""
+
+
+_Dumper.add_representer(list, lambda dumper, value: dumper.represent_sequence(
+    "tag:yaml.org,2002:seq", value, flow_style=True))
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    """:func:`settings` as YAML, after a comment stating the lr rule (a value edited in the
+    file means what ``--lr`` and ``--set optim.lr`` mean)."""
+    return LR_NOTE + yaml.dump(settings(cfg), Dumper=_Dumper, sort_keys=False,
+                               default_flow_style=False, width=100)  # fmt: skip

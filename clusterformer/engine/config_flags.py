@@ -5,17 +5,19 @@ Every leaf of :class:`~clusterformer.engine.config.TrainConfig` is a flag named 
 ``data.train``, ``--schedule`` for ``schedule.kind``, ``--decoder-layers`` for
 ``model.decoder.layers``); every option of every registered task is one too (``--num-points``;
 an option several tasks share is one flag). The help of each says its config key and default,
-so ``cf train --help`` lists the whole config. A flag left out is "not given": the recipe's or
+so ``cf train --help-all`` lists the whole config. A flag left out is "not given": the recipe's or
 config file's value, else the default, stays.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cache
 from typing import Any, get_args, get_origin, get_type_hints
 
 from clusterformer.engine.config import default_of, flag_name, leaves
+from clusterformer.models.backbones import BackboneOptions
+from clusterformer.models.dense import DecoderOptions
 
 SCALARS = (bool, int, float, str)
 
@@ -86,11 +88,33 @@ def config_flags() -> list[Flag]:
     return list(_cached_flags(tuple(task_names())))
 
 
-def help_text(flag: Flag) -> str:
-    """The flag's help, its config key(s) and its default (per task for task options)."""
+def _model_option(key: str) -> bool:
+    """Whether ``key`` is a backbone or decoder option (unset: the model's own value)."""
+    section, _, name = key.rpartition(".")
+    kinds = {"model.backbone": BackboneOptions, "model.decoder": DecoderOptions}
+    return section in kinds and name in {f.name for f in fields(kinds[section])}
+
+
+def default_phrase(flag: Flag) -> str | None:
+    """``"default X"`` (per task for task options, once when every task has the same); None
+    for an unset default whose help says what unset means (``"... (default: bf16 on CUDA,
+    none on CPU)"``): "default unset" beside it would contradict the text."""
+    unset = all(d == "unset" or d.endswith(": unset") for d in flag.defaults)
+    if unset and "default" in flag.help.lower():
+        return None
+    if unset and all(_model_option(key) for key in flag.keys):
+        return "default: the model's own, shown by --print-config"
+    owned = [d.partition(": ") for d in flag.defaults]
+    if len(owned) > 1 and all(sep for _, sep, _ in owned) and len({v for *_, v in owned}) == 1:
+        return f"default {owned[0][2]} ({', '.join(owner for owner, _, _ in owned)})"
+    return "default " + "; ".join(flag.defaults)
+
+
+def help_text(flag: Flag, text: str | None = None) -> str:
+    """The flag's help (or ``text``), its config key(s) and its default."""
     keys = " / ".join(sorted(set(flag.keys)))
-    defaults = "; ".join(flag.defaults)
-    return f"{flag.help} ({keys}; default {defaults})"
+    phrase = default_phrase(flag)
+    return f"{text or flag.help} ({keys}{'; ' + phrase if phrase else ''})"
 
 
 def flag_settings(values: dict[str, Any]) -> dict[str, Any]:

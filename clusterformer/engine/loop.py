@@ -34,7 +34,7 @@ from clusterformer.engine.augment_plan import (  # augment_options: re-exported,
 )
 from clusterformer.engine.best import BestCheckpoint, read_best
 from clusterformer.engine.config import TrainConfig
-from clusterformer.engine.config_files import to_yaml
+from clusterformer.engine.config_files import settings, to_yaml
 from clusterformer.engine.distributed import (
     DistEnv,
     barrier,
@@ -111,9 +111,29 @@ def plan_schedule(cfg: TrainConfig, batches_per_epoch: int, world_size: int) -> 
     else:
         warmup = 0
     global_batch = cfg.data.batch_size * world_size * optim.accum_steps
-    lr = optim.lr * global_batch / optim.lr_base_batch if optim.lr_base_batch else optim.lr
-    return {"total_steps": total, "warmup_steps": min(warmup, max(total - 1, 0)),
-            "steps_per_epoch": steps_per_epoch, "global_batch": global_batch, "lr_effective": lr}
+    lr, rule = effective_lr(optim.lr, optim.lr_base_batch, global_batch)
+    limit = max(total - 1, 0)  # the last step trains at the schedule's peak or below
+    warnings = []
+    if warmup > limit:
+        given = ("schedule.warmup_steps" if sched.warmup_steps is not None
+                 else f"schedule.warmup_epochs {sched.warmup_epochs:g}")  # fmt: skip
+        warnings.append(f"warning: {given} asks for {warmup} warm-up steps in a run of {total} "
+                        f"steps; clamped to {limit}")  # fmt: skip
+    return {"total_steps": total, "warmup_steps": min(warmup, limit),
+            "steps_per_epoch": steps_per_epoch, "global_batch": global_batch, "lr_effective": lr,
+            "lr_rule": rule, "schedule_warnings": warnings}
+
+
+def effective_lr(lr: float, base_batch: int | None, global_batch: int) -> tuple[float, str]:
+    """The peak lr a run trains with and how it came about. One rule for every layer of the
+    settings (mmengine's ``auto_scale_lr``): ``optim.lr`` is the rate for a global batch of
+    ``optim.lr_base_batch`` images, scaled linearly to the real global batch, whether a
+    recipe, a config file, ``--lr`` or ``--set`` gave it; without ``lr_base_batch`` it is used
+    as is. So a config printed by ``--print-config`` (both keys) trains with the same lr."""
+    if not base_batch:
+        return lr, f"optim.lr {lr:g} as given (no optim.lr_base_batch)"
+    return lr * global_batch / base_batch, (f"optim.lr {lr:g} for a global batch of {base_batch}, "
+                                            f"x {global_batch}/{base_batch}")  # fmt: skip
 
 
 def _wrap(module: nn.Module, cfg: TrainConfig, env: DistEnv, amp: str) -> nn.Module:
@@ -174,7 +194,7 @@ def _write_config(run_dir: Path, cfg: TrainConfig, facts: dict[str, Any],
     facts = {k: v for k, v in facts.items() if k != "resume_changes"}
     run = {**facts, **({"resume_changes": history} if history else {}),
            "torch_version": torch.__version__, "python_version": platform.python_version()}
-    resolved = {**cfg.to_dict(), "run": run}
+    resolved = {**settings(cfg), "run": run}
     ckpt.atomic_write_text(layout.config_json, json.dumps(resolved, indent=2) + "\n")
 
 
@@ -331,17 +351,20 @@ def _prepare(cfg: TrainConfig, env: DistEnv, run_dir: Path, loggers: list[HookBa
 
 
 def _run(prepared: _Prepared, cfg: TrainConfig, env: DistEnv, run_dir: Path,
-         stop: StopFlag) -> TrainResult:  # fmt: skip
+         stop: StopFlag, bars: bool) -> TrainResult:  # fmt: skip
     """Step until the plan's last step (or an early stop), logging to the run folder."""
     plan, state, total = prepared.plan, prepared.state, prepared.plan["total_steps"]
     with RunLogger(run_dir, total, enabled=env.is_main, start_step=state.step,
-                   progress=cfg.runtime.progress) as log:  # fmt: skip
+                   progress=cfg.runtime.progress and bars) as log:  # fmt: skip
         for note in prepared.notes:
             log.message(note)
         log.message(f"plan: {total} steps of {plan['global_batch']} images "
                     f"({total / plan['steps_per_epoch']:.3g} epoch(s) of "
-                    f"{plan['steps_per_epoch']} steps), lr {plan['lr_effective']:.3g}, "
-                    f"warm-up {plan['warmup_steps']} steps; run folder {run_dir}")  # fmt: skip
+                    f"{plan['steps_per_epoch']} steps), lr {plan['lr_effective']:.3g} "
+                    f"({plan['lr_rule']}), warm-up {plan['warmup_steps']} steps; run folder "
+                    f"{run_dir}")  # fmt: skip
+        for warning in plan["schedule_warnings"]:
+            log.message(warning)
         trainer = Trainer(task=prepared.task, state=state, env=env, loader=prepared.train_loader,
                           run_dir=run_dir, total_steps=total, accum_steps=cfg.optim.accum_steps,
                           log=log, stop=stop, saved=prepared.saved, hooks=prepared.hooks)  # fmt: skip
@@ -362,8 +385,10 @@ def elastic_restart_config(cfg: TrainConfig) -> TrainConfig:
     return again
 
 
-def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, *, handle_signals: bool = True, bars: bool = True) -> TrainResult:
     """Run the training ``cfg`` describes; returns the final step, checkpoint and metrics.
+    ``bars=False`` turns the live progress bar off for this process only (the command's
+    ``--no-progress``); ``runtime.progress``, a setting of the run, is recorded as given.
 
     Raises:
         TrainingInterrupted: SIGTERM/SIGINT arrived; a checkpoint was saved first.
@@ -383,7 +408,7 @@ def train(cfg: TrainConfig, *, handle_signals: bool = True) -> TrainResult:
         mark_started(env, run_dir)
         if handle_signals:
             stop.install()
-        return _run(prepared, prepared.cfg, env, run_dir, stop)
+        return _run(prepared, prepared.cfg, env, run_dir, stop, bars)
     finally:
         stop.restore()
         lock.close()
