@@ -320,9 +320,12 @@ def test_timm_model_api() -> None:
         model.reset_classifier(5, "avg")
         assert model(x).shape == (2, 5)
         last, inter = model.forward_intermediates(x)
-        assert torch.equal(last, feats) and all(torch.equal(a, b) for a, b in zip(inter, maps, strict=True))
-        assert [t.shape[1] for t in model.forward_intermediates(x, indices=[0, -1], intermediates_only=True)] == [32, 256]
-        early = model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
+        assert torch.equal(last, feats)
+        assert all(torch.equal(a, b) for a, b in zip(inter, maps, strict=True))
+        ends = model.forward_intermediates(x, indices=[0, -1], intermediates_only=True)
+        assert [t.shape[1] for t in ends] == [32, 256]
+        early = model.forward_intermediates(x, indices=[1], stop_early=True,
+                                            intermediates_only=True)  # fmt: skip
         assert torch.equal(early[0], maps[1])
     with pytest.raises(ValueError, match="out of range"):
         model.forward_intermediates(x, indices=[4])

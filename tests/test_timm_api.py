@@ -71,7 +71,8 @@ def test_features_only_gives_the_four_stages_and_prunes_the_rest() -> None:
         assert all(torch.equal(a, b) for a, b in zip(features(x), maps, strict=True))
     two = timm.create_model("clusterformer_nano", features_only=True, out_indices=(0, 1))
     assert two.feature_info.reduction() == [4, 8] and len(two.model.stages) == 2
-    assert not any(".head" in n or n.startswith("model.stages.2") for n, _ in two.named_parameters())
+    names = [n for n, _ in two.named_parameters()]
+    assert not any(".head" in n or n.startswith("model.stages.2") for n in names)
 
 
 def _hf_cache(root: Path, repo_id: str, folder: Path) -> None:
@@ -88,7 +89,9 @@ def _hf_cache(root: Path, repo_id: str, folder: Path) -> None:
         (snapshot / path.name).write_bytes(path.read_bytes())
 
 
-def test_weights_round_trip_through_timms_hub_machinery_offline(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_weights_round_trip_through_timms_hub_machinery_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """save_for_hf writes what push_to_hf_hub uploads (config.json + model.safetensors); an
     ``hf-hub:`` name reads it back from the cache with the Hub offline, and so does
     ``pretrained_cfg_overlay=dict(file=...)``, for another image channel count too."""

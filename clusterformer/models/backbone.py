@@ -242,7 +242,8 @@ class ClusterFormer(nn.Module):
                 ))
             self.head_norm = nn.LayerNorm(self.head_hidden_size)
             self.head_drop = nn.Dropout(drop_rate)
-            self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes else nn.Identity()
+            self.head = (nn.Linear(self.head_hidden_size, num_classes) if num_classes
+                         else nn.Identity())  # fmt: skip
             self.apply(_init_weights)
         if dtype is not None:
             self.to(dtype=dtype)
@@ -324,7 +325,9 @@ class ClusterFormer(nn.Module):
         maps = [x] if isinstance(x, Tensor) else list(x)
         return self._head(maps, [None] * len(maps), pre_logits)
 
-    def _head(self, maps: Sequence[Tensor], masks: Sequence[Tensor | None], pre_logits: bool) -> Tensor:
+    def _head(
+        self, maps: Sequence[Tensor], masks: Sequence[Tensor | None], pre_logits: bool
+    ) -> Tensor:
         if self.global_pool == "":
             x = self.head_drop(self.head_norm(maps[-1].permute(0, 2, 3, 1)))
             x = x if pre_logits else self.head(x)
