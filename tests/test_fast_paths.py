@@ -95,9 +95,9 @@ def test_backbone_all_true_mask_equals_no_mask(nano, size):
     hooks = [b.register_forward_pre_hook(lambda m, a: inputs[run[0]].append(a[0])) for b in blocks]
     try:
         with torch.no_grad():
-            nano.forward_features(images)
+            nano.forward_pyramid(images)
             run[0] = "general"
-            nano.forward_features(images, torch.ones(1, *size, dtype=torch.bool))
+            nano.forward_pyramid(images, torch.ones(1, *size, dtype=torch.bool))
     finally:
         for hook in hooks:
             hook.remove()
@@ -110,14 +110,15 @@ def test_backbone_all_true_mask_equals_no_mask(nano, size):
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
-def test_forward_features_documented_shapes(nano, masked):
+def test_forward_pyramid_documented_shapes(nano, masked):
     height, width = 75, 103
     images = torch.randn(2, 3, height, width)
     mask = torch.ones(2, height, width, dtype=torch.bool)
     mask[1, 50:, :] = False
     with torch.no_grad():
-        feats, masks = nano.forward_features(images, mask if masked else None, return_masks=True)
-        assert isinstance(nano.forward_features(images), list)  # features only by default
+        feats, masks = nano.forward_pyramid(images, mask if masked else None)
+        # timm's forward_features: the last map alone, unpooled.
+        assert torch.equal(nano.forward_features(images), nano.forward_pyramid(images)[0][-1])
     assert len(feats) == len(masks) == 4
     for feat, m, dim, stride in zip(feats, masks, nano.feature_channels, nano.feature_strides,
                                     strict=True):

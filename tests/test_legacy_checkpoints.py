@@ -34,7 +34,7 @@ def _outputs(model: torch.nn.Module, task: str, data: dict[str, torch.Tensor]) -
         flatten("batch_padded",
                 model(as_float(data["batch_padded"]), data["batch_padded_mask"]), out)
         if task == "classification":
-            flatten("features.odd", model.forward_features(as_float(data["odd"])), out)
+            flatten("features.odd", model.forward_pyramid(as_float(data["odd"]))[0], out)
     return out
 
 

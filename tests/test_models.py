@@ -78,12 +78,12 @@ def test_nano_is_cpu_sized() -> None:
 
 
 @pytest.mark.parametrize("size", [(224, 224), (203, 317), (33, 47), (17, 23)])
-def test_forward_features_shapes_and_strides(size: tuple[int, int]) -> None:
+def test_forward_pyramid_shapes_and_strides(size: tuple[int, int]) -> None:
     model = _nano().eval()
     assert model.feature_strides == (4, 8, 16, 32)
     assert model.feature_channels == (32, 64, 128, 256)
     with torch.no_grad():
-        feats, masks = model.forward_features(torch.randn(2, 3, *size), return_masks=True)
+        feats, masks = model.forward_pyramid(torch.randn(2, 3, *size))
     assert len(feats) == 4 and masks == [None] * 4
     for feat, dim, stride in zip(feats, model.feature_channels, model.feature_strides, strict=True):
         assert feat.shape == (2, dim, math.ceil(size[0] / stride), math.ceil(size[1] / stride))
@@ -128,8 +128,8 @@ def test_padding_invariance(size: tuple[int, int], fill: str) -> None:
     image = torch.randn(1, 3, *size)
     padded, mask = _pad(image, size[0] + 37, size[1] + 61, fill)
     with torch.no_grad():
-        ref_feats = model.forward_features(image)
-        feats, masks = model.forward_features(padded, mask, return_masks=True)
+        ref_feats, _ = model.forward_pyramid(image)
+        feats, masks = model.forward_pyramid(padded, mask)
         assert torch.allclose(model(image), model(padded, mask), atol=1e-5)
     for ref, feat, m in zip(ref_feats, feats, masks, strict=True):
         h, w = ref.shape[-2:]
@@ -183,13 +183,17 @@ def test_drop_path_is_stochastic_in_training_only() -> None:
 
 def test_head_variants() -> None:
     concat = _nano(head_pool="concat")
-    assert concat.num_features == sum(concat.feature_channels)
+    # timm's names: num_features = channels of forward_features' map, head_hidden_size = the
+    # pooled width the classifier reads (all four stages for the concat head).
+    assert concat.num_features == 256 and concat.head_hidden_size == sum(concat.feature_channels)
     features = create_model("clusterformer-nano", num_classes=0)
     with torch.no_grad():
         assert features(torch.randn(2, 3, 32, 32)).shape == (2, 256)
-        feats = concat.forward_features(torch.randn(2, 3, 32, 32))
+        feats, _ = concat.forward_pyramid(torch.randn(2, 3, 32, 32))
         assert concat.forward_head(feats).shape == (2, 7)
         assert concat.forward_head(feats, pre_logits=True).shape == (2, 480)
+        with pytest.raises(ValueError, match="concat.*pools all 4 stages"):
+            concat.forward_head(feats[-1])
 
 
 def test_compiles_without_graph_breaks() -> None:
@@ -295,3 +299,49 @@ def test_cf_models_cli() -> None:
     tiny = rows["clusterformer-tiny"]
     assert 28 <= tiny["params_m"] <= 32 and tiny["depths"] == [2, 2, 6, 2]
     assert 0 < rows["clusterformer-nano"]["gflops"] < tiny["gflops"] < rows["clusterformer-small"]["gflops"]
+
+
+def test_timm_model_api() -> None:
+    """timm's model API on the model itself (no timm needed): the unpooled map, the head with
+    and without pooling, reset_classifier, intermediates, pruning, factory device/dtype."""
+    model = _nano().eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        maps, _ = model.forward_pyramid(x)
+        feats = model.forward_features(x)
+        assert feats.shape == (2, model.num_features, 2, 3) and torch.equal(feats, maps[-1])
+        pre = model.forward_head(feats, pre_logits=True)
+        assert pre.shape == (2, model.head_hidden_size)
+        assert torch.allclose(model.head(pre), model(x), atol=1e-6)
+        model.reset_classifier(0)
+        assert model.num_classes == 0 and torch.allclose(model(x), pre, atol=1e-6)
+        model.reset_classifier(5, "")  # per position: a map of logits
+        assert model(x).shape == (2, 5, 2, 3) and model.get_classifier().out_features == 5
+        model.reset_classifier(5, "avg")
+        assert model(x).shape == (2, 5)
+        last, inter = model.forward_intermediates(x)
+        assert torch.equal(last, feats)
+        assert all(torch.equal(a, b) for a, b in zip(inter, maps, strict=True))
+        ends = model.forward_intermediates(x, indices=[0, -1], intermediates_only=True)
+        assert [t.shape[1] for t in ends] == [32, 256]
+        early = model.forward_intermediates(x, indices=[1], stop_early=True,
+                                            intermediates_only=True)  # fmt: skip
+        assert torch.equal(early[0], maps[1])
+    with pytest.raises(ValueError, match="out of range"):
+        model.forward_intermediates(x, indices=[4])
+    with pytest.raises(ValueError, match="unknown global_pool"):
+        model.reset_classifier(3, "max")
+    with pytest.raises(ValueError, match="needs head_pool='last'"):
+        _nano(head_pool="concat", global_pool="")
+    # Pruning to stage 1 keeps its parameters only, and forward ends there.
+    assert model.prune_intermediate_layers([1]) == [1]
+    assert len(model.stages) == 2 and model.num_features == model.head_hidden_size == 64
+    assert not any(n.startswith(("stages.2", "head")) for n, _ in model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(model(x), maps[1]) and model.feature_info[-1]["reduction"] == 8
+    # Dropout before the classifier, training only; the factory arguments place and cast.
+    dropped = _nano(drop_rate=0.5).train()
+    assert not torch.equal(dropped(x), dropped(x))
+    meta = ClusterFormer(depths=(1, 1, 1, 1), dims=(32, 64, 96, 128), device="meta",
+                         dtype=torch.bfloat16)  # fmt: skip
+    assert all(p.is_meta and p.dtype == torch.bfloat16 for p in meta.parameters())

@@ -27,6 +27,7 @@ from clusterformer.engine.evaluate import (
 )
 from clusterformer.inference.inputs import decode_input
 from clusterformer.inference.predictions import Prediction, make_prediction
+from clusterformer.models.backbones import backbone_maps
 from clusterformer.tasks import Task
 from clusterformer.tasks.tta import InferencePlan, make_plan
 
@@ -228,8 +229,8 @@ class Predictor:
             raise FloatingPointError(f"{self.checkpoint}: {exc}") from None
 
     def features(self, images: Any) -> list[Tensor]:
-        """The backbone's feature maps (timm's ``forward_features`` / ``features_only``
-        convention): a list of NCHW float tensors, one per stage, at strides 4, 8, 16, 32 of
+        """The backbone's feature maps (the backbone contract's ``forward_pyramid``, timm's
+        ``features_only`` convention): a list of NCHW float tensors, one per stage, at strides 4, 8, 16, 32 of
         the preprocessed input, ``(B, C_i, ceil(h / s_i), ceil(w / s_i))``, padding zeroed.
 
         ``images``: one image or a list of them (as :meth:`__call__` takes; preprocessed by the
@@ -245,8 +246,8 @@ class Predictor:
         from clusterformer.engine.evaluate import autocast
 
         with torch.no_grad(), autocast(self.amp, self.device):
-            maps = backbone.forward_features(pixels.to(self.device),
-                                             None if mask is None else mask.to(self.device))  # fmt: skip
+            maps, _ = backbone_maps(backbone, pixels.to(self.device),
+                              None if mask is None else mask.to(self.device))  # fmt: skip
         return [m.float().contiguous() for m in maps]
 
     def for_categories(self, categories: list[dict]) -> Predictor:

@@ -4,9 +4,11 @@ A backbone is an ``nn.Module`` with
 
 * ``feature_info``: one dict per output map, timm's convention: ``num_chs`` (channels) and
   ``reduction`` (stride); the dense heads need maps at strides 4, 8, 16 and 32, in that order;
-* ``forward_features(images (B, 3, H, W), pixel_mask (B, H, W) | None, return_masks=True)``
-  returning the maps ``[(B, C_i, H_i, W_i)]`` (zero at padded positions) and their token masks
-  ``[(B, H_i, W_i) bool | None]``;
+* ``forward_pyramid(images (B, 3, H, W), pixel_mask (B, H, W) | None)`` returning the maps
+  ``[(B, C_i, H_i, W_i)]`` (zero at padded positions) and their token masks
+  ``[(B, H_i, W_i) bool | None]`` (read through :func:`backbone_maps`, which also takes the
+  contract's first form, ``forward_features(images, pixel_mask, return_masks=True)``: a
+  ClusterFormer's ``forward_features`` is timm's, one map);
 * ``default_cfg`` with the ``mean`` / ``std`` its inputs are normalised with;
 * when it has a classifier of its own, ``classifier_modules``: the names of the modules that
   are not features, which loading a backbone's weights leaves alone (every other tensor of the
@@ -108,7 +110,8 @@ class Backbone:
         if self.options is not None:
             return tuple(self.options)
         params = list(inspect.signature(self.builder()).parameters.values())[1 if family else 0:]
-        return tuple(p.name for p in params if p.name not in ("self", "num_classes")
+        # num_classes is the architecture's; device / dtype place a module, they do not shape it.
+        return tuple(p.name for p in params if p.name not in ("self", "num_classes", "device", "dtype")
                      and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))  # fmt: skip
 
 
@@ -205,6 +208,20 @@ def build_backbone(name: str | None, options: dict[str, Any], *, num_classes: in
     return build(variant, **merged) if variant is not None else build(**merged)
 
 
+def backbone_maps(
+    backbone: nn.Module, images: Tensor, pixel_mask: Tensor | None = None
+) -> tuple[list[Tensor], list[Tensor | None]]:
+    """``backbone``'s maps at strides 4-32 and their token masks (the backbone contract).
+
+    Backbones written against the contract's first form, which named the method
+    ``forward_features(images, pixel_mask, return_masks=True)``, are read through it: timm's
+    ``forward_features`` (one map) took that name over on the ClusterFormer backbone.
+    """
+    if hasattr(backbone, "forward_pyramid"):
+        return backbone.forward_pyramid(images, pixel_mask)
+    return backbone.forward_features(images, pixel_mask, return_masks=True)
+
+
 def feature_channels(backbone: nn.Module) -> tuple[int, ...]:
     """The channels of ``backbone``'s maps at strides 4, 8, 16, 32 (ValueError if it does not
     declare exactly those maps in ``feature_info``)."""
@@ -234,7 +251,7 @@ class FeatureClassifier(nn.Module):
         self.head = nn.Linear(channels, num_classes) if num_classes else nn.Identity()
 
     def forward(self, images: Tensor, pixel_mask: Tensor | None = None) -> Tensor:
-        features, masks = self.backbone.forward_features(images, pixel_mask, return_masks=True)
+        features, masks = backbone_maps(self.backbone, images, pixel_mask)
         return self.head(self.head_norm(masked_mean(features[-1], masks[-1])))
 
 

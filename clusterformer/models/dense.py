@@ -3,7 +3,7 @@ decoder, and the typed options of that decoder (:class:`DecoderOptions`).
 
 The backbone is any module that follows the backbone contract of
 :mod:`clusterformer.models.backbones` (``feature_info`` with maps at strides 4, 8, 16, 32 and
-``forward_features(images, pixel_mask, return_masks=True)``): the ClusterFormer backbone or a
+``forward_pyramid(images, pixel_mask)``, read by :func:`~.backbones.backbone_maps`): the ClusterFormer backbone or a
 timm ``features_only`` model behind :class:`~clusterformer.models.timm_backbone.TimmBackbone`.
 """
 

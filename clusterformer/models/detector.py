@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from clusterformer.models.backbones import build_backbone, feature_channels
+from clusterformer.models.backbones import backbone_maps, build_backbone, feature_channels
 from clusterformer.models.dense import DecoderOptions, DenseModel
 
 # Flat options of the detector (``create_model`` overrides); every other one is the backbone's.
@@ -49,7 +49,7 @@ class ClusterFormerDetector(DenseModel):
 
     def forward(self, images: Tensor, pixel_mask: Tensor | None = None) -> dict:
         """images ``(B, 3, H, W)``, pixel_mask ``(B, H, W)`` bool (True = real) -> outputs dict."""
-        features, masks = self.backbone.forward_features(images, pixel_mask, return_masks=True)
+        features, masks = backbone_maps(self.backbone, images, pixel_mask)
         pyramid = self.pixel_decoder(features, masks)
         outputs = self.decoder(pyramid.features, pyramid.masks)
         if pyramid.mask_features is not None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clusterformer.models.backbones import build_backbone, feature_channels
+from clusterformer.models.backbones import backbone_maps, build_backbone, feature_channels
 from clusterformer.models.cluster_decoder import MLP
 from clusterformer.models.dense import DecoderOptions, DenseModel
 
@@ -60,7 +60,7 @@ class ClusterFormerSegmenter(DenseModel):
 
     def forward(self, images: Tensor, pixel_mask: Tensor | None = None) -> dict:
         """images ``(B, 3, H, W)``, pixel_mask ``(B, H, W)`` bool (True = real) -> outputs dict."""
-        features, masks = self.backbone.forward_features(images, pixel_mask, return_masks=True)
+        features, masks = backbone_maps(self.backbone, images, pixel_mask)
         pyramid = self.pixel_decoder(features, masks)
         mask_features = pyramid.mask_features
         predicted: list[Tensor] = []

@@ -106,11 +106,11 @@ class TimmBackbone(nn.Module):
         self.default_cfg = {"mean": tuple(cfg.get("mean", IMAGENET_MEAN)),
                             "std": tuple(cfg.get("std", IMAGENET_STD)), "timm_model": name}
 
-    def forward_features(
-        self, images: Tensor, pixel_mask: Tensor | None = None, *, return_masks: bool = False
-    ) -> list[Tensor] | tuple[list[Tensor], list[Tensor | None]]:
-        """Maps at the strides asked for (``(B, C_i, H_i, W_i)``, padded tokens zeroed) and,
-        with ``return_masks``, their token masks."""
+    def forward_pyramid(
+        self, images: Tensor, pixel_mask: Tensor | None = None
+    ) -> tuple[list[Tensor], list[Tensor | None]]:
+        """Maps at the strides asked for (``(B, C_i, H_i, W_i)``, padded tokens zeroed) and
+        their token masks (the backbone contract)."""
         if pixel_mask is not None:
             images = zero_padding(images, pixel_mask)
         outputs = self.body(images)
@@ -122,7 +122,7 @@ class TimmBackbone(nn.Module):
             mask = _mask_like(pixel_mask, stride, (x.shape[-2], x.shape[-1]))
             features.append(zero_padding(x, mask))
             masks.append(mask)
-        return (features, masks) if return_masks else features
+        return features, masks
 
     def pretrained_weights(self) -> dict[str, Tensor]:
         """timm's published weights of this model, named as this module's tensors: fetched from

@@ -23,6 +23,7 @@ from clusterformer.data import SampleSpec
 from clusterformer.metrics.seg_common import to_original_size
 from clusterformer.models import (
     Architecture,
+    backbone_maps,
     build_backbone,
     feature_channels,
     register_architecture,
@@ -47,7 +48,7 @@ class ForegroundNet(nn.Module):
         self.out = nn.Conv2d(width, 1, 3, padding=1)
 
     def forward(self, images: Tensor, pixel_mask: Tensor | None = None) -> dict[str, Tensor]:
-        features, _ = self.backbone.forward_features(images, pixel_mask, return_masks=True)
+        features, _ = backbone_maps(self.backbone, images, pixel_mask)
         size = features[0].shape[-2:]
         fused = sum(F.interpolate(conv(f), size=size, mode="nearest")
                     for conv, f in zip(self.lateral, features, strict=True))

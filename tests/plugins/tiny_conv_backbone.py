@@ -3,6 +3,10 @@
 on the path), ``cf train --model tiny-conv`` trains any task on it and ``cf eval`` rebuilds it
 from the checkpoint: its module and the one ``register_backbone`` line at the bottom are all it
 takes; nothing in ``clusterformer`` names it.
+
+It is written against the contract's first form, ``forward_features(images, pixel_mask,
+return_masks=True)`` (``forward_pyramid`` is the current name): backbones written before the
+rename keep working, and the plugin tests check that they do.
 """
 
 from __future__ import annotations
