@@ -95,4 +95,6 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"cf: error: {errors.describe(exc)}", file=sys.stderr)
         sys.exit(errors.exit_code(exc))
+    if code == 130:  # Typer turns Ctrl-C into a silent Exit(130); say it, as training does
+        print("cf: interrupted", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)  # as Click's standalone mode does

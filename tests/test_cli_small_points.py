@@ -46,6 +46,25 @@ def test_ctrl_c_in_training_says_one_line(fault_shards: Path, tmp_path: Path) ->
     assert len(about) == 1 and "SIGINT received: saved a checkpoint" in about[0], err
 
 
+def test_ctrl_c_outside_training_says_one_line(tmp_path: Path) -> None:
+    # Typer turns a KeyboardInterrupt into a silent Exit(130): cf predict, eval and benchmark
+    # stopped with exit 130 and nothing on stderr.
+    proc = subprocess.Popen(
+        [sys.executable, *CF_MODULE, "benchmark", "--model", "clusterformer-nano", "--mode",
+         "infer", "--image-size", "32", "--batch-size", "1", "--rounds", "1000000", "--out",
+         str(tmp_path / "b.json")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    assert proc.stdout is not None
+    first = proc.stdout.readline()  # the device line: the command is running
+    assert first.startswith("cf:"), first
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=SAFETY_NET_S)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert err.strip().splitlines()[-1:] == ["cf: interrupted"], err
+
+
 # ----------------------------------------------------------------------------- top-k
 def test_eval_table_leaves_out_top5_with_4_classes(
     fault_run: Path, fault_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
