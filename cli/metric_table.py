@@ -7,15 +7,12 @@ Every ``cf`` metric that is a rate is in percent (0-100); the count keys below a
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
 # Keys that count things (never percent); ``num_*`` are counts too.
 COUNT_KEYS = frozenset({"step", "unmatched_predictions"})
 UNITS = {"image_size": "px"}
-# Top-k accuracy keys (``top5``): meaningless in a table when k >= the number of classes.
-TOP_K = re.compile(r"top(\d+)")
 
 
 def is_count(key: str) -> bool:
@@ -55,15 +52,6 @@ def _note(values: list[Any], unit: str) -> str:
     return note + ("; n/a: no ground truth" if any(v == -1 for v in values) else "")
 
 
-def trivial_top_k(metrics: Mapping[str, Any], num_classes: int | None) -> list[str]:
-    """The ``top<k>`` keys of ``metrics`` with ``k >= num_classes``: every image's class is
-    among the top k, so the value says nothing (100 %)."""
-    if num_classes is None:
-        return []
-    return [key for key in metrics
-            if (m := TOP_K.fullmatch(key)) is not None and int(m.group(1)) >= num_classes]  # fmt: skip
-
-
 def summary_table(metrics: Mapping[str, Any], num_classes: int | None = None) -> Any:
     """A rich renderable: a table of metric, value, unit and a line saying rates are percent
     (printed under the table, not as its caption, so it never wraps to the table's width).
@@ -72,6 +60,8 @@ def summary_table(metrics: Mapping[str, Any], num_classes: int | None = None) ->
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
+
+    from clusterformer.metrics.topk import trivial_top_k  # torch: not at cf's import
 
     table = Table()
     table.add_column("metric")

@@ -79,8 +79,21 @@ def test_eval_table_leaves_out_top5_with_4_classes(
     assert json.loads(out.read_text())["top5"] == 100.0  # DESIGN's key, kept in the JSON
 
 
+def test_training_eval_line_leaves_out_top5_with_4_classes(
+    fault_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    code = run_cf([*train_argv(fault_shards, run, 2), "--val-data", str(fault_shards)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    lines = [line for line in (printed.out + printed.err).splitlines() if "eval @ step" in line]
+    assert lines and all("top1" in line and "top5" not in line for line in lines), lines
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("split") == "val" and r["top5"] == 100.0 for r in records)  # kept in the file
+
+
 def test_summary_table_keeps_top5_above_5_classes() -> None:
-    from clusterformer.cli.metric_table import trivial_top_k
+    from clusterformer.metrics.topk import trivial_top_k
 
     metrics = {"top1": 40.0, "top5": 90.0, "num_samples": 8}
     assert trivial_top_k(metrics, 6) == []

@@ -26,6 +26,7 @@ from clusterformer.engine.divergence import TrainingDiverged, unsaveable
 from clusterformer.engine.evaluate import evaluate
 from clusterformer.engine.signals import TrainingInterrupted
 from clusterformer.engine.trainer import HookBase, Saved, diverged_message
+from clusterformer.metrics.topk import trivial_top_k
 
 if TYPE_CHECKING:
     from clusterformer.engine.trainer import Trainer
@@ -83,7 +84,9 @@ class EvalHook(HookBase):
         trainer.metrics = evaluate(model, trainer.task, self.loader, device=state.device,
                                    amp=state.amp)  # fmt: skip
         self.evaluated_step = state.step
-        trainer.log.log_eval(state.step, trainer.metrics)
+        # top5 of a 5-class problem is 100 % whatever the model: the line leaves it out
+        hide = trivial_top_k(trainer.metrics, getattr(trainer.task, "num_classes", None))
+        trainer.log.log_eval(state.step, trainer.metrics, hide=hide)
         if self.best is not None:
             note = self.best.observe(state.step, trainer.metrics, model)
             if note is not None:

@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -131,11 +132,13 @@ class RunLogger:
             flush=True,
         )
 
-    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+    def log_eval(self, step: int, metrics: dict[str, float], *,
+                 hide: Collection[str] = ()) -> None:  # fmt: skip
+        """``metrics`` to the log file; the line shown leaves out the keys in ``hide``."""
         if not self.enabled:
             return
         self.write({"step": step, "split": "val", **metrics})
-        text = "  ".join(_fmt(k, v) for k, v in metrics.items())
+        text = "  ".join(_fmt(k, v) for k, v in metrics.items() if k not in hide)
         self.message(f"eval @ step {step}: {text}")
 
     def message(self, text: str) -> None:

@@ -7,7 +7,9 @@ number stays meaningful ("the true class is among the best k the model can rank"
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -15,6 +17,18 @@ from torch import Tensor
 # The k values ``cf eval`` reports, and their metric keys (DESIGN.md: ``top1``, ``top5``).
 TOP_KS: tuple[int, ...] = (1, 5)
 METRIC_KEYS: tuple[str, ...] = tuple(f"top{k}" for k in TOP_KS)
+# Top-k accuracy keys (``top5``): meaningless to show when k >= the number of classes.
+TOP_K = re.compile(r"top(\d+)")
+
+
+def trivial_top_k(metrics: Mapping[str, Any], num_classes: int | None) -> list[str]:
+    """The ``top<k>`` keys of ``metrics`` with ``k >= num_classes``: every image's class is
+    among the top k, so the value says nothing (100 %). Tables and log lines leave them out;
+    the metric files keep them (``top5`` is a fixed key)."""
+    if num_classes is None:
+        return []
+    return [key for key in metrics
+            if (m := TOP_K.fullmatch(key)) is not None and int(m.group(1)) >= num_classes]  # fmt: skip
 
 
 def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, Tensor]:
