@@ -124,7 +124,8 @@ def test_predict_onto_a_full_disk_leaves_nothing_behind(
                         "--workers", workers], capsys)  # fmt: skip
         line = error_line(err)
         assert code == 1 and str(out) in line and "no space left" in line, line
-        assert list(out.iterdir()) == []  # no overlay, JSON or temporary of the failed run
+        # no overlay, JSON or temporary of the failed run; the folder it made is gone too
+        assert not out.exists() and list(disk.iterdir()) == [], list(disk.rglob("*"))
 
 
 def test_make_shapes_onto_a_full_disk_names_the_file(
