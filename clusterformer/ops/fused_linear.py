@@ -38,6 +38,7 @@ itself.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -262,7 +263,10 @@ def linear(
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+    if torch.compiler.is_exporting():
+        out = F.linear(x, weight, bias)
+        return _exported_gelu(out) if activation == "gelu" else out
+    if torch.compiler.is_compiling():
         return _compiled_linear(x, weight, bias, activation)
     dtype = _compute_dtype(x, weight, bias)
     if dtype is None:
@@ -291,3 +295,16 @@ def _compiled_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation:
         return onednn_linear(x, weight, bias, activation)
     out = onednn_linear(x, weight, bias, "none")
     return F.gelu(out) if activation == "gelu" else out
+
+
+def _exported_gelu(x: Tensor) -> Tensor:
+    """``F.gelu`` (erf form) as ``torch.export`` should see it: ``x * (erf(x / sqrt(2)) + 1) *
+    0.5``, the order of operations ONNX Runtime's GELU fusion matches (the TorchScript
+    exporter's). The dynamo exporter writes ``aten.gelu`` as ``x * (0.5 * (erf(x / sqrt(2)) +
+    1))``, which ONNX Runtime runs as five passes over the MLPs' largest tensors (``Div``,
+    ``Erf``, ``Add``, two ``Mul``) instead of one fused ``BiasGelu`` (docs/benchmarks.md,
+    "ONNX Runtime: where tiny's time goes")."""
+    return x * (torch.erf(x / _SQRT2) + 1.0) * 0.5
+
+
+_SQRT2 = math.sqrt(2.0)
