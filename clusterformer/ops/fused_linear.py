@@ -58,6 +58,10 @@ def _onednn_available() -> bool:
 
 
 _ONEDNN = _onednn_available()
+# ``torch.compiler.is_exporting`` came with torch 2.7; before it every trace counts as an export,
+# so older torch compiles plain aten ops (no custom op), as this module did before it had one.
+# torch releases whose dynamo answered True while compiling (pytorch#176347) fall back the same.
+_is_exporting = getattr(torch.compiler, "is_exporting", torch.compiler.is_compiling)
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 # Up to this many rows the weight gradient ``grad^T @ x`` is oneDNN's; above it BLAS's. The
 # number is the reason: at tiny's shapes oneDNN wins the short reductions of stages 3-4 (392 and
@@ -263,7 +267,7 @@ def linear(
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    if torch.compiler.is_exporting():
+    if _is_exporting():
         out = F.linear(x, weight, bias)
         return _exported_gelu(out) if activation == "gelu" else out
     if torch.compiler.is_compiling():
