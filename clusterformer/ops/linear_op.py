@@ -12,7 +12,8 @@ compile with it too. It has no ``torch.func`` rules (custom ops support only ``v
 
 Only ``torch.compile`` uses the op (``ops.linear`` picks it while compiling, never while
 exporting: ONNX Runtime and ``torch.export`` consumers know only standard aten ops); eager
-calls the kernel directly (``ops/fused_linear.py``).
+calls the kernel directly (``ops/fused_linear.py``). Telling a compile from an export needs
+``torch.compiler.is_exporting`` (torch 2.7): older torch compiles ``F.linear`` as before.
 """
 
 from __future__ import annotations
