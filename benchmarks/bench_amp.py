@@ -51,6 +51,7 @@ def load_linear_at(rev: str) -> Callable:
         handle.write(source)
     spec = importlib.util.spec_from_file_location(f"fused_linear_{rev}", handle.name)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # torch.compile re-imports the modules it traces, by name
     spec.loader.exec_module(module)
     os.unlink(handle.name)
     return module.linear

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +14,9 @@ from clusterformer.cli.errors import UserError
 from clusterformer.cli.options import Amp, BatchSize, flag_errors
 
 MODES = {"both": ("infer", "train"), "infer": ("infer",), "train": ("train",)}
+RUNTIMES = ("eager", "onnxruntime")
+# Rich markup would read "[timm]" in help and notes as a style tag and drop it.
+TIMM_HINT = "pip install 'clusterformer\\[timm]'"
 
 
 def register(app: typer.Typer) -> None:
@@ -20,9 +25,10 @@ def register(app: typer.Typer) -> None:
 
 def benchmark_command(
     models: Annotated[list[str], typer.Option("--model", help="A preset, a preset with overrides (clusterformer-tiny:num_iters=1, ...:grad_checkpointing=true) or timm/<name>; repeat to compare several.")] = ["clusterformer-tiny"],  # noqa: B006 - Typer copies list defaults
-    peers: Annotated[bool, typer.Option("--peers", help="Add timm's Swin-T, ConvNeXt-T and ResNet-50 (skipped with a note when timm is not installed: pip install 'clusterformer[bench]'). The ratio column then compares with Swin-T.")] = False,
+    peers: Annotated[bool, typer.Option("--peers", help=f"Add timm's Swin-T, ConvNeXt-T and ResNet-50 (skipped with a note when timm is not installed: {TIMM_HINT}). The ratio column then compares with Swin-T.")] = False,
     baseline: Annotated[str | None, typer.Option("--baseline", help="The model the ratio column compares with (default: Swin-T with --peers, else the first --model).")] = None,
     compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="Also time every model under torch.compile (inference with frozen weights).")] = False,
+    runtime: Annotated[str, typer.Option("--runtime", help="eager, or onnxruntime: also export every model as cf export --image-size S writes it and time its ONNX Runtime session (inference, --threads intra-op threads, float32), interleaved with the eager rows; a note when the export extra is not installed (pip install 'clusterformer\\[export]').")] = "eager",
     mode: Annotated[str, typer.Option("--mode", help="infer, train or both.")] = "both",
     batch_size: BatchSize = 8,
     image_size: Annotated[int, typer.Option("--image-size", help="Square input side in pixels.")] = 224,
@@ -38,6 +44,7 @@ def benchmark_command(
     side in ONE process: interleaved rounds, medians, ratios against a baseline, eager and
     (with --compile) compiled. Prints a table and writes JSON."""
     _check_flags(mode, amp, batch_size, image_size, rounds, warmup, threads)
+    _check_runtime(runtime, mode, amp, device)
     from rich.console import Console
 
     from clusterformer.bench import (
@@ -60,17 +67,16 @@ def benchmark_command(
             specs += [parse_model(p) for p in PEERS if p not in models]
             baseline = baseline or PEERS[0]
         else:
-            console.print("note: timm is not installed, so no peers are timed "
-                          "(pip install 'clusterformer[bench]')")
+            console.print(f"note: timm is not installed, so no peers are timed ({TIMM_HINT})")
     if any(s.source == "timm" for s in specs) and not timm_available():
-        raise UserError("timm/<name> models need timm: pip install 'clusterformer[bench]'")
+        raise UserError("timm/<name> models need timm: pip install 'clusterformer[timm]'")
     start_compute(device, threads[0] if threads else None)
     cfg = BenchConfig(batch_size=batch_size, image_size=image_size, rounds=rounds,
                       warmup=warmup, modes=MODES[mode], compile=compile_model, amp=amp,
                       device=device, threads=tuple(threads) if threads else None,
                       memory=memory)
-    with console.status("benchmark") as status:
-        rows = measure(specs, cfg, baseline=baseline,
+    with console.status("benchmark") as status, _onnx_exports(runtime, cfg, console) as onnx:
+        rows = measure(specs, cfg, baseline=baseline, onnx=onnx,
                        progress=lambda text: status.update(f"benchmark: {text}"))
     doc = report(rows, cfg)
     _print_table(console, doc)
@@ -97,6 +103,41 @@ def _check_flags(mode: str, amp: str, batch_size: int, image_size: int, rounds: 
         raise UserError(f"--threads must be >= 1, got {min(threads)}")
 
 
+def _check_runtime(runtime: str, mode: str, amp: str, device: str) -> None:
+    """Usage errors of --runtime (exit 2): ONNX Runtime rows are float32 CPU inference."""
+    if runtime not in RUNTIMES:
+        raise UserError(f"--runtime must be one of {', '.join(RUNTIMES)}, got '{runtime}'")
+    if runtime == "eager":
+        return
+    if mode == "train":
+        raise UserError("--runtime onnxruntime times inference; use --mode infer or both")
+    if amp != "none":
+        raise UserError("--runtime onnxruntime times the float32 graph cf export writes; "
+                        "use --amp none")
+    if not device.startswith("cpu"):
+        raise UserError("--runtime onnxruntime times ONNX Runtime's CPU provider; use --device cpu")
+
+
+@contextlib.contextmanager
+def _onnx_exports(runtime: str, cfg, console) -> Iterator[object]:  # noqa: ANN001 - lazily imported types
+    """The ONNX exports for ``--runtime onnxruntime`` (None: eager only, or a note when the
+    export extra is missing), their folder removed afterwards."""
+    if runtime != "onnxruntime":
+        yield None
+        return
+    from clusterformer.export import missing_onnx_packages
+
+    if missing := missing_onnx_packages():
+        console.print(f"note: {', '.join(missing)} not installed, so no ONNX Runtime rows are "
+                      "timed (pip install 'clusterformer\\[export]')")
+        yield None
+        return
+    from clusterformer.bench.onnx_runtime import OnnxExports
+
+    with OnnxExports(cfg) as exports:
+        yield exports
+
+
 def _print_table(console, doc: dict) -> None:  # noqa: ANN001 - rich Console, imported lazily
     from rich.table import Table
 
@@ -115,6 +156,8 @@ def _print_table(console, doc: dict) -> None:  # noqa: ANN001 - rich Console, im
                          overflow="fold")
     for row in rows:
         label = row["model"] + (" compiled" if row["compiled"] else "")
+        if row.get("runtime") == "onnxruntime":
+            label += " onnxruntime"
         memory = row.get("peak_mem_mib") or row.get("peak_rss_mib")
         table.add_row(
             row["mode"], str(row["threads"]), label, f"{row['gflops']:.2f}",
@@ -122,3 +165,10 @@ def _print_table(console, doc: dict) -> None:  # noqa: ANN001 - rich Console, im
             f"{row['speed_vs_baseline']:.3f}", "-" if memory is None else f"{memory:.0f}",
         )
     console.print(table)
+    from clusterformer.export import DEFAULT_TOLERANCE
+
+    diffs = {row["model"]: row["onnx_max_rel_diff"] for row in rows if "onnx_max_rel_diff" in row}
+    for model, diff in diffs.items():
+        if not diff <= DEFAULT_TOLERANCE:
+            console.print(f"warning: {model}'s ONNX graph differs from eager by {diff:.1e} "
+                          f"(relative; cf export requires {DEFAULT_TOLERANCE:g})", markup=False)

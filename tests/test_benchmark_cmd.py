@@ -81,10 +81,11 @@ def test_memory_is_measured_in_a_process_of_its_own():
     assert 0 <= row["call_rise_mib"] < row["peak_rss_mib"]
 
 
-def _cf(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+def _cf(*args: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "clusterformer.cli", *args], capture_output=True, text=True,
-        cwd=tmp_path, timeout=900, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        cwd=tmp_path, timeout=900,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200", **env},
     )
 
 
@@ -111,11 +112,121 @@ def test_peers_without_timm_is_a_note_not_an_error(tmp_path):
     assert "timm is not installed" in done.stdout
 
 
+def _onnx_installed() -> bool:
+    from clusterformer.export import missing_onnx_packages
+
+    return not missing_onnx_packages()
+
+
+needs_onnx = pytest.mark.skipif(not _onnx_installed(),
+                                reason="needs the export extra (onnx, onnxruntime, onnxscript)")
+
+
+class _LinearOnnx:
+    """Stands in for ``OnnxExports`` without the slow export: every model's "graph" is one
+    hand-made ONNX product ``images (B, 3*S*S) -> logits (B, 1000)``."""
+
+    def __init__(self, folder: Path, image_size: int) -> None:
+        import numpy as np
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+
+        features = 3 * image_size * image_size
+        weight = numpy_helper.from_array(
+            np.random.default_rng(0).standard_normal((features, 1000)).astype(np.float32), "w")
+        graph = helper.make_graph(
+            [helper.make_node("Flatten", ["images"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "w"], ["logits"])], "linear",
+            [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["B", 3, image_size, image_size])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", 1000])], [weight])
+        self.path = folder / "linear.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), self.path)
+        self.calls: list[tuple[str, int]] = []
+
+    def runner(self, spec, threads, images, note):  # noqa: ANN001, ANN201 - OnnxExports' API
+        from clusterformer.bench.onnx_runtime import OrtRunner
+
+        self.calls.append((spec.label, threads))
+        return OrtRunner(spec, self.path, threads, images, params_m=3.0, max_rel_diff=0.0)
+
+
+@needs_onnx
+def test_measure_times_onnxruntime_runners_in_the_inference_rounds(tmp_path):
+    # Fails on the code before --runtime: measure took no ``onnx``.
+    cfg = BenchConfig(batch_size=2, image_size=32, rounds=3, warmup=1, memory=False,
+                      threads=(1, 2), modes=("infer",))
+    onnx = _LinearOnnx(tmp_path, 32)
+    rows = measure([parse_model(NANO)], cfg, onnx=onnx)
+    assert onnx.calls == [(NANO, 1), (NANO, 2)]  # a session per thread count
+    assert [(r["threads"], r["runtime"]) for r in rows] == [
+        (1, "torch"), (1, "onnxruntime"), (2, "torch"), (2, "onnxruntime")]
+    for row in rows[1::2]:
+        assert row["model"] == NANO and row["baseline"] == NANO and not row["compiled"]
+        assert row["rounds"] == 3 and row["ms_min"] <= row["ms_median"] <= row["ms_max"]
+        assert row["speed_vs_baseline"] > 0 and row["onnx_max_rel_diff"] == 0.0
+    # The ratio column compares with the eager baseline, not the ONNX Runtime runner.
+    assert rows[0]["speed_vs_baseline"] == 1.0
+
+
+@pytest.mark.slow  # exports nano to ONNX: about a minute on a loaded 2-core machine
+@needs_onnx
+def test_onnxruntime_rows_are_timed_with_the_eager_ones(tmp_path):
+    # Fails on the code before --runtime (no such option: exit 2).
+    out, scratch = tmp_path / "bench.json", tmp_path / "tmp"
+    scratch.mkdir()
+    done = _cf("benchmark", "--model", NANO, "--runtime", "onnxruntime", "--image-size", "32",
+               "--batch-size", "2", "--rounds", "2", "--warmup", "1", "--mode", "both",
+               "--threads", "1", "--no-memory", "--out", str(out), tmp_path=tmp_path,
+               TMPDIR=str(scratch))
+    assert done.returncode == 0, done.stderr
+    assert f"{NANO} onnxruntime" in done.stdout and "warning" not in done.stdout
+    rows = json.loads(out.read_text())["rows"]
+    # Inference: eager and onnxruntime in the same rounds; training: eager only.
+    assert [(r["mode"], r["runtime"]) for r in rows] == [
+        ("infer", "torch"), ("infer", "onnxruntime"), ("train", "torch")]
+    ort = rows[1]
+    assert ort["model"] == NANO and not ort["compiled"] and ort["baseline"] == NANO
+    assert len({ort["rounds"], rows[0]["rounds"]}) == 1 and ort["speed_vs_baseline"] > 0
+    assert ort["params_m"] == rows[0]["params_m"]  # the same model
+    # The session computes the eager model's logits (cf export's parity tolerance).
+    assert ort["onnx_max_rel_diff"] <= 1e-4
+    assert "onnx_max_rel_diff" not in rows[0]
+    assert not list(scratch.glob("cf-benchmark-onnx-*")), "the exported files were left behind"
+
+
+def test_onnxruntime_missing_is_a_note_not_an_error(tmp_path):
+    # An "onnxruntime" package that cannot be imported, first on the path.
+    hidden = tmp_path / "hidden" / "onnxruntime"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    out = tmp_path / "bench.json"
+    done = _cf("benchmark", "--model", NANO, "--runtime", "onnxruntime", "--image-size", "32",
+               "--batch-size", "1", "--rounds", "1", "--warmup", "1", "--mode", "infer",
+               "--no-memory", "--out", str(out), tmp_path=tmp_path,
+               PYTHONPATH=str(tmp_path / "hidden"))
+    assert done.returncode == 0, done.stderr
+    assert "onnxruntime not installed, so no ONNX Runtime rows" in done.stdout
+    assert "clusterformer[export]" in done.stdout
+    assert [r["runtime"] for r in json.loads(out.read_text())["rows"]] == ["torch"]
+
+
+def test_help_names_the_extras_to_install(tmp_path):
+    # Rich markup once ate "[bench]", so the help said: pip install 'clusterformer'.
+    done = _cf("benchmark", "--help", tmp_path=tmp_path)
+    assert done.returncode == 0
+    text = " ".join(line.strip("│ ") for line in done.stdout.splitlines())
+    assert "pip install 'clusterformer[timm]'" in text
+    assert "pip install 'clusterformer[export]'" in text
+
+
 @pytest.mark.parametrize("args, message", [
     (["--mode", "fast"], "--mode must be one of"),
     (["--rounds", "0"], "--rounds must be >= 1"),
     (["--model", "clusterformer-huge"], "unknown model 'clusterformer-huge'"),
     (["--amp", "fp8"], "--amp must be one of"),
+    (["--runtime", "tensorrt"], "--runtime must be one of eager, onnxruntime"),
+    (["--runtime", "onnxruntime", "--mode", "train"], "use --mode infer or both"),
+    (["--runtime", "onnxruntime", "--amp", "bf16"], "use --amp none"),
 ])
 def test_cli_usage_errors_are_one_line_and_exit_2(tmp_path, args, message):
     done = _cf("benchmark", *args, "--no-memory", tmp_path=tmp_path)

@@ -1,6 +1,6 @@
 """``clusterformer.ops.linear`` (``ops/fused_linear.py``): the oneDNN fast path gives F.linear's
 numbers and gradients, and steps aside where it cannot serve (function transforms, dispatch
-modes, compile, other dtypes)."""
+modes, other dtypes). Under ``torch.compile`` it is a custom op: tests/test_linear_compiled.py."""
 
 from __future__ import annotations
 
@@ -204,7 +204,7 @@ def test_double_backward_equals_f_linear():
         assert g is not None and rel_diff(g, w) <= RTOL
 
 
-# --- function transforms and compile fall back to F.linear ------------------------------------
+# --- function transforms fall back to F.linear; compiled, it gives eager's numbers -----------
 
 
 def test_package_exports_the_same_function():

@@ -3,7 +3,9 @@
 A tool above the training engine (it builds presets and timm peers, compiles them with the
 engine's settings and times them); used by ``cf benchmark`` and ``benchmarks/``, never by
 training. :mod:`.models` names and builds the models, :mod:`.runner` times them,
-:mod:`.memory_probe` is the child process that measures one model's peak CPU memory.
+:mod:`.memory_probe` is the child process that measures one model's peak CPU memory,
+:mod:`.onnx_runtime` exports the models and times them in ONNX Runtime (``--runtime
+onnxruntime``).
 """
 
 from clusterformer.bench.models import PEERS, ModelSpec, build_model, parse_model, timm_available

@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,9 @@ from clusterformer.bench.models import (
     count_gflops,
     timm_available,
 )
+
+if TYPE_CHECKING:
+    from clusterformer.bench.onnx_runtime import OnnxExports
 
 MODES: tuple[str, ...] = ("infer", "train")
 
@@ -75,6 +78,8 @@ def _sync(device: torch.device) -> None:
 
 class Runner:
     """One model in one mode (eager or compiled): ``call()`` runs one timed unit."""
+
+    runtime = "torch"  # what runs the model: PyTorch (eager or compiled) or onnxruntime
 
     def __init__(self, spec: ModelSpec, mode: str, compiled: bool, cfg: BenchConfig,
                  device: torch.device, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -132,12 +137,14 @@ class Runner:
         median_s = statistics.median(self.times)
         cuda = self.device.type == "cuda"
         return {
-            "model": self.spec.label, "compiled": self.compiled, "mode": self.mode,
+            "model": self.spec.label, "compiled": self.compiled, "runtime": self.runtime,
+            "mode": self.mode,
             "threads": threads, "amp": cfg.amp, "device": str(self.device),
             "batch_size": cfg.batch_size, "image_size": cfg.image_size,
             "params_m": round(self.params_m, 2), "gflops": round(gflops, 2),
             "img_per_s": cfg.batch_size / median_s, "ms_median": median_s * 1e3,
             "ms_min": min(self.times) * 1e3, "ms_max": max(self.times) * 1e3,
+            "round_ms": [t * 1e3 for t in self.times],
             "rounds": cfg.rounds, "baseline": reference.spec.label,
             "speed_vs_baseline": _median_ratio(self.times, reference.times),
             "warmup_s": self.first_call_s,
@@ -183,10 +190,12 @@ def measure(
     *,
     baseline: str | None = None,
     progress: Callable[[str], None] | None = None,
+    onnx: OnnxExports | None = None,
 ) -> list[dict[str, Any]]:
     """Time every model of ``specs`` in every mode of ``cfg``; one row per (threads, mode,
-    model, eager/compiled). ``baseline`` (a label of ``specs``, eager) is what the ratio
-    column compares with; default the first model."""
+    model, eager/compiled/onnxruntime). ``baseline`` (a label of ``specs``, eager) is what the
+    ratio column compares with; default the first model. ``onnx``: also time every model's
+    exported graph in ONNX Runtime, in the inference rounds."""
     device = torch.device(cfg.device)
     note = progress or (lambda _text: None)
     labels = [s.label for s in specs]
@@ -206,13 +215,16 @@ def measure(
                 Runner(spec, mode, compiled, cfg, device, images, targets)
                 for spec in specs for compiled in ((False, True) if cfg.compile else (False,))
             ]
+            if onnx is not None and mode == "infer":
+                runners += [onnx.runner(spec, threads, images, note) for spec in specs]
             _time_mode(runners, cfg, note, f"{mode}, {threads} thread(s)")
-            reference = next(r for r in runners if r.spec.label == base and not r.compiled)
+            reference = next(r for r in runners if r.spec.label == base and not r.compiled
+                             and r.runtime == "torch")
             rows += [r.row(cfg, threads, gflops[r.spec.label], reference) for r in runners]
             del runners
     if cfg.memory and device.type == "cpu":
         for row in rows:
-            if not row["compiled"]:
+            if not row["compiled"] and row["runtime"] == "torch":
                 note(f"memory: {row['model']} ({row['mode']})")
                 row.update(_memory_in_own_process(row["model"], row["mode"], cfg))
     return rows

@@ -20,11 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clusterformer.export.parity import DEFAULT_TOLERANCE, ParityResult
-from clusterformer.export.writer import DEFAULT_OPSET, FORMATS, read_export_metadata
+from clusterformer.export.writer import (
+    DEFAULT_OPSET,
+    FORMATS,
+    module_to_onnx,
+    read_export_metadata,
+)
 
 __all__ = [
     "DEFAULT_OPSET", "DEFAULT_TOLERANCE", "FORMATS", "ExportResult", "ParityError",
-    "ParityResult", "export_checkpoint", "read_export_metadata",
+    "ParityResult", "export_checkpoint", "missing_onnx_packages", "module_to_onnx",
+    "read_export_metadata",
 ]
 
 
@@ -51,14 +57,20 @@ class ExportResult:
     seconds: float = 0.0
 
 
-def _check_onnx_available() -> None:
+def missing_onnx_packages() -> list[str]:
+    """The packages of the ``export`` extra that ONNX export and its parity check need and
+    cannot import."""
     missing = []
     for name in ("onnx", "onnxruntime", "onnxscript"):
         try:
             __import__(name)
         except ImportError:
             missing.append(name)
-    if missing:
+    return missing
+
+
+def _check_onnx_available() -> None:
+    if missing := missing_onnx_packages():
         raise ValueError(f"ONNX export needs {', '.join(missing)}: "
                          "pip install 'clusterformer[export]'")
 

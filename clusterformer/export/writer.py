@@ -100,6 +100,28 @@ def save_onnx(
     return "torchscript", reason
 
 
+def module_to_onnx(module: nn.Module, example: Tensor, path: Path, *,
+                   output_names: tuple[str, ...], static_size: int | None,
+                   opset: int = DEFAULT_OPSET) -> tuple[str, str | None]:  # fmt: skip
+    """Write ``module`` (``images -> outputs``, left untouched) to ONNX as ``cf export`` writes
+    a checkpoint's graph: an export-friendly copy (``graph.exportable_copy``) traced by
+    ``torch.export`` and written by the dynamo exporter, the TorchScript exporter as fallback.
+    No metadata and no parity check (:func:`clusterformer.export.export_checkpoint` adds both).
+
+    Returns:
+        as :func:`save_onnx`.
+    """
+    from clusterformer.export.graph import exportable_copy
+
+    wrapper = exportable_copy(module)
+    try:
+        program = export_program(wrapper, example, static_size)
+    except Exception:  # noqa: BLE001 - save_onnx falls back to the TorchScript exporter
+        program = None
+    return save_onnx(program, wrapper, example, path, output_names=output_names,
+                     static_size=static_size, opset=opset)
+
+
 def write_onnx_metadata(path: Path, metadata: dict[str, Any]) -> None:
     """Store ``metadata`` in the ONNX file's ``metadata_props`` (rewrites the file)."""
     import onnx

@@ -15,12 +15,15 @@ function: oneDNN for the forward and for the input gradient (handed the transpos
 view: oneDNN packs every weight into its own blocked layout anyway, so we make no copy), and
 for the weight gradient oneDNN for short reductions, BLAS for the long ones of the early stages,
 where BLAS is the faster of the two. Everything else is plain
-``F.linear`` (+ ``F.gelu``): while ``torch.compile``, ``torch.export`` or ONNX export trace the
-model (they fuse on their own), under ``vmap``/``grad`` (no batching rule), under Python
-dispatch modes such as ``FlopCounterMode`` (they expect standard aten ops), and for anything
-but float32/bfloat16 CPU tensors; a backward with ``create_graph`` (double backward) uses
-differentiable aten products. Numbers equal the plain path up to
-float rounding (tested, values and gradients).
+``F.linear`` (+ ``F.gelu``): while ``torch.export`` or ONNX export trace the model (their
+consumers know only standard aten ops), under ``vmap``/``grad`` (no batching rule), under
+Python dispatch modes such as ``FlopCounterMode`` (they expect standard aten ops), and for
+anything but float32/bfloat16 CPU tensors; a backward with ``create_graph`` (double backward)
+uses differentiable aten products. Numbers equal the plain path up to float rounding (tested,
+values and gradients).
+
+While ``torch.compile`` traces the model the same kernel is reached through a custom op
+(``ops/linear_op.py``): inductor would otherwise decompose the linear and lose the fusion.
 
 Under CPU autocast to bfloat16 the fast path runs in bfloat16, as ``F.linear`` would under
 autocast: oneDNN's kernel is no autocast op, so handed float32 tensors it would multiply in
@@ -35,6 +38,7 @@ itself.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -42,6 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.weak import WeakIdKeyDictionary
+
+from clusterformer.ops.linear_op import onednn_linear
 
 Activation = Literal["none", "gelu"]
 ACTIVATIONS: tuple[str, ...] = ("none", "gelu")
@@ -52,6 +58,10 @@ def _onednn_available() -> bool:
 
 
 _ONEDNN = _onednn_available()
+# ``torch.compiler.is_exporting`` came with torch 2.7; before it every trace counts as an export,
+# so older torch compiles plain aten ops (no custom op), as this module did before it had one.
+# torch releases whose dynamo answered True while compiling (pytorch#176347) fall back the same.
+_is_exporting = getattr(torch.compiler, "is_exporting", torch.compiler.is_compiling)
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 # Up to this many rows the weight gradient ``grad^T @ x`` is oneDNN's; above it BLAS's. The
 # number is the reason: at tiny's shapes oneDNN wins the short reductions of stages 3-4 (392 and
@@ -61,8 +71,10 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 _ONEDNN_MAX_ROWS_FOR_WEIGHT_GRAD = 2048
 
 
-def _compute_dtype(x: Tensor, weight: Tensor, bias: Tensor | None) -> torch.dtype | None:
-    """The dtype the oneDNN path multiplies in, or ``None`` where ``F.linear`` must serve."""
+def _compute_dtype(x: Tensor, weight: Tensor, bias: Tensor | None, *,
+                   traced: bool = False) -> torch.dtype | None:
+    """The dtype the oneDNN path multiplies in, or ``None`` where ``F.linear`` must serve.
+    ``traced``: under ``torch.compile``, where the custom op serves."""
     if not _ONEDNN or x.device.type != "cpu":
         return None
     dtype = x.dtype
@@ -77,7 +89,13 @@ def _compute_dtype(x: Tensor, weight: Tensor, bias: Tensor | None) -> torch.dtyp
             return None
     elif weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
         return None
-    return dtype if dtype in _FUSED_DTYPES and _may_leave_aten(x, weight, bias) else None
+    if dtype not in _FUSED_DTYPES:
+        return None
+    if traced:
+        # The custom op has no torch.func rules; ``is_functorch_wrapped_tensor`` is opaque to
+        # dynamo, this global check is not.
+        return None if torch._C._are_functorch_transforms_active() else dtype
+    return dtype if _may_leave_aten(x, weight, bias) else None
 
 
 def _may_leave_aten(*tensors: Tensor | None) -> bool:
@@ -249,6 +267,11 @@ def linear(
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if _is_exporting():
+        out = F.linear(x, weight, bias)
+        return _exported_gelu(out) if activation == "gelu" else out
+    if torch.compiler.is_compiling():
+        return _compiled_linear(x, weight, bias, activation)
     dtype = _compute_dtype(x, weight, bias)
     if dtype is None:
         out = F.linear(x, weight, bias)
@@ -258,3 +281,34 @@ def linear(
             return _onednn_linear(x.to(dtype), weight_c, bias_c, attr=activation)
         out = _OneDnnLinear.apply(x.to(dtype), weight, bias, weight_c, bias_c)
     return F.gelu(out) if activation == "gelu" else out
+
+
+def _compiled_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: Activation) -> Tensor:
+    """``linear`` as ``torch.compile`` traces it: the oneDNN custom op (``ops/linear_op.py``)
+    where the eager fast path would run, so inductor calls the fused kernel instead of
+    decomposing it; ``F.linear`` elsewhere. Casts to the compute dtype are graph ops (frozen
+    weights' casts fold away). With gradients the op runs without the activation and
+    ``F.gelu`` follows, as in eager: GELU's backward needs the pre-activation."""
+    dtype = _compute_dtype(x, weight, bias, traced=True)
+    if dtype is None:
+        out = F.linear(x, weight, bias)
+        return F.gelu(out) if activation == "gelu" else out
+    x, weight = x.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    if not _needs_grad(x, weight, bias):
+        return onednn_linear(x, weight, bias, activation)
+    out = onednn_linear(x, weight, bias, "none")
+    return F.gelu(out) if activation == "gelu" else out
+
+
+def _exported_gelu(x: Tensor) -> Tensor:
+    """``F.gelu`` (erf form) as ``torch.export`` should see it: ``x * (erf(x / sqrt(2)) + 1) *
+    0.5``, the order of operations ONNX Runtime's GELU fusion matches (the TorchScript
+    exporter's). The dynamo exporter writes ``aten.gelu`` as ``x * (0.5 * (erf(x / sqrt(2)) +
+    1))``, which ONNX Runtime runs as five passes over the MLPs' largest tensors (``Div``,
+    ``Erf``, ``Add``, two ``Mul``) instead of one fused ``BiasGelu`` (docs/benchmarks.md,
+    "ONNX Runtime: where tiny's time goes")."""
+    return x * (torch.erf(x / _SQRT2) + 1.0) * 0.5
+
+
+_SQRT2 = math.sqrt(2.0)

@@ -1,0 +1,84 @@
+"""oneDNN's fused linear as a PyTorch custom op: what ``torch.compile`` sees of ``ops.linear``.
+
+Traced as ``F.linear`` + ``F.gelu``, the backbone's MLPs are decomposed by inductor: on a frozen
+graph it swaps in oneDNN's packed linear only for the input ranks its pattern knows, not the
+backbone's ``(B, H, W, C)`` maps, and otherwise calls BLAS ``addmm`` and runs GELU as a loop of
+its own, which made compiled tiny slower than eager tiny (docs/benchmarks.md, "``torch.compile``:
+the fused linear as a custom op"). A custom op is opaque to inductor: the compiled graph calls
+the fused kernel eager calls, and inductor fuses and plans what lies around it. The op has a
+fake implementation (shapes only, for tracing) and an autograd formula, so training graphs
+compile with it too. It has no ``torch.func`` rules (custom ops support only ``vmap`` there, and
+``grad`` not at all): under a function transform ``ops.linear`` traces ``F.linear`` instead.
+
+Only ``torch.compile`` uses the op (``ops.linear`` picks it while compiling, never while
+exporting: ONNX Runtime and ``torch.export`` consumers know only standard aten ops); eager
+calls the kernel directly (``ops/fused_linear.py``). Telling a compile from an export needs
+``torch.compiler.is_exporting`` (torch 2.7): older torch compiles ``F.linear`` as before.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+OP_NAME = "clusterformer::onednn_linear"
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=(), device_types="cpu",
+                         schema="(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor")
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str) -> Tensor:
+    """``activation(x @ weight^T + bias)`` by oneDNN, bias and GELU fused into the product.
+
+    Args:
+        x: ``(..., in)``, float32 or bfloat16, CPU, any strides.
+        weight: ``(out, in)`` in ``x``'s dtype (a transposed view is fine).
+        bias: ``(out,)`` in ``x``'s dtype, or ``None``.
+        activation: ``"none"`` or ``"gelu"`` (exact erf form).
+
+    Returns:
+        ``(..., out)``, contiguous, in ``x``'s dtype.
+    """
+    if bias is None:
+        # A zero bias, not none: oneDNN's inner product without a bias is markedly slower than
+        # with one at the backbone's shapes (docs/benchmarks.md, "Backward kernels").
+        bias = x.new_zeros(weight.shape[0])
+    return torch.ops.mkldnn._linear_pointwise(
+        x, weight, bias, activation, [], "none" if activation == "gelu" else ""
+    )
+
+
+@onednn_linear.register_fake
+def _fake(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str) -> Tensor:
+    # The kernel's output is always a fresh contiguous tensor, whatever the input's strides.
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 - torch's autograd context
+    x, weight, bias, activation = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.activation = activation
+
+
+def _backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202 - torch's autograd context
+    """Gradients as ``F.linear``'s, in products that are themselves differentiable (this op and
+    aten's), so a double backward works."""
+    x, weight, bias = ctx.saved_tensors
+    if ctx.activation == "gelu":
+        # GELU's backward needs the pre-activation, which the fused kernel does not keep:
+        # recompute it. ``ops.linear`` never asks for this (with gradients it calls the op
+        # without the activation and applies ``F.gelu`` after it); it is here so that the op
+        # is right for any caller.
+        grad = torch.ops.aten.gelu_backward(grad, onednn_linear(x, weight, bias, "none"))
+    rows = grad.reshape(-1, grad.shape[-1])
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = onednn_linear(grad, weight.t(), None, "none")
+    if ctx.needs_input_grad[1]:
+        grad_w = rows.t() @ x.reshape(-1, x.shape[-1])
+    if bias is not None and ctx.needs_input_grad[2]:
+        grad_b = rows.sum(0)
+    return grad_x, grad_w, grad_b, None
+
+
+onednn_linear.register_autograd(_backward, setup_context=_setup_context)
+
