@@ -167,6 +167,8 @@ class ClusterDecoder(nn.Module):
         m_step, center_update, dispatching: clustering variants (see the module docstring and
             :mod:`clusterformer.models.mixer`).
         query_init: one of :data:`QUERY_INITS`.
+        head_dim: channels per head of the clustering's queries and keys (Table S1d); ``None``
+            means ``hidden_dim / num_heads``.
         iterative_refinement: each layer refines the previous layer's boxes.
         box_head: predict boxes (detection). Without it (mask classification) ``pred_boxes`` is
             left out and every layer keeps the initial reference boxes.
