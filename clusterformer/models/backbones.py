@@ -64,7 +64,8 @@ class BackboneOptions:
     window_size: int | None = _option("window side in tokens (7)")
     center_grid: tuple[int, ...] | None = _option("centers per window, gh,gw (3,3)")
     num_iters: int | None = _option("recurrent clustering iterations T (3)")
-    center_update: str | None = _option("Table S1c: recurrent, vanilla_attention, kmeans, cosine")
+    center_update: str | None = _option("Table S1c: recurrent, vanilla_attention, kmeans, cosine, "
+                                        "criss_cross")
     dispatching: str | None = _option("Table S1e: ours, none, fc, confidence, fc_similarity")
     m_step: str | None = _option("clustering M-step: sum (the paper's) or mean")
     dispatch_mlp_ratio: float | None = _option("dispatching MLP width relative to dim (0.125)")

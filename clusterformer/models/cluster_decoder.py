@@ -32,6 +32,26 @@ Query (center) initialisation, Table S1(f), ``query_init=``:
 * ``"mixed"``: DINO's mixed query selection -- reference boxes from the encoder top-``Q``,
   content learned.
 
+* ``"scene_adaptive"``: ClustSeg's scene-adaptive embedding (Liang, Zhou & Liu, ICML 2023 --
+  the supplement's reference [7]; its "Dreamy-Start" initialises *thing* centers as
+  ``FFN(PE(I))``, from the position-embedded features of the image itself, not from learned
+  constants). ClustSeg gives no formula for turning the ``H W`` embedded pixels into ``Q``
+  centers, and its released code does not contain this part, so here: an FFN scores every
+  position-embedded pixel of the finest map for each of the ``Q`` centers, a softmax over the
+  image's real pixels turns the scores into ``Q`` spatial pooling maps, and each center is
+  its map's pooled embedded feature through a projection (LayerNorm). The reference point is
+  the map's mean position (cx, cy), its extent twice the map's spread. ClustSeg's *stuff*
+  centers (a class-wise memory bank of pixel embeddings, scene-agnostic) are not part of the
+  Table S1f row and are not implemented.
+
+Center-update variant ``"criss_cross"`` (Table S1c) in the decoder: centers have no grid
+cell here, so each center's row and column are those of its reference point at the scale
+the layer reads (CCNet's literal ``H + W - 1`` pixels), ANDed with a masked-attention mask.
+
+``head_dim`` (Table S1d) sets the channels per head of the clustering's queries and keys
+(``heads * head_dim`` wide) without changing the decoder width; ``None`` keeps
+``hidden_dim / heads``.
+
 ``"encoder"`` and ``"mixed"`` also return ``enc_outputs`` (class logits and boxes of the
 selected tokens), which the criterion supervises like a decoder layer (two-stage DETRs do).
 """
@@ -47,10 +67,10 @@ from torch import Tensor, nn
 
 from clusterformer.models.mixer import CENTER_UPDATES, Dispatch
 from clusterformer.models.pixel_decoder import real_extent, sine_position_embedding
-from clusterformer.ops import init_centers, recurrent_cross_attention_clustering
+from clusterformer.ops import criss_cross_mask, init_centers, recurrent_cross_attention_clustering
 from clusterformer.ops.boxes import inverse_sigmoid
 
-QUERY_INITS: tuple[str, ...] = ("encoder", "free", "feature_embedding", "mixed")
+QUERY_INITS: tuple[str, ...] = ("encoder", "free", "feature_embedding", "mixed", "scene_adaptive")
 
 
 class MLP(nn.Module):
@@ -86,13 +106,17 @@ class ClusterDecoderLayer(nn.Module):
     def __init__(
         self, dim: int, num_heads: int, ffn_dim: int, *, num_iters: int, m_step: str,
         center_update: str, dispatching: str, dispatch: bool, dropout: float = 0.0,
+        head_dim: int | None = None,
     ) -> None:
         super().__init__()
         if center_update not in CENTER_UPDATES:
             raise ValueError(f"unknown center_update {center_update!r}; expected one of {tuple(CENTER_UPDATES)}")
+        if head_dim is not None and head_dim < 1:
+            raise ValueError(f"head_dim must be >= 1, got {head_dim}")
         self.num_heads, self.num_iters, self.m_step = num_heads, num_iters, m_step
         self.assignment = CENTER_UPDATES[center_update]
-        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        qk_dim = dim if head_dim is None else num_heads * head_dim
+        self.q, self.k, self.v = nn.Linear(dim, qk_dim), nn.Linear(dim, qk_dim), nn.Linear(dim, dim)
         self.norm_cluster = nn.LayerNorm(dim)
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.norm_self = nn.LayerNorm(dim)
@@ -143,6 +167,8 @@ class ClusterDecoder(nn.Module):
         m_step, center_update, dispatching: clustering variants (see the module docstring and
             :mod:`clusterformer.models.mixer`).
         query_init: one of :data:`QUERY_INITS`.
+        head_dim: channels per head of the clustering's queries and keys (Table S1d); ``None``
+            means ``hidden_dim / num_heads``.
         iterative_refinement: each layer refines the previous layer's boxes.
         box_head: predict boxes (detection). Without it (mask classification) ``pred_boxes`` is
             left out and every layer keeps the initial reference boxes.
@@ -159,6 +185,7 @@ class ClusterDecoder(nn.Module):
         m_step: str = "mean", center_update: str = "recurrent", dispatching: str = "ours",
         query_init: str = "encoder", iterative_refinement: bool = True, dispatch_all: bool = False,
         dropout: float = 0.0, box_head: bool = True, no_object: bool = False,
+        head_dim: int | None = None,
     ) -> None:
         super().__init__()
         if query_init not in QUERY_INITS:
@@ -168,13 +195,14 @@ class ClusterDecoder(nn.Module):
         dim = hidden_dim
         self.num_queries, self.num_levels, self.query_init = num_queries, num_levels, query_init
         self.num_classes, self.iterative_refinement = num_classes, iterative_refinement
+        self.criss_cross = center_update == "criss_cross"
         self.score_classes = num_classes - 1 if no_object else num_classes
         self.level_embed = nn.Parameter(torch.randn(num_levels, dim) * 0.02)
         self.layers = nn.ModuleList(
             ClusterDecoderLayer(
                 dim, num_heads, ffn_dim, num_iters=num_iters, m_step=m_step,
                 center_update=center_update, dispatching=dispatching, dropout=dropout,
-                dispatch=dispatch_all or i + num_levels < num_layers,
+                dispatch=dispatch_all or i + num_levels < num_layers, head_dim=head_dim,
             )
             for i in range(num_layers)
         )
@@ -190,6 +218,9 @@ class ClusterDecoder(nn.Module):
             self.content = nn.Embedding(num_queries, dim)
         if query_init == "free":
             self.ref_logits = nn.Embedding(num_queries, 4)
+        if query_init == "scene_adaptive":
+            self.scene_scores = MLP(dim, dim, num_queries, 2)
+            self.embed_proj = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim))
         if query_init == "feature_embedding":
             self.embed_proj = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim))
             self.grid = _grid_shape(num_queries)
@@ -257,10 +288,36 @@ class ClusterDecoder(nn.Module):
             "pred_logits": sel_logits, "pred_boxes": sel_boxes}
         return content, sel_boxes, enc
 
+    def _scene_adaptive(
+        self, embedded: Tensor, mask: Tensor | None, shape: tuple[int, int],
+    ) -> tuple[Tensor, Tensor]:
+        """ClustSeg's scene-adaptive centers from the finest map's position-embedded pixels
+        ``(B, N, D)`` (see the module docstring) -> content ``(B, Q, D)``, references ``(B, Q, 4)``."""
+        batch, height, width = embedded.shape[0], *shape
+        scores = self.scene_scores(embedded)  # (B, N, Q)
+        if mask is not None:
+            scores = scores.masked_fill(~mask.flatten(1).unsqueeze(-1), torch.finfo(scores.dtype).min)
+        pooling = torch.softmax(scores, dim=1).transpose(1, 2)  # (B, Q, N): each sums to 1
+        content = self.embed_proj(pooling @ embedded)
+        extent = real_extent(mask, batch, height, width, embedded)
+        ys = (torch.arange(height, dtype=embedded.dtype, device=embedded.device) + 0.5).view(1, -1, 1)
+        xs = (torch.arange(width, dtype=embedded.dtype, device=embedded.device) + 0.5).view(1, 1, -1)
+        cy = (ys / extent[:, 0].view(-1, 1, 1)).expand(batch, height, width)
+        cx = (xs / extent[:, 1].view(-1, 1, 1)).expand(batch, height, width)
+        position = torch.stack([cx, cy], -1).flatten(1, 2)  # (B, N, 2)
+        mean = pooling @ position
+        spread = (pooling @ position.square() - mean.square()).clamp_min(0.0).sqrt()
+        ref = torch.cat([mean.clamp(0.0, 1.0), (2 * spread).clamp(0.01, 1.0)], -1)
+        return content, ref
+
     def _initial_queries(
         self, pixels: Sequence[Tensor], masks: Sequence[Tensor | None], shapes: Sequence[tuple[int, int]],
+        pixel_pos: Sequence[Tensor],
     ) -> tuple[Tensor, Tensor, dict[str, Tensor] | None]:
         batch, dim = pixels[0].shape[0], pixels[0].shape[-1]
+        if self.query_init == "scene_adaptive":
+            content, ref = self._scene_adaptive(pixels[0] + pixel_pos[0], masks[0], shapes[0])
+            return content, ref.detach(), None
         if self.query_init in ("encoder", "mixed"):
             content, ref, enc = self._select_from_encoder(pixels, masks, shapes)
             if self.query_init == "mixed":
@@ -308,7 +365,7 @@ class ClusterDecoder(nn.Module):
             for i, (f, m) in enumerate(zip(features, masks, strict=True))
         ]
         flat_masks = [None if m is None else m.flatten(1) for m in masks]
-        centers, ref, enc = self._initial_queries(pixels, masks, shapes)
+        centers, ref, enc = self._initial_queries(pixels, masks, shapes, pixel_pos)
         outputs: list[dict[str, Tensor]] = []
         query_pos = self.query_pos(box_sine_embedding(ref, dim // 2))
 
@@ -318,8 +375,12 @@ class ClusterDecoder(nn.Module):
         attn_mask = None if layer_hook is None else layer_hook(self.norm(centers), shapes[level_of(0)])
         for i, layer in enumerate(self.layers):
             level = level_of(i)
+            layer_mask = attn_mask
+            if self.criss_cross:
+                cross = _criss_cross_at(ref, masks[level], shapes[level])
+                layer_mask = cross if attn_mask is None else attn_mask & cross
             centers, pixels[level] = layer(
-                centers, query_pos, pixels[level], pixel_pos[level], flat_masks[level], attn_mask
+                centers, query_pos, pixels[level], pixel_pos[level], flat_masks[level], layer_mask
             )
             outputs.append(self._heads(centers, ref))
             if layer_hook is not None:
@@ -332,6 +393,19 @@ class ClusterDecoder(nn.Module):
         if enc is not None:
             result["enc_outputs"] = enc
         return result
+
+
+def _criss_cross_at(ref: Tensor, mask: Tensor | None, shape: tuple[int, int]) -> Tensor:
+    """``(B, Q, h * w)`` bool: the row and the column of each reference point ``ref (B, Q, 4)``
+    (cxcywh in ``[0, 1]`` of each image's real extent) on an ``(h, w)`` map, padding excluded."""
+    height, width = shape
+    extent = real_extent(mask, ref.shape[0], height, width, ref)
+    rows = (ref[..., 1] * extent[:, :1]).floor().long().clamp(0, height - 1)
+    cols = (ref[..., 0] * extent[:, 1:]).floor().long().clamp(0, width - 1)
+    # A point on the real edge (cy = 1) would fall one row past the image: keep it inside.
+    rows = torch.minimum(rows, extent[:, :1].long() - 1)
+    cols = torch.minimum(cols, extent[:, 1:].long() - 1)
+    return criss_cross_mask(rows, rows + 1, cols, cols + 1, shape)
 
 
 def _grid_shape(num: int) -> tuple[int, int]:

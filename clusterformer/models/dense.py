@@ -41,11 +41,14 @@ class DecoderOptions:
     m_step: str | None = _option("decoder M-step: mean (soft k-means, default) or sum",
                                  "decoder_m_step")
     center_update: str | None = _option("decoder center update (Table S1c): recurrent, "
-                                        "vanilla_attention, kmeans, cosine", "decoder_center_update")
+                                        "vanilla_attention, kmeans, cosine, criss_cross",
+                                        "decoder_center_update")
     dispatching: str | None = _option("decoder dispatching (Table S1e): ours, none, fc, "
                                       "confidence, fc_similarity", "decoder_dispatching")
     query_init: str | None = _option("center initialisation (Table S1f): encoder (default), "
-                                     "free, feature_embedding, mixed")
+                                     "free, feature_embedding, mixed, scene_adaptive")
+    head_dim: int | None = _option("channels per head of the clustering's queries and keys "
+                                   "(Table S1d); default hidden_dim / heads", "decoder_head_dim")
     iterative_refinement: bool | None = _option("detection: each layer refines the previous "
                                                 "layer's boxes (true)")
     pixel_decoder: str | None = _option("pixel decoder: fpn (default) or msdeform")
@@ -108,7 +111,7 @@ class DenseModel(nn.Module):
             num_layers=decoder.layers, num_heads=decoder.heads, ffn_dim=decoder.ffn_dim,
             num_iters=decoder.num_iters, m_step=decoder.m_step,
             center_update=decoder.center_update, dispatching=decoder.dispatching,
-            query_init=decoder.query_init,
+            query_init=decoder.query_init, head_dim=decoder.head_dim,
             iterative_refinement=bool(decoder.iterative_refinement) and box_head,
             box_head=box_head, no_object=no_object,
         )

@@ -23,6 +23,16 @@ Center-update variants (Table S1c), ``center_update=``:
   projections would be dead weights: this variant assigns in the (normalised) pixel-feature
   space itself (identity q/k) and learns only the value projection.
 * ``"cosine"``: ReLU of the cosine similarity between center queries and pixel keys.
+* ``"criss_cross"``: CCNet's criss-cross attention (Huang et al. 2019) made a center update.
+  CCNet's query is a pixel and attends, softmax over them, to the pixels of its own row and
+  column. A center here is born from one cell of the ``gh x gw`` grid (``init_centers``), so
+  its "row" and "column" are the bands of window rows and columns its cell covers: the center
+  attends (softmax over pixels, as vanilla cross-attention) to the pixels in its row band or
+  its column band only (``ops.criss_cross_mask``). CCNet repeats its sparse attention (R = 2)
+  so information reaches every pixel; the recurrent iterations play that part here, but since
+  pixels do not change between iterations a center keeps seeing only its cross: the variant
+  tests whether a sparse, geometry-bound receptive field loses against clustering over the
+  whole window.
 
 Dispatching variants (Table S1e), ``dispatching=``:
 
@@ -45,8 +55,10 @@ from torch import Tensor, nn
 
 from clusterformer.models.layers import TokenMlp, static_sizes
 from clusterformer.ops import (
+    criss_cross_mask,
     dispatch_similarity,
     dispatch_update,
+    grid_cells,
     init_centers,
     keep_best_center,
     recurrent_cross_attention_clustering,
@@ -58,6 +70,7 @@ CENTER_UPDATES: dict[str, str] = {
     "vanilla_attention": "softmax_pixels",
     "kmeans": "argmax",
     "cosine": "cosine",
+    "criss_cross": "softmax_pixels",  # restricted to each center's row and column bands
 }
 DISPATCHINGS: tuple[str, ...] = ("ours", "none", "fc", "confidence", "fc_similarity")
 
@@ -253,10 +266,16 @@ class ClusteringMixer(nn.Module):
         return linear(mixed, self.proj.weight, self.proj.bias)
 
     def _cluster(self, tokens: Tensor, centers: Tensor, mask: Tensor | None) -> Tensor:
+        attn_mask = None
+        if self.center_update == "criss_cross":
+            # Shapes only (window and grid), no data: the same (K, w*w) mask for every window.
+            size = (self.window_size, self.window_size)
+            bands = [b.to(tokens.device) for b in grid_cells(self.center_grid, size)]
+            attn_mask = criss_cross_mask(*bands, size)
         return recurrent_cross_attention_clustering(
             tokens, centers, self._params(tokens),
             num_iters=self.num_iters, num_heads=self.num_heads, mask=mask,
-            assignment=self.assignment, m_step=self.m_step,
+            assignment=self.assignment, m_step=self.m_step, attn_mask=attn_mask,
         )
 
     def extra_repr(self) -> str:

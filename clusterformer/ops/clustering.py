@@ -143,6 +143,52 @@ def cross_attention_clustering_step(
     return weights @ v
 
 
+def criss_cross_mask(
+    row_start: Tensor, row_end: Tensor, col_start: Tensor, col_end: Tensor,
+    size: tuple[int, int],
+) -> Tensor:
+    r"""Which pixels each center sees under criss-cross attention (CCNet, Huang et al. 2019).
+
+    CCNet lets a pixel attend over the ``H + W - 1`` positions of its own row and column. A
+    cluster center owns a band of rows and a band of columns instead (its cell of the
+    ``init_centers`` grid, or the single row and column of a reference point): it sees every
+    pixel whose row lies in its row band *or* whose column lies in its column band.
+
+    Args:
+        row_start, row_end, col_start, col_end: ``(..., K)`` integer tensors, the half-open
+            bands ``[start, end)`` of each center in pixels.
+        size: ``(H, W)`` of the map.
+
+    Returns:
+        ``(..., K, H * W)`` bool, ``True`` = the center may take the pixel (row-major pixels),
+        the ``attn_mask`` of :func:`cross_attention_clustering_step`.
+    """
+    height, width = size
+    device = row_start.device
+    rows = torch.arange(height, device=device).view(-1, 1).expand(height, width).reshape(-1)
+    cols = torch.arange(width, device=device).view(1, -1).expand(height, width).reshape(-1)
+    in_row = (rows >= row_start.unsqueeze(-1)) & (rows < row_end.unsqueeze(-1))
+    in_col = (cols >= col_start.unsqueeze(-1)) & (cols < col_end.unsqueeze(-1))
+    return in_row | in_col
+
+
+def grid_cells(grid: tuple[int, int], size: tuple[int, int]) -> tuple[Tensor, ...]:
+    """The pixel bands of the cells :func:`init_centers` pools, ``(gh * gw,)`` each.
+
+    Adaptive average pooling's cells: row band ``i`` is ``[floor(i H / gh), ceil((i + 1) H /
+    gh))`` (neighbouring bands overlap by a pixel when ``gh`` does not divide ``H``), and the
+    same over columns. Returns ``row_start, row_end, col_start, col_end`` in row-major grid
+    order, ready for :func:`criss_cross_mask`.
+    """
+    (gh, gw), (height, width) = grid, size
+    rows = torch.arange(gh)
+    cols = torch.arange(gw)
+    row_start, row_end = (rows * height) // gh, -((-(rows + 1) * height) // gh)
+    col_start, col_end = (cols * width) // gw, -((-(cols + 1) * width) // gw)
+    return (row_start.repeat_interleave(gw), row_end.repeat_interleave(gw),
+            col_start.repeat(gh), col_end.repeat(gh))  # fmt: skip
+
+
 def _split_heads(x: Tensor, num_heads: int) -> Tensor:
     """``(..., L, D)`` -> ``(..., h, L, D / h)``."""
     *lead, length, dim = x.shape
@@ -159,6 +205,12 @@ def _keys_and_values(
     per-head view of a (..., N, D) projection is copied by every matmul that reads it).
     """
     k_bias, v_bias = params.get("k_bias"), params.get("v_bias")
+    if params["k_weight"].shape[0] != params["v_weight"].shape[0]:
+        # Query/key heads narrower or wider than the value heads (a head dimension of its own):
+        # the stacked projection needs equal widths, so project the two separately.
+        keys = _split_heads(linear(features, params["k_weight"], k_bias), num_heads)
+        values = _split_heads(linear(features, params["v_weight"], v_bias), num_heads)
+        return keys.contiguous(), values.contiguous()
     bias = None
     if k_bias is not None or v_bias is not None:
         dim = params["k_weight"].shape[0]
@@ -201,11 +253,14 @@ def recurrent_cross_attention_clustering(
         centers: ``(..., K, D)`` initial centers ``C0``.
         params: ``q_weight``, ``k_weight``, ``v_weight`` of shape ``(D, D)`` in
             ``nn.Linear`` layout (``out x in``) and ``q_bias``, ``k_bias``, ``v_bias`` of
-            shape ``(D,)`` or ``None`` (a missing bias key also means ``None``).
+            shape ``(D,)`` or ``None`` (a missing bias key also means ``None``). The query and
+            key weights may instead both be ``(h * d_k, D)`` (biases ``(h * d_k,)``): the
+            E-step then compares ``d_k``-channel heads while each value head keeps ``D / h``
+            channels (Table S1d's head dimension without changing ``D``).
         num_iters: ``T``, the number of recurrent updates; ``0`` returns ``C0``.
         num_heads: ``h``; ``D`` must be divisible by it. Each head clusters on its own
             ``D / h`` channels and the updates are concatenated.
-        scale: logit scale; ``None`` means ``1 / sqrt(D / h)``.
+        scale: logit scale; ``None`` means ``1 / sqrt(d_k)`` (``d_k = D / h`` by default).
         mask: optional ``(..., N)`` bool, ``True`` = real pixel; padding never moves a center.
         assignment, m_step: see :func:`cross_attention_clustering_step`.
         attn_mask: optional ``(..., K, N)`` bool, the same for every head and iteration:
@@ -215,8 +270,9 @@ def recurrent_cross_attention_clustering(
     Returns:
         ``(..., K, D)`` centers ``C_T``.
     """
-    if features.shape[-1] % num_heads:
-        raise ValueError(f"channels {features.shape[-1]} not divisible by {num_heads} heads")
+    if features.shape[-1] % num_heads or params["q_weight"].shape[0] % num_heads:
+        raise ValueError(f"channels {features.shape[-1]} (query/key "
+                         f"{params['q_weight'].shape[0]}) not divisible by {num_heads} heads")
     keys, values = _keys_and_values(features, params, num_heads)
     head_mask = None if mask is None else mask.unsqueeze(-2)
     head_attn = None if attn_mask is None else attn_mask.unsqueeze(-3)

@@ -1,0 +1,438 @@
+"""The supplement's Table S1 as panoptic training runs: every row of its six sub-tables, per seed.
+
+    # harness check: every row, two seeds, synthetic scenes, minutes (numbers mean nothing)
+    OMP_NUM_THREADS=1 python benchmarks/table_s1.py --budget smoke --seeds 2 --out /tmp/s1-smoke
+    # the CPU-scale experiment: nano on 64 px synthetic scenes, a fixed step budget, >= 3 seeds;
+    # resumable: rerun the same command to go on. Two such commands may run side by side on the
+    # same OUT (each run is claimed by one process): the two cores, one thread each.
+    OMP_NUM_THREADS=1 python benchmarks/table_s1.py --budget cpu --seeds 3 --out runs/s1-cpu
+    # calibration of the step budget: the baseline's and the adopted design's PQ curves
+    OMP_NUM_THREADS=1 python benchmarks/table_s1.py --budget cpu --seeds 1 --tables a \
+        --steps 2400 --eval-every 400 --out runs/s1-calibration
+    # full scale: Tiny on COCO panoptic shards (`cf shard-dataset --format coco-panoptic`), the
+    # recipe's batch of 2 per GPU on 8 GPUs = the paper's 16
+    python benchmarks/table_s1.py --budget gpu --seeds 3 --out runs/s1-gpu --nproc-per-node 8 \\
+        --data coco/shards-train --val-data coco/shards-val
+    # the report alone (tables, paired comparison, PNG) from what has finished
+    python benchmarks/table_s1.py --budget cpu --seeds 3 --out runs/s1-cpu --report-only
+
+Sub-tables (letters as in the supplement): a components, b T, c center update, d head dimension,
+e dispatching, f decoder query initialisation. One recipe for every row (the budget's, below);
+a row changes only the switch under test, given as dotted config keys. The adopted design (the
+paper's red rows: RCA + dispatching, T = 3, recurrent update, head dimension 32, "ours"
+dispatching, centers from the encoder) is one configuration: it is trained once per seed and
+reported in every sub-table. Switches that exist in both the backbone and the decoder
+(T, center update, dispatching) are set in both -- the paper's clustering runs in both.
+
+Table S1a's baseline "without" recurrent clustering and dispatching keeps a center update (a
+model whose centers never read the pixels is not a baseline): plain cross-attention (softmax
+over pixels) with T = 1 and no dispatching (``dispatching=none``: pixels get back their
+soft-assigned centers, no learned parameters). "+RCA" is the recurrent update with T = 3 and no
+dispatching, "+FD" plain cross-attention T = 1 with Eq. 6 dispatching.
+
+Table S1d's head dimension is the clustering's query/key channels per head in the decoder
+(``model.decoder.head_dim``, the decoder width unchanged): the backbone's stage widths (32 ... 256
+for nano, 96 ... 768 for Tiny) are not multiples of 40, and the backbone's head dimension also
+sets its number of heads, so 40 is not a backbone setting.
+
+Each run is a child process (``--child``) in ``OUT/runs/<row>-s<seed>/``: the engine writes its
+``config.json`` and ``metrics.jsonl`` there and the harness writes ``result.json`` beside them
+(PQ, PQ_th, PQ_st, SQ, RQ, training img/s, peak memory). A run with a ``result.json`` is finished
+and never rerun; its ``spec.json`` must match the command's settings (an OUT is one experiment). ``OUT/table_s1.json`` holds every finished row (DESIGN.md section 4c) and the
+report (``table_s1_report.py``) writes ``OUT/report.md`` and ``OUT/table_s1.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of Table S1: its sub-table, its name, the paper's numbers and its switches."""
+
+    table: str
+    variant: str
+    paper: tuple[float, float, float]  # PQ, PQ_th, PQ_st on COCO panoptic val (Tiny)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    adopted: bool = False
+
+    @property
+    def key(self) -> str:
+        """The run's folder name. Rows of the same configuration share one run: the adopted
+        design (in every sub-table) and S1a's "+ RCA" = S1e's "none" (the paper prints the same
+        numbers for both)."""
+        if self.adopted:
+            return "adopted"
+        first = next(r for r in ROWS if not r.adopted and r.overrides == self.overrides)
+        return f"{first.table}-{_slug(first.variant)}"
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
+
+
+def _both(name: str, value: Any) -> dict[str, Any]:
+    """A switch the backbone and the decoder both have."""
+    return {f"model.backbone.{name}": value, f"model.decoder.{name}": value}
+
+
+ADOPTED_PQ = (54.7, 60.8, 46.1)
+_PLAIN = {**_both("center_update", "vanilla_attention"), **_both("num_iters", 1)}
+ROWS: tuple[Row, ...] = (
+    Row("a", "baseline", (49.6, 57.5, 38.1), {**_PLAIN, **_both("dispatching", "none")}),
+    Row("a", "+ recurrent cross-attention clustering", (53.6, 59.7, 44.5),
+        _both("dispatching", "none")),
+    Row("a", "+ feature dispatching", (51.3, 58.2, 42.4), _PLAIN),
+    Row("a", "ClusterFormer (both)", ADOPTED_PQ, adopted=True),
+    Row("b", "T=1", (53.3, 59.1, 44.6), _both("num_iters", 1)),
+    Row("b", "T=2", (54.2, 60.3, 45.5), _both("num_iters", 2)),
+    Row("b", "T=3", ADOPTED_PQ, adopted=True),
+    Row("b", "T=4", (54.9, 70.1, 46.2), _both("num_iters", 4)),  # 70.1: as printed (sic)
+    Row("c", "cosine similarity", (51.8, 58.4, 42.9), _both("center_update", "cosine")),
+    Row("c", "vanilla cross-attention", (53.0, 58.9, 44.1),
+        _both("center_update", "vanilla_attention")),
+    Row("c", "criss-cross attention", (53.3, 59.4, 44.3), _both("center_update", "criss_cross")),
+    Row("c", "k-means", (54.1, 60.2, 45.3), _both("center_update", "kmeans")),
+    Row("c", "recurrent cross-attention", ADOPTED_PQ, adopted=True),
+    Row("d", "head dim 16", (44.2, 49.6, 36.4), {"model.decoder.head_dim": 16}),
+    Row("d", "head dim 24", (50.0, 56.2, 39.6), {"model.decoder.head_dim": 24}),
+    Row("d", "head dim 32", ADOPTED_PQ, adopted=True),
+    Row("d", "head dim 40", (55.1, 61.0, 46.3), {"model.decoder.head_dim": 40}),
+    Row("d", "head dim 48", (55.5, 61.5, 46.7), {"model.decoder.head_dim": 48}),
+    Row("e", "none", (53.6, 59.7, 44.5), _both("dispatching", "none")),
+    Row("e", "vanilla FC layer", (53.8, 60.1, 44.9), _both("dispatching", "fc")),
+    Row("e", "confidence-based", (54.1, 60.4, 45.5), _both("dispatching", "confidence")),
+    Row("e", "FC with similarity", (54.2, 60.5, 45.7), _both("dispatching", "fc_similarity")),
+    Row("e", "ours (Eq. 6)", ADOPTED_PQ, adopted=True),
+    Row("f", "free parameters", (53.2, 59.0, 44.5), {"model.decoder.query_init": "free"}),
+    Row("f", "direct feature embedding", (53.5, 59.4, 44.8),
+        {"model.decoder.query_init": "feature_embedding"}),
+    Row("f", "mixed query selection", (53.9, 59.8, 45.1), {"model.decoder.query_init": "mixed"}),
+    Row("f", "scene-adaptive embedding", (54.1, 60.0, 45.3),
+        {"model.decoder.query_init": "scene_adaptive"}),
+    Row("f", "centers from encoder", ADOPTED_PQ, adopted=True),
+)
+TABLES = "abcdef"
+
+# The adopted design, written out (the presets' defaults, pinned so a preset change cannot move
+# the rows apart), and the shared recipe of each budget on top of it.
+ADOPTED: dict[str, Any] = {
+    **_both("center_update", "recurrent"), **_both("dispatching", "ours"), **_both("num_iters", 3),
+    "model.decoder.head_dim": 32, "model.decoder.query_init": "encoder",
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every row of one budget shares: recipe, flags, dotted overrides, data to make."""
+
+    recipe: str
+    flags: dict[str, Any]
+    overrides: dict[str, Any]
+    scenes: tuple[int, int] | None  # synthetic (train, val) scenes at 64 px; None: --data
+    scene_options: dict[str, Any] = field(default_factory=dict)  # make_shapes' look
+    threads: int = 1
+
+
+# Nano on 64 px scenes, from scratch (so the backbone's switches are learned, not inherited:
+# backbone lr x 1 instead of the shapes recipe's x 0.1 for a pretrained one).
+_SHAPES = {"model.decoder.num_queries": 20, "optim.backbone_lr_mult": 1.0}
+BUDGETS: dict[str, Budget] = {
+    # Three steps of two images, eight held-out scenes: every code path of every row, in minutes.
+    "smoke": Budget("shapes-panoptic", {"steps": 3, "batch_size": 2, "image_size": 64,
+                                        "device": "cpu"},
+                    {**_SHAPES, "task.num_points": 256, "runtime.log_every": 1}, (16, 8)),
+    # The CPU-scale experiment: the shapes-panoptic schedule (batch 8, cosine) on the quickstart's
+    # scenes (big, whole, contrasting things: the scenes on which nano is known to name things
+    # at all), from scratch, for 2400 steps: calibrated so the baseline's things are far from 0
+    # and from their ceiling (PQ_th 15.6, adopted design 20.0; docs/benchmarks.md, "Table S1").
+    "cpu": Budget("shapes-panoptic", {"steps": 2400, "batch_size": 8, "image_size": 64,
+                                      "device": "cpu"},
+                  {**_SHAPES, "runtime.log_every": 100}, (2048, 128),
+                  {"thing_scale": (0.15, 0.3), "occlusion": False, "contrast": True}),
+    # The paper's setting: Tiny, COCO panoptic, 50 epochs at 1024 (the coco-panoptic recipe).
+    "gpu": Budget("coco-panoptic", {"model": "clusterformer-tiny", "device": "cuda"},
+                  {"runtime.log_every": 200}, None),
+}
+
+
+def rows_for(tables: str) -> list[Row]:
+    return [row for row in ROWS if row.table in tables]
+
+
+def run_dir(out: Path, row: Row, seed: int) -> Path:
+    return out / "runs" / f"{row.key}-s{seed}"
+
+
+def run_spec(args: argparse.Namespace, budget: Budget, row: Row, seed: int) -> dict[str, Any]:
+    """Everything the child needs to train one row with one seed (and what the report shows)."""
+    data = _data_paths(args)
+    flags = {**budget.flags, "data": data[0], "val_data": data[1], "seed": seed,
+             "out": str(run_dir(args.out, row, seed))}
+    if args.steps is not None:
+        flags["steps"] = args.steps
+    # Evaluate once, after training, unless a calibration asks for the curve.
+    flags["eval_every"] = args.eval_every or flags.get("steps")
+    spec = {"recipe": budget.recipe, "flags": flags, "threads": budget.threads,
+            "overrides": {**budget.overrides, **ADOPTED, **row.overrides},
+            "row": {"table": row.table, "variant": row.variant, "key": row.key}}
+    if args.nproc_per_node > 1:
+        spec["nproc_per_node"] = args.nproc_per_node
+    return spec
+
+
+def _data_paths(args: argparse.Namespace) -> tuple[str, str]:
+    if args.data:
+        return str(args.data), str(args.val_data or args.data)
+    return str(args.out / "data" / "shards-train"), str(args.out / "data" / "shards-val")
+
+
+def make_scenes(out: Path, num_train: int, num_val: int, options: dict[str, Any]) -> None:
+    """Synthetic 64 px panoptic scenes (``cf make-shapes``'s) for both splits, once."""
+    from clusterformer.data import make_shapes, open_source, write_shards
+
+    for split, count, seed in (("train", num_train, 0), ("val", num_val, 1000)):
+        shards = out / "data" / f"shards-{split}"
+        if (shards / "dataset.json").exists():
+            continue
+        made = make_shapes(out / "data" / f"raw-{split}", num_images=count, image_size=64,
+                           seed=seed, kinds=("scenes",), **options)
+        source = open_source("coco-panoptic", made["images"], made["panoptic_json"],
+                             made["panoptic_masks"])
+        write_shards(source, shards)
+
+
+def run_one(spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    """Train one row in a child process; returns (and writes) its ``result.json`` record.
+
+    A child per run: peak memory is the run's own (``wait4``'s max RSS, and CUDA's peak from the
+    child), a crash costs one row, and nothing leaks from one run into the next."""
+    folder = Path(spec["flags"]["out"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spec.json").write_text(json.dumps(spec, indent=1))
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    command = [str(Path(__file__).resolve()), "--child", str(folder / "spec.json")]
+    nproc = spec.get("nproc_per_node", 1)
+    # Several GPUs: one process per GPU through torchrun, as `cf train` runs under it.
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    start = time.perf_counter()
+    with open(folder / "child.log", "w") as log:
+        child = subprocess.Popen([sys.executable, *(launcher if nproc > 1 else []), *command],
+                                 stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            _, status, usage = _wait(child, timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            raise RuntimeError(f"{folder}: no result after {timeout} s (see child.log)") from None
+    child_record = folder / "child.json"
+    if status != 0 or not child_record.exists():
+        raise RuntimeError(f"{folder}: training failed (exit {status}); see {folder / 'child.log'}")
+    record = json.loads(child_record.read_text())
+    record["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)  # Linux: KiB
+    record["wall_s"] = round(time.perf_counter() - start, 1)
+    _write_json(folder / "result.json", record)
+    return record
+
+
+def _wait(child: subprocess.Popen, timeout: float | None):
+    """``os.wait4`` with a timeout: the child's exit status and its own resource usage."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+        if pid == child.pid:
+            child.returncode = os.waitstatus_to_exitcode(status)
+            return pid, child.returncode, usage
+        if deadline is not None and time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(child.args, timeout)
+        time.sleep(0.2)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Whole or nothing: a run killed mid-write must not leave a result that looks finished."""
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(data, indent=1))
+    os.replace(partial, path)
+
+
+def child_main(spec_path: Path) -> None:
+    """Inside the child: train, evaluate, write ``child.json`` (metrics, img/s, GPU peak)."""
+    import torch
+
+    from clusterformer.engine.config_files import resolve_config
+    from clusterformer.engine.loop import train
+
+    spec = json.loads(spec_path.read_text())
+    torch.set_num_threads(spec["threads"])
+    cfg = resolve_config(spec["recipe"], overrides=spec["overrides"], **spec["flags"])
+    start = time.perf_counter()
+    result = train(cfg, handle_signals=False)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun: rank 0 reports (evaluation metrics are already global)
+    folder = Path(spec["flags"]["out"])
+    metrics = result.metrics
+    record = {**spec["row"], "seed": spec["flags"]["seed"], "step": result.step,
+              **{k: float(metrics[k]) for k in ("PQ", "PQ_th", "PQ_st", "SQ", "RQ")},
+              "train_img_per_s": train_speed(folder / "metrics.jsonl"),
+              "train_eval_s": round(time.perf_counter() - start, 1)}
+    if torch.cuda.is_available():
+        record["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    _write_json(folder / "child.json", record)
+
+
+def train_speed(metrics_jsonl: Path) -> float | None:
+    """Median training img/s over the logged windows after the first (warm-up) one."""
+    speeds = []
+    for line in metrics_jsonl.read_text().splitlines():
+        entry = json.loads(line)
+        if "img_per_s" in entry:
+            speeds.append(float(entry["img_per_s"]))
+    speeds = speeds[1:] or speeds
+    return round(statistics.median(speeds), 2) if speeds else None
+
+
+def collect(out: Path, rows: list[Row], seeds: int) -> list[dict[str, Any]]:
+    """Every finished (row, seed), in table order; the adopted run appears under each table."""
+    found = []
+    for row in rows:
+        for seed in range(seeds):
+            result = run_dir(out, row, seed) / "result.json"
+            if result.exists():
+                record = json.loads(result.read_text())
+                found.append({**record, "table": row.table, "variant": row.variant,
+                              "adopted": row.adopted, "paper_PQ": row.paper[0],
+                              "paper_PQ_th": row.paper[1], "paper_PQ_st": row.paper[2]})
+    return found
+
+
+def run_all(args: argparse.Namespace) -> int:
+    """Train every unfinished (row, seed) not claimed by another harness process on the same
+    OUT (two may run side by side); returns how many failed."""
+    budget = BUDGETS[args.budget]
+    if budget.scenes is not None and not args.data:
+        make_scenes(args.out, *budget.scenes, budget.scene_options)
+    failed, done = 0, set()
+    for seed in range(args.seeds):
+        # The adopted design first: every other row of the seed is compared with it.
+        for row in sorted(rows_for("".join(args.tables)), key=lambda r: not r.adopted):
+            folder = run_dir(args.out, row, seed)
+            if folder.name in done:
+                continue  # the adopted design (and S1a's "+ RCA") is one run per seed
+            done.add(folder.name)
+            spec = run_spec(args, budget, row, seed)
+            if (folder / "result.json").exists():
+                check_same_spec(folder, spec)
+                continue  # finished: never rerun
+            if not claim(folder):
+                continue  # another harness process is training it
+            try:
+                record = run_one(spec, args.timeout)
+                print(f"{folder.name}: PQ {record['PQ']:.2f} ({record['wall_s']} s)", flush=True)
+            except RuntimeError as err:
+                failed += 1
+                print(f"error: {err}", file=sys.stderr, flush=True)
+            finally:
+                (folder / "claim").unlink(missing_ok=True)
+    return failed
+
+
+def check_same_spec(folder: Path, spec: dict[str, Any]) -> None:
+    """A finished run must have been trained with today's settings: an OUT is one experiment
+    (a changed budget, --steps or data would mix two experiments in one table)."""
+    written = json.loads((folder / "spec.json").read_text())
+    if written != json.loads(json.dumps(spec)):
+        raise SystemExit(f"error: {folder}: finished with other settings than this command's "
+                         "(budget, --steps, --eval-every or data); use another --out")
+
+
+def claim(folder: Path) -> bool:
+    """Take the run for this process (a ``claim`` file holding its pid), unless a live process
+    holds it; a claim left by a process that died is taken over."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "claim"
+    for _ in range(2):
+        try:
+            with open(path, "x") as handle:
+                handle.write(str(os.getpid()))
+            return True
+        except FileExistsError:
+            try:
+                owner = int(path.read_text() or "0")
+                os.kill(owner, 0)
+                return False  # alive: its run
+            except (ValueError, ProcessLookupError):
+                path.unlink(missing_ok=True)  # a dead process's claim
+            except PermissionError:
+                return False
+    return False
+
+
+def write_table(args: argparse.Namespace) -> Path:
+    rows = collect(args.out, rows_for("".join(args.tables)), args.seeds)
+    path = args.out / "table_s1.json"
+    _write_json(path, {"budget": args.budget, "seeds": args.seeds, "steps": args.steps, "rows": rows,
+                       "recipe": BUDGETS[args.budget].recipe,
+                       "shared_overrides": {**BUDGETS[args.budget].overrides, **ADOPTED}})
+    return path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", choices=sorted(BUDGETS), required=True)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per row")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data", type=Path, help="training shards (gpu budget: required)")
+    parser.add_argument("--val-data", type=Path, help="held-out shards (default: --data)")
+    parser.add_argument("--tables", nargs="+", default=list(TABLES), choices=list(TABLES))
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps per run instead of the budget's (calibration)")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="also evaluate every N steps (calibration: the PQ curve)")
+    parser.add_argument("--nproc-per-node", type=int, default=1,
+                        help="GPUs per run (gpu budget: 8 = the paper's batch of 16)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds per run before it is killed and counted as failed")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
+    if any(n is not None and n < 1 for n in (args.steps, args.eval_every, args.nproc_per_node)):
+        parser.error("--steps, --eval-every and --nproc-per-node must be >= 1")
+    if args.budget == "gpu" and not args.data:
+        parser.error("the gpu budget trains on COCO panoptic shards: give --data")
+    for given in (args.data, args.val_data):
+        if given is not None and not (given / "dataset.json").exists():
+            parser.error(f"{given}: no dataset.json (not a folder of shards)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--child":
+        child_main(Path(sys.argv[2]))
+        return 0
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = 0 if args.report_only else run_all(args)
+    table = write_table(args)
+    sys.path.insert(0, str(HERE))
+    from table_s1_report import write_report  # this folder: the scripts run from it
+
+    report = write_report(table, args.out)
+    print(f"{table}\n{report}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Table S1's report: mean +- std per row, a paired per-seed comparison against the adopted
+design, the paper's ordering checked, and a PNG of the six sub-tables.
+
+    python benchmarks/table_s1_report.py OUT/table_s1.json      # writes OUT/report.md, .png
+
+Paired comparison: seed s of a variant and seed s of the adopted design share their data order
+and initial weights where the architectures agree, so the per-seed differences remove the
+seed-to-seed spread the two share. A difference is called significant when a two-sided paired
+t-test gives p < 0.05 (with 2 seeds that needs the two differences nearly equal; with 1 seed no
+test is possible). "Ordering reproduced" compares the order of the variants' mean PQ with the
+paper's order (Kendall's tau; 1 = the same order).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+TITLES = {
+    "a": "(a) key components", "b": "(b) iterations T", "c": "(c) center update",
+    "d": "(d) head dimension", "e": "(e) feature dispatching", "f": "(f) query initialisation",
+}
+METRICS = ("PQ", "PQ_th", "PQ_st")
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def paired_test(variant: dict[int, float], adopted: dict[int, float]) -> dict[str, Any]:
+    """Paired comparison over the seeds both have: mean difference (variant - adopted), its
+    standard deviation, the t statistic and the two-sided p-value (``None`` when undefined)."""
+    seeds = sorted(set(variant) & set(adopted))
+    diffs = [variant[s] - adopted[s] for s in seeds]
+    if not diffs:
+        return {"n": 0, "diff": None, "diff_std": None, "t": None, "p": None}
+    diff, spread = mean_std(diffs)
+    if len(diffs) < 2:
+        return {"n": 1, "diff": diff, "diff_std": None, "t": None, "p": None}
+    if spread == 0.0:
+        exact = 1.0 if diff == 0.0 else 0.0  # identical differences: no noise left to test
+        return {"n": len(diffs), "diff": diff, "diff_std": 0.0, "t": None, "p": exact}
+    t = diff / (spread / math.sqrt(len(diffs)))
+    return {"n": len(diffs), "diff": diff, "diff_std": spread, "t": t,
+            "p": _two_sided_p(t, len(diffs) - 1)}
+
+
+def _two_sided_p(t: float, dof: int) -> float:
+    from scipy import stats
+
+    return float(2 * stats.t.sf(abs(t), dof))
+
+
+def kendall_tau(ours: list[float], paper: list[float]) -> float | None:
+    """Kendall's tau-a between two orderings of the same items (``None`` under 2 items)."""
+    n = len(ours)
+    if n < 2:
+        return None
+    score = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            score += _sign(ours[i] - ours[j]) * _sign(paper[i] - paper[j])
+    return score / (n * (n - 1) / 2)
+
+
+def _sign(x: float) -> int:
+    return (x > 0) - (x < 0)
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per sub-table, per variant (in the table's order): seeds, mean +- std of every metric and
+    speed, the paper's numbers, and the paired comparison of PQ against the adopted row."""
+    by_variant: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    order: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        key = (row["table"], row["variant"])
+        if key not in by_variant:
+            order[row["table"]].append(row["variant"])
+        by_variant[key].append(row)
+    tables: dict[str, list[dict[str, Any]]] = {}
+    for table, variants in order.items():
+        adopted = next((by_variant[(table, v)] for v in variants
+                        if by_variant[(table, v)][0].get("adopted")), [])
+        adopted_pq = {r["seed"]: r["PQ"] for r in adopted}
+        tables[table] = [_line(by_variant[(table, v)], adopted_pq) for v in variants]
+    return tables
+
+
+def _line(runs: list[dict[str, Any]], adopted_pq: dict[int, float]) -> dict[str, Any]:
+    first = runs[0]
+    line: dict[str, Any] = {"variant": first["variant"], "adopted": bool(first.get("adopted")),
+                            "seeds": len(runs)}
+    for metric in (*METRICS, "SQ", "RQ", "train_img_per_s", "peak_rss_mib"):
+        values = [r[metric] for r in runs if r.get(metric) is not None]
+        line[metric] = mean_std(values) if values else None
+    line["paper"] = tuple(first.get(f"paper_{m}") for m in METRICS)
+    line["vs_adopted"] = None if line["adopted"] else paired_test(
+        {r["seed"]: r["PQ"] for r in runs}, adopted_pq)
+    return line
+
+
+def speed_ratio(rows: list[dict[str, Any]], table: str, variant: str) -> float | None:
+    """Median over seeds of (adopted img/s / ``variant`` img/s): how many times slower the
+    adopted design trains (S1b: T = 3 against T = 1; the paper measured 3.8 % slower)."""
+    def speeds(pick) -> dict[int, float]:
+        return {r["seed"]: r["train_img_per_s"] for r in rows
+                if r["table"] == table and pick(r) and r.get("train_img_per_s")}
+    adopted = speeds(lambda r: r.get("adopted"))
+    other = speeds(lambda r: r["variant"] == variant)
+    ratios = [other[s] / adopted[s] for s in sorted(set(adopted) & set(other))]
+    return statistics.median(ratios) if ratios else None
+
+
+def _fmt(pair: tuple[float, float] | None, digits: int = 1) -> str:
+    return "-" if pair is None else f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
+
+def _verdict(test: dict[str, Any] | None) -> str:
+    if test is None:
+        return "adopted"
+    if test["diff"] is None:
+        return "no paired seeds"
+    text = f"{test['diff']:+.2f}"
+    if test["p"] is None:
+        return f"{text} (1 seed: no test)"
+    return f"{text}, p = {test['p']:.2g}: " + ("significant" if test["p"] < 0.05 else "within noise")
+
+
+def markdown(tables: dict[str, list[dict[str, Any]]]) -> str:
+    """The report's Markdown: one table per sub-table, ours beside the paper's."""
+    out = []
+    for table, lines in sorted(tables.items()):
+        out += [f"### {TITLES[table]}", "",
+                "| variant | seeds | PQ | PQ_th | PQ_st | paper PQ / th / st | vs adopted (PQ) "
+                "| train img/s | peak RSS MiB |", "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+        for line in lines:
+            paper = " / ".join("-" if v is None else f"{v:.1f}" for v in line["paper"])
+            name = f"**{line['variant']}**" if line["adopted"] else line["variant"]
+            out.append(f"| {name} | {line['seeds']} | {_fmt(line['PQ'])} | {_fmt(line['PQ_th'])} "
+                       f"| {_fmt(line['PQ_st'])} | {paper} | {_verdict(line['vs_adopted'])} "
+                       f"| {_fmt(line['train_img_per_s'])} | {_fmt(line['peak_rss_mib'], 0)} |")
+        tau = kendall_tau([line["PQ"][0] for line in lines if line["PQ"]],
+                          [line["paper"][0] for line in lines if line["PQ"]])
+        out += ["", "Ordering of mean PQ against the paper's: "
+                + ("-" if tau is None else f"Kendall tau {tau:+.2f}"
+                   + (" (reproduced)" if tau == 1.0 else " (not reproduced)")), ""]
+    return "\n".join(out)
+
+
+def plot(tables: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Six panels: our PQ mean +- std per variant (bars), the paper's PQ (dots, right axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    for ax, table in zip(axes.flat, "abcdef", strict=True):
+        lines = tables.get(table, [])
+        ax.set_title(TITLES[table])
+        if not lines:
+            ax.set_axis_off()
+            continue
+        xs = range(len(lines))
+        means = [line["PQ"][0] if line["PQ"] else 0.0 for line in lines]
+        stds = [line["PQ"][1] if line["PQ"] else 0.0 for line in lines]
+        colors = ["tab:red" if line["adopted"] else "tab:blue" for line in lines]
+        ax.bar(xs, means, yerr=stds, color=colors, alpha=0.8, capsize=3, label="ours (PQ)")
+        ax.set_ylabel("PQ (this run)")
+        ax.set_xticks(list(xs), [line["variant"] for line in lines], rotation=30, ha="right",
+                     fontsize=8)
+        twin = ax.twinx()
+        twin.plot(list(xs), [line["paper"][0] for line in lines], "ko", label="paper (PQ)")
+        twin.set_ylabel("PQ (paper, COCO)")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(table_json: Path, out: Path) -> Path:
+    """``OUT/report.md`` and ``OUT/table_s1.png`` from ``table_s1.json``; returns the report."""
+    data = json.loads(Path(table_json).read_text())
+    tables = summarise(data["rows"])
+    report = out / "report.md"
+    header = (f"Table S1, budget {data.get('budget')}, {data.get('seeds')} seed(s) per row "
+              f"(PQ mean ± std over seeds; bold = the adopted design).\n\n")
+    ratio = speed_ratio(data["rows"], "b", "T=1")
+    cost = "" if ratio is None else (
+        f"Training time of T = 3 against T = 1 (median per-seed img/s ratio): x{ratio:.3f} "
+        f"({(ratio - 1) * 100:+.1f} %; the paper: about +3.8 %).\n")
+    report.write_text(header + markdown(tables) + "\n" + cost)
+    plot(tables, out / "table_s1.png")
+    return report
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: table_s1_report.py OUT/table_s1.json")
+    target = Path(sys.argv[1])
+    print(write_report(target, target.parent))

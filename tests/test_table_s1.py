@@ -1,0 +1,217 @@
+"""benchmarks/table_s1.py: the rows and their recipe, resuming, the JSON schema, the report's
+maths; and (slow) the smoke budget end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import table_s1  # noqa: E402  (the benchmarks folder is not a package)
+import table_s1_report as report  # noqa: E402
+
+ROWS_PER_TABLE = {"a": 4, "b": 4, "c": 5, "d": 5, "e": 5, "f": 5}
+
+
+def _args(tmp_path: Path, *extra: str):
+    return table_s1.parse_args(["--budget", "smoke", "--seeds", "2", "--out", str(tmp_path), *extra])
+
+
+def test_every_subtable_has_its_rows_and_one_adopted_design():
+    for table, count in ROWS_PER_TABLE.items():
+        rows = table_s1.rows_for(table)
+        assert len(rows) == count
+        assert sum(row.adopted for row in rows) == 1
+    # 28 rows, 22 runs per seed: the adopted design is shared by the six sub-tables, and S1a's
+    # "+ RCA" is S1e's "none" (recurrent update, no dispatching).
+    keys = {row.key for row in table_s1.ROWS}
+    assert len(keys) == 22
+    a_rca, e_none = table_s1.rows_for("a")[1], table_s1.rows_for("e")[0]
+    assert a_rca.key == e_none.key and a_rca.paper == e_none.paper
+
+
+def test_a_row_changes_only_its_own_switch(tmp_path):
+    """One recipe for all rows: a row's config differs from the adopted one's only in the
+    switch its sub-table is about (T in b, head_dim in d, ...), and every row changes it."""
+    args = _args(tmp_path)
+    budget = table_s1.BUDGETS["smoke"]
+    adopted = table_s1.run_spec(args, budget, table_s1.rows_for("a")[3], 0)
+    switches = {"b": {"num_iters"}, "c": {"center_update"}, "d": {"head_dim"},
+                "e": {"dispatching"}, "f": {"query_init"}}
+    for row in table_s1.ROWS:
+        spec = table_s1.run_spec(args, budget, row, 0)
+        changed = {k for k, v in spec["overrides"].items() if adopted["overrides"].get(k) != v}
+        assert spec["recipe"] == adopted["recipe"]
+        assert {k: v for k, v in spec["flags"].items() if k != "out"} == \
+            {k: v for k, v in adopted["flags"].items() if k != "out"}
+        if row.adopted:
+            assert not changed
+        elif row.table in switches:
+            assert changed and {k.split(".")[-1] for k in changed} == switches[row.table]
+        else:
+            assert changed <= {f"model.{part}.{name}" for part in ("backbone", "decoder")
+                               for name in ("center_update", "num_iters", "dispatching")}
+
+
+def test_every_row_resolves_to_a_valid_config(tmp_path):
+    from clusterformer.engine.config_files import resolve_config
+
+    args = _args(tmp_path)
+    for row in table_s1.ROWS:
+        spec = table_s1.run_spec(args, table_s1.BUDGETS["smoke"], row, 1)
+        cfg = resolve_config(spec["recipe"], overrides=spec["overrides"], **spec["flags"])
+        assert cfg.runtime.seed == 1 and cfg.task.name == "panoptic"
+        for key, value in spec["overrides"].items():
+            if not key.startswith("model."):
+                continue
+            node = cfg
+            for part in key.split("."):
+                node = getattr(node, part)
+            assert node == value, key
+
+
+def _fake_result(folder: Path, row, seed: int, pq: float) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"table": row.table, "variant": row.variant, "key": row.key, "seed": seed,
+              "PQ": pq, "PQ_th": pq + 1, "PQ_st": pq - 1, "SQ": 70.0, "RQ": 20.0,
+              "train_img_per_s": 10.0, "peak_rss_mib": 500.0, "wall_s": 1.0}
+    (folder / "result.json").write_text(json.dumps(record))
+
+
+def test_resume_trains_only_unfinished_runs_and_the_adopted_design_once(tmp_path, monkeypatch):
+    args = _args(tmp_path)
+    (tmp_path / "data" / "shards-train").mkdir(parents=True)
+    for split in ("train", "val"):  # data present: nothing to make
+        (tmp_path / "data" / f"shards-{split}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / f"shards-{split}" / "dataset.json").write_text("{}")
+    trained = []
+
+    def fake_run(spec, timeout):
+        folder = Path(spec["flags"]["out"])
+        trained.append(folder.name)
+        assert (folder / "claim").read_text() == str(os.getpid())  # held while it trains
+        row = next(r for r in table_s1.ROWS if r.key == spec["row"]["key"])
+        _fake_result(folder, row, spec["flags"]["seed"], 10.0)
+        (folder / "spec.json").write_text(json.dumps(spec))
+        return {"PQ": 10.0, "wall_s": 1.0}
+
+    monkeypatch.setattr(table_s1, "run_one", fake_run)
+    assert table_s1.run_all(args) == 0
+    assert len(trained) == len(set(trained)) == 2 * 22
+    assert trained[0] == "adopted-s0" and trained[22] == "adopted-s1"  # the reference first
+    assert not list(tmp_path.glob("runs/*/claim"))  # claims released
+    trained.clear()
+    assert table_s1.run_all(args) == 0
+    assert trained == []  # everything finished: nothing reruns
+    (tmp_path / "runs" / "c-k_means-s1" / "result.json").unlink()
+    table_s1.run_all(args)
+    assert trained == ["c-k_means-s1"]
+    # A run another live process has claimed is left to it; a dead process's claim is taken.
+    trained.clear()
+    for name, owner in (("c-k_means-s1", os.getppid()), ("d-head_dim_16-s0", 2**22 + 7)):
+        (tmp_path / "runs" / name / "result.json").unlink()
+        (tmp_path / "runs" / name / "claim").write_text(str(owner))
+    table_s1.run_all(args)
+    assert trained == ["d-head_dim_16-s0"]
+    # A finished run made with other settings stops the command: one OUT, one experiment.
+    with pytest.raises(SystemExit, match="other settings"):
+        table_s1.run_all(_args(tmp_path, "--steps", "7"))
+
+
+def test_table_json_schema(tmp_path):
+    args = _args(tmp_path)
+    for seed in range(2):
+        for row in table_s1.ROWS:
+            _fake_result(table_s1.run_dir(tmp_path, row, seed), row, seed, 10.0 + seed)
+    data = json.loads(table_s1.write_table(args).read_text())
+    rows = data["rows"]
+    assert len(rows) == 2 * sum(ROWS_PER_TABLE.values())
+    for row in rows:
+        assert row["table"] in "abcdef" and isinstance(row["variant"], str)
+        assert isinstance(row["seed"], int)
+        assert all(isinstance(row[k], float) for k in ("PQ", "PQ_th", "PQ_st"))
+    for table, count in ROWS_PER_TABLE.items():
+        assert len({r["variant"] for r in rows if r["table"] == table}) == count
+
+
+def test_paired_test_matches_the_textbook_paired_t():
+    variant = {0: 12.0, 1: 15.0, 2: 11.0, 3: 14.5}
+    adopted = {0: 10.0, 1: 14.0, 2: 10.5, 3: 12.0}
+    diffs = [2.0, 1.0, 0.5, 2.5]
+    mean = sum(diffs) / 4
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 3)
+    got = report.paired_test(variant, adopted)
+    assert got["n"] == 4 and got["diff"] == pytest.approx(mean)
+    assert got["t"] == pytest.approx(mean / (sd / 2))
+    from scipy import stats
+
+    assert got["p"] == pytest.approx(stats.ttest_rel(list(variant.values()),
+                                                     list(adopted.values())).pvalue)
+    # Only the seeds both have are paired; one pair cannot be tested.
+    assert report.paired_test({0: 1.0, 5: 3.0}, {0: 0.5})["p"] is None
+    assert report.paired_test({}, {0: 1.0})["diff"] is None
+
+
+def test_kendall_tau_and_mean_std():
+    assert report.kendall_tau([1, 2, 3], [10, 20, 30]) == 1.0
+    assert report.kendall_tau([3, 2, 1], [10, 20, 30]) == -1.0
+    assert report.kendall_tau([1, 3, 2], [10, 20, 30]) == pytest.approx(1 / 3)
+    assert report.mean_std([2.0, 4.0]) == (3.0, pytest.approx(math.sqrt(2)))
+    assert report.mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_speed_ratio_is_the_median_per_seed_ratio():
+    rows = [{"table": "b", "variant": "T=3", "adopted": True, "seed": s, "train_img_per_s": v}
+            for s, v in ((0, 10.0), (1, 20.0), (2, 30.0))]
+    rows += [{"table": "b", "variant": "T=1", "adopted": False, "seed": s, "train_img_per_s": v}
+             for s, v in ((0, 11.0), (1, 30.0), (2, 36.0))]
+    assert report.speed_ratio(rows, "b", "T=1") == pytest.approx(1.2)  # median of 1.1, 1.5, 1.2
+    assert report.speed_ratio(rows, "b", "T=2") is None
+
+
+def test_report_writes_markdown_and_png(tmp_path):
+    args = _args(tmp_path)
+    for seed in range(2):
+        for i, row in enumerate(table_s1.ROWS):
+            _fake_result(table_s1.run_dir(tmp_path, row, seed), row, seed, 20.0 + i + seed)
+    written = report.write_report(table_s1.write_table(args), tmp_path)
+    text = written.read_text()
+    for title in report.TITLES.values():
+        assert title in text
+    assert "significant" in text or "within noise" in text
+    assert "T = 3 against T = 1" in text
+    assert (tmp_path / "table_s1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_arguments_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        table_s1.parse_args(["--budget", "gpu", "--seeds", "1", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "--data" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        table_s1.parse_args(["--budget", "cpu", "--seeds", "1", "--out", str(tmp_path),
+                             "--data", str(tmp_path)])
+    assert exc.value.code == 2 and "dataset.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # every row, two seeds: ~5 minutes on 2 cores (docs/benchmarks.md, Table S1)
+def test_smoke_budget_runs_every_row(tmp_path):
+    code = table_s1.main(["--budget", "smoke", "--seeds", "2", "--out", str(tmp_path),
+                          "--timeout", "600"])
+    assert code == 0
+    data = json.loads((tmp_path / "table_s1.json").read_text())
+    assert len(data["rows"]) == 2 * sum(ROWS_PER_TABLE.values())
+    for row in data["rows"]:
+        assert all(math.isfinite(row[k]) for k in ("PQ", "PQ_th", "PQ_st", "SQ", "RQ"))
+        assert row["train_img_per_s"] > 0 and row["peak_rss_mib"] > 0
+        config = json.loads((table_s1.run_dir(tmp_path, next(
+            r for r in table_s1.ROWS if r.table == row["table"] and r.variant == row["variant"]),
+            row["seed"]) / "config.json").read_text())
+        assert config["runtime"]["seed"] == row["seed"]
+    assert (tmp_path / "report.md").exists() and (tmp_path / "table_s1.png").exists()
