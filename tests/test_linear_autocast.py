@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
+from linear_kit import rand, reference, rel_diff
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -29,19 +30,6 @@ BF16 = torch.bfloat16
 # missing bias is off by far more. Weight gradients sum over all rows (a longer reduction): 2e-2.
 RTOL = 1e-2
 RTOL_WEIGHT_GRAD = 2e-2
-
-
-def rel_diff(got: Tensor, want: Tensor) -> float:
-    return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(0.1)).item()
-
-
-def rand(seed: int, *shape: int) -> Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def reference(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str) -> Tensor:
-    out = F.linear(x, weight, bias)
-    return F.gelu(out) if activation == "gelu" else out
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
+from linear_kit import rand, reference, rel_diff
 from torch import Tensor
 from torch._inductor.utils import run_and_get_code
 
@@ -29,19 +29,6 @@ pytestmark = needs_onednn
 RTOL = 1e-5  # float32: two kernels' rounding (as tests/test_linear_op.py)
 RTOL_BF16 = 1e-2  # bfloat16 rounding on both sides (as tests/test_linear_autocast.py)
 OP = "torch.ops.clusterformer.onednn_linear"
-
-
-def rel_diff(got: Tensor, want: Tensor) -> float:
-    return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(0.1)).item()
-
-
-def rand(seed: int, *shape: int) -> Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def reference(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str) -> Tensor:
-    out = F.linear(x, weight, bias)
-    return F.gelu(out) if activation == "gelu" else out
 
 
 def compiled_run(fn, *args):  # noqa: ANN001, ANN202
