@@ -28,9 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from clusterformer.models.backbone import ClusterFormer, default_cfg
+from clusterformer.models.backbone import ClusterFormer
 from clusterformer.models.backbones import PRESETS
 from clusterformer.models.timm_backbone import import_timm
+from clusterformer.models.timm_conventions import default_cfg
 
 try:
     import_timm("clusterformer.timm")
