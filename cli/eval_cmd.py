@@ -268,10 +268,10 @@ def list_written(predictions: Path | None) -> None:
 
 def warn_if_collapsed(task: str, evaluator: Any) -> None:
     """One warning line on stderr when the model's predictions collapsed to one class
-    (:func:`clusterformer.cli.prediction_notes.collapse_warning`, with the ground truth)."""
+    (:func:`clusterformer.inference.collapse.collapse_warning`, with the ground truth)."""
     import sys
 
-    from clusterformer.cli.prediction_notes import COLLAPSE_UNITS, collapse_warning
+    from clusterformer.inference.collapse import COLLAPSE_UNITS, collapse_warning
 
     unit = COLLAPSE_UNITS.get(task)
     confusion = getattr(evaluator, "confusion_matrix", None)

@@ -27,7 +27,7 @@ from clusterformer.cli.options import (
     Tta,
     flag_errors,
 )
-from clusterformer.cli.prediction_notes import ClassTally, empty_prediction_warning
+from clusterformer.cli.prediction_notes import empty_prediction_warning
 
 # Above this many images (or with any video) the records go to OUT/predictions.jsonl, one line
 # each as they are made, instead of a JSON file per image plus predictions.json held in memory.
@@ -217,6 +217,8 @@ class _PredictRun:
 
     def __init__(self, predictor: Any, images: list[Path], out: Path, names: list[str],
                  jsonl: Path | None, workers: int, on_error: str) -> None:  # fmt: skip
+        from clusterformer.inference.collapse import ClassTally
+
         self.predictor, self.images, self.out, self.names = predictor, images, out, names
         self.jsonl, self.workers, self.on_error = jsonl, workers, on_error
         self.tally = ClassTally(predictor.task.name, [str(c.get("name", c.get("id")))

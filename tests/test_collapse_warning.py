@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from clusterformer.cli.prediction_notes import (
+from clusterformer.inference.collapse import (
     COLLAPSE_MIN_IMAGES,
     COLLAPSE_SHARE,
     collapse_warning,

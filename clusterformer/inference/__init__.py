@@ -5,6 +5,7 @@ takes paths, PIL images, numpy arrays and tensors and returns typed predictions 
 Layer: imports ``ops``, ``models``, ``tasks``, ``engine`` and ``data``; only ``cli`` imports it.
 """
 
+from clusterformer.inference.collapse import ClassTally, collapse_warning
 from clusterformer.inference.predictions import (
     ClassificationPrediction,
     DetectionPrediction,
@@ -17,6 +18,7 @@ from clusterformer.inference.predictions import (
 from clusterformer.inference.predictor import Predictor, SettingError, check_settings, load
 
 __all__ = [
+    "ClassTally",
     "ClassificationPrediction",
     "DetectionPrediction",
     "InstancePrediction",
@@ -27,5 +29,6 @@ __all__ = [
     "SemanticPrediction",
     "SettingError",
     "check_settings",
+    "collapse_warning",
     "load",
 ]
