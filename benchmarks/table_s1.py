@@ -160,7 +160,10 @@ BUDGETS: dict[str, Budget] = {
     # and from their ceiling (PQ_th 15.6, adopted design 20.0; docs/benchmarks.md, "Table S1").
     "cpu": Budget("shapes-panoptic", {"steps": 2400, "batch_size": 8, "image_size": 64,
                                       "device": "cpu"},
-                  {**_SHAPES, "runtime.log_every": 100}, (2048, 128),
+                  # a checkpoint every 400 steps: a harness killed mid-run (the end of a
+                  # working day) continues the run from there instead of from step 0
+                  {**_SHAPES, "runtime.log_every": 100, "runtime.save_every": 400,
+                   "runtime.keep_last": 1}, (2048, 128),
                   {"thing_scale": (0.15, 0.3), "occlusion": False, "contrast": True}),
     # The paper's setting: Tiny, COCO panoptic, 50 epochs at 1024 (the coco-panoptic recipe).
     "gpu": Budget("coco-panoptic", {"model": "clusterformer-tiny", "device": "cuda"},
@@ -271,17 +274,22 @@ def child_main(spec_path: Path) -> None:
     """Inside the child: train, evaluate, write ``child.json`` (metrics, img/s, GPU peak)."""
     import torch
 
+    from clusterformer.engine.checkpoint_format import RunLayout, holds_weights
     from clusterformer.engine.config_files import resolve_config
     from clusterformer.engine.loop import train
 
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(spec["threads"])
-    cfg = resolve_config(spec["recipe"], overrides=spec["overrides"], **spec["flags"])
+    # A run a killed harness left behind: continue from its newest checkpoint, or (none yet)
+    # start over, clearing its logs so metrics.jsonl holds one run.
+    folder = Path(spec["flags"]["out"])
+    again = holds_weights(RunLayout(folder).checkpoints)
+    cfg = resolve_config(spec["recipe"], overrides=spec["overrides"], **spec["flags"],
+                         resume=again, restart=not again)
     start = time.perf_counter()
     result = train(cfg, handle_signals=False)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun: rank 0 reports (evaluation metrics are already global)
-    folder = Path(spec["flags"]["out"])
     metrics = result.metrics
     record = {**spec["row"], "seed": spec["flags"]["seed"], "step": result.step,
               **{k: float(metrics[k]) for k in ("PQ", "PQ_th", "PQ_st", "SQ", "RQ")},

@@ -125,6 +125,27 @@ def test_resume_trains_only_unfinished_runs_and_the_adopted_design_once(tmp_path
         table_s1.run_all(_args(tmp_path, "--steps", "7"))
 
 
+def test_a_killed_run_continues_from_its_checkpoint_and_a_fresh_one_starts_clean(tmp_path):
+    # The two cases a killed harness leaves: a run folder without a checkpoint (stale logs are
+    # cleared, training starts at step 0) and one with a checkpoint (training continues there).
+    args = _args(tmp_path)
+    budget = table_s1.BUDGETS["smoke"]
+    table_s1.make_scenes(tmp_path, *budget.scenes, budget.scene_options)
+    adopted = next(r for r in table_s1.ROWS if r.adopted)
+    spec = table_s1.run_spec(args, budget, adopted, 0)
+    spec["flags"]["steps"] = spec["flags"]["eval_every"] = 2
+    spec["overrides"]["runtime.save_every"] = 1
+    folder = Path(spec["flags"]["out"])
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text('{"step": 999, "split": "train"}\n')
+    assert table_s1.run_one(spec, timeout=600)["step"] == 2
+    steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert 999 not in steps and steps[0] == 1
+    spec["flags"]["steps"] = spec["flags"]["eval_every"] = 3
+    assert table_s1.run_one(spec, timeout=600)["step"] == 3
+    assert "at step 2" in (folder / "child.log").read_text()
+
+
 def test_table_json_schema(tmp_path):
     args = _args(tmp_path)
     for seed in range(2):
