@@ -3,6 +3,7 @@ EMA), classification loss / mixup, top-k metrics, and config resolution."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from clusterformer.engine import checkpoint as ckpt
 from clusterformer.engine.checkpoint import ModelEma, TrainState
 from clusterformer.engine.config_files import read_recipe, resolve_config
 from clusterformer.engine.evaluate import autocast
@@ -74,6 +76,32 @@ def test_param_groups_no_decay_and_backbone_multiplier() -> None:
     assert by_param[id(names["head.weight"])]["weight_decay"] == 0.05
     assert by_param[id(names["head.weight"])]["lr"] == 1.0
     assert sum(len(g["params"]) for g in groups) == len(names)
+
+
+def test_optimizer_is_fused_on_cpu_and_a_resume_keeps_this_runs_implementation(tmp_path) -> None:
+    model = TinyNet()
+    state = _state(model)
+    assert all(g["fused"] for g in state.optimizer.param_groups)
+    twin = copy.deepcopy(model)
+    reference = torch.optim.AdamW(param_groups(twin, lr=1e-2, weight_decay=0.05), lr=1e-2,
+                                  weight_decay=0.05, fused=False)  # fmt: skip
+    for _ in range(3):
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        state.optimizer.step()
+        reference.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q)  # the default implementation's update
+    # A checkpoint made by a for-loop optimizer (before fused, or on another device) carries
+    # fused=None in its groups: the resumed run stays fused.
+    old = _state(TinyNet())
+    for group in old.optimizer.param_groups:
+        group["fused"] = None
+    saved = old.state_dict(rngs=[], world_size=1)
+    weights = ckpt.save_checkpoint(tmp_path, weights=old.module, metadata={}, state=saved, step=0)
+    state.load_state_dict(saved, weights, rank=0)
+    assert all(g["fused"] for g in state.optimizer.param_groups)
 
 
 def test_schedule_warmup_cosine_poly() -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 SCHEDULES: tuple[str, ...] = ("cosine", "poly", "constant")
 _LAYER_SCALE = re.compile(r"(^|\.)ls\d*(\.|$)")  # "ls", "ls1", "blocks.0.ls2.gamma"; not "cls"
@@ -73,11 +73,31 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     backbone_lr_mult: float = 1.0,
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`."""
+    """AdamW over :func:`param_groups`; torch's fused implementation where every parameter
+    allows it (:func:`fused_supported`)."""
     groups = param_groups(
         model, lr=lr, weight_decay=weight_decay, backbone_lr_mult=backbone_lr_mult
     )
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+    fused = fused_supported(p for group in groups for p in group["params"]) or None
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+
+
+_FUSED_DEVICES = ("cpu", "cuda")
+_FUSED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def fused_supported(params: Iterable[Tensor]) -> bool:
+    """Whether torch's fused AdamW takes these parameters: floating point, on the CPU or CUDA.
+
+    Fused is one kernel over each parameter instead of a dozen element-wise passes: on the CPU
+    at one thread a step over clusterformer-tiny's 31.5 M parameters took 20 ms against 69 ms
+    for torch's default (docs/benchmarks.md, "fp32 training: the optimizer"). Same update up to
+    float rounding. Where it does not apply (other devices, e.g. XLA or MPS before its support)
+    torch's default implementation serves."""
+    params = list(params)
+    return bool(params) and all(
+        p.device.type in _FUSED_DEVICES and p.dtype in _FUSED_DTYPES for p in params
+    )
 
 
 @dataclass(frozen=True)

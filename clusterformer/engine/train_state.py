@@ -123,10 +123,14 @@ class TrainState:
             if "model" not in saved:
                 raise ValueError(f"{weights}: saved without EMA; resume it without EMA")
             self.module.load_state_dict(saved["model"])
-        settings = [(g["initial_lr"], g["weight_decay"]) for g in self.optimizer.param_groups]
+        # The saved groups carry the implementation they were made with (fused, foreach):
+        # this run's choice wins, as its lr and weight decay do.
+        keys = ("initial_lr", "weight_decay", "fused", "foreach")
+        settings = [{k: g.get(k) for k in keys} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(saved["optimizer"])
-        for group, (lr, decay) in zip(self.optimizer.param_groups, settings, strict=True):
-            group["initial_lr"], group["lr"], group["weight_decay"] = lr, lr, decay
+        for group, kept in zip(self.optimizer.param_groups, settings, strict=True):
+            group.update(kept)
+            group["lr"] = kept["initial_lr"]
         if self.scaler is not None and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
         self.step, self.epoch = int(saved["step"]), int(saved["epoch"])
