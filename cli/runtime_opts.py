@@ -18,10 +18,12 @@ def start_compute(device: str | None = None, threads: int | None = None,
         ``(threads, where the count came from)``.
     """
     from clusterformer.engine.distributed import pick_device
-    from clusterformer.engine.runtime import configure_threads, runtime_line, tune_cpu_allocator
+    from clusterformer.engine.runtime import runtime_line
+    from clusterformer.runtime import configure
 
-    tune_cpu_allocator()
-    count = configure_threads(threads if threads is not None else THREADS)
+    chosen = threads if threads is not None else THREADS
+    settings = configure(chosen)  # what a library user gets from clusterformer.runtime too
+    count = (settings.threads, "--threads" if chosen is not None else settings.threads_from)
     print(f"cf: {runtime_line(pick_device(device), count)}", flush=True)
     for line in details or []:
         print(f"cf: {line}", flush=True)

@@ -111,6 +111,41 @@ def test_allocator_setting_applies_on_glibc_in_a_child_process():
     assert done.stdout.strip() == "True"
 
 
+# --- clusterformer.runtime.configure: the same settings for a library user ------------------
+
+
+def test_configure_sets_threads_and_leaves_the_allocator_on_request(monkeypatch):
+    import clusterformer.runtime
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    settings = clusterformer.runtime.configure(threads=1, allocator=False)
+    assert torch.get_num_threads() == 1
+    assert str(settings) == "cpu, 1 thread (threads=1), allocator: unchanged (allocator=False)"
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert clusterformer.runtime.configure(allocator=False).threads_from == "OMP_NUM_THREADS"
+    assert torch.get_num_threads() == 2
+    with pytest.raises(ValueError, match="must be >= 1"):
+        clusterformer.runtime.configure(threads=0, allocator=False)
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="the allocator setting is glibc-only")
+def test_configure_in_a_script_gives_cfs_settings():
+    # A user's script: importing clusterformer changes nothing, configure() does what cf does.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CF_CPU_ALLOCATOR", "LD_PRELOAD", "OMP_NUM_THREADS")}
+    code = ("import torch, clusterformer.runtime, clusterformer.models; "
+            "before = torch.get_num_threads(); "
+            "print(clusterformer.runtime.configure(threads=1)); "
+            "print(before, torch.get_num_threads())")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    line, counts = done.stdout.strip().splitlines()
+    assert line == "cpu, 1 thread (threads=1), allocator: keeps freed memory"
+    assert counts.split()[1] == "1"
+
+
 # --- the start line of compute commands ------------------------------------------------------
 
 
