@@ -96,7 +96,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 def _line(runs: list[dict[str, Any]], adopted_pq: dict[int, float]) -> dict[str, Any]:
     first = runs[0]
     line: dict[str, Any] = {"variant": first["variant"], "adopted": bool(first.get("adopted")),
-                            "seeds": len(runs)}
+                            "seeds": len(runs), "key": first.get("key")}
     for metric in (*METRICS, "SQ", "RQ", "train_img_per_s", "peak_rss_mib"):
         values = [r[metric] for r in runs if r.get(metric) is not None]
         line[metric] = mean_std(values) if values else None
@@ -133,18 +133,24 @@ def _verdict(test: dict[str, Any] | None) -> str:
     return f"{text}, p = {test['p']:.2g}: " + ("significant" if test["p"] < 0.05 else "within noise")
 
 
-def markdown(tables: dict[str, list[dict[str, Any]]]) -> str:
-    """The report's Markdown: one table per sub-table, ours beside the paper's."""
+def markdown(tables: dict[str, list[dict[str, Any]]],
+             cost: dict[str, float] | None = None) -> str:  # fmt: skip
+    """The report's Markdown: one table per sub-table, ours beside the paper's. ``cost``: run
+    key -> step time x the adopted design's, timed side by side (``table_s1_cost.py``)."""
+    cost = cost or {}
     out = []
     for table, lines in sorted(tables.items()):
         out += [f"### {TITLES[table]}", "",
                 "| variant | seeds | PQ | PQ_th | PQ_st | paper PQ / th / st | vs adopted (PQ) "
-                "| train img/s | peak RSS MiB |", "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+                "| step time x adopted | train img/s | peak RSS MiB |",
+                "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
         for line in lines:
             paper = " / ".join("-" if v is None else f"{v:.1f}" for v in line["paper"])
             name = f"**{line['variant']}**" if line["adopted"] else line["variant"]
+            ratio = cost.get(line.get("key") or "")
             out.append(f"| {name} | {line['seeds']} | {_fmt(line['PQ'])} | {_fmt(line['PQ_th'])} "
                        f"| {_fmt(line['PQ_st'])} | {paper} | {_verdict(line['vs_adopted'])} "
+                       f"| {'-' if ratio is None else f'{ratio:.3f}'} "
                        f"| {_fmt(line['train_img_per_s'])} | {_fmt(line['peak_rss_mib'], 0)} |")
         tau = kendall_tau([line["PQ"][0] for line in lines if line["PQ"]],
                           [line["paper"][0] for line in lines if line["PQ"]])
@@ -183,6 +189,14 @@ def plot(tables: dict[str, list[dict[str, Any]]], path: Path) -> None:
     plt.close(fig)
 
 
+def read_costs(path: Path) -> dict[str, float]:
+    """Run key -> step time x the adopted design's, from ``table_s1_cost.py``'s JSON ({} when
+    it has not been run)."""
+    if not path.exists():
+        return {}
+    return {row["key"]: row["time_x_adopted"] for row in json.loads(path.read_text())["rows"]}
+
+
 def write_report(table_json: Path, out: Path) -> Path:
     """``OUT/report.md`` and ``OUT/table_s1.png`` from ``table_s1.json``; returns the report."""
     data = json.loads(Path(table_json).read_text())
@@ -190,11 +204,25 @@ def write_report(table_json: Path, out: Path) -> Path:
     report = out / "report.md"
     header = (f"Table S1, budget {data.get('budget')}, {data.get('seeds')} seed(s) per row "
               f"(PQ mean ± std over seeds; bold = the adopted design).\n\n")
+    costs = read_costs(out / "cost.json")
+    notes = []
     ratio = speed_ratio(data["rows"], "b", "T=1")
-    cost = "" if ratio is None else (
-        f"Training time of T = 3 against T = 1 (median per-seed img/s ratio): x{ratio:.3f} "
-        f"({(ratio - 1) * 100:+.1f} %; the paper: about +3.8 %).\n")
-    report.write_text(header + markdown(tables) + "\n" + cost)
+    if ratio is not None:
+        notes.append(f"Training time of T = 3 against T = 1 (median per-seed img/s ratio of the "
+                     f"runs, which shared the machine): x{ratio:.3f} ({(ratio - 1) * 100:+.1f} %; "
+                     "the paper: about +3.8 %).")
+    t1 = next((r.get("key") for r in data["rows"] if r["table"] == "b" and r["variant"] == "T=1"),
+              None)
+    if costs and t1 in costs:
+        step = 1 / costs[t1]
+        notes.append(f"Training step of T = 3 against T = 1, timed side by side "
+                     f"(`table_s1_cost.py`): x{step:.3f} ({(step - 1) * 100:+.1f} %).")
+    if costs:
+        notes.append("\"step time x adopted\": each configuration's training step time over "
+                     "the adopted design's, median of interleaved rounds in one process "
+                     "(`OUT/cost.json`); \"train img/s\" is what each run logged, beside "
+                     "whatever else ran.")
+    report.write_text(header + markdown(tables, costs) + "\n" + "\n".join(notes) + "\n")
     plot(tables, out / "table_s1.png")
     return report
 

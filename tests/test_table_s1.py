@@ -211,6 +211,26 @@ def test_report_writes_markdown_and_png(tmp_path):
     assert (tmp_path / "table_s1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cost_configurations_are_the_runs_and_the_report_shows_their_ratio(tmp_path):
+    import table_s1_cost
+
+    args = table_s1_cost.parse_args(["--budget", "cpu", "--out", str(tmp_path)])
+    configs = table_s1_cost.configurations(args)
+    run_keys = {table_s1.run_dir(tmp_path, row, 0).name.removesuffix("-s0") for row in table_s1.ROWS}
+    assert [key for key, _ in configs][0] == "adopted" and len(configs) == len(run_keys) == 22
+    assert {key for key, _ in configs} == run_keys
+    assert all(spec["flags"]["seed"] == 0 for _, spec in configs)
+    # The report: each row's cost ratio from cost.json, and T = 3 against T = 1 from it.
+    for i, row in enumerate(table_s1.ROWS):
+        _fake_result(table_s1.run_dir(tmp_path, row, 0), row, 0, 20.0 + i)
+    t1 = next(r for r in table_s1.ROWS if r.table == "b" and r.variant == "T=1")
+    costs = [{"key": key, "time_x_adopted": 0.8 if key == t1.key else 1.0} for key, _ in configs]
+    (tmp_path / "cost.json").write_text(json.dumps({"rows": costs}))
+    text = report.write_report(table_s1.write_table(_args(tmp_path)), tmp_path).read_text()
+    assert "| 0.800 |" in text and "| 1.000 |" in text
+    assert "timed side by side (`table_s1_cost.py`): x1.250 (+25.0 %)" in text
+
+
 def test_bad_arguments_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         table_s1.parse_args(["--budget", "gpu", "--seeds", "1", "--out", str(tmp_path)])
