@@ -91,20 +91,21 @@ def summary(out: Path) -> list[str]:
                 per_flop = paired_ratio(tiny, swin) * tiny["gflops"] / swin["gflops"]
                 add(f"eager {amp} {mode}, {threads} thread{'s' * (threads > 1)}: tiny x Swin-T, "
                     "per FLOP", tiny, swin, per_flop, ">= 1", per_flop >= 1.0)
-    if (out / "onnx.json").exists():
-        rows = json.loads((out / "onnx.json").read_text())["rows"]
-        key = {"mode": "infer", "threads": 1, "runtime": "onnxruntime"}
-        tiny, swin = pick(rows, model=TINY, **key), pick(rows, model=SWIN, **key)
-        ratio = paired_ratio(tiny, swin)
-        add("ONNX Runtime fp32, 1 thread: tiny x Swin-T, per image", tiny, swin, ratio, ">= 0.9",
-            ratio >= 0.9)
-    if (out / "compile.json").exists():
-        rows = json.loads((out / "compile.json").read_text())["rows"]
-        key = {"model": TINY, "mode": "infer", "threads": 1}
-        compiled, eager = pick(rows, compiled=True, **key), pick(rows, compiled=False, **key)
-        ratio = paired_ratio(compiled, eager)
-        add("compiled tiny x eager tiny, inference, 1 thread", compiled, eager, ratio, ">= 1",
-            ratio >= 1.0)
+    # Two rows of one run against each other, per image: (file, check, row, reference, target).
+    pairs = (
+        ("onnx", "ONNX Runtime fp32, 1 thread: tiny x Swin-T, per image",
+         {"model": TINY, "mode": "infer", "threads": 1, "runtime": "onnxruntime"},
+         {"model": SWIN, "mode": "infer", "threads": 1, "runtime": "onnxruntime"}, 0.9),
+        ("compile", "compiled tiny x eager tiny, inference, 1 thread",
+         {"model": TINY, "mode": "infer", "threads": 1, "compiled": True},
+         {"model": TINY, "mode": "infer", "threads": 1, "compiled": False}, 1.0),
+    )
+    for name, check, want, reference, target in pairs:
+        if (out / f"{name}.json").exists():
+            rows = json.loads((out / f"{name}.json").read_text())["rows"]
+            row, ref = pick(rows, **want), pick(rows, **reference)
+            ratio = paired_ratio(row, ref)
+            add(check, row, ref, ratio, f">= {target:g}", ratio >= target)
     if (out / "iters.json").exists():
         rows = json.loads((out / "iters.json").read_text())["rows"]
         t3, t1 = pick(rows, model=TINY), pick(rows, model=f"{TINY}:num_iters=1")
