@@ -83,3 +83,33 @@ def test_bad_options_are_rejected() -> None:
         ClusteringMixer(16, head_dim=8, m_step="median")
     with pytest.raises(ValueError, match="dispatching"):
         Dispatch(16, "nope")
+
+
+def test_no_query_bias_where_it_cancels_and_old_checkpoints_with_one_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    from clusterformer.engine.checkpoint_format import encode_metadata
+    from clusterformer.engine.checkpoint_load import load_weights
+    from clusterformer.models import create_model
+
+    assert ClusteringMixer(64, center_update="recurrent").q.bias is None
+    assert ClusteringMixer(64, center_update="vanilla_attention").q.bias is not None
+    torch.manual_seed(0)
+    model = create_model("clusterformer-nano", num_classes=3).eval()
+    assert not [n for n, _ in model.named_parameters() if n.endswith("mixer.q.bias")]
+    # A checkpoint made when the query had a bias: its q.bias tensors load and are dropped.
+    legacy = dict(model.state_dict())
+    for name, module in model.named_modules():
+        if getattr(module, "legacy_state_keys", ()):
+            legacy[f"{name}.q.bias"] = torch.randn(module.q.weight.shape[0])
+    again = create_model("clusterformer-nano", num_classes=3).eval()
+    again.load_state_dict(legacy, strict=True)  # timm's and torch's loaders
+    path = tmp_path / "legacy.safetensors"
+    save_file({k: v.contiguous() for k, v in legacy.items()}, str(path),
+              metadata=encode_metadata({}))
+    third = create_model("clusterformer-nano", num_classes=3).eval()
+    load_weights(third, path)  # cf's loader
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(again(images), model(images))
+        torch.testing.assert_close(third(images), model(images))

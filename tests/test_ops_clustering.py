@@ -393,3 +393,42 @@ def test_init_centers_are_cell_means(lead, d, gh, gw, ch, cw, seed):
     count = cell_mask.sum(dim=(-3, -1)).clamp_min(1)
     masked_mean = (total / count).flatten(-2).transpose(-1, -2)
     torch.testing.assert_close(init_centers(features, (gh, gw), mask=mask), masked_mean)
+
+
+@settings(max_examples=25, deadline=None)
+@given(k=st.integers(1, 6), n=st.integers(1, 12), heads=st.integers(1, 2),
+       seed=st.integers(0, 2**16), masked=st.booleans())
+def test_query_bias_cancels_in_an_assignment_over_centers(k, n, heads, seed, masked):
+    # b . k_n is the same for every center of pixel n: the softmax over centers cancels it, so
+    # the op may leave it out. Applying it by hand (the old op) gives the same centers; under
+    # a softmax over pixels it does change them, and there the op still applies it.
+    dim = 4 * heads
+    features, centers = rand(seed, 2, n, dim), rand(seed + 1, 2, k, dim)
+    mask = rand_mask(seed + 2, 2, n) if masked else None
+    weights = {name: rand(seed + 3 + i, dim, dim) for i, name in enumerate(("q", "k", "v"))}
+    bias = rand(seed + 7, dim) * 3
+    params = {"q_weight": weights["q"], "k_weight": weights["k"], "v_weight": weights["v"],
+              "q_bias": bias}
+    ours = recurrent_cross_attention_clustering(features, centers, params, num_iters=2,
+                                                num_heads=heads, mask=mask)  # fmt: skip
+    without = recurrent_cross_attention_clustering(
+        features, centers, {**params, "q_bias": None}, num_iters=2, num_heads=heads, mask=mask)
+    assert torch.equal(ours, without)  # not applied at all
+    # The old op, by hand: queries with the bias, one softmax over centers per head.
+    out = centers
+    for _ in range(2):
+        q = F.linear(out, weights["q"], bias).unflatten(-1, (heads, -1)).transpose(1, 2)
+        keys = F.linear(features, weights["k"]).unflatten(-1, (heads, -1)).transpose(1, 2)
+        values = F.linear(features, weights["v"]).unflatten(-1, (heads, -1)).transpose(1, 2)
+        assign = torch.softmax(q @ keys.transpose(-1, -2) / (dim // heads) ** 0.5, dim=-2)
+        if mask is not None:
+            assign = assign * mask.unsqueeze(1).unsqueeze(1)
+        out = out + (assign @ values).transpose(1, 2).flatten(-2)
+    torch.testing.assert_close(ours, out, rtol=1e-9, atol=1e-9)
+    if n < 2:
+        return  # a softmax over one pixel is 1 whatever the bias
+    pixels = recurrent_cross_attention_clustering(features, centers, params, num_iters=2,
+                                                  num_heads=heads, assignment="softmax_pixels")
+    assert not torch.allclose(pixels, recurrent_cross_attention_clustering(
+        features, centers, {**params, "q_bias": None}, num_iters=2, num_heads=heads,
+        assignment="softmax_pixels"))

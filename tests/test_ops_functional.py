@@ -34,7 +34,9 @@ class Mixer(torch.nn.Module):
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
-        self.q, self.k, self.v = (torch.nn.Linear(dim, dim) for _ in range(3))
+        # No query bias, as models/ has none for an assignment over centers (it would cancel).
+        self.q = torch.nn.Linear(dim, dim, bias=False)
+        self.k, self.v = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, dim)
         self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.GELU())
         self.alpha = torch.nn.Parameter(torch.tensor(1.0))
         self.beta = torch.nn.Parameter(torch.tensor(0.0))
@@ -43,7 +45,8 @@ class Mixer(torch.nn.Module):
     def forward(self, feature_map: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         features = feature_map.flatten(-2).transpose(-1, -2)  # (B, N, D)
         centers = init_centers(feature_map, (2, 2), mask=mask)
-        params = {f"{n}_{p}": getattr(getattr(self, n), p) for n in "qkv" for p in ("weight", "bias")}
+        params = {f"{n}_{p}": getattr(getattr(self, n), p) for n in "qkv" for p in ("weight", "bias")
+                  if getattr(getattr(self, n), p) is not None}
         centers = recurrent_cross_attention_clustering(
             features, centers, params, num_iters=3, num_heads=self.heads, mask=mask.flatten(-2)
         )

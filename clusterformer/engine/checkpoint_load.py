@@ -26,6 +26,7 @@ from clusterformer.engine.checkpoint_format import (
     unreadable_error,
 )
 from clusterformer.engine.finite import first_non_finite
+from clusterformer.models.layers import legacy_state_keys
 
 
 def load_weights(module: nn.Module, path: str | Path, strict: bool = True) -> dict[str, Any]:
@@ -42,6 +43,8 @@ def load_weights(module: nn.Module, path: str | Path, strict: bool = True) -> di
     except (SafetensorError, OSError, ValueError) as exc:
         raise unreadable_error(path, exc) from None
     own = module.state_dict()
+    for name in legacy_state_keys(module):  # tensors older checkpoints hold, without effect
+        tensors.pop(name, None)
     for name, kept in meta.items():  # names stored once under another name (shared storage)
         if name in own and name not in tensors and isinstance(kept, str) and kept in tensors:
             tensors[name] = tensors[kept]

@@ -65,9 +65,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clusterformer.models.layers import drop_legacy_keys
 from clusterformer.models.mixer import CENTER_UPDATES, Dispatch
 from clusterformer.models.pixel_decoder import real_extent, sine_position_embedding
-from clusterformer.ops import criss_cross_mask, init_centers, recurrent_cross_attention_clustering
+from clusterformer.ops import (
+    ASSIGNMENTS_OVER_CENTERS,
+    criss_cross_mask,
+    init_centers,
+    recurrent_cross_attention_clustering,
+)
 from clusterformer.ops.boxes import inverse_sigmoid
 
 QUERY_INITS: tuple[str, ...] = ("encoder", "free", "feature_embedding", "mixed", "scene_adaptive")
@@ -116,7 +122,11 @@ class ClusterDecoderLayer(nn.Module):
         self.num_heads, self.num_iters, self.m_step = num_heads, num_iters, m_step
         self.assignment = CENTER_UPDATES[center_update]
         qk_dim = dim if head_dim is None else num_heads * head_dim
-        self.q, self.k, self.v = nn.Linear(dim, qk_dim), nn.Linear(dim, qk_dim), nn.Linear(dim, dim)
+        # No query bias where the assignment is over centers (see ClusteringMixer).
+        query_bias = self.assignment not in ASSIGNMENTS_OVER_CENTERS
+        self.q = nn.Linear(dim, qk_dim, bias=query_bias)
+        self.k, self.v = nn.Linear(dim, qk_dim), nn.Linear(dim, dim)
+        self.legacy_state_keys = () if query_bias else ("q.bias",)
         self.norm_cluster = nn.LayerNorm(dim)
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.norm_self = nn.LayerNorm(dim)
@@ -125,6 +135,10 @@ class ClusterDecoderLayer(nn.Module):
         self.dispatch = Dispatch(dim, dispatching) if dispatch else None
         self.norm_pixels = nn.LayerNorm(dim) if dispatch else None
         self.dropout = nn.Dropout(dropout)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        drop_legacy_keys(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(
         self, centers: Tensor, query_pos: Tensor, pixels: Tensor, pixel_pos: Tensor,

@@ -27,6 +27,22 @@ def static_sizes(x: Tensor) -> bool:
     return all(isinstance(size, int) for size in x.shape)
 
 
+def drop_legacy_keys(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Remove from ``state_dict`` the keys under ``prefix`` that ``module`` lists in its
+    ``legacy_state_keys``: tensors older checkpoints hold that this model no longer has and that
+    had no effect (call from ``_load_from_state_dict``, so ``load_state_dict(strict=True)`` and
+    timm's loaders accept those checkpoints)."""
+    for key in getattr(module, "legacy_state_keys", ()):
+        state_dict.pop(prefix + key, None)
+
+
+def legacy_state_keys(model: nn.Module) -> set[str]:
+    """Every full state-dict key of ``model``'s ``legacy_state_keys`` (see
+    :func:`drop_legacy_keys`)."""
+    return {f"{name}.{key}" if name else key for name, module in model.named_modules()
+            for key in getattr(module, "legacy_state_keys", ())}  # fmt: skip
+
+
 def masked_group_norm(
     x: Tensor, weight: Tensor, bias: Tensor, mask: Tensor | None, eps: float = 1e-5
 ) -> Tensor:

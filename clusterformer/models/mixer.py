@@ -53,8 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clusterformer.models.layers import TokenMlp, static_sizes
+from clusterformer.models.layers import TokenMlp, drop_legacy_keys, static_sizes
 from clusterformer.ops import (
+    ASSIGNMENTS_OVER_CENTERS,
     criss_cross_mask,
     dispatch_similarity,
     dispatch_update,
@@ -216,11 +217,21 @@ class ClusteringMixer(nn.Module):
         self.assignment = CENTER_UPDATES[center_update]
         self.m_step = m_step
         if center_update != "kmeans":
-            self.q = nn.Linear(dim, dim)
+            # No query bias where the assignment is over centers: it would cancel there, and a
+            # parameter the loss cannot see drifts on rounding noise under AdamW until, in
+            # bf16, its offset swamps the logits (docs/benchmarks.md, "bf16 training on the
+            # CPU"). Checkpoints made with one load without it.
+            query_bias = self.assignment not in ASSIGNMENTS_OVER_CENTERS
+            self.q = nn.Linear(dim, dim, bias=query_bias)
             self.k = nn.Linear(dim, dim)
+            self.legacy_state_keys = () if query_bias else ("q.bias",)
         self.v = nn.Linear(dim, dim)
         self.dispatch = Dispatch(dim, dispatching, dispatch_hidden)
         self.proj = nn.Linear(dim, dim)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        drop_legacy_keys(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _params(self, like: Tensor) -> dict[str, Tensor | None]:
         if self.center_update == "kmeans":

@@ -5,6 +5,7 @@ No module state, no in-place writes to inputs, no data-dependent Python control 
 
 from clusterformer.ops.clustering import (
     ASSIGNMENTS,
+    ASSIGNMENTS_OVER_CENTERS,
     M_STEPS,
     criss_cross_mask,
     cross_attention_clustering_step,
@@ -22,6 +23,7 @@ from clusterformer.ops.images import IMAGENET_MEAN, IMAGENET_STD, normalize_imag
 __all__ = [
     "ACTIVATIONS",
     "ASSIGNMENTS",
+    "ASSIGNMENTS_OVER_CENTERS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "M_STEPS",

@@ -24,6 +24,10 @@ Assignment = Literal["softmax_centers", "softmax_pixels", "argmax", "cosine"]
 MStep = Literal["sum", "mean"]
 
 ASSIGNMENTS: tuple[str, ...] = ("softmax_centers", "softmax_pixels", "argmax", "cosine")
+# Assignments that compare a pixel's logits across centers only (softmax or argmax over
+# ``K``): a query bias ``b`` adds ``b . k_n`` to every center's logit for pixel ``n``, a per-pixel
+# constant they cancel exactly, so the query projection of such an E-step needs no bias.
+ASSIGNMENTS_OVER_CENTERS: tuple[str, ...] = ("softmax_centers", "argmax")
 M_STEPS: tuple[str, ...] = ("sum", "mean")
 
 _EPS = 1e-6
@@ -256,7 +260,9 @@ def recurrent_cross_attention_clustering(
             shape ``(D,)`` or ``None`` (a missing bias key also means ``None``). The query and
             key weights may instead both be ``(h * d_k, D)`` (biases ``(h * d_k,)``): the
             E-step then compares ``d_k``-channel heads while each value head keeps ``D / h``
-            channels (Table S1d's head dimension without changing ``D``).
+            channels (Table S1d's head dimension without changing ``D``). ``q_bias`` is not
+            applied when ``assignment`` is over centers (``ASSIGNMENTS_OVER_CENTERS``), where
+            it cancels exactly.
         num_iters: ``T``, the number of recurrent updates; ``0`` returns ``C0``.
         num_heads: ``h``; ``D`` must be divisible by it. Each head clusters on its own
             ``D / h`` channels and the updates are concatenated.
@@ -276,9 +282,13 @@ def recurrent_cross_attention_clustering(
     keys, values = _keys_and_values(features, params, num_heads)
     head_mask = None if mask is None else mask.unsqueeze(-2)
     head_attn = None if attn_mask is None else attn_mask.unsqueeze(-3)
+    # A query bias cancels in an assignment over centers (ASSIGNMENTS_OVER_CENTERS): it is left
+    # out, which changes no result and keeps ``b . k_n`` out of low-precision logits (docs/
+    # benchmarks.md, "bf16 training on the CPU").
+    q_bias = None if assignment in ASSIGNMENTS_OVER_CENTERS else params.get("q_bias")
     out = centers
     for _ in range(num_iters):
-        queries = _split_heads(linear(out, params["q_weight"], params.get("q_bias")), num_heads)
+        queries = _split_heads(linear(out, params["q_weight"], q_bias), num_heads)
         update = cross_attention_clustering_step(
             queries, keys, values, scale=scale, mask=head_mask,
             assignment=assignment, m_step=m_step, attn_mask=head_attn,
