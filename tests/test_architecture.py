@@ -34,10 +34,11 @@ PACKAGES = {"clusterformer.cli": ROOT / "cli", "clusterformer.data": ROOT / "dat
 # and extras.py (optional packages) import nothing of the project, so any layer may use them.
 # "root" is clusterformer/__init__.py: the facade whose ``clusterformer.load`` is the
 # inference API. "timm" is clusterformer/timm.py, the presets registered with timm: models
-# seen from timm, nothing above models needs it.
+# seen from timm, nothing above models needs it. "runtime" is clusterformer/runtime.py, the
+# process settings cf runs with, for a library user: a facade over engine's, used by the CLI.
 LEAVES = {"plugins", "registry", "extras"}
 BELOW_TASKS = {"ops", "data", "models", "metrics"} | LEAVES
-BELOW_CLI = BELOW_TASKS | {"tasks", "engine", "export", "inference", "bench", "root"}
+BELOW_CLI = BELOW_TASKS | {"tasks", "engine", "export", "inference", "bench", "root", "runtime"}
 MAY_IMPORT: dict[str, set[str]] = {
     **{leaf: set() for leaf in LEAVES},
     "ops": set(),
@@ -50,6 +51,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "export": BELOW_TASKS | {"tasks", "engine", "root"},
     "inference": BELOW_TASKS | {"tasks", "engine"},
     "bench": BELOW_TASKS | {"tasks", "engine", "export"},
+    "runtime": {"engine"} | LEAVES,
     "cli": BELOW_CLI,
     "root": {"inference"},
 }
