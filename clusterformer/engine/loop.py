@@ -69,10 +69,9 @@ class TrainResult:
 
 # Measured, not assumed: docs/benchmarks.md, "bf16 training on the CPU".
 CPU_BF16_TRAINING_NOTE = (
-    "note: bf16 training on the CPU is not yet as good as fp32: on the quickstart classifier "
-    "(nano, seed 0) it ended 24 top-1 points below fp32 after its gradient norm blew up at "
-    "step 1050 (docs/benchmarks.md, 'bf16 training on the CPU'); --amp none for results you "
-    "rely on")
+    "note: bf16 training on the CPU is not yet shown to match fp32: on the quickstart classifier "
+    "(nano, one seed) it ended 0.79 top-1 points below fp32 (docs/benchmarks.md, 'bf16 training "
+    "on the CPU'); --amp none for results you rely on")
 
 
 def seed_everything(seed: int) -> None:
