@@ -91,7 +91,7 @@ def fused_supported(params: Iterable[Tensor]) -> bool:
 
     Fused is one kernel over each parameter instead of a dozen element-wise passes: on the CPU
     at one thread a step over clusterformer-tiny's 31.5 M parameters took 20 ms against 69 ms
-    for torch's default (docs/benchmarks.md, "fp32 training: the optimizer"). Same update up to
+    for torch's default (docs/benchmarks.md, "Where the step time goes"). Same update up to
     float rounding. Where it does not apply (other devices, e.g. XLA or MPS before its support)
     torch's default implementation serves."""
     params = list(params)
