@@ -359,8 +359,12 @@ def run_all(args: argparse.Namespace) -> int:
 def check_same_spec(folder: Path, spec: dict[str, Any]) -> None:
     """A finished run must have been trained with today's settings: an OUT is one experiment
     (a changed budget, --steps or data would mix two experiments in one table)."""
+    # The row label is not a setting: the adopted design's run is shared by every sub-table,
+    # and each names it its own way ("ClusterFormer (both)" in S1a, "T=3" in S1b, ...).
     written = json.loads((folder / "spec.json").read_text())
-    if written != json.loads(json.dumps(spec)):
+    written.pop("row", None)
+    today = {key: value for key, value in json.loads(json.dumps(spec)).items() if key != "row"}
+    if written != today:
         raise SystemExit(f"error: {folder}: finished with other settings than this command's "
                          "(budget, --steps, --eval-every or data); use another --out")
 

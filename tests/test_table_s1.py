@@ -120,6 +120,10 @@ def test_resume_trains_only_unfinished_runs_and_the_adopted_design_once(tmp_path
         (tmp_path / "runs" / name / "claim").write_text(str(owner))
     table_s1.run_all(args)
     assert trained == ["d-head_dim_16-s0"]
+    # Each sub-table names the shared adopted run its own way; the name is not a setting.
+    trained.clear()
+    assert table_s1.run_all(_args(tmp_path, "--tables", "b")) == 0
+    assert trained == []
     # A finished run made with other settings stops the command: one OUT, one experiment.
     with pytest.raises(SystemExit, match="other settings"):
         table_s1.run_all(_args(tmp_path, "--steps", "7"))
