@@ -16,6 +16,7 @@ time and the median over rounds of (its step time / the adopted design's). The r
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -44,17 +45,18 @@ def prepare(spec: dict[str, Any], folder: Path, batches: int) -> tuple[Any, Any,
     ``cf train``'s own setup in a scratch run folder."""
     from clusterformer.engine.config_files import resolve_config
     from clusterformer.engine.distributed import DistEnv
-    from clusterformer.engine.loop import _prepare
+    from clusterformer.engine.loop import prepare_training
 
     folder.mkdir(parents=True)
     flags = {**spec["flags"], "out": str(folder)}
     cfg = resolve_config(spec["recipe"], overrides=spec["overrides"], **flags)
-    prepared = _prepare(cfg, DistEnv(device=torch.device("cpu")), folder, [])
+    prepared = prepare_training(cfg, DistEnv(device=torch.device("cpu")), folder)
     loader = iter(prepared.train_loader)
     return prepared.task, prepared.state, [next(loader) for _ in range(batches)]
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from clusterformer.bench.runner import rotations
     from clusterformer.engine.step import train_step
 
     torch.set_num_threads(args.threads)
@@ -68,9 +70,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             built[key] = prepare(spec, Path(scratch) / key, args.batches)
     times: dict[str, list[float]] = {key: [] for key, _ in configs}
     keys = [key for key, _ in configs]
-    for step in range(args.warmup + args.rounds):
-        shift = step % len(keys)
-        for key in keys[shift:] + keys[:shift]:
+    for step, order in enumerate(itertools.islice(rotations(keys), args.warmup + args.rounds)):
+        for key in order:
             task, state, batches = built[key]
             start = time.perf_counter()
             train_step(state, task, [batches[step % len(batches)]])

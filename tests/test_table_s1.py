@@ -235,6 +235,30 @@ def test_cost_configurations_are_the_runs_and_the_report_shows_their_ratio(tmp_p
     assert "timed side by side (`table_s1_cost.py`): x1.250 (+25.0 %)" in text
 
 
+def test_cost_times_every_configuration_every_round_from_cf_trains_setup(tmp_path, monkeypatch):
+    import table_s1_cost
+
+    from clusterformer.engine.step import train_step as real_step
+
+    args = table_s1_cost.parse_args(["--budget", "smoke", "--out", str(tmp_path), "--rounds", "3",
+                                     "--warmup", "1", "--batches", "1"])  # fmt: skip
+    two = table_s1_cost.configurations(args)[:2]  # adopted and one other: the loop, not 22 builds
+    monkeypatch.setattr(table_s1_cost, "configurations", lambda _: two)
+    calls = []
+
+    def counting_step(state, task, batches):
+        calls.append(state.model.__class__.__name__)
+        return real_step(state, task, batches)
+
+    monkeypatch.setattr("clusterformer.engine.step.train_step", counting_step)
+    doc = table_s1_cost.measure(args)
+    assert len(calls) == 2 * (1 + 3)  # each configuration once per round, warm-up included
+    assert [row["key"] for row in doc["rows"]] == [key for key, _ in two]
+    assert doc["rows"][0]["time_x_adopted"] == 1.0
+    assert all(row["step_ms"] > 0 and row["img_per_s"] > 0 for row in doc["rows"])
+    assert not list(tmp_path.glob("runs/*"))  # built in a scratch folder, not the experiment's
+
+
 def test_bad_arguments_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         table_s1.parse_args(["--budget", "gpu", "--seeds", "1", "--out", str(tmp_path)])

@@ -16,6 +16,7 @@ import copy
 import json
 import platform
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,15 @@ from clusterformer.engine.trainer import HookBase, Saved, Trainer
 from clusterformer.engine.world_change import fit_world_size
 from clusterformer.tasks import Task, task_spec
 
-__all__ = ["TrainResult", "Trainer", "TrainingInterrupted", "elastic_restart_config", "train"]
+__all__ = [
+    "PreparedRun",
+    "TrainResult",
+    "Trainer",
+    "TrainingInterrupted",
+    "elastic_restart_config",
+    "prepare_training",
+    "train",
+]
 
 
 @dataclass
@@ -206,8 +215,8 @@ def _write_config(run_dir: Path, cfg: TrainConfig, facts: dict[str, Any],
 
 
 @dataclass
-class _Prepared:
-    """What :func:`train` sets up before step 1."""
+class PreparedRun:
+    """What :func:`train` sets up before step 1 (:func:`prepare_training`'s result)."""
 
     task: Task
     state: ckpt.TrainState
@@ -255,7 +264,7 @@ def _build_state(cfg: TrainConfig, env: DistEnv, module: nn.Module, amp: str,
 
 def _build_hooks(
     cfg: TrainConfig, env: DistEnv, val_loader: Any, meta: dict[str, Any], saved: Saved,
-    loggers: list[HookBase],
+    loggers: Sequence[HookBase],
 ) -> tuple[list[HookBase], CheckpointHook]:
     """The run's hooks in calling order; the checkpoint hook comes last (it saves every
     other hook's state, after the evaluation of the same step)."""
@@ -289,7 +298,7 @@ def _find_checkpoint(cfg: TrainConfig, env: DistEnv, run_dir: Path, task: Task,
     return found
 
 
-def _record_start(cfg: TrainConfig, env: DistEnv, run_dir: Path, prepared: _Prepared,
+def _record_start(cfg: TrainConfig, env: DistEnv, run_dir: Path, prepared: PreparedRun,
                   facts: dict[str, Any], resumed: bool) -> None:  # fmt: skip
     """Note what a resume changed; on the main rank, once everything is checked: clear the
     folder for ``--restart``, check room for a checkpoint, write the config files."""
@@ -310,9 +319,14 @@ def _record_start(cfg: TrainConfig, env: DistEnv, run_dir: Path, prepared: _Prep
     }, previous)  # fmt: skip
 
 
-def _prepare(cfg: TrainConfig, env: DistEnv, run_dir: Path, loggers: list[HookBase]) -> _Prepared:
-    """Everything before step 1: task, model, data, optimizer, hooks, and a resumed
-    checkpoint's state (weights, optimizer, RNG, loader position, each hook's state)."""
+def prepare_training(cfg: TrainConfig, env: DistEnv, run_dir: Path,
+                     loggers: Sequence[HookBase] = ()) -> PreparedRun:  # fmt: skip
+    """Everything :func:`train` does before step 1: task, model, data, optimizer, hooks, and a
+    resumed checkpoint's state (weights, optimizer, RNG, loader position, each hook's state).
+
+    Benchmarks that time ``engine.step.train_step`` call it to get exactly ``cf train``'s
+    setup (``prepared.task``, ``prepared.state``, ``prepared.train_loader``). It writes the run
+    folder's config files, as ``cf train`` does, so ``run_dir`` should be a scratch folder."""
     from clusterformer.data import load_dataset_info
 
     seed_everything(cfg.runtime.seed)  # same init on every rank
@@ -352,14 +366,14 @@ def _prepare(cfg: TrainConfig, env: DistEnv, run_dir: Path, loggers: list[HookBa
                      f"{spec.data.transform} transforms; training without them")  # fmt: skip
     notes += [f"resumed {run_dir} at step {state.step} (epoch {state.epoch}, batch "
               f"{state.batches_in_epoch})"] if found is not None else init_notes  # fmt: skip
-    prepared = _Prepared(task, state, train_loader, plan, hooks, checkpoints, saved, notes, cfg)
+    prepared = PreparedRun(task, state, train_loader, plan, hooks, checkpoints, saved, notes, cfg)
     _record_start(cfg, env, run_dir, prepared, {
         "num_classes": task.num_classes, "transforms_missing": augment.missing,
         "augment": augment.describe()}, resumed=found is not None)  # fmt: skip
     return prepared
 
 
-def _run(prepared: _Prepared, cfg: TrainConfig, env: DistEnv, run_dir: Path,
+def _run(prepared: PreparedRun, cfg: TrainConfig, env: DistEnv, run_dir: Path,
          stop: StopFlag, bars: bool) -> TrainResult:  # fmt: skip
     """Step until the plan's last step (or an early stop), logging to the run folder."""
     plan, state, total = prepared.plan, prepared.state, prepared.plan["total_steps"]
@@ -413,7 +427,7 @@ def train(cfg: TrainConfig, *, handle_signals: bool = True, bars: bool = True) -
     try:
         if env.is_main:  # the one writer of the run folder: a second cf train on it is refused
             lock.enter_context(hold_output(run_dir, "cf train"))
-        prepared = _prepare(cfg, env, run_dir, loggers)
+        prepared = prepare_training(cfg, env, run_dir, loggers)
         mark_started(env, run_dir)
         if handle_signals:
             stop.install()
