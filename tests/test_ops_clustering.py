@@ -432,3 +432,27 @@ def test_query_bias_cancels_in_an_assignment_over_centers(k, n, heads, seed, mas
     assert not torch.allclose(pixels, recurrent_cross_attention_clustering(
         features, centers, {**params, "q_bias": None}, num_iters=2, num_heads=heads,
         assignment="softmax_pixels"))
+
+
+@PROPS
+@given(case=clustering_case(), masked=st.booleans(), low=st.sampled_from(["float32", "bfloat16"]))
+def test_under_autocast_the_recurrence_runs_in_float32(case, masked, low):
+    # bf16 rounding inside the recurrence stalled bf16 training (docs/benchmarks.md): under
+    # autocast the op computes exactly what it computes in float32 on the float32 inputs,
+    # whatever dtype its inputs come in.
+    features, centers = case_tensors(case)
+    mask = rand_mask(case["seed"] + 22, *case["lead"], case["n"]) if masked else None
+    dtype = getattr(torch, low)
+    params = {name: None if value is None else value.to(dtype)
+              for name, value in linear_params(case["seed"], case["dim"], case["bias"]).items()}
+
+    def run(*tensors):
+        return recurrent_cross_attention_clustering(
+            *tensors, params, num_iters=case["iters"], num_heads=case["heads"], mask=mask)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(features.to(dtype), centers.to(dtype))
+    params = {name: None if value is None else value.float() for name, value in params.items()}
+    want = run(features.to(dtype).float(), centers.to(dtype).float())
+    assert got.dtype == torch.float32
+    assert torch.equal(got, want)

@@ -274,11 +274,26 @@ def recurrent_cross_attention_clustering(
             :func:`cross_attention_clustering_step`).
 
     Returns:
-        ``(..., K, D)`` centers ``C_T``.
+        ``(..., K, D)`` centers ``C_T``; float32 under autocast.
+
+    Under autocast the whole recurrence (projections and both steps) runs in float32, as
+    autocast runs its own precision-sensitive ops (softmax, norms) in float32. At trained
+    weights the assignments are sharp and T updates compound them: rounding the projections
+    to bfloat16 moved a trained nano's mixer outputs by 5-15 %, and bf16 training stalled
+    (docs/benchmarks.md, "bf16 training on the CPU").
     """
     if features.shape[-1] % num_heads or params["q_weight"].shape[0] % num_heads:
         raise ValueError(f"channels {features.shape[-1]} (query/key "
                          f"{params['q_weight'].shape[0]}) not divisible by {num_heads} heads")
+    device_type = features.device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return recurrent_cross_attention_clustering(
+                features.float(), centers.float(),
+                {name: None if value is None else value.float() for name, value in params.items()},
+                num_iters=num_iters, num_heads=num_heads, scale=scale, mask=mask,
+                assignment=assignment, m_step=m_step, attn_mask=attn_mask,
+            )
     keys, values = _keys_and_values(features, params, num_heads)
     head_mask = None if mask is None else mask.unsqueeze(-2)
     head_attn = None if attn_mask is None else attn_mask.unsqueeze(-3)
