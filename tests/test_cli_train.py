@@ -283,15 +283,13 @@ def test_quickstart_panoptic_end_to_end_small(tmp_path: Path, capsys: pytest.Cap
     assert code != 0 and "--task must be one of" in err
 
 
-def test_bf16_training_on_the_cpu_says_what_it_costs(
+def test_bf16_training_on_the_cpu_trains_and_records_its_precision(
     shards: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    # The measured bf16 result (docs/benchmarks.md) is told at the start of such a run, and only
-    # there: an fp32 run (the trained fixture's) prints no such note.
+    # Three seeds put bf16 within 0.07 top-1 points of fp32 (docs/benchmarks.md, "bf16
+    # training on the CPU"): the run trains, records its precision, and warns of nothing.
     code, out, err = _cf(train_argv(shards["train"], tmp_path / "bf16", 1, "--amp", "bf16"),
                          capsys)  # fmt: skip
-    assert code == 0
-    text = " ".join((out + err).split())  # the console wraps long lines at its width
-    assert text.count("note: bf16 training on the CPU is not yet shown to match fp32") == 1
-    code, out, err = _cf(train_argv(shards["train"], tmp_path / "fp32", 1), capsys)
-    assert code == 0 and "bf16 training" not in out + err
+    assert code == 0 and "note: bf16" not in out + err
+    resolved = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert resolved["run"]["amp"] == "bf16"

@@ -77,12 +77,6 @@ class TrainResult:
 
 
 # Measured, not assumed: docs/benchmarks.md, "bf16 training on the CPU".
-CPU_BF16_TRAINING_NOTE = (
-    "note: bf16 training on the CPU is not yet shown to match fp32: on the quickstart classifier "
-    "(nano, one seed) it ended 0.79 top-1 points below fp32 (docs/benchmarks.md, 'bf16 training "
-    "on the CPU'); --amp none for results you rely on")
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -336,8 +330,6 @@ def prepare_training(cfg: TrainConfig, env: DistEnv, run_dir: Path,
     info = load_dataset_info(cfg.data.train, spec.name)
     task = spec.build(spec.categories(info["categories"]), cfg.task.options)
     notes: list[str] = []
-    if amp == "bf16" and env.device.type == "cpu":
-        notes.append(CPU_BF16_TRAINING_NOTE)
     found = _find_checkpoint(cfg, env, run_dir, task, notes)
     if found is not None:  # another world size: keep the global batch (or refuse)
         cfg, changed = fit_world_size(cfg, found, env.world_size,
