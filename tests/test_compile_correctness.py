@@ -184,6 +184,25 @@ def test_recurrent_cross_attention_clustering(num_heads, masked, bias):
     check_compiled(fn, (features, centers, params, mask), grads)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+def test_recurrent_cross_attention_clustering_under_autocast(masked):
+    # The float32 island (the op leaves autocast inside itself) traces into one graph.
+    features, centers = rand(0, 2, 12, 8, grad=True), rand(1, 2, 4, 8, grad=True)
+    mask = rand_mask(2, 2, 12) if masked else None
+    params = clustering_params(10, 8, False)
+
+    def fn(features, centers, params, mask):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = recurrent_cross_attention_clustering(features, centers, params, num_iters=2,
+                                                       num_heads=2, mask=mask)
+        assert out.dtype == torch.float32
+        return out
+
+    grads = {"features": features, "centers": centers,
+             **{name: p for name, p in params.items() if p is not None}}
+    check_compiled(fn, (features, centers, params, mask), grads)
+
+
 def test_recurrent_cross_attention_clustering_attn_mask():
     features, centers = rand(0, 2, 12, 8, grad=True), rand(1, 2, 4, 8, grad=True)
     mask = rand_mask(2, 2, 12)

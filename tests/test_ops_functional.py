@@ -108,6 +108,9 @@ def test_vmap_matches_batched(batch, k, n, heads, seed):
             features, centers, params, num_iters=2, num_heads=heads, mask=mask)
 
     torch.testing.assert_close(vmap(one)(features, centers, mask), one(features, centers, mask))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the op's float32 island, vmapped
+        torch.testing.assert_close(vmap(one)(features, centers, mask),
+                                   one(features, centers, mask))
 
     alpha, beta = torch.tensor(2.0), torch.tensor(0.1)
     mlp = torch.nn.Linear(dim, dim)
