@@ -76,7 +76,6 @@ class TrainResult:
     stopped_early: bool = False
 
 
-# Measured, not assumed: docs/benchmarks.md, "bf16 training on the CPU".
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
