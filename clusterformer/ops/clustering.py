@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clusterformer.ops.fused_linear import linear
+from clusterformer.ops.fused_linear import _needs_grad, linear
 
 Assignment = Literal["softmax_centers", "softmax_pixels", "argmax", "cosine"]
 MStep = Literal["sum", "mean"]
@@ -274,19 +274,23 @@ def recurrent_cross_attention_clustering(
             :func:`cross_attention_clustering_step`).
 
     Returns:
-        ``(..., K, D)`` centers ``C_T``; float32 under autocast.
+        ``(..., K, D)`` centers ``C_T``; float32 when it trains under autocast.
 
-    Under autocast the whole recurrence (projections and both steps) runs in float32, as
-    autocast runs its own precision-sensitive ops (softmax, norms) in float32. At trained
-    weights the assignments are sharp and T updates compound them: rounding the projections
-    to bfloat16 moved a trained nano's mixer outputs by 5-15 %, and bf16 training stalled
-    (docs/benchmarks.md, "bf16 training on the CPU").
+    When gradients flow through it under autocast, the whole recurrence (projections and both
+    steps) runs in float32, as autocast runs its own precision-sensitive ops (softmax, norms)
+    in float32. At trained weights the assignments are sharp and T updates compound them:
+    rounding inside the recurrence to bfloat16 moved a trained nano's mixer outputs by 5-15 %
+    and made its gradients noise, and bf16 training stalled. Without gradients (inference)
+    it stays in the autocast dtype: the same rounding left trained classifiers' top-1 as in
+    float32 (docs/benchmarks.md, "bf16 training on the CPU"). "Gradients flow" means grad
+    mode is on and an input requires grad; ``torch.func.grad`` counts, but inside a plain
+    ``torch.func.vmap`` inputs do not show that they require grad.
     """
     if features.shape[-1] % num_heads or params["q_weight"].shape[0] % num_heads:
         raise ValueError(f"channels {features.shape[-1]} (query/key "
                          f"{params['q_weight'].shape[0]}) not divisible by {num_heads} heads")
     device_type = features.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.is_autocast_enabled(device_type) and _needs_grad(features, centers, *params.values()):
         with torch.autocast(device_type, enabled=False):
             return recurrent_cross_attention_clustering(
                 features.float(), centers.float(),
