@@ -290,7 +290,9 @@ def recurrent_cross_attention_clustering(
         raise ValueError(f"channels {features.shape[-1]} (query/key "
                          f"{params['q_weight'].shape[0]}) not divisible by {num_heads} heads")
     device_type = features.device.type
-    if torch.is_autocast_enabled(device_type) and _needs_grad(features, centers, *params.values()):
+    if (_needs_grad(features, centers, *params.values())
+            and torch.amp.is_autocast_available(device_type)  # not "meta" (cf models)
+            and torch.is_autocast_enabled(device_type)):
         with torch.autocast(device_type, enabled=False):
             return recurrent_cross_attention_clustering(
                 features.float(), centers.float(),
