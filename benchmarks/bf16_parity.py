@@ -16,23 +16,23 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 import clusterformer
+from clusterformer.data.paths import join_inside
 from clusterformer.export.parity import onnx_runner
+from clusterformer.inference.inputs import decode_input
 
 
 def images_and_labels(folder: Path, classes: list[str], mean, std) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of the folder as one normalised float32 batch, with its class index."""
     tensors, labels = [], []
     for index, name in enumerate(classes):
-        for path in sorted((folder / name).iterdir()):
-            pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
-            tensors.append(torch.from_numpy(pixels).permute(2, 0, 1))
+        # Class names come from the checkpoint: each must name a folder inside FOLDER.
+        for path in sorted(join_inside(folder, name, "class name").iterdir()):
+            tensors.append(decode_input(path)[0])  # size-limited decode, RGB uint8 (3, H, W)
             labels.append(index)
-    batch = torch.stack(tensors)
+    batch = torch.stack(tensors).float() / 255.0
     mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     return (batch - mean) / std, torch.tensor(labels)
 
@@ -42,11 +42,12 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def measure(run: Path, folder: Path, onnx_dir: Path) -> dict[str, float]:
+def measure(run: Path, folder: Path, onnx_dir: Path) -> dict[str, float | int]:
     predictor = clusterformer.load(run, device="cpu")
     meta, model = predictor.metadata, predictor.model.eval()
     norm = meta["normalisation"]
-    images, labels = images_and_labels(folder, [c["name"] for c in meta["categories"]], norm["mean"], norm["std"])
+    classes = [c["name"] for c in meta["categories"]]
+    images, labels = images_and_labels(folder, classes, norm["mean"], norm["std"])
     onnx = onnx_dir / f"{run.name}.onnx"
     subprocess.run([sys.executable, "-m", "clusterformer.cli", "export", "--ckpt", str(run),
                     "--format", "onnx", "--out", str(onnx),
