@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ops_kit import PROPS, lead_shapes, mlp_for, rand, rand_mask
 
 from clusterformer.ops import (
     ASSIGNMENTS,
@@ -16,20 +17,6 @@ from clusterformer.ops import (
     init_centers,
     recurrent_cross_attention_clustering,
 )
-
-PROPS = settings(max_examples=40, deadline=None)
-
-lead_shapes = st.lists(st.integers(1, 3), min_size=0, max_size=2).map(tuple)
-
-
-def rand(seed: int, *shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def rand_mask(seed: int, *shape: int) -> torch.Tensor:
-    """Random pixel mask with at least one real pixel per row, like real padding."""
-    mask = torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) > 0.4
-    return mask.index_fill(-1, torch.tensor([0]), True)
 
 
 def linear_params(seed: int, dim: int, bias: bool = True) -> dict[str, torch.Tensor | None]:
@@ -43,11 +30,6 @@ def linear_params(seed: int, dim: int, bias: bool = True) -> dict[str, torch.Ten
 def identity_values(lead: tuple[int, ...], n: int) -> torch.Tensor:
     """Values ``v = I`` make the step return its assignment matrix ``M`` itself."""
     return torch.eye(n, dtype=torch.float64).expand(*lead, n, n)
-
-
-def mlp_for(dim: int, seed: int):
-    w1, w2 = rand(seed, 2 * dim, dim), rand(seed + 1, dim, 2 * dim)
-    return lambda x: F.linear(F.gelu(F.linear(x, w1)), w2)
 
 
 # --- cross_attention_clustering_step -------------------------------------------------------
@@ -303,77 +285,6 @@ def test_ops_do_not_write_into_inputs():
     init_centers(features.transpose(-1, -2).unflatten(-1, (7, 1)), (2, 1))
     for t, old, version in zip((features, centers, mask), before, versions, strict=True):
         assert torch.equal(t, old) and t._version == version
-
-
-# --- feature_dispatching ------------------------------------------------------------------
-
-
-def dispatch_reference(features, centers, alpha, beta, mlp):
-    """Per-pixel loop straight from the formula of feature_dispatching's docstring."""
-    k = centers.shape[0]
-    rows = []
-    for f in features:
-        sim = torch.sigmoid(beta + alpha * F.cosine_similarity(centers, f[None], dim=-1))
-        best = sim.argmax()
-        rows.append(f + mlp(sim[best] * centers[best] / k))
-    return torch.stack(rows)
-
-
-@st.composite
-def dispatch_case(draw):
-    # D >= 2: in one dimension every cosine is +-1, so argmax ties are certain.
-    dim = draw(st.integers(2, 6))
-    seed = draw(st.integers(0, 2**16))
-    return dict(
-        features=rand(seed, draw(st.integers(1, 9)), dim),
-        centers=rand(seed + 1, draw(st.integers(1, 5)), dim),
-        alpha=torch.tensor(draw(st.floats(0.1, 5.0)), dtype=torch.float64),
-        beta=torch.tensor(draw(st.floats(-2.0, 2.0)), dtype=torch.float64),
-        mlp=mlp_for(dim, seed + 2), seed=seed,
-    )
-
-
-def dispatch(case, features=None, centers=None):
-    return feature_dispatching(
-        case["features"] if features is None else features,
-        case["centers"] if centers is None else centers,
-        alpha=case["alpha"], beta=case["beta"], mlp=case["mlp"],
-    )
-
-
-@PROPS
-@given(case=dispatch_case())
-def test_dispatching_matches_per_pixel_formula(case):
-    expected = dispatch_reference(case["features"], case["centers"], case["alpha"], case["beta"],
-                                  case["mlp"])
-    torch.testing.assert_close(dispatch(case), expected)
-
-
-@PROPS
-@given(case=dispatch_case())
-def test_dispatching_pixel_depends_only_on_itself_and_its_best_center(case):
-    features, centers = case["features"], case["centers"]
-    out = dispatch(case)
-    for n in range(features.shape[0]):
-        torch.testing.assert_close(dispatch(case, features=features[n : n + 1])[0], out[n])
-        best = F.cosine_similarity(centers, features[n][None], dim=-1).argmax()
-        # Any other center pointed away from the pixel stays non-best and must not matter.
-        others = torch.arange(centers.shape[0]) != best
-        moved = torch.where(others[:, None], -features[n] * 3.0, centers)
-        if others.any():
-            torch.testing.assert_close(dispatch(case, features=features[n : n + 1],
-                                                centers=moved)[0], out[n])
-
-
-@PROPS
-@given(case=dispatch_case())
-def test_dispatching_equivariant_to_pixels_invariant_to_centers(case):
-    gen = torch.Generator().manual_seed(case["seed"])
-    pix = torch.randperm(case["features"].shape[0], generator=gen)
-    cen = torch.randperm(case["centers"].shape[0], generator=gen)
-    out = dispatch(case)
-    torch.testing.assert_close(dispatch(case, features=case["features"][pix]), out[pix])
-    torch.testing.assert_close(dispatch(case, centers=case["centers"][cen]), out)
 
 
 # --- init_centers -------------------------------------------------------------------------
