@@ -15,6 +15,13 @@
         --data coco/shards-train --val-data coco/shards-val
     # the report alone (tables, paired comparison, PNG) from what has finished
     python benchmarks/table_s1.py --budget cpu --seeds 3 --out runs/s1-cpu --report-only
+    # keep every finished run's records (no checkpoints, no data: kilobytes) in a folder that is
+    # committed; a later command with the same --archive on a fresh machine takes them back and
+    # trains only what is missing. The report can be rebuilt from the archive alone.
+    OMP_NUM_THREADS=1 python benchmarks/table_s1.py --budget cpu --seeds 3 --out runs/s1-cpu \
+        --archive benchmarks/results/table_s1_cpu
+    python benchmarks/table_s1.py --budget cpu --seeds 3 --report-only \
+        --out benchmarks/results/table_s1_cpu
 
 Sub-tables (letters as in the supplement): a components, b T, c center update, d head dimension,
 e dispatching, f decoder query initialisation. One recipe for every row (the budget's, below);
@@ -47,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -331,6 +339,10 @@ def run_all(args: argparse.Namespace) -> int:
     budget = BUDGETS[args.budget]
     if budget.scenes is not None and not args.data:
         make_scenes(args.out, *budget.scenes, budget.scene_options)
+    if args.archive is not None:
+        taken = copy_finished(args.archive, args.out)
+        if taken:
+            print(f"{len(taken)} finished run(s) taken back from {args.archive}", flush=True)
     failed, done = 0, set()
     for seed in range(args.seeds):
         # The adopted design first: every other row of the seed is compared with it.
@@ -347,6 +359,8 @@ def run_all(args: argparse.Namespace) -> int:
                 continue  # another harness process is training it
             try:
                 record = run_one(spec, args.timeout)
+                if args.archive is not None:
+                    _copy_record(folder, args.archive / "runs" / folder.name)
                 print(f"{folder.name}: PQ {record['PQ']:.2f} ({record['wall_s']} s)", flush=True)
             except RuntimeError as err:
                 failed += 1
@@ -359,14 +373,50 @@ def run_all(args: argparse.Namespace) -> int:
 def check_same_spec(folder: Path, spec: dict[str, Any]) -> None:
     """A finished run must have been trained with today's settings: an OUT is one experiment
     (a changed budget, --steps or data would mix two experiments in one table)."""
-    # The row label is not a setting: the adopted design's run is shared by every sub-table,
-    # and each names it its own way ("ClusterFormer (both)" in S1a, "T=3" in S1b, ...).
-    written = json.loads((folder / "spec.json").read_text())
-    written.pop("row", None)
-    today = {key: value for key, value in json.loads(json.dumps(spec)).items() if key != "row"}
-    if written != today:
+    written = _settings(json.loads((folder / "spec.json").read_text()))
+    if written != _settings(json.loads(json.dumps(spec))):
         raise SystemExit(f"error: {folder}: finished with other settings than this command's "
                          "(budget, --steps, --eval-every or data); use another --out")
+
+
+def _settings(spec: dict[str, Any]) -> dict[str, Any]:
+    """What of a spec is a setting: not the row's label (the adopted design's run is shared by
+    every sub-table, and each names it its own way: "ClusterFormer (both)" in S1a, "T=3" in
+    S1b, ...), and paths relative to the OUT the run was trained in (a run archived on one
+    machine and taken back into another OUT is the same run)."""
+    flags = dict(spec["flags"])
+    out = str(Path(flags["out"]).parent.parent)
+    for key, value in flags.items():
+        if isinstance(value, str) and (value == out or value.startswith(out + os.sep)):
+            flags[key] = "<OUT>" + value[len(out):]
+    return {**{k: v for k, v in spec.items() if k != "row"}, "flags": flags}
+
+
+# What of a run folder is its record: small, and enough for the report and for check_same_spec.
+RECORD_FILES = ("spec.json", "config.json", "metrics.jsonl", "result.json")
+
+
+def _copy_record(source: Path, target: Path) -> None:
+    """A finished run's records from one run folder to another, ``result.json`` last and whole:
+    a folder with a ``result.json`` is finished."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES[:-1]:
+        if (source / name).exists():
+            shutil.copyfile(source / name, target / name)
+    _write_json(target / "result.json", json.loads((source / "result.json").read_text()))
+
+
+def copy_finished(source: Path, target: Path) -> list[str]:
+    """Copy into ``target`` every finished run of ``source`` that ``target`` does not hold;
+    returns their names. Both ways: OUT to the archive (what finished), the archive to OUT (a
+    fresh machine, a new OUT: the loop then checks their settings like any finished run's)."""
+    copied = []
+    for result in sorted(source.glob("runs/*/result.json")):
+        folder = target / "runs" / result.parent.name
+        if not (folder / "result.json").exists():
+            _copy_record(result.parent, folder)
+            copied.append(folder.name)
+    return copied
 
 
 def claim(folder: Path) -> bool:
@@ -391,9 +441,11 @@ def claim(folder: Path) -> bool:
     return False
 
 
-def write_table(args: argparse.Namespace) -> Path:
-    rows = collect(args.out, rows_for("".join(args.tables)), args.seeds)
-    path = args.out / "table_s1.json"
+def write_table(args: argparse.Namespace, out: Path | None = None) -> Path:
+    """``table_s1.json`` of the finished runs in ``out`` (default: ``--out``)."""
+    out = args.out if out is None else out
+    rows = collect(out, rows_for("".join(args.tables)), args.seeds)
+    path = out / "table_s1.json"
     _write_json(path, {"budget": args.budget, "seeds": args.seeds, "steps": args.steps, "rows": rows,
                        "recipe": BUDGETS[args.budget].recipe,
                        "shared_overrides": {**BUDGETS[args.budget].overrides, **ADOPTED}})
@@ -416,6 +468,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="GPUs per run (gpu budget: 8 = the paper's batch of 16)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds per run before it is killed and counted as failed")
+    parser.add_argument("--archive", type=Path, default=None,
+                        help="keep each finished run's records (kilobytes) here, take back those "
+                             "missing from --out first, and write the report here too")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     if args.seeds < 1:
@@ -437,12 +492,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     failed = 0 if args.report_only else run_all(args)
-    table = write_table(args)
     sys.path.insert(0, str(HERE))
     from table_s1_report import write_report  # this folder: the scripts run from it
 
-    report = write_report(table, args.out)
-    print(f"{table}\n{report}")
+    if args.archive is not None:
+        copy_finished(args.out, args.archive)  # also runs finished by a harness without it
+    for out in (args.out, args.archive) if args.archive is not None else (args.out,):
+        table = write_table(args, out)
+        print(f"{table}\n{write_report(table, out)}")
     return 1 if failed else 0
 
 

@@ -129,6 +129,57 @@ def test_resume_trains_only_unfinished_runs_and_the_adopted_design_once(tmp_path
         table_s1.run_all(_args(tmp_path, "--steps", "7"))
 
 
+def _data(out: Path) -> None:
+    for split in ("train", "val"):  # data present: nothing to make
+        (out / "data" / f"shards-{split}").mkdir(parents=True, exist_ok=True)
+        (out / "data" / f"shards-{split}" / "dataset.json").write_text("{}")
+
+
+def test_the_archive_keeps_finished_runs_for_a_fresh_out(tmp_path, monkeypatch):
+    first, second, archive = tmp_path / "machine-1", tmp_path / "machine-2", tmp_path / "archive"
+    _data(first)
+    _data(second)
+    trained, killed = [], {"adopted-s1"}
+
+    def fake_run(spec, timeout):
+        folder = Path(spec["flags"]["out"])
+        trained.append(folder.name)
+        if folder.name in killed:
+            raise RuntimeError("killed")  # unfinished: nothing of it may reach the archive
+        row = next(r for r in table_s1.ROWS if r.key == spec["row"]["key"])
+        _fake_result(folder, row, spec["flags"]["seed"], 10.0)
+        (folder / "spec.json").write_text(json.dumps(spec))
+        (folder / "last.pt").write_bytes(b"weights")  # a checkpoint: never archived
+        return {"PQ": 10.0, "wall_s": 1.0}
+
+    monkeypatch.setattr(table_s1, "run_one", fake_run)
+    assert table_s1.run_all(_args(first, "--archive", str(archive))) == 1
+    archived = {path.parent.name for path in archive.glob("runs/*/result.json")}
+    assert len(archived) == 2 * 22 - 1 and "adopted-s1" not in archived
+    assert not list(archive.glob("runs/*/last.pt"))
+    assert not (archive / "runs" / "adopted-s1").exists()
+    # Another machine, another OUT: the archived runs come back and only the missing one trains,
+    # though their spec.json name the first machine's paths.
+    trained.clear()
+    killed.clear()
+    assert table_s1.run_all(_args(second, "--archive", str(archive))) == 0
+    assert trained == ["adopted-s1"]
+    assert (archive / "runs" / "adopted-s1" / "result.json").exists()
+    assert (second / "runs" / "c-k_means-s1" / "result.json").exists()
+    # Settings are still checked across machines: one archive, one experiment.
+    with pytest.raises(SystemExit, match="other settings"):
+        table_s1.run_all(_args(second, "--archive", str(archive), "--steps", "7"))
+    # The report from the archive alone.
+    table = table_s1.write_table(_args(archive))
+    assert len(json.loads(table.read_text())["rows"]) == 2 * sum(ROWS_PER_TABLE.values())
+    # --report-only with --archive: runs finished without it are archived, both get a report.
+    (archive / "runs" / "c-k_means-s1" / "result.json").unlink()
+    assert table_s1.main(["--budget", "smoke", "--seeds", "2", "--out", str(second),
+                          "--archive", str(archive), "--report-only"]) == 0
+    assert (archive / "runs" / "c-k_means-s1" / "result.json").exists()
+    assert (archive / "report.md").exists() and (second / "report.md").exists()
+
+
 def test_a_killed_run_continues_from_its_checkpoint_and_a_fresh_one_starts_clean(tmp_path):
     # The two cases a killed harness leaves: a run folder without a checkpoint (stale logs are
     # cleared, training starts at step 0) and one with a checkpoint (training continues there).
