@@ -203,6 +203,37 @@ def test_recurrent_cross_attention_clustering_under_autocast(masked):
     check_compiled(fn, (features, centers, params, mask), grads)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+def test_recurrent_cross_attention_clustering_inference_under_autocast(masked):
+    # Without gradients the recurrence keeps autocast's bf16 products (the inference path, no
+    # float32 island; the residual stream keeps the centers' float32). Compiled, it still rounds
+    # like bf16, and agrees with eager to bf16's rounding (the two round at different places:
+    # inductor fuses the softmax and the products' epilogues).
+    features, centers = rand(0, 2, 12, 8), rand(1, 2, 4, 8)
+    mask = rand_mask(2, 2, 12) if masked else None
+    params = clustering_params(10, 8, True)
+
+    def fn(features, centers, params, mask):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return recurrent_cross_attention_clustering(features, centers, params, num_iters=2,
+                                                        num_heads=2, mask=mask)
+
+    with torch.no_grad():
+        compiled = torch.compile(fn, fullgraph=True, backend="inductor")
+        graphs = compiled_graphs()
+        got = compiled(features, centers, params, mask)
+        assert compiled_graphs() > graphs, "nothing was compiled"
+        want = fn(features, centers, params, mask)
+        exact = recurrent_cross_attention_clustering(features, centers, params, num_iters=2,
+                                                     num_heads=2, mask=mask)
+    assert got.dtype == want.dtype == centers.dtype
+    # Both took the bf16 path (no island: float32 would agree to ~1e-7) ...
+    assert rel(want, exact) > 1e-4 and rel(got, exact) > 1e-4
+    # ... and compiled is as close to float32 as eager bf16 is (2x slack), and near eager.
+    assert rel(got, exact) <= max(2 * rel(want, exact), 2e-2)
+    assert rel(got, want) <= 5e-2
+
+
 def test_recurrent_cross_attention_clustering_attn_mask():
     features, centers = rand(0, 2, 12, 8, grad=True), rand(1, 2, 4, 8, grad=True)
     mask = rand_mask(2, 2, 12)
