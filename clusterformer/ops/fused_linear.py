@@ -180,18 +180,18 @@ class _OneDnnLinear(torch.autograd.Function):
     autocast's are).
     """
 
+    # The forward takes ``ctx`` itself (no ``setup_context``): with a ``setup_context``,
+    # ``Function.apply`` binds every call's arguments through ``inspect.signature``, about
+    # 40 us a call, and a training step calls this a few hundred times. ``torch.func`` transforms,
+    # which need ``setup_context``, never reach this class (``linear`` takes ``F.linear`` there).
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None,  # type: ignore[override]
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None,  # type: ignore[override]
                 weight_c: Tensor, bias_c: Tensor | None) -> Tensor:
-        return _onednn_linear(x, weight_c, bias_c)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        x, weight, bias, weight_c, _ = inputs
         ctx.save_for_backward(x, weight, weight_c, bias)
         ctx.has_bias = bias is not None
         ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.cast = weight_c is not weight
+        return _onednn_linear(x, weight_c, bias_c)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
