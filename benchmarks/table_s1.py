@@ -17,7 +17,9 @@
     python benchmarks/table_s1.py --budget cpu --seeds 3 --out runs/s1-cpu --report-only
     # keep every finished run's records (no checkpoints, no data: kilobytes) in a folder that is
     # committed; a later command with the same --archive on a fresh machine takes them back and
-    # trains only what is missing. The report can be rebuilt from the archive alone.
+    # trains only what is missing. The report can be rebuilt from the archive alone. An OUT or
+    # archive is one experiment on one code (code.json): after main has moved on, go on with a
+    # venv holding the experiment's commit (`pip install` of a worktree of it) and its python.
     OMP_NUM_THREADS=1 python benchmarks/table_s1.py --budget cpu --seeds 3 --out runs/s1-cpu \
         --archive benchmarks/results/table_s1_cpu
     python benchmarks/table_s1.py --budget cpu --seeds 3 --report-only \
@@ -419,6 +421,46 @@ def copy_finished(source: Path, target: Path) -> list[str]:
     return copied
 
 
+def code_fingerprint() -> str:
+    """sha256 of the ``clusterformer`` sources this interpreter (and so every child) imports:
+    the package and its ``cli`` and ``data`` subpackages, wherever an install put them (an
+    editable checkout keeps ``cli/`` and ``data/`` beside the package, a wheel inside it)."""
+    import hashlib
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for name in ("clusterformer", "clusterformer.cli", "clusterformer.data"):
+        root = Path(next(iter(importlib.util.find_spec(name).submodule_search_locations)))
+        for path in sorted(root.rglob("*.py")):
+            relative = path.relative_to(root)
+            if name == "clusterformer" and relative.parts[0] in ("cli", "data"):
+                continue  # counted under its own name (a wheel nests them)
+            digest.update(f"{name}/{relative.as_posix()}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def check_same_code(folder: Path, fingerprint: str) -> None:
+    """An OUT (and an archive) is one experiment on one code: a later commit could change the
+    model or its initial weights halfway through the table (as 755081a did). The first command
+    writes ``code.json``; every later one must import the same sources. To go on after main has
+    moved, install the experiment's commit in a venv of its own and run this script with that
+    venv's python (the children import the package of the interpreter that runs the harness)."""
+    path = folder / "code.json"
+    if path.exists():
+        written = json.loads(path.read_text())
+        if written["sha256"] != fingerprint:
+            raise SystemExit(f"error: {folder}: its runs were trained by other clusterformer "
+                             f"sources (code.json: {written.get('version')}, "
+                             f"{written['sha256'][:12]}; this python imports "
+                             f"{fingerprint[:12]}); use the venv of that code, or another --out")
+        return
+    from clusterformer import __version__
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(path, {"sha256": fingerprint, "version": __version__})
+
+
 def claim(folder: Path) -> bool:
     """Take the run for this process (a ``claim`` file holding its pid), unless a live process
     holds it; a claim left by a process that died is taken over."""
@@ -491,6 +533,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only or args.archive is not None:  # training, or archiving runs
+        fingerprint = code_fingerprint()
+        for folder in (args.out, args.archive):
+            if folder is not None:
+                check_same_code(folder, fingerprint)
     failed = 0 if args.report_only else run_all(args)
     sys.path.insert(0, str(HERE))
     from table_s1_report import write_report  # this folder: the scripts run from it

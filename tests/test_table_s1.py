@@ -335,3 +335,20 @@ def test_smoke_budget_runs_every_row(tmp_path):
             row["seed"]) / "config.json").read_text())
         assert config["runtime"]["seed"] == row["seed"]
     assert (tmp_path / "report.md").exists() and (tmp_path / "table_s1.png").exists()
+
+
+def test_an_out_is_one_experiment_on_one_code(tmp_path):
+    fingerprint = table_s1.code_fingerprint()
+    assert len(fingerprint) == 64 and fingerprint == table_s1.code_fingerprint()
+    table_s1.check_same_code(tmp_path, fingerprint)  # the first command writes code.json
+    assert json.loads((tmp_path / "code.json").read_text())["sha256"] == fingerprint
+    table_s1.check_same_code(tmp_path, fingerprint)
+    with pytest.raises(SystemExit, match="other clusterformer sources"):
+        table_s1.check_same_code(tmp_path, "0" * 64)
+    # The harness checks both its OUT and its archive before it trains or archives anything.
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "code.json").write_text(json.dumps({"sha256": "1" * 64, "version": "0.1"}))
+    with pytest.raises(SystemExit, match="other clusterformer sources"):
+        table_s1.main(["--budget", "smoke", "--out", str(tmp_path / "out"), "--archive",
+                       str(archive), "--report-only"])
