@@ -413,6 +413,9 @@ def copy_finished(source: Path, target: Path) -> list[str]:
     returns their names. Both ways: OUT to the archive (what finished), the archive to OUT (a
     fresh machine, a new OUT: the loop then checks their settings like any finished run's)."""
     copied = []
+    if (source / "cost.json").exists() and not (target / "cost.json").exists():
+        target.mkdir(parents=True, exist_ok=True)  # table_s1_cost.py's side-by-side timings
+        shutil.copyfile(source / "cost.json", target / "cost.json")
     for result in sorted(source.glob("runs/*/result.json")):
         folder = target / "runs" / result.parent.name
         if not (folder / "result.json").exists():

@@ -172,12 +172,15 @@ def test_the_archive_keeps_finished_runs_for_a_fresh_out(tmp_path, monkeypatch):
     # The report from the archive alone.
     table = table_s1.write_table(_args(archive))
     assert len(json.loads(table.read_text())["rows"]) == 2 * sum(ROWS_PER_TABLE.values())
-    # --report-only with --archive: runs finished without it are archived, both get a report.
+    # --report-only with --archive: runs finished without it are archived, both get a report,
+    # and so do the side-by-side costs (table_s1_cost.py writes them into OUT).
     (archive / "runs" / "c-k_means-s1" / "result.json").unlink()
+    (second / "cost.json").write_text('{"rows": []}')
     assert table_s1.main(["--budget", "smoke", "--seeds", "2", "--out", str(second),
                           "--archive", str(archive), "--report-only"]) == 0
     assert (archive / "runs" / "c-k_means-s1" / "result.json").exists()
     assert (archive / "report.md").exists() and (second / "report.md").exists()
+    assert json.loads((archive / "cost.json").read_text()) == {"rows": []}
 
 
 def test_a_killed_run_continues_from_its_checkpoint_and_a_fresh_one_starts_clean(tmp_path):
