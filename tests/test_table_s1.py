@@ -266,6 +266,9 @@ def test_report_writes_markdown_and_png(tmp_path):
         assert title in text
     assert "significant" in text or "within noise" in text
     assert "T = 3 against T = 1" in text
+    # Each seed shown, in seed order. The adopted design's one run per seed was written last
+    # as the last row (27) of ROWS: PQ 20 + 27 + seed, PQ_th one more.
+    assert "| **ClusterFormer (both)** | 2 | 47.0 (48.0) / 48.0 (49.0) |" in text
     assert (tmp_path / "table_s1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
