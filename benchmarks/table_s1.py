@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -66,6 +65,15 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the sibling scripts (imported as a module too)
+
+from table_s1_archive import (  # noqa: E402
+    _copy_record,
+    _write_json,
+    check_same_code,
+    code_fingerprint,
+    copy_finished,
+)
 
 
 @dataclass(frozen=True)
@@ -273,13 +281,6 @@ def _wait(child: subprocess.Popen, timeout: float | None):
         time.sleep(0.2)
 
 
-def _write_json(path: Path, data: Any) -> None:
-    """Whole or nothing: a run killed mid-write must not leave a result that looks finished."""
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(data, indent=1))
-    os.replace(partial, path)
-
-
 def child_main(spec_path: Path) -> None:
     """Inside the child: train, evaluate, write ``child.json`` (metrics, img/s, GPU peak)."""
     import torch
@@ -394,76 +395,6 @@ def _settings(spec: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in spec.items() if k != "row"}, "flags": flags}
 
 
-# What of a run folder is its record: small, and enough for the report and for check_same_spec.
-RECORD_FILES = ("spec.json", "config.json", "metrics.jsonl", "result.json")
-
-
-def _copy_record(source: Path, target: Path) -> None:
-    """A finished run's records from one run folder to another, ``result.json`` last and whole:
-    a folder with a ``result.json`` is finished."""
-    target.mkdir(parents=True, exist_ok=True)
-    for name in RECORD_FILES[:-1]:
-        if (source / name).exists():
-            shutil.copyfile(source / name, target / name)
-    _write_json(target / "result.json", json.loads((source / "result.json").read_text()))
-
-
-def copy_finished(source: Path, target: Path) -> list[str]:
-    """Copy into ``target`` every finished run of ``source`` that ``target`` does not hold;
-    returns their names. Both ways: OUT to the archive (what finished), the archive to OUT (a
-    fresh machine, a new OUT: the loop then checks their settings like any finished run's)."""
-    copied = []
-    if (source / "cost.json").exists() and not (target / "cost.json").exists():
-        target.mkdir(parents=True, exist_ok=True)  # table_s1_cost.py's side-by-side timings
-        shutil.copyfile(source / "cost.json", target / "cost.json")
-    for result in sorted(source.glob("runs/*/result.json")):
-        folder = target / "runs" / result.parent.name
-        if not (folder / "result.json").exists():
-            _copy_record(result.parent, folder)
-            copied.append(folder.name)
-    return copied
-
-
-def code_fingerprint() -> str:
-    """sha256 of the ``clusterformer`` sources this interpreter (and so every child) imports:
-    the package and its ``cli`` and ``data`` subpackages, wherever an install put them (an
-    editable checkout keeps ``cli/`` and ``data/`` beside the package, a wheel inside it)."""
-    import hashlib
-    import importlib.util
-
-    digest = hashlib.sha256()
-    for name in ("clusterformer", "clusterformer.cli", "clusterformer.data"):
-        root = Path(next(iter(importlib.util.find_spec(name).submodule_search_locations)))
-        for path in sorted(root.rglob("*.py")):
-            relative = path.relative_to(root)
-            if name == "clusterformer" and relative.parts[0] in ("cli", "data"):
-                continue  # counted under its own name (a wheel nests them)
-            digest.update(f"{name}/{relative.as_posix()}\0".encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def check_same_code(folder: Path, fingerprint: str) -> None:
-    """An OUT (and an archive) is one experiment on one code: a later commit could change the
-    model or its initial weights halfway through the table (as 755081a did). The first command
-    writes ``code.json``; every later one must import the same sources. To go on after main has
-    moved, install the experiment's commit in a venv of its own and run this script with that
-    venv's python (the children import the package of the interpreter that runs the harness)."""
-    path = folder / "code.json"
-    if path.exists():
-        written = json.loads(path.read_text())
-        if written["sha256"] != fingerprint:
-            raise SystemExit(f"error: {folder}: its runs were trained by other clusterformer "
-                             f"sources (code.json: {written.get('version')}, "
-                             f"{written['sha256'][:12]}; this python imports "
-                             f"{fingerprint[:12]}); use the venv of that code, or another --out")
-        return
-    from clusterformer import __version__
-
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_json(path, {"sha256": fingerprint, "version": __version__})
-
-
 def claim(folder: Path) -> bool:
     """Take the run for this process (a ``claim`` file holding its pid), unless a live process
     holds it; a claim left by a process that died is taken over."""
@@ -542,7 +473,6 @@ def main(argv: list[str] | None = None) -> int:
             if folder is not None:
                 check_same_code(folder, fingerprint)
     failed = 0 if args.report_only else run_all(args)
-    sys.path.insert(0, str(HERE))
     from table_s1_report import write_report  # this folder: the scripts run from it
 
     if args.archive is not None:
