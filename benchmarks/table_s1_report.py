@@ -5,9 +5,11 @@ design, the paper's ordering checked, and a PNG of the six sub-tables.
 
 Paired comparison: seed s of a variant and seed s of the adopted design share their data order
 and initial weights where the architectures agree, so the per-seed differences remove the
-seed-to-seed spread the two share. A difference is called significant when a two-sided paired
-t-test gives p < 0.05 (with 2 seeds that needs the two differences nearly equal; with 1 seed no
-test is possible). "Ordering reproduced" compares the order of the variants' mean PQ with the
+seed-to-seed spread the two share. Each difference gets a two-sided paired t-test (with 2 seeds
+a small p needs the two differences nearly equal; with 1 seed no test is possible). A sub-table
+compares up to five variants with the adopted design, so at p < 0.05 one of them would often
+look significant by chance: a difference is called significant when its p-value, adjusted by
+Holm's step-down method over the sub-table's tests, is below 0.05. "Ordering reproduced" compares the order of the variants' mean PQ with the
 paper's order (Kendall's tau; 1 = the same order).
 """
 
@@ -58,6 +60,19 @@ def _two_sided_p(t: float, dof: int) -> float:
     return float(2 * stats.t.sf(abs(t), dof))
 
 
+def holm(p_values: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of a family of p-values (``None`` stays ``None`` and is not
+    counted): the i-th smallest of m becomes ``max_{j <= i} min(1, (m - j + 1) p_(j))``, which
+    keeps the chance of any false "significant" in the family at most the level."""
+    ranked = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(ranked):
+        running = max(running, min(1.0, (len(ranked) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
 def kendall_tau(ours: list[float], paper: list[float]) -> float | None:
     """Kendall's tau-a between two orderings of the same items (``None`` under 2 items)."""
     n = len(ours)
@@ -89,7 +104,11 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         adopted = next((by_variant[(table, v)] for v in variants
                         if by_variant[(table, v)][0].get("adopted")), [])
         adopted_pq = {r["seed"]: r["PQ"] for r in adopted}
-        tables[table] = [_line(by_variant[(table, v)], adopted_pq) for v in variants]
+        lines = [_line(by_variant[(table, v)], adopted_pq) for v in variants]
+        tests = [line["vs_adopted"] for line in lines if line["vs_adopted"] is not None]
+        for test, p_holm in zip(tests, holm([t["p"] for t in tests]), strict=True):
+            test["p_holm"] = p_holm
+        tables[table] = lines
     return tables
 
 
@@ -133,7 +152,9 @@ def _verdict(test: dict[str, Any] | None) -> str:
     text = f"{test['diff']:+.2f}"
     if test["p"] is None:
         return f"{text} (1 seed: no test)"
-    return f"{text}, p = {test['p']:.2g}: " + ("significant" if test["p"] < 0.05 else "within noise")
+    p_holm = test.get("p_holm", test["p"])
+    return (f"{text}, p = {test['p']:.2g} (Holm {p_holm:.2g}): "
+            + ("significant" if p_holm < 0.05 else "within noise"))
 
 
 def markdown(tables: dict[str, list[dict[str, Any]]],
@@ -184,12 +205,21 @@ def plot(tables: dict[str, list[dict[str, Any]]], path: Path) -> None:
         stds = [line["PQ"][1] if line["PQ"] else 0.0 for line in lines]
         colors = ["tab:red" if line["adopted"] else "tab:blue" for line in lines]
         ax.bar(xs, means, yerr=stds, color=colors, alpha=0.8, capsize=3, label="ours (PQ)")
+        # Each seed as a point: at this scale a row's seeds can split into two groups (things
+        # named or not), which a mean and its error bar hide.
+        for x, line in zip(xs, lines, strict=True):
+            seeds = [pq for _, pq, _ in line["per_seed"]]
+            ax.plot([x] * len(seeds), seeds, "x", color="0.2", markersize=6,
+                    label="ours, each seed" if x == 0 else None)
         ax.set_ylabel("PQ (this run)")
         ax.set_xticks(list(xs), [line["variant"] for line in lines], rotation=30, ha="right",
                      fontsize=8)
         twin = ax.twinx()
         twin.plot(list(xs), [line["paper"][0] for line in lines], "ko", label="paper (PQ)")
         twin.set_ylabel("PQ (paper, COCO)")
+        if table == "a":
+            handles = [h for a in (ax, twin) for h in a.get_legend_handles_labels()[0]]
+            ax.legend(handles=handles, loc="lower left", fontsize=8)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

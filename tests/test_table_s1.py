@@ -238,6 +238,35 @@ def test_paired_test_matches_the_textbook_paired_t():
     assert report.paired_test({}, {0: 1.0})["diff"] is None
 
 
+def test_holm_adjusts_within_the_family_and_keeps_the_order():
+    # m = 4 tested values (None is not a test): 0.01 x 4, 0.02 x 3, 0.03 x 2 -> running max, 0.5 x 1.
+    adjusted = report.holm([0.03, None, 0.01, 0.5, 0.02])
+    assert adjusted[1] is None
+    assert adjusted[2] == pytest.approx(0.04) and adjusted[4] == pytest.approx(0.06)
+    assert adjusted[0] == pytest.approx(0.06) and adjusted[3] == pytest.approx(0.5)
+    assert report.holm([0.4, 0.6]) == [pytest.approx(0.8), pytest.approx(0.8)]  # capped, monotone
+    assert report.holm([]) == []
+
+
+def test_a_difference_is_significant_only_after_holm():
+    # Five variants each about 1 PQ above the adopted design on three seeds, every raw p near
+    # 0.015: alone each would be "significant", as a family of five none is (Holm: x5 ... x1).
+    # A variant whose differences are nearly equal (raw p 3e-5) stays significant among them.
+    def family(spreads):
+        rows = [{"table": "c", "variant": "ours", "adopted": True, "seed": s, "PQ": 40.0 + s,
+                 "PQ_th": 10.0, "PQ_st": 90.0} for s in range(3)]
+        rows += [{"table": "c", "variant": f"v{i}", "seed": s, "PQ": 40.0 + s + (1.0, 1.0 + e, 1.0 - e)[s],
+                  "PQ_th": 10.0, "PQ_st": 90.0} for i, e in enumerate(spreads) for s in range(3)]
+        return [line["vs_adopted"] for line in report.summarise(rows)["c"] if line["vs_adopted"]]
+
+    noisy = family([0.2, 0.201, 0.202, 0.203, 0.204])
+    assert all(t["p"] < 0.05 <= t["p_holm"] for t in noisy)
+    assert all("within noise" in report._verdict(t) and "(Holm " in report._verdict(t) for t in noisy)
+    mixed = family([0.01, 0.201, 0.202, 0.203, 0.204])
+    assert mixed[0]["p_holm"] < 0.05 and "significant" in report._verdict(mixed[0])
+    assert all(t["p_holm"] >= 0.05 for t in mixed[1:])
+
+
 def test_kendall_tau_and_mean_std():
     assert report.kendall_tau([1, 2, 3], [10, 20, 30]) == 1.0
     assert report.kendall_tau([3, 2, 1], [10, 20, 30]) == -1.0
