@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
     """Whole or nothing: a run killed mid-write must not leave a result that looks finished."""
     partial = path.with_suffix(".partial")
     partial.write_text(json.dumps(data, indent=1))
@@ -23,14 +23,14 @@ def _write_json(path: Path, data: Any) -> None:
 RECORD_FILES = ("spec.json", "config.json", "metrics.jsonl", "result.json")
 
 
-def _copy_record(source: Path, target: Path) -> None:
+def copy_record(source: Path, target: Path) -> None:
     """A finished run's records from one run folder to another, ``result.json`` last and whole:
     a folder with a ``result.json`` is finished."""
     target.mkdir(parents=True, exist_ok=True)
     for name in RECORD_FILES[:-1]:
         if (source / name).exists():
             shutil.copyfile(source / name, target / name)
-    _write_json(target / "result.json", json.loads((source / "result.json").read_text()))
+    write_json(target / "result.json", json.loads((source / "result.json").read_text()))
 
 
 def copy_finished(source: Path, target: Path) -> list[str]:
@@ -44,7 +44,7 @@ def copy_finished(source: Path, target: Path) -> list[str]:
     for result in sorted(source.glob("runs/*/result.json")):
         folder = target / "runs" / result.parent.name
         if not (folder / "result.json").exists():
-            _copy_record(result.parent, folder)
+            copy_record(result.parent, folder)
             copied.append(folder.name)
     return copied
 
@@ -86,4 +86,4 @@ def check_same_code(folder: Path, fingerprint: str) -> None:
     from clusterformer import __version__
 
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(path, {"sha256": fingerprint, "version": __version__})
+    write_json(path, {"sha256": fingerprint, "version": __version__})

@@ -9,8 +9,9 @@ seed-to-seed spread the two share. Each difference gets a two-sided paired t-tes
 a small p needs the two differences nearly equal; with 1 seed no test is possible). A sub-table
 compares up to five variants with the adopted design, so at p < 0.05 one of them would often
 look significant by chance: a difference is called significant when its p-value, adjusted by
-Holm's step-down method over the sub-table's tests, is below 0.05. "Ordering reproduced" compares the order of the variants' mean PQ with the
-paper's order (Kendall's tau; 1 = the same order).
+Holm's step-down method over the sub-table's tests, is below 0.05. "Ordering reproduced"
+compares the order of the variants' mean PQ with the paper's order (Kendall's tau; 1 = the same
+order).
 """
 
 from __future__ import annotations
