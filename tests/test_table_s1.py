@@ -267,6 +267,21 @@ def test_a_difference_is_significant_only_after_holm():
     assert all(t["p_holm"] >= 0.05 for t in mixed[1:])
 
 
+def test_named_things_counts_the_seeds_at_or_above_the_threshold():
+    # Seeds whose things were recognised (PQ_th >= NAMED_PQ_TH) are counted per row; the mean
+    # PQ_th of this row (8.0) would hide that one seed of three reached it and two did not.
+    th = report.NAMED_PQ_TH
+    rows = [{"table": "f", "variant": "ours", "adopted": True, "seed": s, "PQ": 50.0,
+             "PQ_th": 20.0, "PQ_st": 95.0, "paper_PQ": 54.0} for s in range(3)]
+    rows += [{"table": "f", "variant": "v", "seed": s, "PQ": 45.0, "PQ_th": pq_th, "PQ_st": 95.0,
+              "paper_PQ": 53.0}
+             for s, pq_th in enumerate((th - 0.1, th, 0.0))]
+    lines = report.summarise(rows)["f"]
+    assert [line["named"] for line in lines] == [3, 1]
+    text = report.markdown({"f": lines})
+    assert "| **ours** | 3 |" in text and "| 3/3 |" in text and "| 1/3 |" in text
+
+
 def test_kendall_tau_and_mean_std():
     assert report.kendall_tau([1, 2, 3], [10, 20, 30]) == 1.0
     assert report.kendall_tau([3, 2, 1], [10, 20, 30]) == -1.0
