@@ -1,5 +1,6 @@
 """Table S1's report: mean +- std per row, a paired per-seed comparison against the adopted
-design, the paper's ordering checked, and a PNG of the six sub-tables.
+design, the paper's ordering checked, and a PNG of the six sub-tables (each variant against the
+adopted design, ours beside the paper's).
 
     python benchmarks/table_s1_report.py OUT/table_s1.json      # writes OUT/report.md, .png
 
@@ -193,40 +194,69 @@ def markdown(tables: dict[str, list[dict[str, Any]]],
     return "\n".join(out)
 
 
+def paired_differences(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per variant of one sub-table (the adopted row left out): its PQ minus the adopted design's,
+    seed by seed (the seeds both have), their mean, and the paper's difference; the plot's data."""
+    adopted = next((line for line in lines if line["adopted"]), None)
+    if adopted is None:
+        return []
+    base = {seed: pq for seed, pq, _ in adopted["per_seed"]}
+    paper_base = adopted["paper"][0]
+    out = []
+    for line in lines:
+        if line["adopted"]:
+            continue
+        diffs = [pq - base[seed] for seed, pq, _ in line["per_seed"] if seed in base]
+        paper = line["paper"][0]
+        out.append({"variant": line["variant"], "diffs": diffs,
+                    "mean": statistics.fmean(diffs) if diffs else None,
+                    "paper": None if paper is None or paper_base is None else paper - paper_base,
+                    "significant": bool(line["vs_adopted"] and line["vs_adopted"].get("p_holm")
+                                        is not None and line["vs_adopted"]["p_holm"] < 0.05)})
+    return out
+
+
 def plot(tables: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    """Six panels: our PQ mean +- std per variant (bars), the paper's PQ (dots, right axis)."""
+    """Six panels, one per sub-table: each variant's PQ minus the adopted design's, ours (bar: the
+    mean of the per-seed differences; crosses: each seed) beside the paper's (dot), in PQ points
+    on one axis shared by all panels. Differences, not absolute PQ: ours (synthetic scenes) and
+    the paper's (COCO) sit at different levels, but both say how far a variant is from the
+    adopted design, and in which direction."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), sharey=True, constrained_layout=True)
     for ax, table in zip(axes.flat, "abcdef", strict=True):
-        lines = tables.get(table, [])
         ax.set_title(TITLES[table])
-        if not lines:
+        rows = paired_differences(tables.get(table, []))
+        if not rows:
             ax.set_axis_off()
             continue
-        xs = range(len(lines))
-        means = [line["PQ"][0] if line["PQ"] else 0.0 for line in lines]
-        stds = [line["PQ"][1] if line["PQ"] else 0.0 for line in lines]
-        colors = ["tab:red" if line["adopted"] else "tab:blue" for line in lines]
-        ax.bar(xs, means, yerr=stds, color=colors, alpha=0.8, capsize=3, label="ours (PQ)")
-        # Each seed as a point: at this scale a row's seeds can split into two groups (things
-        # named or not), which a mean and its error bar hide.
-        for x, line in zip(xs, lines, strict=True):
-            seeds = [pq for _, pq, _ in line["per_seed"]]
-            ax.plot([x] * len(seeds), seeds, "x", color="0.2", markersize=6,
-                    label="ours, each seed" if x == 0 else None)
-        ax.set_ylabel("PQ (this run)")
-        ax.set_xticks(list(xs), [line["variant"] for line in lines], rotation=30, ha="right",
-                     fontsize=8)
-        twin = ax.twinx()
-        twin.plot(list(xs), [line["paper"][0] for line in lines], "ko", label="paper (PQ)")
-        twin.set_ylabel("PQ (paper, COCO)")
-        if table == "a":
-            handles = [h for a in (ax, twin) for h in a.get_legend_handles_labels()[0]]
-            ax.legend(handles=handles, loc="lower left", fontsize=8)
+        xs = list(range(len(rows)))
+        ax.axhline(0.0, color="tab:red", linewidth=1.2,
+                   label="adopted design (0)" if table == "a" else None)
+        ax.bar(xs, [0.0 if r["mean"] is None else r["mean"] for r in rows], width=0.6,
+               color=["tab:orange" if r["significant"] else "tab:blue" for r in rows], alpha=0.75,
+               label="ours: mean of paired seeds" if table == "a" else None)
+        # Each seed's difference: at this scale a row's seeds can split into two groups (things
+        # named or not), which a mean hides.
+        for x, r in zip(xs, rows, strict=True):
+            ax.plot([x] * len(r["diffs"]), r["diffs"], "x", color="0.15", markersize=6,
+                    label="ours: each seed" if table == "a" and x == 0 else None)
+        paper = [(x, r["paper"]) for x, r in zip(xs, rows, strict=True) if r["paper"] is not None]
+        ax.plot([x for x, _ in paper], [d for _, d in paper], "o", color="black", markersize=7,
+                markerfacecolor="white", markeredgewidth=1.8,
+                label="paper (COCO)" if table == "a" else None)
+        ax.set_xticks(xs, [r["variant"] + (" *" if r["significant"] else "") for r in rows],
+                      rotation=30, ha="right", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("PQ - adopted design's PQ")
+    axes[0, 0].legend(loc="lower left", fontsize=8)
+    fig.suptitle("Table S1: each variant against the adopted design "
+                 "(* and orange: significant after Holm within the sub-table)")
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -282,6 +282,20 @@ def test_named_things_counts_the_seeds_at_or_above_the_threshold():
     assert "| **ours** | 3 |" in text and "| 3/3 |" in text and "| 1/3 |" in text
 
 
+def test_the_plot_shows_paired_differences_beside_the_papers():
+    # The plot's data: seed-by-seed differences against the adopted design over the seeds both
+    # have (seed 2 of the variant has no adopted partner), and the paper's difference.
+    rows = [{"table": "b", "variant": "T=3", "adopted": True, "seed": s, "PQ": pq, "PQ_th": 10.0,
+             "PQ_st": 90.0, "paper_PQ": 54.7} for s, pq in ((0, 40.0), (1, 50.0))]
+    rows += [{"table": "b", "variant": "T=1", "seed": s, "PQ": pq, "PQ_th": 10.0, "PQ_st": 90.0,
+              "paper_PQ": 53.3} for s, pq in ((0, 45.0), (1, 49.0), (2, 70.0))]
+    (line,) = report.paired_differences(report.summarise(rows)["b"])
+    assert line["variant"] == "T=1" and line["diffs"] == [5.0, -1.0]
+    assert line["mean"] == pytest.approx(2.0) and line["paper"] == pytest.approx(-1.4)
+    assert line["significant"] is False
+    assert report.paired_differences([]) == []
+
+
 def test_kendall_tau_and_mean_std():
     assert report.kendall_tau([1, 2, 3], [10, 20, 30]) == 1.0
     assert report.kendall_tau([3, 2, 1], [10, 20, 30]) == -1.0
