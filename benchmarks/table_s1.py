@@ -292,8 +292,8 @@ def write_table(args: argparse.Namespace, out: Path | None = None) -> Path:
     rows = collect(out, rows_for("".join(args.tables)), args.seeds)
     path = out / "table_s1.json"
     write_json(path, {"budget": args.budget, "seeds": args.seeds, "steps": args.steps, "rows": rows,
-                       "recipe": BUDGETS[args.budget].recipe,
-                       "shared_overrides": {**BUDGETS[args.budget].overrides, **ADOPTED}})
+                      "recipe": BUDGETS[args.budget].recipe,
+                      "shared_overrides": {**BUDGETS[args.budget].overrides, **ADOPTED}})
     return path
 
 

@@ -30,10 +30,11 @@ TITLES = {
     "d": "(d) head dimension", "e": "(e) feature dispatching", "f": "(f) query initialisation",
 }
 METRICS = ("PQ", "PQ_th", "PQ_st")
-# A run "named things" when its PQ_th reaches this. At the cpu budget runs split into two groups:
-# stuff at its ceiling and things never or barely recognised (PQ_th 0-7.5 in the second
-# experiment's first 56 runs) or things recognised (9.7-25.9); a mean over seeds mixes the two.
+# A run "named things" when its PQ_th reaches this. At the cpu budget runs split into two groups,
+# stuff at its ceiling in both: things never or barely recognised (PQ_th 0-7.5 in the second
+# experiment's 66 three-seed runs) or recognised (9.7-26.6); a mean over seeds mixes the two.
 NAMED_PQ_TH = 8.0
+LEVEL = 0.05  # "significant": Holm-adjusted p below this
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -43,20 +44,22 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def paired_test(variant: dict[int, float], adopted: dict[int, float]) -> dict[str, Any]:
-    """Paired comparison over the seeds both have: mean difference (variant - adopted), its
-    standard deviation, the t statistic and the two-sided p-value (``None`` when undefined)."""
+    """Paired comparison over the seeds both have: the per-seed differences (variant - adopted,
+    in seed order), their mean and standard deviation, the t statistic and the two-sided p-value
+    (``None`` when undefined)."""
     seeds = sorted(set(variant) & set(adopted))
     diffs = [variant[s] - adopted[s] for s in seeds]
     if not diffs:
-        return {"n": 0, "diff": None, "diff_std": None, "t": None, "p": None}
+        return {"n": 0, "diffs": [], "diff": None, "diff_std": None, "t": None, "p": None}
     diff, spread = mean_std(diffs)
     if len(diffs) < 2:
-        return {"n": 1, "diff": diff, "diff_std": None, "t": None, "p": None}
+        return {"n": 1, "diffs": diffs, "diff": diff, "diff_std": None, "t": None, "p": None}
     if spread == 0.0:
         exact = 1.0 if diff == 0.0 else 0.0  # identical differences: no noise left to test
-        return {"n": len(diffs), "diff": diff, "diff_std": 0.0, "t": None, "p": exact}
+        return {"n": len(diffs), "diffs": diffs, "diff": diff, "diff_std": 0.0, "t": None,
+                "p": exact}
     t = diff / (spread / math.sqrt(len(diffs)))
-    return {"n": len(diffs), "diff": diff, "diff_std": spread, "t": t,
+    return {"n": len(diffs), "diffs": diffs, "diff": diff, "diff_std": spread, "t": t,
             "p": _two_sided_p(t, len(diffs) - 1)}
 
 
@@ -147,6 +150,14 @@ def speed_ratio(rows: list[dict[str, Any]], table: str, variant: str) -> float |
     return statistics.median(ratios) if ratios else None
 
 
+def significant(test: dict[str, Any] | None) -> bool:
+    """Whether a :func:`paired_test` (after :func:`summarise`'s Holm adjustment) is below
+    ``LEVEL``; ``False`` for no test."""
+    if test is None or test["p"] is None:
+        return False
+    return test.get("p_holm", test["p"]) < LEVEL
+
+
 def _fmt(pair: tuple[float, float] | None, digits: int = 1) -> str:
     return "-" if pair is None else f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
 
@@ -161,7 +172,7 @@ def _verdict(test: dict[str, Any] | None) -> str:
         return f"{text} (1 seed: no test)"
     p_holm = test.get("p_holm", test["p"])
     return (f"{text}, p = {test['p']:.2g} (Holm {p_holm:.2g}): "
-            + ("significant" if p_holm < 0.05 else "within noise"))
+            + ("significant" if significant(test) else "within noise"))
 
 
 def markdown(tables: dict[str, list[dict[str, Any]]],
@@ -196,23 +207,20 @@ def markdown(tables: dict[str, list[dict[str, Any]]],
 
 def paired_differences(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per variant of one sub-table (the adopted row left out): its PQ minus the adopted design's,
-    seed by seed (the seeds both have), their mean, and the paper's difference; the plot's data."""
+    seed by seed (the paired test's differences), their mean, and the paper's difference; the
+    plot's data."""
     adopted = next((line for line in lines if line["adopted"]), None)
     if adopted is None:
         return []
-    base = {seed: pq for seed, pq, _ in adopted["per_seed"]}
     paper_base = adopted["paper"][0]
     out = []
     for line in lines:
         if line["adopted"]:
             continue
-        diffs = [pq - base[seed] for seed, pq, _ in line["per_seed"] if seed in base]
-        paper = line["paper"][0]
-        out.append({"variant": line["variant"], "diffs": diffs,
-                    "mean": statistics.fmean(diffs) if diffs else None,
+        test, paper = line["vs_adopted"], line["paper"][0]
+        out.append({"variant": line["variant"], "diffs": test["diffs"], "mean": test["diff"],
                     "paper": None if paper is None or paper_base is None else paper - paper_base,
-                    "significant": bool(line["vs_adopted"] and line["vs_adopted"].get("p_holm")
-                                        is not None and line["vs_adopted"]["p_holm"] < 0.05)})
+                    "significant": significant(test)})
     return out
 
 
