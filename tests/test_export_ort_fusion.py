@@ -1,8 +1,9 @@
 """The ONNX graph ``cf export`` writes takes ONNX Runtime's fused kernels: ``ops.linear``'s GELU
 becomes one ``BiasGelu``/``Gelu`` node after ORT's graph optimisation, not five passes (``Div``,
 ``Erf``, ``Add``, ``Mul``, ``Mul``) over the MLP's largest tensor as the dynamo exporter's own
-decomposition of ``aten.gelu`` left it. Fails on the code before ``_exported_gelu``: the
-optimised graph kept its ``Erf`` nodes."""
+decomposition of ``aten.gelu`` left it (fails on the code before ``_exported_gelu``: the
+optimised graph kept its ``Erf`` nodes); the clustering's softmax is one ``Softmax`` node
+(``export.onnx_graph``)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,69 @@ def test_exported_gelu_is_fused_by_onnxruntime(tmp_path):
     want = F.linear(F.gelu(F.linear(x, model.fc1.weight, model.fc1.bias)), model.fc2.weight,
                     model.fc2.bias)
     assert (torch.from_numpy(got) - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+class ClusteringStep(nn.Module):
+    """One clustering step on ``(B, 3, H, W)``: centers from the first 4 pixels."""
+
+    def forward(self, images: Tensor) -> Tensor:
+        from clusterformer.ops import cross_attention_clustering_step
+
+        pixels = images.flatten(2).transpose(1, 2)
+        return cross_attention_clustering_step(pixels[:, :4], pixels, pixels)
+
+
+def test_exported_clustering_softmax_is_one_softmax_node(tmp_path):
+    """The traced ``exp(log_softmax)`` of the assignment (``ops.clustering._assign``) is written
+    as one ``Softmax``. Fails without ``export.onnx_graph``: the file held LogSoftmax and Exp."""
+    import onnx
+    import onnxruntime as ort
+
+    path = tmp_path / "step.onnx"
+    kind, _ = module_to_onnx(ClusteringStep(), torch.randn(2, 3, 8, 8), path,
+                             output_names=("out",), static_size=8)
+    assert kind == "dynamo"
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("Softmax") == 1 and "LogSoftmax" not in ops and "Exp" not in ops, ops
+    images = torch.randn(3, 3, 8, 8)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"images": images.numpy()})
+    want = ClusteringStep()(images)
+    assert (torch.from_numpy(got) - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def _graph(outputs: list[str]):
+    import onnx
+    from onnx import TensorProto, helper
+
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [2, 5, 3])  # noqa: E731
+    nodes = [helper.make_node("LogSoftmax", ["x"], ["logp"], axis=-2),
+             helper.make_node("Exp", ["logp"], ["p"]),
+             helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Exp", ["r"], ["e"])]
+    graph = helper.make_graph(nodes, "g", [value("x")], [value(name) for name in outputs])
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("outputs, replaced", [(["p", "e"], 1), (["p", "e", "logp"], 0)])
+def test_softmax_rewrite_keeps_the_numbers_and_every_used_value(outputs, replaced):
+    """Only an ``Exp`` of a ``LogSoftmax`` used nowhere else is rewritten (an ``Exp`` of
+    anything else, or a log-probability the graph also returns, stays); the outputs do not change."""
+    import onnx
+    import onnxruntime as ort
+
+    from clusterformer.export.onnx_graph import softmax_from_exp_log_softmax
+
+    x = torch.randn(2, 5, 3).numpy()
+    before = _graph(outputs)
+    after = _graph(outputs)
+    assert softmax_from_exp_log_softmax(after) == replaced
+    onnx.checker.check_model(after, full_check=True)
+    ops = [node.op_type for node in after.graph.node]
+    assert ops.count("Softmax") == replaced and ops.count("Exp") == 2 - replaced
+    if replaced:
+        assert next(n for n in after.graph.node if n.op_type == "Softmax").attribute[0].i == -2
+    run = lambda m: ort.InferenceSession(m.SerializeToString(),  # noqa: E731
+                                         providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for want, got in zip(run(before), run(after), strict=True):
+        assert abs(want - got).max() <= 1e-6

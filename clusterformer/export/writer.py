@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from clusterformer.export.onnx_graph import rewrite_onnx_file
+
 EXPORT_FORMAT = "clusterformer-export-v1"
 METADATA_FILE = "clusterformer.json"
 FORMATS = ("onnx", "pt2")
@@ -73,7 +75,9 @@ def save_onnx(
     opset: int,
 ) -> tuple[str, str | None]:
     """Write ONNX with the dynamo exporter from ``program``; fall back to the TorchScript
-    exporter on ``wrapper`` when there is no program or the dynamo exporter fails.
+    exporter on ``wrapper`` when there is no program or the dynamo exporter fails. The dynamo
+    exporter's graph gets :mod:`.onnx_graph`'s rewrites (the TorchScript exporter traces eager
+    code, which has nothing for them to do).
 
     Returns:
         (exporter used: ``"dynamo"`` or ``"torchscript"``, why the fallback was needed or None).
@@ -87,6 +91,7 @@ def save_onnx(
                     input_names=["images"], output_names=list(output_names),
                     external_data=False, verbose=False,
                 )
+            rewrite_onnx_file(path)
             return "dynamo", None
         except Exception as exc:  # noqa: BLE001 - any exporter failure means: try the other one
             reason = f"dynamo exporter failed: {' '.join(str(exc).split())[:300]}"
