@@ -52,15 +52,15 @@ def softmax_from_exp_log_softmax(model: Any) -> int:
             nodes.append(node)
     if replaced:
         # The Softmax sits where the Exp was: after its input's producer, before its consumers.
-        kept = [_copy(onnx.NodeProto, node) for node in nodes if id(node) not in dropped]
+        kept = [_detached(node) for node in nodes if id(node) not in dropped]
         del graph.node[:]
         graph.node.extend(kept)
     return replaced
 
 
-def _copy(kind: Any, node: Any) -> Any:
-    # Detached from the graph before its node list is cleared.
-    copy = kind()
+def _detached(node: Any) -> Any:
+    """A copy of ``node`` that outlives the graph's node list being cleared."""
+    copy = type(node)()
     copy.CopyFrom(node)
     return copy
 
