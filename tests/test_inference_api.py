@@ -155,6 +155,12 @@ def test_batched_equals_one_by_one(task_runs: dict, task: str, tmp_path: Path) -
         assert_same_prediction(a, b)
 
 
+def test_a_loaded_model_is_frozen_for_inference(task_runs: dict) -> None:
+    # No gradient: ops.linear then keeps oneDNN's packed weights (tests/test_linear_packed.py).
+    model = clusterformer.load(task_runs["classification"], device="cpu").model
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
 def test_typed_fields_follow_the_record(task_runs: dict) -> None:
     image = task_runs["images"][0]
     cls = clusterformer.load(task_runs["classification"], device="cpu")(image)

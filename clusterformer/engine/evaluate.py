@@ -175,8 +175,10 @@ def load_model_from_checkpoint(
     """Rebuild the model and task stored in a checkpoint (run folder or ``.safetensors``).
 
     Returns:
-        (model in eval mode on ``device``, the task built with the checkpoint's categories and
-        options, decoded metadata). The metadata's ``normalisation`` is the checkpoint's (for a
+        (model in eval mode on ``device`` with parameters that require no gradient, the task
+        built with the checkpoint's categories and options, decoded metadata). An inference
+        model: oneDNN then keeps its linears' weights packed (``ops.fused_linear``); call
+        ``model.requires_grad_(True)`` to train it. The metadata's ``normalisation`` is the checkpoint's (for a
         checkpoint written before it was stored: the model's own default), and so is its
         ``preprocess`` record (older checkpoints: the task's default for their image size and
         normalisation, i.e. what they were always evaluated with).
@@ -208,7 +210,7 @@ def load_model_from_checkpoint(
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{weights}: unusable preprocess record ({exc}); re-save the "
                               "checkpoint with cf train") from None
-    return model.to(device).eval(), task, meta
+    return model.to(device).eval().requires_grad_(False), task, meta
 
 
 def eval_preprocess(meta: dict[str, Any], image_size: int | None = None) -> EvalPreprocess:

@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from clusterformer.ops.linear_op import onednn_linear
+from clusterformer.ops.linear_op import onednn_linear, packed_weight
 
 Activation = Literal["none", "gelu"]
 ACTIVATIONS: tuple[str, ...] = ("none", "gelu")
@@ -278,7 +278,11 @@ def linear(
     else:
         weight_c, bias_c = _cast_param(weight, dtype), _cast_param(bias, dtype)
         if not _needs_grad(x, weight, bias):
-            return _onednn_linear(x.to(dtype), weight_c, bias_c, attr=activation)
+            # A parameter's packed copy outlives the call; a weight made for this call (a
+            # concatenation of parameters) would be packed for nothing.
+            packable = isinstance(weight, torch.nn.Parameter)
+            return _onednn_linear(x.to(dtype), packed_weight(weight_c) if packable else weight_c,
+                                  bias_c, attr=activation)
         out = _OneDnnLinear.apply(x.to(dtype), weight, bias, weight_c, bias_c)
     return F.gelu(out) if activation == "gelu" else out
 

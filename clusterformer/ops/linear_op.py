@@ -20,8 +20,44 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 OP_NAME = "clusterformer::onednn_linear"
+
+# weight -> (its version, its storage, a sample of its values, oneDNN's blocked copy of it):
+# weights no gradient flows to, for inference calls. Handed a plain weight, oneDNN reorders it
+# into its blocked layout on every call; at stages 3-4 of tiny (a few hundred rows against up to
+# 3072 x 768 weights) that reorder is 5-7 % of the product, and packing once made tiny's eager
+# inference 2-5 % faster (docs/benchmarks.md, "Packed weights for inference"). Only parameters
+# that require no gradient (``model.requires_grad_(False)``, as ``clusterformer.load`` and ``cf
+# eval``/``predict`` do) and autocast's detached copies of them (``fused_linear._CASTS``). An in-place write
+# moves the version counter; a fused optimizer's update of a parameter trained in between (it
+# moves no counter) changes the sampled values; every use checks both. A write through ``.data``
+# that leaves the sampled values as they were is not seen: as for ``_CASTS``, such code must
+# write through in-place ops. The copies cost one more copy of those weights' memory; weak keys,
+# so a copy lives no longer than its weight.
+_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_REORDER = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+_SAMPLED = 32  # values per weight compared at every use: one small gather and compare
+
+
+def _sample(weight: Tensor) -> Tensor:
+    flat = weight.reshape(-1)
+    return flat[:: max(1, flat.numel() // _SAMPLED)]
+
+
+def packed_weight(weight: Tensor) -> Tensor:
+    """``weight`` in oneDNN's blocked layout when it may be cached (see ``_PACKED``), else itself."""
+    if (_REORDER is None or weight.requires_grad or weight.is_inference() or weight.dim() != 2
+            or not weight.is_contiguous()):
+        return weight
+    entry = _PACKED.get(weight)
+    if (entry is not None and entry[0] == weight._version and entry[1] == weight.data_ptr()
+            and torch.equal(entry[2], _sample(weight))):
+        return entry[3]
+    packed = _REORDER(weight)
+    _PACKED[weight] = (weight._version, weight.data_ptr(), _sample(weight).clone(), packed)
+    return packed
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=(), device_types="cpu",
@@ -42,6 +78,10 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: st
         # A zero bias, not none: oneDNN's inner product without a bias is markedly slower than
         # with one at the backbone's shapes (docs/benchmarks.md, "Backward kernels").
         bias = x.new_zeros(weight.shape[0])
+    if isinstance(weight, torch.nn.Parameter):
+        # A compiled graph hands the op the model's parameter itself (frozen graphs too): a
+        # frozen model keeps its packed weights compiled as in eager.
+        weight = packed_weight(weight)
     return torch.ops.mkldnn._linear_pointwise(
         x, weight, bias, activation, [], "none" if activation == "gelu" else ""
     )
