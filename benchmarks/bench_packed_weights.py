@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_packed_weights.py --batch-sizes 1 8 --rounds 16
 
 ``ops.linear`` keeps oneDNN's blocked copy of every weight that requires no gradient
-(``fused_linear._PACKED``), so a model after ``requires_grad_(False)`` (what ``clusterformer.load``,
+(``linear_op._PACKED``), so a model after ``requires_grad_(False)`` (what ``clusterformer.load``,
 ``cf eval`` and ``cf predict`` run) skips the weight reorder oneDNN otherwise does in every call.
 This times two copies of the same model under ``torch.no_grad()``, one with trainable parameters
 (oneDNN reorders every call) and one frozen, in interleaved rounds (the order alternates), and

@@ -15,8 +15,8 @@ ones. This script times, in one process and interleaved rounds:
   softmax, no residual add, no copies, no autograd.
 
 ``extra products / step T=1`` is then the overhead that T = 3 cannot go below with these
-kernels, however the glue around them is written (the products already run as the step runs
-them: oneDNN for the linear, ``torch.bmm`` for the rest). Minimum over rounds for both (the
+kernels, however the glue around them is written (the products run as the step runs them:
+the linear and its gradients by ``ops.linear``'s kernels, ``torch.bmm`` for the rest). Minimum over rounds for both (the
 least disturbed call) and the median of the per-round ratios are printed; their FLOPs as a
 share of the step's come from ``torch.utils.flop_counter`` on the two models.
 """
@@ -34,6 +34,7 @@ from clusterformer.bench.models import count_gflops, parse_model
 from clusterformer.bench.runner import BenchConfig, Runner
 from clusterformer.models.backbones import PRESETS
 from clusterformer.ops import linear
+from clusterformer.ops.fused_linear import _linear_grads
 from clusterformer.runtime import configure
 
 MODEL = "clusterformer-tiny"
@@ -76,8 +77,8 @@ def extra_products(shapes: list[tuple[int, int, int]], iterations: int) -> dict[
         for centers, weight, grad_q in projections:
             for _ in range(iterations):
                 linear(centers, weight)  # the queries, by the step's own oneDNN path
-                grad_q @ weight          # their input gradient
-                grad_q.t() @ centers     # their weight gradient
+                # their input and weight gradients, by the kernels the step's backward picks
+                _linear_grads(grad_q, centers, weight, (True, True, False), True)
 
     @torch.no_grad()
     def run_batched() -> None:

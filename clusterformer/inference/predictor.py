@@ -140,7 +140,9 @@ class Predictor:
     ``(3, H, W)`` uint8 / float-in-[0, 1] tensor (:mod:`clusterformer.inference.inputs`).
 
     Attributes:
-        model: the eager model (eval mode, on ``device``); task: the runtime task;
+        model: the eager model (eval mode, on ``device``, parameters requiring no gradient:
+        ``model.requires_grad_(True)`` before training it or taking gradients through it);
+        task: the runtime task;
         metadata: the checkpoint's decoded metadata; categories: the task's classes, by train
         id; preprocess: the eval preprocessing record in use; plan: the slide / TTA plan.
     """

@@ -47,7 +47,13 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from clusterformer.ops.linear_op import onednn_linear, packed_weight
+from clusterformer.ops.linear_op import (
+    fingerprint,
+    forget_packed,
+    onednn_linear,
+    packed_weight,
+    same_values,
+)
 
 Activation = Literal["none", "gelu"]
 ACTIVATIONS: tuple[str, ...] = ("none", "gelu")
@@ -111,16 +117,14 @@ def _may_leave_aten(*tensors: Tensor | None) -> bool:
     )
 
 
-# parameter -> (its version, its storage, its copy in the compute dtype); weak keys, so a copy
-# lives no longer than its parameter. Copies are detached (a copy holding an autograd edge to its
-# parameter would keep the parameter alive) and never written to: a changed parameter gets a new
-# copy, and a graph that saved the old one keeps it intact. The version counter misses two kinds of
-# write: fused optimizers (``fused=True``) and writes through ``.data``. The backward below drops
-# the copies of the parameters it computes gradients for, which covers an optimizer fed by
-# gradients from this function; a parameter changed by those two means with no backward through
-# here in between (gradients from a compiled graph, hand-written ``.data`` updates) would keep a
-# stale copy: such code must update through in-place ops that move the counter (``copy_``,
-# ``lerp_`` under ``torch.no_grad()``, a for-loop or ``foreach`` optimizer).
+# parameter -> (its fingerprint, its copy in the compute dtype); weak keys, so a copy lives no
+# longer than its parameter. Copies are detached (a copy holding an autograd edge to its parameter
+# would keep the parameter alive) and never written to: a changed parameter gets a new copy, and a
+# graph that saved the old one keeps it intact. A change is seen by ``linear_op.same_values``:
+# version counter, storage and 32 sampled values (fused optimizers move no counter, their steps
+# change the samples; a ``.data`` write that misses every sample is not seen, so code editing
+# weights must use in-place ops). The backward below also drops the copies of the parameters it
+# computes gradients for.
 _CASTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -133,13 +137,13 @@ def _cast_param(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     cacheable = t.is_leaf and not t.is_inference()
     if cacheable:
         entry = _CASTS.get(t)
-        if entry is not None and entry[0] == t._version and entry[1] == t.data_ptr():
-            return entry[2]
+        if entry is not None and same_values(entry[0], t):
+            return entry[1]
     # Outside inference mode, so the copy may be saved for a backward later.
     with torch.inference_mode(False), torch.no_grad():
         copy = t.to(dtype)
     if cacheable:
-        _CASTS[t] = (t._version, t.data_ptr(), copy)
+        _CASTS[t] = (fingerprint(t), copy)
     return copy
 
 
@@ -274,17 +278,28 @@ def linear(
         return _compiled_linear(x, weight, bias, activation)
     dtype = _compute_dtype(x, weight, bias)
     if dtype is None:
+        if isinstance(weight, torch.nn.Parameter):
+            forget_packed(weight)  # moved to another device or dtype: its copy cannot serve
         out = F.linear(x, weight, bias)
     else:
         weight_c, bias_c = _cast_param(weight, dtype), _cast_param(bias, dtype)
         if not _needs_grad(x, weight, bias):
-            # A parameter's packed copy outlives the call; a weight made for this call (a
-            # concatenation of parameters) would be packed for nothing.
-            packable = isinstance(weight, torch.nn.Parameter)
-            return _onednn_linear(x.to(dtype), packed_weight(weight_c) if packable else weight_c,
-                                  bias_c, attr=activation)
+            return _onednn_linear(x.to(dtype), _inference_weight(weight, weight_c), bias_c,
+                                  attr=activation)
         out = _OneDnnLinear.apply(x.to(dtype), weight, bias, weight_c, bias_c)
     return F.gelu(out) if activation == "gelu" else out
+
+
+def _inference_weight(weight: Tensor, weight_c: Tensor) -> Tensor:
+    """What a no-grad call multiplies by: ``weight_c`` (``weight`` in the compute dtype), packed
+    when ``weight`` is a parameter that requires no gradient (``linear_op._PACKED``). A weight
+    made for this one call (a concatenation of parameters) would be packed for nothing."""
+    if not isinstance(weight, torch.nn.Parameter):
+        return weight_c
+    if weight.requires_grad:  # trainable again: its copy from a frozen spell cannot serve
+        forget_packed(weight)
+        return weight_c
+    return packed_weight(weight_c)
 
 
 def _compiled_linear(x: Tensor, weight: Tensor, bias: Tensor | None, activation: Activation) -> Tensor:

@@ -24,40 +24,64 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 OP_NAME = "clusterformer::onednn_linear"
 
-# weight -> (its version, its storage, a sample of its values, oneDNN's blocked copy of it):
-# weights no gradient flows to, for inference calls. Handed a plain weight, oneDNN reorders it
-# into its blocked layout on every call; at stages 3-4 of tiny (a few hundred rows against up to
-# 3072 x 768 weights) that reorder is 5-7 % of the product, and packing once made tiny's eager
-# inference 2-5 % faster (docs/benchmarks.md, "Packed weights for inference"). Only parameters
-# that require no gradient (``model.requires_grad_(False)``, as ``clusterformer.load`` and ``cf
-# eval``/``predict`` do) and autocast's detached copies of them (``fused_linear._CASTS``). An in-place write
-# moves the version counter; a fused optimizer's update of a parameter trained in between (it
-# moves no counter) changes the sampled values; every use checks both. A write through ``.data``
-# that leaves the sampled values as they were is not seen: as for ``_CASTS``, such code must
-# write through in-place ops. The copies cost one more copy of those weights' memory; weak keys,
-# so a copy lives no longer than its weight.
+# weight -> (its fingerprint, oneDNN's blocked copy of it): parameters no gradient flows to, for
+# inference calls. Handed a plain weight, oneDNN reorders it into its blocked layout on every
+# call; at stages 3-4 of tiny (a few hundred rows against up to 3072 x 768 weights) that reorder
+# is 5-7 % of the product, and packing once made tiny's eager inference 1-5 % faster
+# (docs/benchmarks.md, "Packed weights for inference"). Only parameters that require no gradient
+# (``model.requires_grad_(False)``, as ``clusterformer.load`` and ``cf eval``/``predict`` do) and
+# autocast's copies of them (``fused_linear._CASTS``); a parameter that requires one again drops
+# its copy at its next use. Every use compares the fingerprint (``same_values``). The copies cost
+# one more copy of those weights' memory; weak keys, so a copy lives no longer than its weight.
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _REORDER = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
 _SAMPLED = 32  # values per weight compared at every use: one small gather and compare
 
 
-def _sample(weight: Tensor) -> Tensor:
-    flat = weight.reshape(-1)
-    return flat[:: max(1, flat.numel() // _SAMPLED)]
+def fingerprint(t: Tensor) -> tuple:
+    """What :func:`same_values` compares: ``t``'s version counter, its storage and the bits of
+    32 values spread over all of it (rows and columns alike)."""
+    flat = t.detach().reshape(-1)
+    index = torch.linspace(0, flat.numel() - 1, min(_SAMPLED, flat.numel()), device=t.device).long()
+    return t._version, t.data_ptr(), index, _bits(flat[index])
+
+
+def same_values(entry: tuple, t: Tensor) -> bool:
+    """Whether ``t`` still holds the values it held when :func:`fingerprint` gave ``entry``.
+
+    An in-place op moves the version counter; a new storage moves the pointer; a fused
+    optimizer's step (it moves no counter: ``torch.optim.AdamW(fused=True)``) or a write through
+    ``.data`` changes the sampled values. A ``.data`` write that misses all 32 samples is not
+    seen: code that edits weights must use in-place ops (``copy_``, ``mul_`` under
+    ``torch.no_grad()``)."""
+    version, pointer, index, bits = entry
+    return (version == t._version and pointer == t.data_ptr()
+            and torch.equal(bits, _bits(t.detach().reshape(-1)[index])))
+
+
+def _bits(values: Tensor) -> Tensor:
+    # Bit patterns, not values: a NaN equals itself here.
+    return values.view(torch.int16 if values.element_size() == 2 else torch.int32).clone()
 
 
 def packed_weight(weight: Tensor) -> Tensor:
     """``weight`` in oneDNN's blocked layout when it may be cached (see ``_PACKED``), else itself."""
-    if (_REORDER is None or weight.requires_grad or weight.is_inference() or weight.dim() != 2
-            or not weight.is_contiguous()):
+    if weight.requires_grad:
+        _PACKED.pop(weight, None)
+        return weight
+    if _REORDER is None or weight.is_inference() or weight.dim() != 2 or not weight.is_contiguous():
         return weight
     entry = _PACKED.get(weight)
-    if (entry is not None and entry[0] == weight._version and entry[1] == weight.data_ptr()
-            and torch.equal(entry[2], _sample(weight))):
-        return entry[3]
+    if entry is not None and same_values(entry[0], weight):
+        return entry[1]
     packed = _REORDER(weight)
-    _PACKED[weight] = (weight._version, weight.data_ptr(), _sample(weight).clone(), packed)
+    _PACKED[weight] = (fingerprint(weight), packed)
     return packed
+
+
+def forget_packed(weight: Tensor) -> None:
+    """Drop ``weight``'s packed copy (it left the CPU or its dtype: the copy cannot serve)."""
+    _PACKED.pop(weight, None)
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=(), device_types="cpu",
