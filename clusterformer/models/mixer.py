@@ -256,7 +256,9 @@ class ClusteringMixer(nn.Module):
         maps = tokens.transpose(-1, -2).reshape(batch, -1, dim, window, window)
         centers = init_centers(maps, self.center_grid, mask=win_mask)
         centers = self._cluster(tokens, centers, flat_mask)
-        out = self.proj(self.dispatch(tokens, centers))
+        # ops.linear, as in the whole-window path: oneDNN's kernel (and a frozen model's packed
+        # weight) rather than nn.Linear's BLAS call.
+        out = linear(self.dispatch(tokens, centers), self.proj.weight, self.proj.bias)
         return window_merge(out, grid, (height, width))
 
     def _forward_whole_windows(self, x: Tensor) -> Tensor:
