@@ -104,6 +104,16 @@ def test_a_weight_that_requires_grad_again_drops_its_copy():
     assert len(op_module._PACKED) == 0
 
 
+def test_a_weight_that_leaves_the_onednn_path_drops_its_copy():
+    weight = frozen(16, 8)
+    with torch.no_grad():
+        linear(rand(15, 3, 8), weight)
+        assert len(op_module._PACKED) == 1
+        weight.data = weight.data.double()  # as model.double() does: F.linear serves it now
+        got = linear(rand(15, 3, 8).double(), weight)
+    assert got.dtype == torch.float64 and len(op_module._PACKED) == 0
+
+
 def test_bf16_autocast_packs_the_cast_copy_and_follows_a_change():
     weight, x = frozen(32, 16), rand(8, 6, 16)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -67,7 +67,7 @@ def _bits(values: Tensor) -> Tensor:
 def packed_weight(weight: Tensor) -> Tensor:
     """``weight`` in oneDNN's blocked layout when it may be cached (see ``_PACKED``), else itself."""
     if weight.requires_grad:
-        _PACKED.pop(weight, None)
+        forget_packed(weight)
         return weight
     if _REORDER is None or weight.is_inference() or weight.dim() != 2 or not weight.is_contiguous():
         return weight
@@ -80,8 +80,11 @@ def packed_weight(weight: Tensor) -> Tensor:
 
 
 def forget_packed(weight: Tensor) -> None:
-    """Drop ``weight``'s packed copy (it left the CPU or its dtype: the copy cannot serve)."""
-    _PACKED.pop(weight, None)
+    """Drop ``weight``'s packed copy (it requires a gradient again, or left the CPU or its
+    dtype: the copy cannot serve). Called on every such use, so it costs nothing while no
+    weight is packed (training, CUDA)."""
+    if _PACKED:
+        _PACKED.pop(weight, None)
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=(), device_types="cpu",
